@@ -1,0 +1,23 @@
+"""Test setup shared by the whole suite: 8 fake CPU devices, the persistent compilation cache, tolerances."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+# One table of tolerances, keyed by what is compared. Loosening an entry needs a written reason.
+TOLERANCES = {
+    # Our float32 model against transformers' float32 torch model (issue: max abs logit difference).
+    "parity_f32_logits": 1e-4,
+    # Pallas (interpret mode) against the pure-JAX reference, float32.
+    "kernel_f32": 2e-5,
+    # bfloat16 compute against float32 compute of the same model.
+    "bf16_vs_f32_logits": 0.25,
+}
