@@ -1,0 +1,293 @@
+"""Orbax checkpoints of a training run: train state + data-iterator state + config JSON, with safe fallback.
+
+Layout of `<workdir>/checkpoints/<step>/` (one Orbax composite checkpoint per saved step):
+  state/   the train-state pytree as nested dicts of arrays (OCDBT), restored straight into the target shardings
+  data/    the data iterator's state, one JSON file per process (written from a snapshot taken at save time)
+  config/  the resolved model `Config` as JSON
+  meta/    JSON: step, train settings, and a fingerprint of the state (sums of squares) checked on restore
+
+Saves are asynchronous: `save` returns once the arrays are copied off the step's buffers; Orbax writes into a
+temporary directory and renames it when complete, so a process killed mid-save leaves the previous
+checkpoints intact. On restore, a checkpoint that fails to read, whose fingerprint does not match, or that
+holds a non-finite value is moved aside (`<step>.corrupt-<time>`, nothing is deleted) with a warning, and
+the next older one is tried.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from grain import checkpoint as grain_checkpoint
+
+from deepseek_v4.config import Config
+
+log = logging.getLogger(__name__)
+
+# Relative tolerance of the restore-time fingerprint check: a restore onto another mesh sums in another order.
+_FINGERPRINT_RTOL = 1e-3
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir holds checkpoints of a different model; the message names the fields that differ."""
+
+
+class NoUsableCheckpointError(RuntimeError):
+    """Checkpoints exist but none of them can be restored."""
+
+
+# ---- pytree <-> nested dict --------------------------------------------------------------------------
+
+
+def _key_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def to_nested(tree: Any) -> dict[str, Any]:
+    """A pytree as nested dicts keyed by its path entries (dict keys, attribute names, list indices)."""
+    out: dict[str, Any] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        node = out
+        names = [_key_name(p) for p in path] or ["value"]
+        for name in names[:-1]:
+            node = node.setdefault(name, {})
+        node[names[-1]] = leaf
+    return out
+
+
+def from_nested(nested: dict[str, Any], like: Any) -> Any:
+    """Inverse of `to_nested`: the leaves of `nested` put back into the structure of `like`."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    leaves = []
+    for path, _ in paths:
+        node = nested
+        for name in [_key_name(p) for p in path] or ["value"]:
+            node = node[name]
+        leaves.append(node)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# ---- fingerprint ----------------------------------------------------------------------------------------
+
+
+@jax.jit
+def _fingerprint(tree: Any) -> tuple[jax.Array, jax.Array]:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    sq = [jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves]
+    total = jnp.sum(jnp.stack(sq)) if sq else jnp.zeros((), jnp.float32)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+    return total, finite
+
+
+def fingerprint(tree: Any) -> tuple[float, bool]:
+    """(sum of squares of every float leaf, all values finite) of a pytree of arrays."""
+    total, finite = jax.device_get(_fingerprint(tree))
+    return float(total), bool(finite)
+
+
+# ---- data-iterator state ------------------------------------------------------------------------------
+
+
+class _IteratorSnapshot:
+    """The iterator state taken at save time, in the shape grain's Orbax handler expects (bytes of JSON).
+
+    Taking the snapshot synchronously matters: an async save may run after the loop has advanced the iterator.
+    """
+
+    def __init__(self, state: Any = None):
+        self.state = state
+
+    def get_state(self) -> bytes:
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self.state = json.loads(state.decode())
+
+    def start_prefetch(self) -> None:
+        pass
+
+
+# ---- the manager ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Restored:
+    """What `Checkpointer.restore` returns."""
+
+    step: int
+    state: Any
+    data_state: Any
+    meta: dict[str, Any]
+
+
+def _diff_configs(saved: dict[str, Any], current: Config) -> list[str]:
+    now = current.to_dict()
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k, "<absent>"), now.get(k, "<absent>")
+        if a != b:
+            out.append(f"{k} (checkpoint {a}, now {b})")
+    return out
+
+
+class Checkpointer:
+    """Saves and restores the train state of one run directory.
+
+    Args:
+      directory: where the step directories live (created if missing).
+      keep: how many of the newest checkpoints to keep.
+      async_save: write in a background thread (`wait` blocks until it is done).
+    """
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self._keep = keep
+        self._async = async_save
+        self._manager = self._open()
+
+    def _open(self) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=self._keep,
+            enable_async_checkpointing=self._async,
+            cleanup_tmp_directories=True,  # a save killed half-way leaves a tmp dir; it was never a checkpoint
+        )
+        return ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain_checkpoint.CheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def steps(self) -> list[int]:
+        """Complete checkpoints, oldest first."""
+        return list(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, *, config: Config, data_state: Any = None,
+             meta: dict[str, Any] | None = None) -> None:
+        """Start saving `state` (a pytree of arrays) at `step`; returns before the write finishes if async.
+
+        Raises:
+          ValueError: the state holds a NaN or inf (a non-finite state is never written).
+        """
+        total, finite = fingerprint(state)
+        if not finite:
+            raise ValueError(f"refusing to save step {step}: the train state holds NaN or inf values")
+        meta = {"step": int(step), "fingerprint": total, "saved_at": time.time(), **(meta or {})}
+        self._manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(to_nested(state)),
+                data=grain_checkpoint.CheckpointSave(_IteratorSnapshot(data_state)),
+                config=ocp.args.JsonSave(config.to_dict()),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def saved_config(self, step: int) -> dict[str, Any]:
+        """The config JSON stored with `step`."""
+        got = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return dict(got["config"])
+
+    def check_config(self, config: Config) -> None:
+        """Raise `ConfigMismatchError` if the newest readable checkpoint was written for another model."""
+        for step in reversed(self.steps()):
+            try:
+                saved = self.saved_config(step)
+            except Exception:  # an unreadable config: `restore` moves this checkpoint aside later
+                continue
+            diff = _diff_configs(saved, config)
+            if diff:
+                raise ConfigMismatchError(
+                    f"{self.directory} holds checkpoints of a different model; mismatching config fields: "
+                    + "; ".join(diff) + ". Use another --workdir or the same model flags.")
+            return
+
+    def restore(self, abstract_state: Any, *, config: Config | None = None) -> Restored | None:
+        """Restore the newest good checkpoint into `abstract_state`'s structure, shapes, dtypes and shardings.
+
+        Args:
+          abstract_state: a pytree of `jax.ShapeDtypeStruct` (with `.sharding`) like the saved state.
+          config: if given, a checkpoint of a different model raises `ConfigMismatchError`.
+
+        Returns:
+          The restored step, state, data-iterator state and meta JSON; None if there is no checkpoint.
+
+        Raises:
+          ConfigMismatchError: see `config`.
+          NoUsableCheckpointError: checkpoints exist but none restores.
+        """
+        if config is not None:
+            self.check_config(config)
+        target = to_nested(jax.tree.map(_as_target, abstract_state))
+        tried = []
+        while self.steps():
+            step = self.steps()[-1]
+            try:
+                got = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(target),
+                        data=grain_checkpoint.CheckpointRestore(_IteratorSnapshot()),
+                        meta=ocp.args.JsonRestore(),
+                    ),
+                )
+                state = from_nested(got["state"], abstract_state)
+                meta = dict(got["meta"])
+                total, finite = fingerprint(state)
+                if not finite:
+                    raise ValueError("the restored state holds NaN or inf values")
+                want = float(meta["fingerprint"])
+                if not np.isclose(total, want, rtol=_FINGERPRINT_RTOL, atol=0.0):
+                    raise ValueError(f"state fingerprint {total!r} does not match the saved {want!r}")
+                return Restored(step=step, state=state, data_state=got["data"].state, meta=meta)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # any read failure means this checkpoint cannot be trusted
+                reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                aside = self._move_aside(step)
+                log.warning("checkpoint step %d is unusable (%s); moved it to %s and falling back to an older one",
+                            step, reason, aside)
+                tried.append(step)
+        if tried:
+            raise NoUsableCheckpointError(
+                f"no usable checkpoint in {self.directory}: steps {tried} failed to restore (moved aside)")
+        return None
+
+    def _move_aside(self, step: int) -> str:
+        src = os.path.join(self.directory, str(step))
+        dst = f"{src}.corrupt-{int(time.time())}"
+        os.replace(src, dst)
+        self._manager.close()
+        self._manager = self._open()
+        return dst
+
+
+def _as_target(x: Any) -> jax.ShapeDtypeStruct:
+    return x if isinstance(x, jax.ShapeDtypeStruct) else ocp.utils.to_shape_dtype_struct(x)

@@ -1,0 +1,348 @@
+"""The train state and one training step: forward, chunked losses, gradients, clipped update, router-bias update.
+
+One step, for a global batch [B, T] split into `grad_accum` microbatches [B/A, T]:
+
+  1. per microbatch: `model.forward_train` -> final hidden [b, T, D], MTP hidden, expert counts, balance and
+     indexer losses; next-token cross entropy from hidden and the head weight, chunked over tokens
+     (`loss.chunked_cross_entropy`, never [b, T, V] at once); MTP cross entropy on shifted targets;
+     gradients by `jax.value_and_grad`, summed over microbatches (each loss is normalised by the token
+     count of the *whole* batch, so the sum is the full-batch gradient);
+  2. global-norm clipping, then the optimizer update (optax);
+  3. the aux-loss-free balancing bias: sign rule on the expert loads of the whole batch, outside the optimizer;
+  4. if the loss, the gradient norm or the update is not finite, the step changes nothing (params, optimizer
+     state and biases keep their old values) and is counted in `skipped`.
+
+Loss = CE + w_mtp * CE_mtp + w_bal * balance + w_idx * indexer_KL, with w_mtp = 0.3, dropping to 0.1 once
+the learning rate starts to decay (TRAINING.md section 4), w_bal = 1e-4, indexer KL gradients reaching only
+the indexer (the model applies the stop-gradients).
+
+`nnx.split` happens once, when the state is built; the step works on the split pytrees and merges the model
+inside the jitted function. The state argument is donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from deepseek_v4 import loss as loss_lib
+from deepseek_v4.config import Config
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Hyper-parameters of the training loop (not of the model); saved with every checkpoint."""
+
+    steps: int = 1000
+    learning_rate: float = 3e-3
+    schedule: str = "wsd"  # "wsd" (warmup, constant, cosine decay at the end), "cosine", "constant"
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # wsd: share of `steps` spent decaying
+    final_lr_fraction: float = 0.1  # the LR ends at learning_rate * final_lr_fraction
+    optimizer: str = "adamw"
+    weight_decay: float = 0.1
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    adam_eps: float = 1e-20
+    clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
+    grad_accum: int = 1
+    mtp_weight: float = 0.3
+    mtp_weight_after_decay: float = 0.1
+    balance_weight: float = 1e-4
+    indexer_weight: float = 1.0
+    bias_speed: float = 1e-3
+    sparse_attention_after: int = 0  # steps of dense attention (indexer warm-up) before CSA goes sparse
+    loss_chunk: int = loss_lib.DEFAULT_CHUNK
+
+    def __post_init__(self):
+        validate_settings(self)
+
+    @property
+    def decay_start(self) -> int:
+        """First step of the LR decay (where the MTP weight drops)."""
+        if self.schedule == "wsd":
+            return self.steps - int(round(self.decay_fraction * self.steps))
+        if self.schedule == "cosine":
+            return self.warmup_steps
+        return self.steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def validate_settings(s: TrainSettings) -> None:
+    """Raise a one-line ValueError for settings that cannot work."""
+    def fail(msg):
+        raise ValueError(msg)
+
+    if s.steps <= 0:
+        fail(f"steps must be positive, got {s.steps}")
+    if not (s.learning_rate > 0 and math.isfinite(s.learning_rate)):
+        fail(f"learning_rate must be a positive number, got {s.learning_rate}")
+    if s.schedule not in ("wsd", "cosine", "constant"):
+        fail(f"schedule must be 'wsd', 'cosine' or 'constant', got {s.schedule!r}")
+    if s.warmup_steps < 0:
+        fail(f"warmup_steps must be >= 0, got {s.warmup_steps}")
+    if not 0 <= s.decay_fraction <= 1:
+        fail(f"decay_fraction must be in [0, 1], got {s.decay_fraction}")
+    if not 0 <= s.final_lr_fraction <= 1:
+        fail(f"final_lr_fraction must be in [0, 1], got {s.final_lr_fraction}")
+    if s.grad_accum < 1:
+        fail(f"grad_accum must be >= 1, got {s.grad_accum}")
+    if s.clip_norm < 0:
+        fail(f"clip_norm must be >= 0, got {s.clip_norm}")
+    if s.loss_chunk < 1:
+        fail(f"loss_chunk must be >= 1, got {s.loss_chunk}")
+    for name in ("mtp_weight", "mtp_weight_after_decay", "balance_weight", "indexer_weight", "bias_speed",
+                 "weight_decay"):
+        if getattr(s, name) < 0:
+            fail(f"{name} must be >= 0, got {getattr(s, name)}")
+    if s.sparse_attention_after < 0:
+        fail(f"sparse_attention_after must be >= 0, got {s.sparse_attention_after}")
+
+
+# ---- schedule and optimizer ---------------------------------------------------------------------------
+
+
+def learning_rate_schedule(s: TrainSettings) -> optax.Schedule:
+    """Linear warmup, then constant ("wsd": cosine decay over the last `decay_fraction` of the run; "cosine":
+    cosine decay right after warmup), ending at `learning_rate * final_lr_fraction`."""
+    peak, end = s.learning_rate, s.learning_rate * s.final_lr_fraction
+    warmup = min(s.warmup_steps, s.steps)
+    decay_start = max(s.decay_start, warmup)
+    decay_len = max(s.steps - decay_start, 1)
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        warm = peak * jnp.minimum(1.0, (count + 1.0) / max(warmup, 1))
+        if s.schedule == "constant":
+            return warm
+        frac = jnp.clip((count - decay_start) / decay_len, 0.0, 1.0)
+        cos = end + 0.5 * (peak - end) * (1.0 + jnp.cos(jnp.pi * frac))
+        return jnp.where(count < warmup, warm, jnp.where(count < decay_start, peak, cos))
+
+    return schedule
+
+
+def _decay_mask(params: Any) -> Any:
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(s: TrainSettings) -> optax.GradientTransformation:
+    """The optimizer named by `s.optimizer` on the LR schedule (gradient clipping is applied by the step)."""
+    schedule = learning_rate_schedule(s)
+    if s.optimizer == "adamw":
+        return optax.adamw(schedule, b1=s.adam_b1, b2=s.adam_b2, eps=s.adam_eps, weight_decay=s.weight_decay,
+                           mask=_decay_mask)
+    raise ValueError(f"unknown optimizer {s.optimizer!r}; choose one of: adamw")
+
+
+# ---- train state --------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything a step reads and writes. `params` are the trainable `nnx.Param`s, `extras` the other model
+    variables (router balancing biases, hash-routing tables)."""
+
+    step: jax.Array  # [] int32: steps taken (skipped ones included)
+    params: Any
+    extras: Any
+    opt_state: Any
+    rng: jax.Array  # [2] uint32 key data, the run's base key (per-step keys: fold_in(rng, step))
+    skipped: jax.Array  # [] int32: steps whose update was skipped (non-finite loss or gradients)
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
+    """(graphdef, params, extras) of a model: the one place the model is split."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[nnx.GraphDef, TrainState]:
+    """A fresh train state from a built model."""
+    graphdef, params, extras = split_model(model)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        extras=extras,
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        skipped=jnp.zeros((), jnp.int32),
+    )
+    return graphdef, state
+
+
+def abstract_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
+                   seed: int) -> tuple[nnx.GraphDef, TrainState]:
+    """The graphdef and the state's shapes, dtypes and shardings, without allocating anything."""
+    out = {}
+
+    def build():
+        graphdef, state = init_state(build_model(), tx, seed)
+        out["graphdef"] = graphdef
+        return state
+
+    shapes = jax.eval_shape(build)
+    return out["graphdef"], shapes
+
+
+def create_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, seed: int,
+                 shardings: Any = None) -> tuple[nnx.GraphDef, TrainState]:
+    """Build the model and optimizer state inside jit (arrays are created where `shardings` put them)."""
+    graphdef, _ = abstract_state(build_model, tx, seed)
+    state = jax.jit(lambda: init_state(build_model(), tx, seed)[1], out_shardings=shardings)()
+    return graphdef, state
+
+
+# ---- the step -----------------------------------------------------------------------------------------
+
+
+def _batch_counts(batch: dict[str, jax.Array], mtp_depth: int) -> dict[str, jax.Array]:
+    """Tokens that carry a loss in the whole batch (main and per MTP depth), at least 1."""
+    seg, targets = batch["segment_ids"], batch["targets"]
+    main = jnp.maximum(jnp.sum(loss_lib.token_mask(seg)), 1.0)
+    mtp = [jnp.maximum(jnp.sum(loss_lib.mtp_targets(targets, seg, k)[1]), 1.0) for k in range(1, mtp_depth + 1)]
+    return {"tokens": main, "mtp": mtp}
+
+
+def _microbatch_loss(params, extras, micro, counts, *, graphdef, s: TrainSettings, sparse: bool, mtp_weight,
+                     multiplier):
+    model = nnx.merge(graphdef, params, extras)
+    tokens, seg, pos, targets = micro["tokens"], micro["segment_ids"], micro["positions"], micro["targets"]
+    out = model.forward_train(tokens, seg, pos, sparse_attention=sparse, indexer_loss=s.indexer_weight > 0)
+    head = model.head[...]
+    ce = loss_lib.chunked_cross_entropy(out.hidden, head, targets, loss_lib.token_mask(seg),
+                                        chunk_size=s.loss_chunk) / counts["tokens"]
+    mtp = jnp.zeros((), jnp.float32)
+    for k, hidden in enumerate(out.mtp_hidden, start=1):
+        t_k, w_k = loss_lib.mtp_targets(targets, seg, k)
+        mtp += loss_lib.chunked_cross_entropy(hidden, head, t_k, w_k, chunk_size=s.loss_chunk) / counts["mtp"][k - 1]
+    mtp = mtp / max(len(out.mtp_hidden), 1)
+    a = s.grad_accum
+    total = ce + mtp_weight * mtp + (s.balance_weight * out.balance_loss + s.indexer_weight * out.indexer_loss) / a
+    aux = {
+        "loss": ce,
+        "mtp_loss": mtp,
+        "balance_loss": out.balance_loss / a,
+        "indexer_loss": out.indexer_loss / a,
+        "indexer_recall": out.indexer_recall / a,
+        "expert_counts": out.expert_counts,
+        "hash_expert_counts": out.hash_expert_counts,
+    }
+    return total * multiplier, aux
+
+
+def _load_ratio(counts: jax.Array) -> jax.Array:
+    """Per layer, the busiest expert's load over the mean load. [L, E] -> [L]."""
+    return jnp.max(counts, axis=-1) / jnp.maximum(jnp.mean(counts, axis=-1), 1e-9)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], multiplier: jax.Array, *, graphdef: nnx.GraphDef,
+               cfg: Config, tx: optax.GradientTransformation, s: TrainSettings,
+               sparse: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a global batch (see the module docstring).
+
+    Args:
+      state: the train state (donated by `make_train_step`).
+      batch: `tokens`, `targets`, `segment_ids`, `positions`, each [B, T] int32; B divisible by grad_accum.
+      multiplier: [] float32 the total loss is multiplied by; 1.0 except in tests that inject a NaN.
+
+    Returns:
+      The new state and a dict of scalar / small metrics (on device).
+
+    Shapes:
+      batch [B, T] -> microbatches [A, B/A, T]; expert_counts [n_learned_moe_layers, E].
+    """
+    schedule = learning_rate_schedule(s)
+    count = state.step - state.skipped  # the optimizer's own step count (skipped steps do not advance it)
+    mtp_weight = jnp.where(count >= s.decay_start, s.mtp_weight_after_decay, s.mtp_weight)
+    counts = _batch_counts(batch, cfg.num_nextn_predict_layers)
+    loss_fn = functools.partial(_microbatch_loss, graphdef=graphdef, s=s, sparse=sparse, mtp_weight=mtp_weight,
+                                multiplier=multiplier)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    a = s.grad_accum
+    if a == 1:
+        (total, aux), grads = grad_fn(state.params, state.extras, batch, counts)
+    else:
+        micro = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)  # [B, T] -> [A, B/A, T]
+
+        def body(carry, mb):
+            (t, aux), g = grad_fn(state.params, state.extras, mb, counts)
+            acc_t, acc_aux, acc_g = carry
+            return (acc_t + t, jax.tree.map(jnp.add, acc_aux, aux), jax.tree.map(jnp.add, acc_g, g)), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        (t0, aux0), g0 = grad_fn(state.params, state.extras, first, counts)
+        rest = jax.tree.map(lambda x: x[1:], micro)
+        (total, aux, grads), _ = jax.lax.scan(body, (t0, aux0, g0), rest)
+
+    grad_norm = optax.global_norm(grads)
+    if s.clip_norm > 0:
+        scale = jnp.minimum(1.0, s.clip_norm / (grad_norm + 1e-6))
+        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+
+    model = nnx.merge(graphdef, params, state.extras)
+    if s.bias_speed > 0:
+        model.update_router_bias(aux["expert_counts"], s.bias_speed)
+    _, _, extras = split_model(model)
+
+    ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & _all_finite(updates) & _all_finite(extras)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        extras=keep(extras, state.extras),
+        opt_state=keep(opt_state, state.opt_state),
+        rng=state.rng,
+        skipped=state.skipped + jnp.where(ok, 0, 1).astype(jnp.int32),
+    )
+    n_tokens = counts["tokens"]
+    expert = aux["expert_counts"]
+    k = cfg.num_experts_per_tok
+    metrics = {
+        "loss": aux["loss"],
+        "mtp_loss": aux["mtp_loss"],
+        "total_loss": total,
+        "balance_loss": aux["balance_loss"],
+        "indexer_loss": aux["indexer_loss"],
+        "indexer_recall": aux["indexer_recall"],
+        "grad_norm": grad_norm,
+        "lr": schedule(count),
+        "mtp_weight": mtp_weight,
+        "tokens": n_tokens,
+        "update_ok": ok,
+        "skipped": new_state.skipped,
+        "expert_load_max_over_mean": _load_ratio(expert),
+        "hash_expert_load_max_over_mean": _load_ratio(aux["hash_expert_counts"]),
+        # Routed (token, expert) pairs missing from the expert counts; 0 for a dropless MoE.
+        "dropped_tokens": jnp.maximum(n_tokens * k * expert.shape[0] - jnp.sum(expert), 0.0) / k,
+    }
+    return new_state, metrics
+
+
+def make_train_step(graphdef: nnx.GraphDef, cfg: Config, tx: optax.GradientTransformation, s: TrainSettings,
+                    *, sparse: bool) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """`train_step` jitted with the state donated: `step(state, batch, multiplier) -> (state, metrics)`."""
+    fn = functools.partial(train_step, graphdef=graphdef, cfg=cfg, tx=tx, s=s, sparse=sparse)
+    return jax.jit(fn, donate_argnums=(0,))
+
+
+def sparse_at(s: TrainSettings, step: int) -> bool:
+    """Whether CSA layers attend sparsely (top-k) at `step` (dense during the indexer warm-up)."""
+    return step >= s.sparse_attention_after
