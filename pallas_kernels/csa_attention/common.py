@@ -1,0 +1,257 @@
+"""Pieces shared by the CSA, HCA and lightning-indexer packages.
+
+* Reference helpers: the sliding-window key blocks and the softmax with an attention sink.
+* Kernel helpers: token padding, the "rows" layout (query t, head n) -> row t * N + n, online-softmax
+  steps and masks written with plain `jnp` so that the Mosaic-TPU and the Triton kernels share them.
+* `resolve_impl`: the implementation dispatch of every package entry point.
+
+Masking rules (ARCHITECTURE.md section 2, with per-document masking of packed rows):
+* window: key j is visible to query t iff t - window < j <= t and segment[j] == segment[t];
+* compressed entry c (pooling tokens c*m .. c*m + m - 1) is admissible for query t iff
+  (c + 1) * m - 1 <= t and entry_segment[c] == segment[t] (entry_segment is -1 for an entry whose
+  window straddles two documents, so it never matches).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Impl = Literal["reference", "pallas", "pallas_gpu", "pallas_tpu"] | None
+NEG_INF = float("-inf")
+# Segment id given to padded tokens: never equal to a real segment (real ids are >= 0).
+PAD_SEGMENT = -2
+
+
+# ----------------------------------------------------------------------------------------------
+# Implementation dispatch.
+
+
+def resolve_impl(impl: Impl, interpret: bool | None) -> tuple[str, bool]:
+    """Picks the implementation a package entry point runs.
+
+    Args:
+      impl: "reference", "pallas" (the Pallas kernel of this platform), "pallas_gpu" (Triton
+        style), "pallas_tpu" (Mosaic-TPU style), or None (best available: Pallas on GPU/TPU, the
+        reference on CPU).
+      interpret: run a Pallas kernel in interpret mode; None = only where the platform needs it
+        (never: on CPU an explicit Pallas request must pass interpret=True).
+
+    Returns:
+      ("reference" | "pallas_gpu" | "pallas_tpu", interpret flag).
+
+    Raises:
+      ValueError: the request cannot run on this platform (never falls back silently).
+    """
+    platform = jax.default_backend()
+    native = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform)
+    if impl is None:
+        return (native, bool(interpret)) if native else ("reference", False)
+    if impl == "reference":
+        return "reference", False
+    if impl not in ("pallas", "pallas_gpu", "pallas_tpu"):
+        raise ValueError(f"impl must be 'reference', 'pallas', 'pallas_gpu', 'pallas_tpu' or None, got {impl!r}")
+    if interpret:
+        if impl == "pallas":
+            if native is None:
+                raise ValueError("impl='pallas' with interpret=True on CPU is ambiguous: "
+                                 "pass impl='pallas_gpu' or impl='pallas_tpu'")
+            return native, True
+        return impl, True
+    if native is None:
+        raise ValueError(f"impl={impl!r} cannot run on the {platform!r} backend: Pallas runs on CPU only in "
+                         "interpret mode (pass interpret=True)")
+    if impl != "pallas" and impl != native:
+        raise ValueError(f"impl={impl!r} cannot run natively on the {platform!r} backend (use {native!r} "
+                         "or interpret=True)")
+    return native, False
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference helpers.
+
+
+def round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+    """Pads `x` along `axis` at the end up to `size` (no-op if already that long)."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def reference_query_block(window: int) -> int:
+    """Query block of the references: at least the window, so a block's keys are its own block
+    plus the previous one."""
+    return max(window, 64)
+
+
+def window_keys(kv: jax.Array, segment_ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per query block, the keys of the previous and the current block.
+
+    Args:
+      kv: [B, Tp, H] with Tp a multiple of `block`.
+      segment_ids: [B, Tp] int32 (padded tokens carry PAD_SEGMENT).
+      block: query block size (>= window - 1).
+
+    Returns:
+      keys [nb, B, 2*block, H], key positions [nb, 2*block] (negative = before the sequence),
+      key segments [nb, B, 2*block].
+
+    Shapes:
+      nb = Tp // block.
+    """
+    B, Tp, H = kv.shape
+    nb = Tp // block
+    cur = kv.reshape(B, nb, block, H)
+    prev = jnp.concatenate([jnp.zeros_like(cur[:, :1]), cur[:, :-1]], axis=1)
+    keys = jnp.concatenate([prev, cur], axis=2).swapaxes(0, 1)
+    seg = segment_ids.reshape(B, nb, block)
+    seg_prev = jnp.concatenate([jnp.full_like(seg[:, :1], PAD_SEGMENT), seg[:, :-1]], axis=1)
+    key_seg = jnp.concatenate([seg_prev, seg], axis=2).swapaxes(0, 1)
+    key_pos = (jnp.arange(nb)[:, None] - 1) * block + jnp.arange(2 * block)[None, :]
+    return keys, key_pos, key_seg
+
+
+def window_mask(q_pos: jax.Array, q_seg: jax.Array, k_pos: jax.Array, k_seg: jax.Array, window: int) -> jax.Array:
+    """Window visibility: t - window < j <= t, j >= 0, same segment.
+
+    Shapes:
+      q_pos [Q], q_seg [B, Q], k_pos [S], k_seg [B, S] -> [B, Q, S].
+    """
+    pos_ok = (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - window) & (k_pos[None, :] >= 0)
+    return pos_ok[None] & (q_seg[:, :, None] == k_seg[:, None, :])
+
+
+def admissible_mask(q_pos: jax.Array, q_seg: jax.Array, entry_segment: jax.Array, ratio: int) -> jax.Array:
+    """Compressed-entry admissibility: (c + 1) * ratio - 1 <= t and entry_segment[c] == segment[t].
+
+    Shapes:
+      q_pos [Q], q_seg [B, Q], entry_segment [B, C] -> [B, Q, C].
+    """
+    c = jnp.arange(entry_segment.shape[1])
+    pos_ok = (c[None, :] + 1) * ratio - 1 <= q_pos[:, None]
+    return pos_ok[None] & (q_seg[:, :, None] == entry_segment[:, None, :])
+
+
+def sink_softmax(logits: jax.Array, mask: jax.Array, sink: jax.Array) -> jax.Array:
+    """Softmax whose denominator also holds exp(sink[n]) (a key with a logit and no value).
+
+    p_j = exp(z_j) / (sum_k exp(z_k) + exp(sink_n)) over the unmasked keys; masked keys get 0.
+
+    Shapes:
+      logits [..., N, S] float32, mask broadcastable to it, sink [N] -> p [..., N, S].
+    """
+    z = jnp.where(mask, logits, NEG_INF)
+    s = sink.astype(jnp.float32)[:, None]
+    m = lax.stop_gradient(jnp.maximum(jnp.max(z, axis=-1, keepdims=True), s))
+    e = jnp.exp(z - m)
+    return e / (jnp.sum(e, axis=-1, keepdims=True) + jnp.exp(s - m))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel helpers (wrapper side).
+
+
+def to_rows(x: jax.Array, length: int, value=0) -> jax.Array:
+    """[B, T, N, H] -> [B, length * N, H]: pads tokens, then row t * N + n holds (t, n)."""
+    B, _, N, H = x.shape
+    return pad_axis(x, 1, length, value).reshape(B, length * N, H)
+
+
+def row_segments(segment_ids: jax.Array, n_heads: int, length: int) -> jax.Array:
+    """[B, T] -> [B, length * N, 1] int32: the segment of each (token, head) row."""
+    seg = pad_axis(segment_ids.astype(jnp.int32), 1, length, PAD_SEGMENT)
+    return jnp.repeat(seg, n_heads, axis=1)[..., None]
+
+
+def key_segments(segment_ids: jax.Array, length: int) -> jax.Array:
+    """[B, T] -> [B, 1, length] int32 (lane-major, one key per lane)."""
+    return pad_axis(segment_ids.astype(jnp.int32), 1, length, PAD_SEGMENT)[:, None, :]
+
+
+def sink_rows(sink: jax.Array, block_q: int) -> jax.Array:
+    """[N] -> [block_q * N, 1] float32: the sink logit of each row of a query block."""
+    return jnp.tile(sink.astype(jnp.float32), block_q)[:, None]
+
+
+def lcm(*xs: int) -> int:
+    out = 1
+    for x in xs:
+        out = out * x // math.gcd(out, x)
+    return out
+
+
+def dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [M, K] . b [N, K]^T -> [M, N] float32."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_nn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [M, K] . b [K, N] -> [M, N] float32."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot_tn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [K, M]^T . b [K, N] -> [M, N] float32."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def online_softmax_step(m, l, acc, s, mask, v):
+    """One flash-attention update of the running max m [R, 1], sum l [R, 1] and acc [R, H].
+
+    s [R, S] are float32 logits, mask [R, S] (or broadcastable) their visibility, v [S, H] values.
+    m starts at the sink logit and l at 1, so m is always finite and masked keys add exactly 0.
+    """
+    s = jnp.where(mask, s, NEG_INF)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new)
+    l_new = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+    acc_new = alpha * acc + dot_nn(p.astype(v.dtype), v)
+    return m_new, l_new, acc_new
+
+
+def softmax_grads(s, mask, lse, do_dot_v, delta):
+    """Backward of one key block: p = exp(s - lse) on visible keys, ds = p * (dO.v - delta).
+
+    All [R, S] float32 except lse, delta [R, 1]. Returns (p, ds).
+    """
+    p = jnp.exp(jnp.where(mask, s, NEG_INF) - lse)
+    return p, p * (do_dot_v - delta)
+
+
+def window_block_mask(t, k_pos, q_seg, k_seg, window: int):
+    """Window visibility in a kernel: t [R, 1] or [R, S] query positions, k_pos [1, S] or [R, S]."""
+    return (k_pos <= t) & (k_pos > t - window) & (q_seg == k_seg)
+
+
+def entry_block_mask(t, c, q_seg, e_seg, ratio: int):
+    """Admissibility in a kernel: t query positions, c entry indices (broadcastable)."""
+    return ((c + 1) * ratio - 1 <= t) & (q_seg == e_seg)
+
+
+def attention_cost(
+    *, batch: int, tokens: int, heads: int, head_dim: int, keys_per_query: float, itemsize: int,
+    key_bytes: float, backward: bool = False,
+) -> tuple[int, int, int]:
+    """(flops, transcendentals, bytes_accessed) of attention with `keys_per_query` visible keys.
+
+    Forward: QK^T and PV, 2 flops per multiply-add each. Backward: recompute QK^T, dO.V^T, dQ, dK, dV.
+    `key_bytes` are the bytes of keys/values read from memory (the caller knows the reuse).
+    """
+    pairs = batch * tokens * heads * keys_per_query
+    matmuls = 5 if backward else 2
+    flops = int(2 * matmuls * pairs * head_dim)
+    rows = batch * tokens * heads * head_dim * itemsize
+    bytes_accessed = int((4 if backward else 2) * rows + key_bytes)
+    return flops, int(pairs), bytes_accessed

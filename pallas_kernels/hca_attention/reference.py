@@ -1,0 +1,119 @@
+"""Heavily compressed attention (HCA), pure JAX: the specification of the Pallas kernels.
+
+Each query attends, in one softmax with a per-head sink, to its sliding window of raw keys and to
+every admissible compressed entry: entry c (pooling tokens c*m .. c*m + m - 1) is admissible for
+query t iff (c + 1) * m - 1 <= t and entry_segment[c] == segment_ids[t]. The same function serves
+CSA's dense phase (ratio 4, every admissible entry, no top-k), so any ratio works.
+
+Memory: queries are processed in blocks of max(window, 64) against the previous and the current
+key block and all C entries; a block's state is rematerialised in the backward pass.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.csa_attention.common import (
+    PAD_SEGMENT,
+    admissible_mask,
+    pad_axis,
+    reference_query_block,
+    sink_softmax,
+    window_keys,
+    window_mask,
+)
+
+
+def _hca(q, kv, entries, entry_segment, sink, segment_ids, *, ratio: int, window: int, with_mass: bool):
+    B, T, N, H = q.shape
+    scale = H**-0.5
+    block = reference_query_block(window)
+    nb = -(-T // block)
+    Tp = nb * block
+    seg = pad_axis(segment_ids.astype(jnp.int32), 1, Tp, PAD_SEGMENT)
+    keys, key_pos, key_seg = window_keys(pad_axis(kv, 1, Tp), seg, block)
+    q_blocks = pad_axis(q, 1, Tp).reshape(B, nb, block, N, H).swapaxes(0, 1)
+    q_pos = jnp.arange(Tp).reshape(nb, block)
+    q_seg = seg.reshape(B, nb, block).swapaxes(0, 1)
+    entry_segment = entry_segment.astype(jnp.int32)
+
+    def one_block(xs):
+        q_i, keys_i, kpos_i, kseg_i, qpos_i, qseg_i = xs
+        z_win = jnp.einsum("bqnh,bkh->bqnk", q_i, keys_i, preferred_element_type=jnp.float32)
+        z_ent = jnp.einsum("bqnh,bch->bqnc", q_i, entries, preferred_element_type=jnp.float32)
+        mask = jnp.concatenate(
+            [window_mask(qpos_i, qseg_i, kpos_i, kseg_i, window), admissible_mask(qpos_i, qseg_i, entry_segment, ratio)],
+            axis=-1,
+        )
+        p = sink_softmax(jnp.concatenate([z_win, z_ent], axis=-1) * scale, mask[:, :, None, :], sink)
+        p_win, p_ent = p[..., : 2 * block], p[..., 2 * block :]
+        out = jnp.einsum("bqnk,bkh->bqnh", p_win, keys_i.astype(jnp.float32))
+        out += jnp.einsum("bqnc,bch->bqnh", p_ent, entries.astype(jnp.float32))
+        if with_mass:
+            return out.astype(q.dtype), jnp.sum(p_ent, axis=2)
+        return out.astype(q.dtype)
+
+    res = lax.map(jax.checkpoint(one_block), (q_blocks, keys, key_pos, key_seg, q_pos, q_seg))
+    if with_mass:
+        out, mass = res
+        return out.swapaxes(0, 1).reshape(B, Tp, N, H)[:, :T], mass.swapaxes(0, 1).reshape(B, Tp, -1)[:, :T]
+    return res.swapaxes(0, 1).reshape(B, Tp, N, H)[:, :T]
+
+
+def hca_attention(
+    q: jax.Array,
+    kv: jax.Array,
+    entries: jax.Array,
+    entry_segment: jax.Array,
+    sink: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    ratio: int,
+    window: int = 128,
+) -> jax.Array:
+    """Sliding-window attention plus dense attention to every admissible compressed entry.
+
+    Args:
+      q: queries, already normed and rotated.
+      kv: the shared key/value head, already rotated (the same vector is key and value).
+      entries: compressed entries; entry c pools tokens c*ratio .. c*ratio + ratio - 1.
+      entry_segment: segment of entry c if its whole window lies in one segment, else -1.
+      sink: per-head sink logit (adds exp(sink) to the softmax denominator only).
+      segment_ids: document ids (0 = padding, treated as one more segment).
+      ratio: compression ratio m (tokens per entry).
+      window: sliding-window length, counting the query itself.
+
+    Returns:
+      Attention output, dtype of q.
+
+    Shapes:
+      q [B, T, N, H], kv [B, T, H], entries [B, C, H], entry_segment [B, C] int32, sink [N],
+      segment_ids [B, T] int32 -> [B, T, N, H].
+    """
+    return _hca(q, kv, entries, entry_segment, sink, segment_ids, ratio=ratio, window=window, with_mass=False)
+
+
+def hca_attention_and_entry_mass(
+    q: jax.Array,
+    kv: jax.Array,
+    entries: jax.Array,
+    entry_segment: jax.Array,
+    sink: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    ratio: int,
+    window: int = 128,
+) -> tuple[jax.Array, jax.Array]:
+    """`hca_attention` plus the probability mass each query puts on each compressed entry.
+
+    The mass is summed over heads (so it lies in [0, N]); it is the target of the lightning
+    indexer's KL loss in CSA's dense phase (normalise it over C, and stop its gradient, at the
+    call site). Non-admissible entries get exactly 0. The [B, T, C] output is quadratic in T: meant
+    for the short sequences of the indexer warm-up.
+
+    Shapes:
+      as `hca_attention`; returns (out [B, T, N, H], mass [B, T, C] float32).
+    """
+    return _hca(q, kv, entries, entry_segment, sink, segment_ids, ratio=ratio, window=window, with_mass=True)
