@@ -84,11 +84,7 @@ def resolve_inputs(paths: Sequence[str], fmt: str | None = None) -> list[tuple[s
             raise ValueError(f"input not found: {path}")
         if os.path.isdir(path):
             names = sorted(n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
-            files = [
-                os.path.join(path, n)
-                for n in names
-                if _EXTENSIONS.get(os.path.splitext(n)[1].lower()) == fmt or (fmt is None and _format_of(n))
-            ]
+            files = [os.path.join(path, n) for n in names if _format_of(n) and fmt in (None, _format_of(n))]
             if not files:
                 raise ValueError(f"input directory has no {fmt or 'txt/jsonl/parquet'} files: {path}")
         else:
