@@ -68,6 +68,9 @@ class Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
     initializer_range: float = 0.02
+    # Activation memory: "none" keeps every activation for the backward, "full" recomputes each scanned unit of
+    # layers in the backward (one saved residual state per unit).
+    remat_policy: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
@@ -166,11 +169,13 @@ def validate(c: Config) -> None:
     for name in ("dtype", "param_dtype"):
         if getattr(c, name) not in ("float32", "bfloat16"):
             _fail(f"{name} must be 'float32' or 'bfloat16', got {getattr(c, name)!r}")
+    if c.remat_policy not in ("none", "full"):
+        _fail(f"remat_policy must be 'none' or 'full', got {c.remat_policy!r}")
     if c.rms_norm_eps <= 0 or c.hc_eps <= 0:
         _fail("rms_norm_eps and hc_eps must be positive")
 
 
-FLASH = Config()
+FLASH = Config(dtype="bfloat16", param_dtype="float32", remat_policy="full")
 
 PRO = Config(
     hidden_size=7168,
@@ -183,6 +188,8 @@ PRO = Config(
     n_routed_experts=384,
     moe_intermediate_size=3072,
     routed_scaling_factor=2.5,
+    dtype="bfloat16",
+    remat_policy="full",
 )
 
 # Every layer kind (sliding, CSA, HCA), hash-routed and learned-routed MoE, MTP; HCA ratio 16 so a

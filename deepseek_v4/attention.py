@@ -1,0 +1,206 @@
+"""V4 attention: the shared backbone (sliding window + sink + grouped output) with CSA and HCA extensions.
+
+ARCHITECTURE.md section 2. The heavy math (window + compressed attention, the lightning indexer) lives in
+`pallas_kernels`; this module computes their inputs (queries, the shared K=V head, compressed entries,
+indexer queries and keys) and the output projection.
+
+Packed sequences (our extension; the reference has no packing): windows never cross a document; compressed
+windows are aligned to the row, an entry is usable only if its own m tokens lie in one document, and for CSA the
+overlapping slots that fall in another document get zero weight, so no entry pools tokens of two documents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_v4 import layers, rope
+from deepseek_v4.config import Config
+from pallas_kernels.csa_attention import csa_attention
+from pallas_kernels.hca_attention import hca_attention, hca_entry_mass
+from pallas_kernels.lightning_indexer import indexer_scores, lightning_indexer
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """Per-forward inputs every layer needs.  Shapes: all [B, T] int32."""
+
+    tokens: jax.Array
+    segment_ids: jax.Array
+    positions: jax.Array
+    sparse_attention: bool = True  # False: CSA attends to every admissible entry (the dense warm-up phase)
+    indexer_loss: bool = False  # compute the indexer's KL loss and recall (training only)
+
+
+def compress(x: jax.Array, wkv: jax.Array, wgate: jax.Array, ape: jax.Array, norm_scale: jax.Array,
+             segment_ids: jax.Array, ratio: int, overlap: bool, eps: float) -> tuple[jax.Array, jax.Array]:
+    """Token-level compressor: gated, per-channel softmax pooling of each window of `ratio` tokens.
+
+    With `overlap` (CSA and its indexer) every token carries 2*c features: the first half is its contribution
+    to the next window's entry, the second half to its own window's entry; entry i pools 2*ratio slots.
+    Shapes: x [B, T, D]; wkv/wgate [D, w*c] (w = 2 with overlap, else 1); ape [ratio, w*c]
+      -> entries [B, C, c] float32 (normed, not rotated), entry_segment [B, C] int32 (-1 = spans documents).
+    """
+    b, t, _ = x.shape
+    c = t // ratio
+    usable = c * ratio
+    xs = x[:, :usable]
+    kv = (xs @ wkv).astype(jnp.float32).reshape(b, c, ratio, -1)  # [B, C, m, w*c]
+    gate = (xs @ wgate).astype(jnp.float32).reshape(b, c, ratio, -1) + ape.astype(jnp.float32)
+    seg = segment_ids[:, :usable].reshape(b, c, ratio)
+    same = jnp.all(seg == seg[..., :1], axis=-1)
+    entry_segment = jnp.where(same, seg[..., 0], -1).astype(jnp.int32)
+    if overlap:
+        width = kv.shape[-1] // 2
+        prev_kv = jnp.pad(kv[:, :-1, :, :width], ((0, 0), (1, 0), (0, 0), (0, 0)))
+        prev_gate = jnp.pad(gate[:, :-1, :, :width], ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=-jnp.inf)
+        prev_seg = jnp.pad(seg[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=-1)
+        prev_gate = jnp.where((prev_seg == seg[..., :1])[..., None], prev_gate, -jnp.inf)
+        kv = jnp.concatenate([prev_kv, kv[..., width:]], axis=2)  # [B, C, 2m, c]
+        gate = jnp.concatenate([prev_gate, gate[..., width:]], axis=2)
+    pooled = jnp.sum(kv * jax.nn.softmax(gate, axis=2), axis=2)  # [B, C, c]
+    return layers.rms_norm(pooled, norm_scale, eps), entry_segment
+
+
+class Compressor(nnx.Module):
+    def __init__(self, cfg: Config, ratio: int, width: int, overlap: bool, rngs: nnx.Rngs, norm_axis: str):
+        w = (2 if overlap else 1) * width
+        dt = layers.dtype_of(cfg.param_dtype)
+        self.ratio, self.overlap, self.eps = ratio, overlap, cfg.rms_norm_eps
+        self.wkv = layers.normal_param(rngs, (cfg.hidden_size, w), ("embed", "compress_dim"), cfg.initializer_range, dt)
+        self.wgate = layers.normal_param(rngs, (cfg.hidden_size, w), ("embed", "compress_dim"), cfg.initializer_range,
+                                         dt)
+        self.ape = layers.const_param((ratio, w), (None, "compress_dim"), 0.0)
+        self.norm = layers.RMSNorm(width, cfg.rms_norm_eps, norm_axis)
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return compress(x, self.wkv[...].astype(x.dtype), self.wgate[...].astype(x.dtype), self.ape[...],
+                        self.norm.scale[...], segment_ids, self.ratio, self.overlap, self.eps)
+
+
+class Indexer(nnx.Module):
+    """The lightning indexer of a CSA layer: its own compressor at index_head_dim, queries from c^Q, head weights."""
+
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        dt, std = layers.dtype_of(cfg.param_dtype), cfg.initializer_range
+        self.wq_b = layers.normal_param(rngs, (cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim),
+                                        ("q_lora", "index_heads", "index_head_dim"), std, dt)
+        self.weights_proj = layers.normal_param(rngs, (cfg.hidden_size, cfg.index_n_heads), ("embed", "index_heads"),
+                                                std, dt)
+        self.compressor = Compressor(cfg, cfg.csa_ratio, cfg.index_head_dim, True, rngs, "index_head_dim")
+
+
+class Attention(nnx.Module):
+    """One attention sub-layer; `ratio` 0 = sliding window only, csa_ratio = CSA, hca_ratio = HCA."""
+
+    def __init__(self, cfg: Config, ratio: int, rngs: nnx.Rngs):
+        self.cfg, self.ratio = cfg, ratio
+        self.kind = cfg.layer_kind(ratio)
+        dt, std = layers.dtype_of(cfg.param_dtype), cfg.initializer_range
+        d, q, n, h, g, o = (cfg.hidden_size, cfg.q_lora_rank, cfg.num_attention_heads, cfg.head_dim, cfg.o_groups,
+                            cfg.o_lora_rank)
+        self.wq_a = layers.normal_param(rngs, (d, q), ("embed", "q_lora"), std, dt)
+        self.q_norm = layers.RMSNorm(q, cfg.rms_norm_eps, "q_lora")
+        self.wq_b = layers.normal_param(rngs, (q, n, h), ("q_lora", "heads", "head_dim"), std, dt)
+        self.wkv = layers.normal_param(rngs, (d, h), ("embed", "head_dim"), std, dt)
+        self.kv_norm = layers.RMSNorm(h, cfg.rms_norm_eps, "head_dim")
+        self.wo_a = layers.normal_param(rngs, (g, n * h // g, o), ("o_groups", "o_group_in", "o_lora"), std, dt)
+        self.wo_b = layers.normal_param(rngs, (g * o, d), ("o_proj", "embed"), std, dt)
+        self.attn_sink = layers.const_param((n,), ("heads",), 0.0)
+        if self.kind != "sliding":
+            self.compressor = Compressor(cfg, ratio, h, self.kind == "csa", rngs, "head_dim")
+        if self.kind == "csa":
+            self.indexer = Indexer(cfg, rngs)
+
+    def __call__(self, x: jax.Array, ctx: Context) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Shapes: x [B, T, D] (normed) -> out [B, T, D], indexer_loss [], indexer_recall []."""
+        cfg = self.cfg
+        dt = layers.dtype_of(cfg.dtype)
+        x = x.astype(dt)
+        compressed = self.kind != "sliding"
+        inv_freq = rope.inv_frequencies(cfg, compressed)
+        cos, sin = rope.rope_angles(ctx.positions, inv_freq)
+        seg = ctx.segment_ids
+        with jax.named_scope("attn/qkv"):
+            c_q = self.q_norm(x @ self.wq_a[...].astype(dt)).astype(dt)  # [B, T, Q]
+            q = jnp.einsum("btq,qnh->btnh", c_q, self.wq_b[...].astype(dt))  # [B, T, N, H]
+            q = rope.apply_rope(layers.rms_norm(q, None, cfg.rms_norm_eps).astype(dt), cos, sin)
+            kv = rope.apply_rope(self.kv_norm(x @ self.wkv[...].astype(dt)).astype(dt), cos, sin)  # [B, T, H]
+        zero = jnp.zeros((), jnp.float32)
+        loss, recall = zero, zero
+        sink = self.attn_sink[...]
+        if not compressed:
+            empty = jnp.zeros((x.shape[0], 0, cfg.head_dim), dt)
+            empty_seg = jnp.zeros((x.shape[0], 0), jnp.int32)
+            o = hca_attention(q, kv, empty, empty_seg, sink, seg, ratio=cfg.csa_ratio, window=cfg.sliding_window)
+        else:
+            with jax.named_scope("attn/compress"):
+                entries, entry_seg = self.compressor(x, seg)
+                entry_pos = ctx.positions[:, :: self.ratio][:, : entries.shape[1]]
+                e_cos, e_sin = rope.rope_angles(entry_pos, inv_freq)
+                entries = rope.apply_rope(entries, e_cos, e_sin).astype(dt)  # [B, C, H]
+            if self.kind == "hca":
+                o = hca_attention(q, kv, entries, entry_seg, sink, seg, ratio=self.ratio, window=cfg.sliding_window)
+            else:
+                o, loss, recall = self._csa(x, c_q, q, kv, entries, entry_seg, entry_pos, cos, sin, ctx)
+        with jax.named_scope("attn/out"):
+            o = rope.apply_rope(o, cos, sin, inverse=True)  # [B, T, N, H]
+            b, t = o.shape[:2]
+            o = o.reshape(b, t, cfg.o_groups, -1)  # [B, T, G, N*H/G]
+            o = jnp.einsum("btgi,gio->btgo", o, self.wo_a[...].astype(dt)).reshape(b, t, -1)  # [B, T, G*O]
+            out = o @ self.wo_b[...].astype(dt)  # [B, T, D]
+        return out, loss, recall
+
+    def _csa(self, x, c_q, q, kv, entries, entry_seg, entry_pos, cos, sin, ctx: Context):
+        cfg, idx = self.cfg, self.indexer
+        seg = ctx.segment_ids
+        inv_freq = rope.inv_frequencies(cfg, True)
+        with jax.named_scope("attn/indexer"):
+            # The indexer learns only from its own KL loss, so its inputs are detached from the main model.
+            xi, cqi = jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q)
+            k_idx, _ = idx.compressor(xi, seg)
+            e_cos, e_sin = rope.rope_angles(entry_pos, inv_freq)
+            k_idx = rope.apply_rope(k_idx, e_cos, e_sin)  # [B, C, HI]
+            q_idx = rope.apply_rope(jnp.einsum("btq,qnh->btnh", cqi, idx.wq_b[...].astype(cqi.dtype)), cos, sin)
+            w_idx = xi @ idx.weights_proj[...].astype(xi.dtype)  # [B, T, NI]
+        zero = jnp.zeros((), jnp.float32)
+        loss, recall = zero, zero
+        topk = None
+        if ctx.sparse_attention or ctx.indexer_loss:
+            topk = lightning_indexer(jax.lax.stop_gradient(q_idx), jax.lax.stop_gradient(k_idx),
+                                     jax.lax.stop_gradient(w_idx), entry_seg, seg, ratio=self.ratio,
+                                     topk=cfg.index_topk)
+        if ctx.sparse_attention:
+            o = csa_attention(q, kv, entries, topk, self.attn_sink[...], seg, window=cfg.sliding_window)
+        else:
+            o = hca_attention(q, kv, entries, entry_seg, self.attn_sink[...], seg, ratio=self.ratio,
+                              window=cfg.sliding_window)
+        if ctx.indexer_loss:
+            loss, recall = self._indexer_kl(q, kv, entries, entry_seg, q_idx, k_idx, w_idx, topk, seg)
+        return o, loss, recall
+
+    def _indexer_kl(self, q, kv, entries, entry_seg, q_idx, k_idx, w_idx, topk, seg):
+        """KL(main attention's entry distribution || indexer distribution), the target stop-gradiented.
+
+        The target is the attention probability mass each query puts on each admissible compressed entry,
+        summed over heads and L1-normalised (DeepSeek-V3.2's indexer objective). Recall = the target mass
+        covered by the indexer's top-k selection.
+        """
+        mass = jax.lax.stop_gradient(
+            hca_entry_mass(q, kv, entries, entry_seg, self.attn_sink[...], seg, ratio=self.ratio,
+                           window=self.cfg.sliding_window))  # [B, T, C]
+        total = jnp.sum(mass, axis=-1, keepdims=True)
+        has = total[..., 0] > 0  # queries with at least one admissible entry
+        target = mass / jnp.where(total > 0, total, 1.0)
+        scores = indexer_scores(q_idx, k_idx, w_idx, entry_seg, seg, ratio=self.ratio)  # [B, T, C]
+        admissible = jnp.isfinite(scores)
+        logp = jax.nn.log_softmax(jnp.where(admissible, scores, -1e30), axis=-1)
+        kl = jnp.sum(jnp.where(target > 0, target * (jnp.log(jnp.where(target > 0, target, 1.0)) - logp), 0.0), -1)
+        n = jnp.maximum(jnp.sum(has), 1)
+        loss = jnp.sum(jnp.where(has, kl, 0.0)) / n
+        picked = jnp.take_along_axis(target, jnp.maximum(topk, 0), axis=-1) * (topk >= 0)
+        recall = jnp.sum(jnp.where(has, jnp.sum(picked, -1), 0.0)) / n
+        return loss, recall

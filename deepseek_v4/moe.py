@@ -1,0 +1,157 @@
+"""Mixture of experts: sqrt-softplus router (learned or hash-routed), clamped-SwiGLU experts, shared expert.
+
+ARCHITECTURE.md section 4. Selection uses `scores + router_bias` (the aux-loss-free balancing bias, learned
+layers only); the gating weights are the unbiased scores of the selected experts, normalised to sum to one and
+multiplied by `routed_scaling_factor`. Hash layers select a fixed set of experts per token id (`tid2eid`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_v4 import layers
+from deepseek_v4.config import Config
+
+
+def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit: float) -> jax.Array:
+    """Clamped SwiGLU: silu(min(x w1, limit)) * clip(x w3, -limit, limit), then w2.
+
+    Shapes: x [..., D], w1/w3 [D, F], w2 [F, D] -> [..., D].
+    """
+    gate = jnp.minimum(x @ w1, limit)
+    up = jnp.clip(x @ w3, -limit, limit)
+    return (jax.nn.silu(gate) * up) @ w2
+
+
+def route(x: jax.Array, gate: jax.Array, bias: jax.Array | None, hash_idx: jax.Array | None, top_k: int,
+          scaling: float):
+    """Router: scores, selected experts and their gating weights.
+
+    Shapes: x [N, D]; gate [D, E]; bias [E] (learned layers) or hash_idx [N, K] (hash layers)
+      -> scores [N, E] f32, idx [N, K] int32, weights [N, K] f32 (sum to `scaling` per token).
+    """
+    logits = x.astype(jnp.float32) @ gate.astype(jnp.float32)  # [N, E]
+    scores = jnp.sqrt(jax.nn.softplus(logits))
+    if hash_idx is not None:
+        idx = hash_idx.astype(jnp.int32)
+    else:
+        _, idx = jax.lax.top_k(scores + bias.astype(jnp.float32), top_k)
+    weights = jnp.take_along_axis(scores, idx, axis=-1)
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20) * scaling
+    return scores, idx, weights
+
+
+def routed_experts_reference(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array,
+                             w2: jax.Array, limit: float) -> jax.Array:
+    """Sum over each token's selected experts of weight * expert(x), computed densely over all experts.
+
+    Readable and exact; costs E/K times the routed FLOPs, which is fine for small expert counts on CPU.
+    Shapes: x [N, D], idx/weights [N, K], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
+    """
+    num_experts = w1.shape[0]
+    combine = jnp.sum(jax.nn.one_hot(idx, num_experts, dtype=jnp.float32) * weights[..., None], axis=1)  # [N, E]
+    gate = jnp.minimum(jnp.einsum("nd,edf->nef", x, w1), limit)
+    up = jnp.clip(jnp.einsum("nd,edf->nef", x, w3), -limit, limit)
+    h = jax.nn.silu(gate) * up * combine.astype(x.dtype)[..., None]  # [N, E, F]
+    return jnp.einsum("nef,efd->nd", h, w2)
+
+
+def default_hash_table(cfg: Config, layer: int) -> jax.Array:
+    """A deterministic token -> K distinct experts table for hash-routed layers trained from scratch.
+
+    DeepSeek ships its table with the weights and does not publish the hash; this one is a fixed pseudo-random
+    choice per (layer, token id), roughly balanced over experts. Shape [V, K] int32.
+    """
+    key = jax.random.fold_in(jax.random.key(0x5EED), layer)
+    keys = jax.random.uniform(key, (cfg.vocab_size, cfg.n_routed_experts))
+    return jax.lax.top_k(keys, cfg.num_experts_per_tok)[1].astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class MoeStats:
+    """Routing statistics of one MoE layer (all float32)."""
+
+    expert_counts: jax.Array  # [E] routed (token, slot) pairs per expert, padding excluded
+    balance_loss: jax.Array  # [] sequence-wise balance loss (V3 form), unweighted
+
+
+jax.tree_util.register_dataclass(MoeStats, data_fields=["expert_counts", "balance_loss"], meta_fields=[])
+
+
+def balance_loss(scores: jax.Array, idx: jax.Array, mask: jax.Array, num_experts: int, top_k: int) -> jax.Array:
+    """Sequence-wise balance loss sum_i f_i P_i averaged over rows (DeepSeek-V3 form).
+
+    f_i = E / (K T) * (tokens of the row routed to i); P_i = mean over the row of the sum-normalised scores.
+    Shapes: scores [B, T, E], idx [B, T, K], mask [B, T] -> [].
+    """
+    mask = mask.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(mask, axis=1), 1.0)  # [B]
+    counts = jnp.sum(jax.nn.one_hot(idx, num_experts) * mask[..., None, None], axis=(1, 2))  # [B, E]
+    f = counts * num_experts / (top_k * n[:, None])
+    p = scores / (jnp.sum(scores, axis=-1, keepdims=True) + 1e-20)
+    p = jnp.sum(p * mask[..., None], axis=1) / n[:, None]  # [B, E]
+    return jnp.mean(jnp.sum(f * p, axis=-1))
+
+
+class Experts(nnx.Module):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        pd, std = layers.dtype_of(cfg.param_dtype), cfg.initializer_range
+        self.w1 = layers.normal_param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pd)
+        self.w3 = layers.normal_param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), std, pd)
+        self.w2 = layers.normal_param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), std, pd)
+
+
+class SharedExpert(nnx.Module):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts
+        pd, std = layers.dtype_of(cfg.param_dtype), cfg.initializer_range
+        self.w1 = layers.normal_param(rngs, (d, f), ("embed", "mlp"), std, pd)
+        self.w3 = layers.normal_param(rngs, (d, f), ("embed", "mlp"), std, pd)
+        self.w2 = layers.normal_param(rngs, (f, d), ("mlp", "embed"), std, pd)
+
+
+class MoE(nnx.Module):
+    """Routed experts + shared expert. `hash_layer` selects experts by token id instead of by score."""
+
+    def __init__(self, cfg: Config, layer: int, hash_layer: bool, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.hash_layer = hash_layer
+        self.gate = layers.normal_param(rngs, (cfg.hidden_size, cfg.n_routed_experts), ("embed", None),
+                                        cfg.initializer_range, jnp.float32)
+        if hash_layer:
+            self.tid2eid = layers.HashTable(default_hash_table(cfg, layer))
+        else:
+            self.router_bias = layers.RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32))
+        self.experts = Experts(cfg, rngs)
+        if cfg.n_shared_experts:
+            self.shared = SharedExpert(cfg, rngs)
+
+    def __call__(self, x: jax.Array, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, MoeStats]:
+        """Shapes: x [B, T, D] (normed block input), tokens [B, T] int32, mask [B, T] bool -> [B, T, D], stats."""
+        cfg = self.cfg
+        b, t, d = x.shape
+        dt = layers.dtype_of(cfg.dtype)
+        flat = x.reshape(b * t, d)
+        with jax.named_scope("moe/route"):
+            hash_idx = self.tid2eid[...][tokens.reshape(-1)] if self.hash_layer else None
+            bias = None if self.hash_layer else self.router_bias[...]
+            scores, idx, weights = route(flat, self.gate[...], bias, hash_idx, cfg.num_experts_per_tok,
+                                         cfg.routed_scaling_factor)
+        with jax.named_scope("moe/experts"):
+            ex = self.experts
+            y = routed_experts_reference(flat.astype(dt), idx, weights, ex.w1[...].astype(dt), ex.w3[...].astype(dt),
+                                         ex.w2[...].astype(dt), cfg.swiglu_limit)
+        if cfg.n_shared_experts:
+            sh = self.shared
+            y = y + swiglu(flat.astype(dt), sh.w1[...].astype(dt), sh.w3[...].astype(dt), sh.w2[...].astype(dt),
+                           cfg.swiglu_limit)
+        e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        fmask = mask.reshape(-1).astype(jnp.float32)
+        counts = jnp.sum(jax.nn.one_hot(idx, e) * fmask[:, None, None], axis=(0, 1))
+        bal = balance_loss(scores.reshape(b, t, e), idx.reshape(b, t, k), mask, e, k)
+        return y.reshape(b, t, d).astype(x.dtype), MoeStats(counts, bal)
