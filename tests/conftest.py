@@ -22,4 +22,7 @@ TOLERANCES = {
     "bf16_vs_f32_logits": 0.25,
     # The same float32 computation split over 8 devices against one device (only summation order differs).
     "sharded_vs_single_f32": 1e-5,
+    # Muon's bf16 Newton-Schulz split over 8 devices against one device: another summation order in the
+    # norm flips bf16 roundings, which 10 steps carry to a few ulps of the ~0.1-sized entries (max abs).
+    "muon_sharded_vs_single_bf16": 2e-2,
 }
