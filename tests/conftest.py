@@ -25,4 +25,7 @@ TOLERANCES = {
     # Muon's bf16 Newton-Schulz split over 8 devices against one device: another summation order in the
     # norm flips bf16 roundings, which 10 steps carry to a few ulps of the ~0.1-sized entries (max abs).
     "muon_sharded_vs_single_bf16": 2e-2,
+    # Pallas kernels on bfloat16 inputs against the reference (relative to the output scale): both accumulate in
+    # float32 but in different orders, and the bfloat16 output rounding (2**-8 relative) can flip by one ulp.
+    "kernel_bf16": 1e-2,
 }
