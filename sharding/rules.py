@@ -121,7 +121,8 @@ def spec(logical_axes: Sequence[str | None], kind: Kind = "param", *, shape: Seq
             out.append(None)
             continue
         if name not in RULES:
-            raise ValueError(f"logical axis {name!r} has no row in sharding/rules.py RULES (axes {tuple(logical_axes)})")
+            raise ValueError(f"logical axis {name!r} has no row in sharding/rules.py RULES "
+                             f"(axes {tuple(logical_axes)})")
         axes = [a for a in axes_of(RULES[name][col]) if a not in used]
         if sizes is not None:
             axes = [a for a in axes if a in sizes and sizes[a] > 1]
@@ -256,7 +257,8 @@ def summary_rows(abstract_state: Any, mesh: Mesh) -> list[tuple[str, str, tuple[
         shard = NamedSharding(mesh, s).shard_shape(shape)
         axes = getattr(var, "logical_axes", None)
         logical = "-" if axes is None else "(" + ", ".join("-" if a is None else a for a in axes) + ")"
-        rows.append((_path_str(path), logical, shape, dtype.name, _spec_str(s, len(shape)), math.prod(shard) * dtype.itemsize))
+        nbytes = math.prod(shard) * dtype.itemsize
+        rows.append((_path_str(path), logical, shape, dtype.name, _spec_str(s, len(shape)), nbytes))
     return rows
 
 
@@ -279,7 +281,8 @@ def summary(abstract_state: Any, mesh: Mesh) -> str:
     widths = [max(len(r[i]) for r in table) for i in range(len(head))]
     lines = [f"sharding summary, mesh {','.join(f'{k}={v}' for k, v in mesh.shape.items())}"]
     for i, r in enumerate(table):
-        lines.append("  ".join(c.rjust(w) if j == 5 else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))).rstrip())
+        cells = [c.rjust(w) if j == 5 else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))]
+        lines.append("  ".join(cells).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     total = sum(math.prod(sh) for _, _, sh, _, _, _ in rows)
