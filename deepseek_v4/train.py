@@ -34,7 +34,9 @@ import optax
 from flax import nnx
 
 from deepseek_v4 import loss as loss_lib
+from deepseek_v4 import optim
 from deepseek_v4.config import Config
+from sharding import rules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +49,7 @@ class TrainSettings:
     warmup_steps: int = 50
     decay_fraction: float = 0.2  # wsd: share of `steps` spent decaying
     final_lr_fraction: float = 0.1  # the LR ends at learning_rate * final_lr_fraction
-    optimizer: str = "adamw"
+    optimizer: str = "muon"  # "muon" (Muon for matrices, AdamW for the rest; V4) or "adamw"
     weight_decay: float = 0.1
     adam_b1: float = 0.9
     adam_b2: float = 0.95
@@ -69,7 +71,7 @@ class TrainSettings:
     def decay_start(self) -> int:
         """First step of the LR decay (where the MTP weight drops)."""
         if self.schedule == "wsd":
-            return self.steps - int(round(self.decay_fraction * self.steps))
+            return self.steps - decay_steps(self)
         if self.schedule == "cosine":
             return self.warmup_steps
         return self.steps
@@ -89,6 +91,12 @@ def validate_settings(s: TrainSettings) -> None:
         fail(f"learning_rate must be a positive number, got {s.learning_rate}")
     if s.schedule not in ("wsd", "cosine", "constant"):
         fail(f"schedule must be 'wsd', 'cosine' or 'constant', got {s.schedule!r}")
+    if s.optimizer not in ("muon", "adamw"):
+        fail(f"optimizer must be 'muon' or 'adamw', got {s.optimizer!r}")
+    if s.schedule == "wsd" and s.warmup_steps + decay_steps(s) > s.steps:
+        fail(f"warmup_steps ({s.warmup_steps}) + decay steps ({decay_steps(s)}) exceed steps ({s.steps})")
+    if s.schedule == "cosine" and s.warmup_steps >= s.steps:
+        fail(f"warmup_steps ({s.warmup_steps}) must be smaller than steps ({s.steps})")
     if s.warmup_steps < 0:
         fail(f"warmup_steps must be >= 0, got {s.warmup_steps}")
     if not 0 <= s.decay_fraction <= 1:
@@ -112,37 +120,24 @@ def validate_settings(s: TrainSettings) -> None:
 # ---- schedule and optimizer ---------------------------------------------------------------------------
 
 
+def decay_steps(s: TrainSettings) -> int:
+    """wsd: the length of the final decay (at least 1 step)."""
+    return max(1, int(round(s.decay_fraction * s.steps)))
+
+
 def learning_rate_schedule(s: TrainSettings) -> optax.Schedule:
-    """Linear warmup, then constant ("wsd": cosine decay over the last `decay_fraction` of the run; "cosine":
-    cosine decay right after warmup), ending at `learning_rate * final_lr_fraction`."""
-    peak, end = s.learning_rate, s.learning_rate * s.final_lr_fraction
-    warmup = min(s.warmup_steps, s.steps)
-    decay_start = max(s.decay_start, warmup)
-    decay_len = max(s.steps - decay_start, 1)
-
-    def schedule(count):
-        count = jnp.asarray(count, jnp.float32)
-        warm = peak * jnp.minimum(1.0, (count + 1.0) / max(warmup, 1))
-        if s.schedule == "constant":
-            return warm
-        frac = jnp.clip((count - decay_start) / decay_len, 0.0, 1.0)
-        cos = end + 0.5 * (peak - end) * (1.0 + jnp.cos(jnp.pi * frac))
-        return jnp.where(count < warmup, warm, jnp.where(count < decay_start, peak, cos))
-
-    return schedule
+    """The LR schedule named by `s.schedule` (see `optim.make_schedule`), ending at lr * final_lr_fraction."""
+    return optim.make_schedule(s.schedule, s.learning_rate, s.steps, warmup_steps=s.warmup_steps,
+                               decay_steps=decay_steps(s) if s.schedule == "wsd" else None,
+                               end_value=s.learning_rate * s.final_lr_fraction)
 
 
-def _decay_mask(params: Any) -> Any:
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-
-def make_optimizer(s: TrainSettings) -> optax.GradientTransformation:
-    """The optimizer named by `s.optimizer` on the LR schedule (gradient clipping is applied by the step)."""
-    schedule = learning_rate_schedule(s)
-    if s.optimizer == "adamw":
-        return optax.adamw(schedule, b1=s.adam_b1, b2=s.adam_b2, eps=s.adam_eps, weight_decay=s.weight_decay,
-                           mask=_decay_mask)
-    raise ValueError(f"unknown optimizer {s.optimizer!r}; choose one of: adamw")
+def make_optimizer(s: TrainSettings, *, mesh: jax.sharding.Mesh | None = None,
+                   partition_specs: Any = None) -> optax.GradientTransformation:
+    """`optim.make_optimizer` on the schedule; gradient clipping is left to the step (it logs the norm)."""
+    return optim.make_optimizer(s.optimizer, learning_rate_schedule(s), weight_decay=s.weight_decay,
+                                clip_norm=None, b1=s.adam_b1, b2=s.adam_b2, eps=s.adam_eps, mesh=mesh,
+                                partition_specs=partition_specs)
 
 
 # ---- train state --------------------------------------------------------------------------------------
@@ -193,6 +188,17 @@ def abstract_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTran
 
     shapes = jax.eval_shape(build)
     return out["graphdef"], shapes
+
+
+def state_shardings(abstract: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
+    """Shardings of a train state: every `nnx.State` (params, extras, optimizer moments) by the logical-axis
+    table, everything else (step, counters, RNG) replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def one(x):
+        return rules.param_shardings(x, mesh) if isinstance(x, nnx.State) else replicated
+
+    return jax.tree.map(one, abstract, is_leaf=lambda x: isinstance(x, nnx.State))
 
 
 def create_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, seed: int,
@@ -297,7 +303,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], multiplier: jax.A
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
-    model = nnx.merge(graphdef, params, state.extras)
+    # merge() reuses the Variable objects it is given and the bias update mutates them: hand it copies, so that
+    # `state.extras` keeps the old values for a skipped step.
+    model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, state.extras))
     if s.bias_speed > 0:
         model.update_router_bias(aux["expert_counts"], s.bias_speed)
     _, _, extras = split_model(model)

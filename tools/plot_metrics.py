@@ -1,0 +1,103 @@
+r"""Draw the training curves of a run: `python -m tools.plot_metrics <workdir> [--out=curves.png]`.
+
+Reads `<workdir>/metrics.jsonl` and writes a PNG (default `<workdir>/metrics.png`) with one panel per metric:
+loss and MTP loss, gradient norm, learning rate, throughput and MFU, the indexer's KL and recall, and the
+busiest expert's load over the mean per MoE layer.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+from deepseek_v4 import metrics as metrics_lib
+
+flags.DEFINE_string("out", None, "PNG path (default: <workdir>/metrics.png).")
+flags.DEFINE_float("smooth", 0.0, "Exponential moving average factor for the loss curves (0: none).")
+FLAGS = flags.FLAGS
+
+PANELS = (
+    ("loss", ("loss", "mtp_loss"), "linear"),
+    ("gradient norm", ("grad_norm",), "log"),
+    ("learning rate", ("lr",), "linear"),
+    ("tokens / s", ("tokens_per_s",), "linear"),
+    ("MFU", ("mfu",), "linear"),
+    ("indexer", ("indexer_loss", "indexer_recall"), "linear"),
+    ("expert load max / mean", ("expert_load_max_over_mean",), "linear"),
+    ("balance loss", ("balance_loss",), "linear"),
+)
+
+
+def _ema(values: list[float], alpha: float) -> list[float]:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else alpha * acc + (1 - alpha) * v
+        out.append(acc)
+    return out
+
+
+def plot(records: list[dict], out: str, title: str = "", smooth: float = 0.0) -> str:
+    """Write the curves of `records` (metrics.jsonl rows) to the PNG `out`; returns `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in PANELS if any(any(r.get(k) is not None for r in records) for k in p[1])]
+    cols = 2
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 3.2 * rows), squeeze=False)
+    for ax, (name, keys, scale) in zip(axes.flat, panels):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if not pts:
+                continue
+            steps, values = zip(*pts)
+            if isinstance(values[0], list):  # per-layer values: one line per layer
+                for layer in range(len(values[0])):
+                    ax.plot(steps, [v[layer] for v in values], lw=1, label=f"layer {layer}")
+                continue
+            values = list(values)
+            if smooth and key.endswith("loss"):
+                values = _ema(values, smooth)
+            ax.plot(steps, values, lw=1.5, label=key)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_yscale(scale)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = out + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 2:
+        print("usage: python -m tools.plot_metrics <workdir> [--out=PATH]", file=sys.stderr)
+        sys.exit(2)
+    workdir = argv[1]
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        print(f"error: {path} does not exist", file=sys.stderr)
+        sys.exit(2)
+    records = metrics_lib.read_metrics(path)
+    if not records:
+        print(f"error: {path} holds no records yet", file=sys.stderr)
+        sys.exit(2)
+    out = plot(records, FLAGS.out or os.path.join(workdir, "metrics.png"), title=os.path.abspath(workdir),
+               smooth=FLAGS.smooth)
+    first, last = records[0], records[-1]
+    print(f"{out}: {len(records)} records, steps {first['step']}-{last['step']}, "
+          f"loss {first.get('loss')} -> {last.get('loss')}")
+
+
+if __name__ == "__main__":
+    app.run(main)
