@@ -89,14 +89,47 @@ def open_dataset(path: str) -> PreparedDataset:
     return PreparedDataset(path, manifest, lengths, shard_paths)
 
 
-class PieceSource:
-    """The pieces of one dataset in this process's order: `source(k)` is this process's k-th piece.
+class DocumentReader:
+    """Random access to token ranges of a prepared dataset's documents; reads only the records holding them.
 
     Picklable (grain workers receive a copy); the ArrayRecord reader is opened lazily in each process.
     """
 
-    def __init__(self, ds: PreparedDataset, seq_len: int, seed: int, process_index: int, process_count: int):
+    def __init__(self, ds: PreparedDataset):
         self._shards = ds.shard_paths
+        self._chunk = int(ds.manifest["chunk_tokens"])
+        self._lengths = ds.lengths
+        records = -(-ds.lengths // self._chunk)  # [docs] records per document
+        self._first_record = np.concatenate([[0], np.cumsum(records)[:-1]])  # [docs]
+        if int(records.sum()) != sum(s["records"] for s in ds.manifest["shards"]):
+            raise ValueError(f"prepared dataset {ds.path}: lengths file does not match the shards' records")
+        self._source = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_source": None}
+
+    def read(self, doc: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Ids [start, stop) of document `doc` (default: all of it). Shapes: -> [stop - start] int32."""
+        stop = int(self._lengths[doc]) if stop is None else stop
+        if self._source is None:
+            self._source = grain.sources.ArrayRecordDataSource(list(self._shards))
+        first, last = start // self._chunk, (stop - 1) // self._chunk
+        base = int(self._first_record[doc])
+        parts = [np.frombuffer(self._source[base + r], dtype="<i4") for r in range(first, last + 1)]
+        ids = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        offset = start - first * self._chunk
+        return ids[offset : offset + stop - start].astype(np.int32)
+
+
+class PieceSource:
+    """The pieces of one dataset in this process's order: `source(k)` is this process's k-th piece.
+
+    Picklable, like `DocumentReader`.
+    """
+
+    def __init__(self, ds: PreparedDataset, seq_len: int, seed: int, process_index: int, process_count: int):
+        self._reader = DocumentReader(ds)
+        self._lengths = ds.lengths
         self._seq_len = seq_len
         self._seed = seed
         self._process_index = process_index
@@ -105,10 +138,6 @@ class PieceSource:
         self._cum_pieces = np.cumsum(-(-pairs // seq_len))  # [docs] pieces up to and including each doc
         self.num_pieces = int(self._cum_pieces[-1])
         self.mean_piece_tokens = float(pairs.sum()) / self.num_pieces
-        self._source = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_source": None}
 
     def stream_length(self, num_epochs: int | None) -> int:
         """How many pieces this process reads in `num_epochs` (None: endless)."""
@@ -125,14 +154,9 @@ class PieceSource:
         j = self.piece_index(k)
         doc = int(np.searchsorted(self._cum_pieces, j, side="right"))
         start = (j - (int(self._cum_pieces[doc - 1]) if doc else 0)) * self._seq_len
-        if self._source is None:
-            self._source = grain.sources.ArrayRecordDataSource(list(self._shards))
-        record = np.frombuffer(self._source[doc], dtype="<i4")
-        stop = min(start + self._seq_len, record.size - 1)
-        return {
-            "tokens": record[start:stop].astype(np.int32),  # [<=T]
-            "targets": record[start + 1 : stop + 1].astype(np.int32),  # [<=T]
-        }
+        stop = min(start + self._seq_len, int(self._lengths[doc]) - 1)
+        ids = self._reader.read(doc, start, stop + 1)  # [n + 1]: inputs and the targets shifted by one
+        return {"tokens": ids[:-1], "targets": ids[1:]}  # [n], [n] with n <= T
 
 
 def _with_index(index: int, piece: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -7,9 +7,11 @@ What a document is, per input format:
 - parquet: one row per document, column `text_field` (string or binary); nulls count as empty. Needs
   pyarrow, an optional dependency.
 
-Every document is stored whole as one record: int32 little-endian ids BOS + text + EOS. Very long
-documents are not cut here; the loader splits them into `seq_len` pieces. Invalid UTF-8 bytes become
-U+FFFD and are counted; empty (whitespace-only) documents are skipped and counted.
+Every document is kept whole: int32 little-endian ids BOS + text + EOS, stored as consecutive records of
+at most `CHUNK_TOKENS` ids each, so that the loader reads only the few records a training piece needs,
+however long the document (a 1M-token book costs the same per piece as a short page). Very long
+documents are not cut or truncated here; the loader splits them into `seq_len` pieces. Invalid UTF-8
+bytes become U+FFFD and are counted; empty (whitespace-only) documents are skipped and counted.
 
 Crash safety: shards and the lengths file are written under temporary names and renamed once complete;
 `manifest.json` is written last by an atomic rename and only then are files of an older run in the same
@@ -17,7 +19,8 @@ directory deleted. A manifest therefore always points at complete files: an inte
 previous dataset (or none) in place, plus `.tmp` files that the next run removes.
 
 Layout of a prepared directory: `manifest.json`, `<run>-<i>-of-<n>.array_record` shards (documents dealt
-round-robin), and `<run>-lengths.npy` (int64 token count of every document, in shard-major order).
+round-robin, each as ceil(length / chunk_tokens) consecutive records), and `<run>-lengths.npy` (int64
+token count of every document, in shard-major order, the order of the records).
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ from deepseek_v4 import tokenizer as tokenizer_lib
 FORMATS = ("txt", "jsonl", "parquet")
 _EXTENSIONS = {".txt": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _RECORD_DTYPE = np.dtype("<i4")
+CHUNK_TOKENS = 8192  # ids per record (32 KiB before compression)
 _WRITER_OPTIONS = "group_size:1"  # one record per chunk: cheap random access to any document
 _TMP_NAME = re.compile(r"^[0-9a-f]{8}-.*\.tmp$")
 _BATCH_CHARS = 1 << 20  # text handed to the encoder at once
@@ -290,8 +294,10 @@ def write_dataset(
             doc = np.asarray(doc)
             if doc.ndim != 1 or doc.size < 2:
                 raise ValueError(f"document {i} is not a 1-D token array of BOS + ids + EOS")
-            writers[i % num_shards].write(doc.astype(_RECORD_DTYPE).tobytes())
-            lengths[i % num_shards].append(doc.size)
+            raw = doc.astype(_RECORD_DTYPE)
+            for start in range(0, raw.size, CHUNK_TOKENS):
+                writers[i % num_shards].write(raw[start : start + CHUNK_TOKENS].tobytes())
+            lengths[i % num_shards].append(raw.size)
         for w in writers:
             w.close()
         writers = []
@@ -305,7 +311,8 @@ def write_dataset(
             name = f"{run}-{j:05d}-of-{len(kept):05d}.array_record"
             _fsync(tmp_paths[i])
             os.rename(tmp_paths[i], os.path.join(output_dir, name))
-            shards.append({"path": name, "documents": len(lengths[i])})
+            records = int(np.sum(-(-np.asarray(lengths[i]) // CHUNK_TOKENS)))
+            shards.append({"path": name, "documents": len(lengths[i]), "records": records})
         all_lengths = np.concatenate([np.asarray(lengths[i], np.int64) for i in kept])
         lengths_name = f"{run}-lengths.npy"
         npy = io.BytesIO()
@@ -326,6 +333,7 @@ def write_dataset(
         "bos_id": tokenizer_lib.BOS_ID,
         "eos_id": tokenizer_lib.EOS_ID,
         "dtype": "int32",
+        "chunk_tokens": CHUNK_TOKENS,
         "documents": int(all_lengths.size),
         "tokens": int(all_lengths.sum()),
         "max_document_tokens": int(all_lengths.max()),

@@ -59,6 +59,6 @@ def default_corpus(cache_dir: str, split: str = "train", *, progress: bool = Tru
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     tok_hash = tokenizer_lib.get_tokenizer().identifier.split(":")[-1][:8]
-    name = f"shakespeare-{VERSION}-{tok_hash}"  # a new tokenizer file gets a fresh cache entry
+    name = f"shakespeare-{VERSION}-v{prepare.FORMAT_VERSION}-{tok_hash}"  # new format or tokenizer: new entry
     root = prepare.prepare_cached(os.path.expanduser(cache_dir), name, source_files(), progress=progress)
     return os.path.join(root, split)

@@ -32,7 +32,9 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     lengths_a = list(rng.integers(3, 3 * T, size=36)) + [T + 1, 2 * T + 1, 5 * T + 7, 3]
-    docs_a = _write(root / "a", lengths_a, first_value=2)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prepare, "CHUNK_TOKENS", 7)  # tiny records: most pieces span several of them
+        docs_a = _write(root / "a", lengths_a, first_value=2)
     docs_b = _write(root / "b", list(rng.integers(3, 2 * T, size=25)), first_value=100_000)
     return {"a": (str(root / "a"), docs_a), "b": (str(root / "b"), docs_b)}
 

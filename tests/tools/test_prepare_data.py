@@ -17,10 +17,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _documents(directory):
     """Decoded documents of a prepared directory, in record order."""
     ds = data.open_dataset(str(directory))
+    reader = data.DocumentReader(ds)
+    docs = [reader.read(d) for d in range(ds.lengths.size)]
     tok = tokenizer_lib.get_tokenizer()
-    source = data.grain.sources.ArrayRecordDataSource(list(ds.shard_paths))
-    docs = [np.frombuffer(source[i], "<i4") for i in range(len(source))]
-    assert [d.size for d in docs] == ds.lengths.tolist()
     assert all(d[0] == 0 and d[-1] == 1 for d in docs)
     return [tok.decode(d[1:-1]) for d in docs]
 
@@ -48,6 +47,7 @@ def test_very_long_document_is_kept_whole(tmp_path):
     (tmp_path / "long.txt").write_text(text)
     manifest = prepare.prepare([str(tmp_path / "long.txt")], str(tmp_path / "out"), progress=False)
     assert manifest["documents"] == 1 and manifest["max_document_tokens"] == manifest["tokens"] > 20_000
+    assert manifest["shards"][0]["records"] == -(-manifest["tokens"] // prepare.CHUNK_TOKENS) > 1
     assert _documents(tmp_path / "out") == [text]
 
 
