@@ -19,9 +19,11 @@ from flax import nnx
 
 from deepseek_v4 import layers, rope
 from deepseek_v4.config import Config
-from pallas_kernels.csa_attention import csa_attention
-from pallas_kernels.hca_attention import hca_attention, hca_entry_mass
-from pallas_kernels.lightning_indexer import indexer_scores, lightning_indexer
+from pallas_kernels.csa_attention.reference import csa_attention
+from pallas_kernels.hca_attention.reference import hca_attention
+from pallas_kernels.hca_attention.reference import hca_attention_and_entry_mass
+from pallas_kernels.lightning_indexer.reference import lightning_indexer
+from pallas_kernels.lightning_indexer.reference import indexer_scores
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,25 +175,30 @@ class Attention(nnx.Module):
             topk = lightning_indexer(jax.lax.stop_gradient(q_idx), jax.lax.stop_gradient(k_idx),
                                      jax.lax.stop_gradient(w_idx), entry_seg, seg, ratio=self.ratio,
                                      topk=cfg.index_topk)
+        mass = None
         if ctx.sparse_attention:
             o = csa_attention(q, kv, entries, topk, self.attn_sink[...], seg, window=cfg.sliding_window)
+        elif ctx.indexer_loss:
+            o, mass = hca_attention_and_entry_mass(q, kv, entries, entry_seg, self.attn_sink[...], seg,
+                                                   ratio=self.ratio, window=cfg.sliding_window)
         else:
             o = hca_attention(q, kv, entries, entry_seg, self.attn_sink[...], seg, ratio=self.ratio,
                               window=cfg.sliding_window)
         if ctx.indexer_loss:
-            loss, recall = self._indexer_kl(q, kv, entries, entry_seg, q_idx, k_idx, w_idx, topk, seg)
+            if mass is None:  # sparse phase: the dense attention mass is computed only as the indexer's target
+                _, mass = hca_attention_and_entry_mass(q, kv, entries, entry_seg, self.attn_sink[...], seg,
+                                                       ratio=self.ratio, window=cfg.sliding_window)
+            loss, recall = self._indexer_kl(mass, q_idx, k_idx, w_idx, entry_seg, topk, seg)
         return o, loss, recall
 
-    def _indexer_kl(self, q, kv, entries, entry_seg, q_idx, k_idx, w_idx, topk, seg):
+    def _indexer_kl(self, mass, q_idx, k_idx, w_idx, entry_seg, topk, seg):
         """KL(main attention's entry distribution || indexer distribution), the target stop-gradiented.
 
         The target is the attention probability mass each query puts on each admissible compressed entry,
         summed over heads and L1-normalised (DeepSeek-V3.2's indexer objective). Recall = the target mass
         covered by the indexer's top-k selection.
         """
-        mass = jax.lax.stop_gradient(
-            hca_entry_mass(q, kv, entries, entry_seg, self.attn_sink[...], seg, ratio=self.ratio,
-                           window=self.cfg.sliding_window))  # [B, T, C]
+        mass = jax.lax.stop_gradient(mass)  # [B, T, C]
         total = jnp.sum(mass, axis=-1, keepdims=True)
         has = total[..., 0] > 0  # queries with at least one admissible entry
         target = mass / jnp.where(total > 0, total, 1.0)
