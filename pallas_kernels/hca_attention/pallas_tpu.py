@@ -1,0 +1,351 @@
+# HCA attention, Pallas Mosaic-TPU style (checked on CPU in interpret mode only; no TPU was available).
+#
+# Cost per query token t (N heads, head dim H, window W, admissible entries A(t) = (t + 1) // m):
+#   forward FLOPs  = 4 * N * H * (W + A(t));  backward FLOPs = 10 * N * H * (W + A(t))
+#   forward bytes  ~ 4 * N * H (q in, o out); keys and entries are shared by the block_q queries of a block
+#                    (2 * H * (W + A) / block_q per token)
+# Flash HCA (N=64, H=512, W=128, m=128) at T = 64K: mean A = 256, so 50 MFLOP and ~0.13 MB per token
+# -> ~380 FLOP/byte: compute-bound on H200 (ridge ~206 FLOP/byte at 989 TFLOP/s, 4.8 TB/s).
+# CSA's dense phase (m = 4) has A up to T / 4 and is even more compute-bound (quadratic FLOPs).
+"""HCA attention: Pallas kernels in the Mosaic-TPU style (grid over key blocks, VMEM scratch carries).
+
+Rows (token t, head n) -> t * N + n as in CSA. Kernels:
+* forward and dq: grid (B, query blocks, window key blocks + entry blocks); entry blocks past the
+  last admissible entry of a query block are skipped (their DMA index is clamped, so no copy);
+* window dkv: CSA's kernel;
+* entry gradient: grid (B, entry blocks, query blocks from the first query that sees the block).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.csa_attention.common import (
+    attention_cost,
+    dot_nn,
+    dot_nt,
+    dot_tn,
+    entry_block_mask,
+    key_segments,
+    online_softmax_step,
+    pad_axis,
+    round_up,
+    row_segments,
+    sink_rows,
+    softmax_grads,
+    to_rows,
+)
+from pallas_kernels.csa_attention.pallas_tpu import (
+    BlockSizes as WindowBlockSizes,
+    WindowGeometry,
+    row_positions,
+    sink_grad,
+    window_dkv,
+    window_dq_step,
+    window_fwd_step,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the TPU kernels (on a real TPU keep them multiples of 8 and 128 as Mosaic requires).
+
+    Attributes:
+      block_q: queries per grid step of the forward and dq kernels (rows = block_q * N).
+      block_kv: window keys per grid step of the forward and dq kernels.
+      block_e: compressed entries per grid step (all kernels).
+      block_q_dkv: queries per step of the window and entry gradient kernels.
+      block_kv_dkv: keys per step of the window-gradient kernel.
+    """
+
+    block_q: int = 128
+    block_kv: int = 128
+    block_e: int = 128
+    block_q_dkv: int = 128
+    block_kv_dkv: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryGeometry:
+    """Entry-block ranges: which entry blocks a query block needs, which query blocks an entry block feeds."""
+
+    C: int
+    Cp: int
+    ratio: int
+    block_e: int
+    block_q: int
+    block_q_de: int
+    nq_de: int
+
+    def n_admissible(self, i):
+        """Entries admissible for the last query of query block i (and so for some query of the block)."""
+        return jnp.minimum((i + 1) * self.block_q // self.ratio, self.C)
+
+    def e_block(self, i, j_e):
+        last = jnp.maximum(self.n_admissible(i) - 1, 0) // self.block_e
+        return jnp.clip(j_e, 0, last)
+
+    def first_q(self, eb):
+        """First query block (of block_q_de) whose last query sees entry eb * block_e."""
+        return ((eb * self.block_e + 1) * self.ratio - 1) // self.block_q_de
+
+    def q_block(self, eb, j):
+        return jnp.minimum(self.first_q(eb) + j, self.nq_de - 1)
+
+
+def _hca_fwd_kernel(
+    q_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, ent_ref, eseg_ref, sink_ref,
+    o_ref, lse_ref,
+    m_sc, l_sc, acc_sc,
+    *, g: WindowGeometry, e: EntryGeometry, n_steps: int,
+):
+    i, j = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(j == 0)
+    def _():
+        m_sc[...] = sink_ref[...]
+        l_sc[...] = jnp.ones_like(l_sc)
+        acc_sc[...] = jnp.zeros_like(acc_sc)
+
+    window_fwd_step(g, i, j, q_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, m_sc, l_sc, acc_sc)
+    eb = j - g.n_window_steps
+
+    @pl.when((eb >= 0) & (eb * e.block_e < e.n_admissible(i)))
+    def _():
+        ent = ent_ref[...]
+        s = dot_nt(q_ref[...], ent) * g.scale
+        c = eb * e.block_e + lax.broadcasted_iota(jnp.int32, (1, e.block_e), 1)
+        mask = entry_block_mask(qpos_ref[...], c, qseg_ref[...], eseg_ref[...], e.ratio)
+        m, l, acc = online_softmax_step(m_sc[...], l_sc[...], acc_sc[...], s, mask, ent)
+        m_sc[...] = m
+        l_sc[...] = l
+        acc_sc[...] = acc
+
+    @pl.when(j == n_steps - 1)
+    def _():
+        o_ref[...] = (acc_sc[...] / l_sc[...]).astype(o_ref.dtype)
+        lse_ref[...] = m_sc[...] + jnp.log(l_sc[...])
+
+
+def _hca_dq_kernel(
+    q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, ent_ref, eseg_ref,
+    dq_ref,
+    dq_sc,
+    *, g: WindowGeometry, e: EntryGeometry, n_steps: int,
+):
+    i, j = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(j == 0)
+    def _():
+        dq_sc[...] = jnp.zeros_like(dq_sc)
+
+    window_dq_step(g, i, j, q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, dq_sc)
+    eb = j - g.n_window_steps
+
+    @pl.when((eb >= 0) & (eb * e.block_e < e.n_admissible(i)))
+    def _():
+        ent = ent_ref[...]
+        s = dot_nt(q_ref[...], ent) * g.scale
+        c = eb * e.block_e + lax.broadcasted_iota(jnp.int32, (1, e.block_e), 1)
+        mask = entry_block_mask(qpos_ref[...], c, qseg_ref[...], eseg_ref[...], e.ratio)
+        _, ds = softmax_grads(s, mask, lse_ref[...], dot_nt(do_ref[...], ent), delta_ref[...])
+        dq_sc[...] += g.scale * dot_nn(ds.astype(ent.dtype), ent)
+
+    @pl.when(j == n_steps - 1)
+    def _():
+        dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
+
+
+def _hca_dent_kernel(
+    ent_ref, eseg_ref, q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref,
+    dent_ref,
+    acc_sc,
+    *, scale: float, e: EntryGeometry,
+):
+    eb, j = pl.program_id(1), pl.program_id(2)
+
+    @pl.when(j == 0)
+    def _():
+        acc_sc[...] = jnp.zeros_like(acc_sc)
+
+    @pl.when(e.first_q(eb) + j < e.nq_de)
+    def _():
+        ent = ent_ref[...]
+        q = q_ref[...]
+        do = do_ref[...]
+        s = dot_nt(q, ent) * scale
+        c = eb * e.block_e + lax.broadcasted_iota(jnp.int32, (1, e.block_e), 1)
+        mask = entry_block_mask(qpos_ref[...], c, qseg_ref[...], eseg_ref[...], e.ratio)
+        p, ds = softmax_grads(s, mask, lse_ref[...], dot_nt(do, ent), delta_ref[...])
+        acc_sc[...] += scale * dot_tn(ds.astype(q.dtype), q) + dot_tn(p.astype(do.dtype), do)
+
+    @pl.when(j == e.nq_de - 1)
+    def _():
+        dent_ref[...] = acc_sc[...].astype(dent_ref.dtype)
+
+
+def _geometry(q_shape, C, ratio, window, bs: BlockSizes):
+    B, T, N, H = q_shape
+    g = WindowGeometry.make(B, T, N, H, window, WindowBlockSizes(
+        block_q=bs.block_q, block_kv=bs.block_kv, block_q_dkv=bs.block_q_dkv, block_kv_dkv=bs.block_kv_dkv))
+    Cp = round_up(max(C, 1), bs.block_e)
+    e = EntryGeometry(C=C, Cp=Cp, ratio=ratio, block_e=bs.block_e, block_q=bs.block_q, block_q_de=bs.block_q_dkv,
+                      nq_de=g.Tp // bs.block_q_dkv)
+    return g, e
+
+
+def _specs(g: WindowGeometry, e: EntryGeometry, H: int):
+    R = g.block_q * g.N
+    rows = lambda b, i, j: (b, i, 0)  # noqa: E731
+    eblk = lambda i, j: e.e_block(i, j - g.n_window_steps)  # noqa: E731
+    return dict(
+        rows_h=pl.BlockSpec((None, R, H), rows),
+        rows_1=pl.BlockSpec((None, R, 1), rows),
+        qpos=pl.BlockSpec((R, 1), lambda b, i, j: (i, 0)),
+        kv=pl.BlockSpec((None, g.block_kv, H), lambda b, i, j: (b, g.kv_block(i, j), 0)),
+        kseg=pl.BlockSpec((None, 1, g.block_kv), lambda b, i, j: (b, 0, g.kv_block(i, j))),
+        ent=pl.BlockSpec((None, e.block_e, H), lambda b, i, j: (b, eblk(i, j), 0)),
+        eseg=pl.BlockSpec((None, 1, e.block_e), lambda b, i, j: (b, 0, eblk(i, j))),
+        sink=pl.BlockSpec((R, 1), lambda b, i, j: (0, 0)),
+    )
+
+
+def _cost(g: WindowGeometry, e: EntryGeometry, itemsize: int, backward: bool) -> pl.CostEstimate:
+    window_keys = g.n_window_steps * g.block_kv
+    mean_entries = min(e.C, g.Tp / (2 * e.ratio))
+    flops, trans, nbytes = attention_cost(
+        batch=g.B, tokens=g.Tp, heads=g.N, head_dim=g.H, keys_per_query=window_keys + mean_entries,
+        itemsize=itemsize, key_bytes=g.B * g.Tp * g.H * itemsize * (window_keys + mean_entries) / g.block_q,
+        backward=backward,
+    )
+    return pl.CostEstimate(flops=flops, transcendentals=trans, bytes_accessed=nbytes)
+
+
+def _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs: BlockSizes, interpret):
+    B, T, N, H = q.shape
+    g, e = _geometry(q.shape, entries.shape[1], ratio, window, bs)
+    a = dict(
+        q_rows=to_rows(q, g.Tp),
+        qpos=row_positions(g.Tp, N),
+        qseg=row_segments(segment_ids, N, g.Tp),
+        kv_p=pad_axis(kv, 1, g.Tp),
+        kseg=key_segments(segment_ids, g.Tp),
+        ent=pad_axis(entries, 1, e.Cp),
+        eseg=key_segments(pad_axis(entry_segment.astype(jnp.int32), 1, e.Cp, -1), e.Cp),
+    )
+    n_steps = g.n_window_steps + e.Cp // e.block_e
+    sp = _specs(g, e, H)
+    R = g.block_q * N
+    o_rows, lse = pl.pallas_call(
+        functools.partial(_hca_fwd_kernel, g=g, e=e, n_steps=n_steps),
+        grid=(B, g.nq, n_steps),
+        in_specs=[sp["rows_h"], sp["qpos"], sp["rows_1"], sp["kv"], sp["kseg"], sp["ent"], sp["eseg"], sp["sink"]],
+        out_specs=[sp["rows_h"], sp["rows_1"]],
+        out_shape=[jax.ShapeDtypeStruct(a["q_rows"].shape, q.dtype),
+                   jax.ShapeDtypeStruct((B, g.Tp * N, 1), jnp.float32)],
+        scratch_shapes=[pltpu.VMEM((R, 1), jnp.float32), pltpu.VMEM((R, 1), jnp.float32),
+                        pltpu.VMEM((R, H), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=_cost(g, e, q.dtype.itemsize, backward=False),
+        interpret=interpret,
+        name="hca_fwd_tpu",
+    )(a["q_rows"], a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"], a["eseg"], sink_rows(sink, g.block_q))
+    return o_rows.reshape(B, g.Tp, N, H)[:, :T], (a, entries, o_rows, lse, sink)
+
+
+def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
+    a, entries, o_rows, lse, sink = res
+    B, T, N, H = d_out.shape
+    g, e = _geometry(d_out.shape, entries.shape[1], ratio, window, bs)
+    n_steps = g.n_window_steps + e.Cp // e.block_e
+    do_rows = to_rows(d_out.astype(o_rows.dtype), g.Tp)
+    delta = jnp.sum(do_rows.astype(jnp.float32) * o_rows.astype(jnp.float32), axis=-1, keepdims=True)
+    sp = _specs(g, e, H)
+    R = g.block_q * N
+    dq_rows = pl.pallas_call(
+        functools.partial(_hca_dq_kernel, g=g, e=e, n_steps=n_steps),
+        grid=(B, g.nq, n_steps),
+        in_specs=[sp["rows_h"], sp["rows_h"], sp["rows_1"], sp["rows_1"], sp["qpos"], sp["rows_1"], sp["kv"],
+                  sp["kseg"], sp["ent"], sp["eseg"]],
+        out_specs=sp["rows_h"],
+        out_shape=jax.ShapeDtypeStruct(a["q_rows"].shape, a["q_rows"].dtype),
+        scratch_shapes=[pltpu.VMEM((R, H), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=_cost(g, e, o_rows.dtype.itemsize, backward=True),
+        interpret=interpret,
+        name="hca_dq_tpu",
+    )(a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"], a["eseg"])
+    dkv = window_dkv(g, a["kv_p"], a["kseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"],
+                     interpret=interpret)
+    Rd = g.block_q_dkv * N
+    qmap = lambda b, eb, j: (b, e.q_block(eb, j), 0)  # noqa: E731
+    dent = pl.pallas_call(
+        functools.partial(_hca_dent_kernel, scale=g.scale, e=e),
+        grid=(B, e.Cp // e.block_e, e.nq_de),
+        in_specs=[
+            pl.BlockSpec((None, e.block_e, H), lambda b, eb, j: (b, eb, 0)),
+            pl.BlockSpec((None, 1, e.block_e), lambda b, eb, j: (b, 0, eb)),
+            pl.BlockSpec((None, Rd, H), qmap),
+            pl.BlockSpec((None, Rd, H), qmap),
+            pl.BlockSpec((None, Rd, 1), qmap),
+            pl.BlockSpec((None, Rd, 1), qmap),
+            pl.BlockSpec((Rd, 1), lambda b, eb, j: (e.q_block(eb, j), 0)),
+            pl.BlockSpec((None, Rd, 1), qmap),
+        ],
+        out_specs=pl.BlockSpec((None, e.block_e, H), lambda b, eb, j: (b, eb, 0)),
+        out_shape=jax.ShapeDtypeStruct(a["ent"].shape, entries.dtype),
+        scratch_shapes=[pltpu.VMEM((e.block_e, H), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        cost_estimate=_cost(g, e, o_rows.dtype.itemsize, backward=True),
+        interpret=interpret,
+        name="hca_dentries_tpu",
+    )(a["ent"], a["eseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"])
+    dq = dq_rows.reshape(B, g.Tp, N, H)[:, :T]
+    return dq, dkv[:, :T], dent[:, : e.C], sink_grad(sink, lse, delta, N)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _hca(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret):
+    return _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)[0]
+
+
+def _hca_fwd(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret):
+    return _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)
+
+
+def _hca_bwd(ratio, window, bs, interpret, res, d_out):
+    dq, dkv, dent, dsink = _backward(ratio, window, bs, interpret, res, d_out)
+    return dq, dkv, dent, None, dsink, None
+
+
+_hca.defvjp(_hca_fwd, _hca_bwd)
+
+
+def hca_attention(
+    q: jax.Array,
+    kv: jax.Array,
+    entries: jax.Array,
+    entry_segment: jax.Array,
+    sink: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    ratio: int,
+    window: int = 128,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """HCA attention with Mosaic-TPU Pallas kernels; same contract as `reference.hca_attention`.
+
+    Shapes:
+      q [B, T, N, H], kv [B, T, H], entries [B, C, H], entry_segment [B, C] int32, sink [N],
+      segment_ids [B, T] int32 -> [B, T, N, H].
+    """
+    return _hca(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, block_sizes or BlockSizes(),
+                interpret)
