@@ -95,17 +95,6 @@ def resolve_coefficients(
     return triples
 
 
-def _runs(triples: tuple[Coefficients, ...]) -> list[tuple[Coefficients, int]]:
-    """Consecutive equal triples as (triple, count): each run becomes one compiled loop."""
-    runs: list[tuple[Coefficients, int]] = []
-    for t in triples:
-        if runs and runs[-1][0] == t:
-            runs[-1] = (t, runs[-1][1] + 1)
-        else:
-            runs.append((t, 1))
-    return runs
-
-
 def _ns_step(x: jax.Array, a: float, b: float, c: float) -> jax.Array:
     """X <- aX + (bA + cA^2)X with A = X X^T; products accumulate in float32, X stays in its dtype."""
     f32 = jnp.float32
@@ -152,11 +141,8 @@ def newton_schulz(
     y = y.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(jnp.square(y), axis=(-2, -1), keepdims=True))
     y = (y / (norm + eps)).astype(compute_dtype)
-    for (a, b, c), count in _runs(triples):
-        if count == 1:
-            y = _ns_step(y, a, b, c)
-        else:
-            y = jax.lax.fori_loop(0, count, lambda _, z, a=a, b=b, c=c: _ns_step(z, a, b, c), y)
+    # One compiled loop body for the whole schedule: the coefficients are scanned over, not unrolled.
+    y, _ = jax.lax.scan(lambda z, abc: (_ns_step(z, *abc), None), y, jnp.asarray(triples, jnp.float32))
     y = jnp.swapaxes(y, -1, -2) if tall else y
     return y.astype(x.dtype)
 
