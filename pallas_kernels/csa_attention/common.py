@@ -14,6 +14,7 @@ Masking rules (ARCHITECTURE.md section 2, with per-document masking of packed ro
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -255,3 +256,79 @@ def attention_cost(
     rows = batch * tokens * heads * head_dim * itemsize
     bytes_accessed = int((4 if backward else 2) * rows + key_bytes)
     return flops, int(pairs), bytes_accessed
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowGeometry:
+    """Static sizes of a padded problem and the sliding-window block ranges."""
+
+    B: int
+    T: int
+    N: int
+    H: int
+    window: int
+    block_q: int
+    block_kv: int
+    block_q_dkv: int
+    block_kv_dkv: int
+    Tp: int
+
+    @staticmethod
+    def make(B, T, N, H, window, bs) -> WindowGeometry:
+        Tp = round_up(max(T, 1), lcm(bs.block_q, bs.block_kv, bs.block_q_dkv, bs.block_kv_dkv))
+        return WindowGeometry(B, T, N, H, window, bs.block_q, bs.block_kv, bs.block_q_dkv, bs.block_kv_dkv, Tp)
+
+    @property
+    def scale(self) -> float:
+        return self.H**-0.5
+
+    @property
+    def nq(self) -> int:
+        return self.Tp // self.block_q
+
+    # Forward / dq: key blocks of query block i are first_kv(i) .. last_kv(i).
+    def first_kv(self, i):
+        return lax.div(jnp.maximum(i * self.block_q - self.window + 1, 0), self.block_kv)
+
+    def last_kv(self, i):
+        return lax.div((i + 1) * self.block_q - 1, self.block_kv)
+
+    @property
+    def n_window_steps(self) -> int:
+        bq, bk, w = self.block_q, self.block_kv, self.window
+        return max(((i + 1) * bq - 1) // bk - max(i * bq - w + 1, 0) // bk + 1 for i in range(self.nq))
+
+    def kv_block(self, i, j):
+        return jnp.minimum(self.first_kv(i) + jnp.minimum(j, self.n_window_steps - 1), self.last_kv(i))
+
+    # Window dkv: query blocks (of block_q_dkv) that see key block kb (of block_kv_dkv).
+    def first_q(self, kb):
+        return lax.div(kb * self.block_kv_dkv, self.block_q_dkv)
+
+    def last_q(self, kb):
+        last_t = kb * self.block_kv_dkv + self.block_kv_dkv - 1 + self.window - 1
+        return jnp.minimum(lax.div(last_t, self.block_q_dkv), self.Tp // self.block_q_dkv - 1)
+
+    @property
+    def n_dkv_steps(self) -> int:
+        bq, bk, w, nqd = self.block_q_dkv, self.block_kv_dkv, self.window, self.Tp // self.block_q_dkv
+        return max(min((kb * bk + bk + w - 2) // bq, nqd - 1) - kb * bk // bq + 1 for kb in range(self.Tp // bk))
+
+    def q_block_dkv(self, kb, j):
+        return jnp.minimum(self.first_q(kb) + j, self.last_q(kb))
+
+
+def row_positions(length: int, n_heads: int) -> jax.Array:
+    """[length * N, 1] int32: the token position of each (token, head) row."""
+    return jnp.repeat(jnp.arange(length, dtype=jnp.int32), n_heads)[:, None]
+
+
+def sink_grad(sink, lse, delta, n_heads):
+    """d loss / d sink[n] = -sum over rows of head n of exp(sink - lse) * delta.
+
+    Shapes:
+      sink [N], lse/delta [B, Tp*N, 1] -> [N] (dtype of sink).
+    """
+    B = lse.shape[0]
+    p_sink = jnp.exp(sink.astype(jnp.float32)[None, None, :] - lse.reshape(B, -1, n_heads))
+    return (-jnp.sum(p_sink * delta.reshape(B, -1, n_heads), axis=(0, 1))).astype(sink.dtype)

@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.csa_attention.common import (
+    WindowGeometry,
     attention_cost,
     dot_nn,
     dot_nt,
@@ -37,16 +38,14 @@ from pallas_kernels.csa_attention.common import (
     online_softmax_step,
     pad_axis,
     round_up,
+    row_positions,
     row_segments,
     sink_rows,
+    sink_grad,
     softmax_grads,
     to_rows,
 )
 from pallas_kernels.csa_attention.pallas_tpu import (
-    BlockSizes as WindowBlockSizes,
-    WindowGeometry,
-    row_positions,
-    sink_grad,
     window_dkv,
     window_dq_step,
     window_fwd_step,
@@ -86,15 +85,15 @@ class EntryGeometry:
 
     def n_admissible(self, i):
         """Entries admissible for the last query of query block i (and so for some query of the block)."""
-        return jnp.minimum((i + 1) * self.block_q // self.ratio, self.C)
+        return jnp.minimum(lax.div((i + 1) * self.block_q, self.ratio), self.C)
 
     def e_block(self, i, j_e):
-        last = jnp.maximum(self.n_admissible(i) - 1, 0) // self.block_e
+        last = lax.div(jnp.maximum(self.n_admissible(i) - 1, 0), self.block_e)
         return jnp.clip(j_e, 0, last)
 
     def first_q(self, eb):
         """First query block (of block_q_de) whose last query sees entry eb * block_e."""
-        return ((eb * self.block_e + 1) * self.ratio - 1) // self.block_q_de
+        return lax.div((eb * self.block_e + 1) * self.ratio - 1, self.block_q_de)
 
     def q_block(self, eb, j):
         return jnp.minimum(self.first_q(eb) + j, self.nq_de - 1)
@@ -193,8 +192,7 @@ def _hca_dent_kernel(
 
 def _geometry(q_shape, C, ratio, window, bs: BlockSizes):
     B, T, N, H = q_shape
-    g = WindowGeometry.make(B, T, N, H, window, WindowBlockSizes(
-        block_q=bs.block_q, block_kv=bs.block_kv, block_q_dkv=bs.block_q_dkv, block_kv_dkv=bs.block_kv_dkv))
+    g = WindowGeometry.make(B, T, N, H, window, bs)
     Cp = round_up(max(C, 1), bs.block_e)
     e = EntryGeometry(C=C, Cp=Cp, ratio=ratio, block_e=bs.block_e, block_q=bs.block_q, block_q_de=bs.block_q_dkv,
                       nq_de=g.Tp // bs.block_q_dkv)

@@ -1,0 +1,264 @@
+# HCA attention, Pallas Triton style for NVIDIA GPUs (checked on CPU in interpret mode and by lowering to
+# Triton IR for CUDA; not yet run on a GPU).
+#
+# Cost per query token t (N heads, head dim H, window W, admissible entries A(t) = (t + 1) // m):
+#   forward FLOPs  = 4 * N * H * (W + A(t));  backward FLOPs = 10 * N * H * (W + A(t))
+#   forward bytes  ~ 4 * N * H (q in, o out) + 2 * H * (W + A) / block_q (keys shared by a program's tokens)
+# Flash HCA (N=64, H=512, W=128, m=128) at T = 64K: mean A = 256 -> 50 MFLOP and ~0.13 MB per token,
+# ~380 FLOP/byte: compute-bound on H200 (ridge ~206 FLOP/byte at 989 TFLOP/s and 4.8 TB/s).
+# CSA's dense phase (m = 4) has A up to T / 4: quadratic FLOPs, strongly compute-bound.
+"""HCA attention: Pallas kernels in the Triton style (one program per query block, loops over keys).
+
+Rows (token t, head n) -> t * N + n as in CSA. A forward/dq program loops over its window keys
+(CSA's loop) and then over the entry blocks up to its last admissible entry. The entry gradient has
+one program per entry block looping over the queries from the first one that sees the block
+(deterministic, no atomics). Triton needs power-of-two tiles: N, H and the block sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.csa_attention.common import (
+    WindowGeometry,
+    attention_cost,
+    dot_nn,
+    dot_nt,
+    dot_tn,
+    entry_block_mask,
+    key_segments,
+    online_softmax_step,
+    pad_axis,
+    round_up,
+    row_positions,
+    row_segments,
+    sink_grad,
+    sink_rows,
+    softmax_grads,
+    to_rows,
+)
+from pallas_kernels.csa_attention.pallas_gpu import (
+    check_pow2,
+    compiler_params,
+    query_rows,
+    window_dkv,
+    window_dq_loop,
+    window_fwd_loop,
+    window_geometry,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the Triton kernels (powers of two).
+
+    Attributes:
+      block_q: tokens per forward/dq program; None = the smallest with block_q * N >= 16.
+      block_kv: window keys per loop step.
+      block_e: compressed entries per loop step (and per entry-gradient program).
+      block_q_dkv: tokens per loop step of the gradient programs; None = as block_q.
+      block_kv_dkv: keys per window-gradient program.
+      num_warps: Triton warps per program.
+      num_stages: Triton software-pipelining stages.
+    """
+
+    block_q: int | None = None
+    block_kv: int = 64
+    block_e: int = 64
+    block_q_dkv: int | None = None
+    block_kv_dkv: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _entry_loop(g: WindowGeometry, b, t0, ratio, C, block_e, q, t, q_seg, ent_ref, eseg_ref, step, carry):
+    """Runs step(carry, s, mask, e) over the entry blocks admissible for tokens t0 .. t0 + block_q - 1."""
+    n_adm = jnp.minimum(lax.div(t0 + g.block_q, ratio), C)
+
+    def body(eb, c):
+        e0 = eb * block_e
+        e = ent_ref[b, pl.ds(e0, block_e), :]
+        c_idx = e0 + jnp.arange(block_e, dtype=jnp.int32)[None, :]
+        mask = entry_block_mask(t, c_idx, q_seg, eseg_ref[b, :, pl.ds(e0, block_e)], ratio)
+        return step(c, dot_nt(q, e) * g.scale, mask, e)
+
+    return lax.fori_loop(0, lax.div(n_adm + block_e - 1, block_e), body, carry)
+
+
+def _hca_fwd_kernel(q_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, sink_ref, ent_ref, eseg_ref, o_ref, lse_ref,
+                    *, g: WindowGeometry, ratio: int, C: int, block_e: int):
+    b, i = pl.program_id(0), pl.program_id(1)
+    t0 = i * g.block_q
+    R = g.block_q * g.N
+    q, t, q_seg = query_rows(g, b, t0, g.block_q, q_ref, qpos_ref, qseg_ref)
+    carry = (sink_ref[...], jnp.ones((R, 1), jnp.float32), jnp.zeros((R, g.H), jnp.float32))
+    carry = window_fwd_loop(g, b, t0, q, t, q_seg, kv_ref, kseg_ref, carry)
+    step = lambda c, s, mask, e: online_softmax_step(*c, s, mask, e)  # noqa: E731
+    m, l, acc = _entry_loop(g, b, t0, ratio, C, block_e, q, t, q_seg, ent_ref, eseg_ref, step, carry)
+    rows = pl.ds(t0 * g.N, R)
+    o_ref[b, rows, :] = (acc / l).astype(o_ref.dtype)
+    lse_ref[b, rows, :] = m + jnp.log(l)
+
+
+def _hca_dq_kernel(q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, ent_ref, eseg_ref,
+                   dq_ref, *, g: WindowGeometry, ratio: int, C: int, block_e: int):
+    b, i = pl.program_id(0), pl.program_id(1)
+    t0 = i * g.block_q
+    R = g.block_q * g.N
+    rows = pl.ds(t0 * g.N, R)
+    q, t, q_seg = query_rows(g, b, t0, g.block_q, q_ref, qpos_ref, qseg_ref)
+    do, lse, delta = do_ref[b, rows, :], lse_ref[b, rows, :], delta_ref[b, rows, :]
+    dq = window_dq_loop(g, b, t0, q, do, lse, delta, t, q_seg, kv_ref, kseg_ref, jnp.zeros((R, g.H), jnp.float32))
+
+    def step(acc, s, mask, e):
+        _, ds = softmax_grads(s, mask, lse, dot_nt(do, e), delta)
+        return acc + g.scale * dot_nn(ds.astype(e.dtype), e)
+
+    dq = _entry_loop(g, b, t0, ratio, C, block_e, q, t, q_seg, ent_ref, eseg_ref, step, dq)
+    dq_ref[b, rows, :] = dq.astype(dq_ref.dtype)
+
+
+def _hca_dent_kernel(ent_ref, eseg_ref, q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, dent_ref,
+                     *, g: WindowGeometry, ratio: int, block_e: int):
+    b, eb = pl.program_id(0), pl.program_id(1)
+    bq = g.block_q_dkv
+    e0 = eb * block_e
+    e = ent_ref[b, pl.ds(e0, block_e), :]
+    e_seg = eseg_ref[b, :, pl.ds(e0, block_e)]
+    c_idx = e0 + jnp.arange(block_e, dtype=jnp.int32)[None, :]
+    first_t = (e0 + 1) * ratio - 1
+    n = lax.div(jnp.maximum(g.Tp - first_t, 0) + bq - 1, bq)
+
+    def body(jj, acc):
+        rows = pl.ds((first_t + jj * bq) * g.N, bq * g.N)
+        q, do = q_ref[b, rows, :], do_ref[b, rows, :]
+        mask = entry_block_mask(qpos_ref[rows, :], c_idx, qseg_ref[b, rows, :], e_seg, ratio)
+        p, ds = softmax_grads(dot_nt(q, e) * g.scale, mask, lse_ref[b, rows, :], dot_nt(do, e), delta_ref[b, rows, :])
+        return acc + g.scale * dot_tn(ds.astype(q.dtype), q) + dot_tn(p.astype(do.dtype), do)
+
+    acc = lax.fori_loop(0, n, body, jnp.zeros((block_e, g.H), jnp.float32))
+    dent_ref[b, pl.ds(e0, block_e), :] = acc.astype(dent_ref.dtype)
+
+
+def _cost(g: WindowGeometry, C: int, ratio: int, itemsize: int, backward: bool) -> pl.CostEstimate:
+    keys = g.window + g.block_q + min(C, g.Tp / (2 * ratio))
+    flops, trans, nbytes = attention_cost(
+        batch=g.B, tokens=g.Tp, heads=g.N, head_dim=g.H, keys_per_query=keys, itemsize=itemsize,
+        key_bytes=g.B * g.Tp * g.H * itemsize * keys / g.block_q, backward=backward,
+    )
+    return pl.CostEstimate(flops=flops, transcendentals=trans, bytes_accessed=nbytes)
+
+
+def _layout(q, kv, entries, entry_segment, segment_ids, window, bs):
+    B, T, N, H = q.shape
+    g, Ta = window_geometry(B, T, N, H, window, bs)
+    check_pow2(block_e=bs.block_e)
+    Cp = round_up(max(entries.shape[1], 1), bs.block_e)
+    a = dict(
+        q_rows=to_rows(q, Ta),
+        qpos=row_positions(Ta, N),
+        qseg=row_segments(segment_ids, N, Ta),
+        kv_p=pad_axis(kv, 1, Ta),
+        kseg=key_segments(segment_ids, Ta),
+        ent=pad_axis(entries, 1, Cp),
+        eseg=key_segments(pad_axis(entry_segment.astype(jnp.int32), 1, Cp, -1), Cp),
+    )
+    return g, Ta, a
+
+
+def _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs: BlockSizes, interpret):
+    B, T, N, H = q.shape
+    C = entries.shape[1]
+    g, Ta, a = _layout(q, kv, entries, entry_segment, segment_ids, window, bs)
+    o_rows, lse = pl.pallas_call(
+        functools.partial(_hca_fwd_kernel, g=g, ratio=ratio, C=C, block_e=bs.block_e),
+        grid=(B, g.nq),
+        out_shape=[jax.ShapeDtypeStruct(a["q_rows"].shape, q.dtype),
+                   jax.ShapeDtypeStruct((B, Ta * N, 1), jnp.float32)],
+        compiler_params=compiler_params(bs),
+        cost_estimate=_cost(g, C, ratio, q.dtype.itemsize, backward=False),
+        interpret=interpret,
+        name="hca_fwd_gpu",
+    )(a["q_rows"], a["qpos"], a["qseg"], a["kv_p"], a["kseg"], sink_rows(sink, g.block_q), a["ent"], a["eseg"])
+    valid = (jnp.arange(Ta * N) < g.Tp * N)[None, :, None]
+    o_rows = jnp.where(valid, o_rows, 0)
+    lse = jnp.where(valid, lse, 0.0)
+    return o_rows.reshape(B, Ta, N, H)[:, :T], (a, entries, o_rows, lse, sink)
+
+
+def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
+    a, entries, o_rows, lse, sink = res
+    B, T, N, H = d_out.shape
+    C = entries.shape[1]
+    g, Ta = window_geometry(B, T, N, H, window, bs)
+    do_rows = to_rows(d_out.astype(o_rows.dtype), Ta)
+    delta = jnp.sum(do_rows.astype(jnp.float32) * o_rows.astype(jnp.float32), axis=-1, keepdims=True)
+    itemsize = o_rows.dtype.itemsize
+    dq_rows = pl.pallas_call(
+        functools.partial(_hca_dq_kernel, g=g, ratio=ratio, C=C, block_e=bs.block_e),
+        grid=(B, g.nq),
+        out_shape=jax.ShapeDtypeStruct(a["q_rows"].shape, a["q_rows"].dtype),
+        compiler_params=compiler_params(bs),
+        cost_estimate=_cost(g, C, ratio, itemsize, backward=True),
+        interpret=interpret,
+        name="hca_dq_gpu",
+    )(a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"], a["eseg"])
+    dkv = window_dkv(g, bs, a["kv_p"], a["kseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"],
+                     interpret=interpret)
+    dent = pl.pallas_call(
+        functools.partial(_hca_dent_kernel, g=g, ratio=ratio, block_e=bs.block_e),
+        grid=(B, a["ent"].shape[1] // bs.block_e),
+        out_shape=jax.ShapeDtypeStruct(a["ent"].shape, entries.dtype),
+        compiler_params=compiler_params(bs),
+        cost_estimate=_cost(g, C, ratio, itemsize, backward=True),
+        interpret=interpret,
+        name="hca_dentries_gpu",
+    )(a["ent"], a["eseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"])
+    dq = dq_rows.reshape(B, Ta, N, H)[:, :T]
+    return dq, dkv[:, :T], dent[:, :C], sink_grad(sink, lse, delta, N)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _hca(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret):
+    return _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)[0]
+
+
+def _hca_fwd(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret):
+    return _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)
+
+
+def _hca_bwd(ratio, window, bs, interpret, res, d_out):
+    dq, dkv, dent, dsink = _backward(ratio, window, bs, interpret, res, d_out)
+    return dq, dkv, dent, None, dsink, None
+
+
+_hca.defvjp(_hca_fwd, _hca_bwd)
+
+
+def hca_attention(
+    q: jax.Array,
+    kv: jax.Array,
+    entries: jax.Array,
+    entry_segment: jax.Array,
+    sink: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    ratio: int,
+    window: int = 128,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """HCA attention with Triton-style Pallas kernels; same contract as `reference.hca_attention`.
+
+    Shapes:
+      q [B, T, N, H], kv [B, T, H], entries [B, C, H], entry_segment [B, C] int32, sink [N],
+      segment_ids [B, T] int32 -> [B, T, N, H].
+    """
+    return _hca(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, block_sizes or BlockSizes(),
+                interpret)
