@@ -180,6 +180,7 @@ def test_bad_arguments_are_one_line_errors(corpus, tmp_path):
         data.make_train_iterator([a, str(other)], None, T, 2, seed=0)
 
 
+@pytest.mark.slow  # four worker processes start, each importing grain and jax
 def test_worker_processes_give_a_deterministic_resumable_stream(corpus):
     from absl import flags
 
