@@ -3,10 +3,10 @@
 Roofline on an H200 (tools/roofline.py; ~989 TFLOP/s bf16 dense, 4.8 TB/s, ridge ~206 FLOPs/byte).
 V4-Flash expert w1: K = D = 4096, N = F = 2048, E = 256, M = tokens * 6. FLOPs = 2 M K N;
 bytes ~ M K 2 + E K N b_w + M N 2 with b_w = 2 (bf16), 1 (FP8), 0.53 (MXFP4 incl. scales). At 8192 tokens
-(M = 49152, ~192 rows per expert): 0.82 TFLOP, 4.9 / 2.8 / 1.7 GB, intensity 167 / 295 / 480 FLOPs/byte,
-so ~1.0 ms memory-bound for bf16 weights and ~0.83 ms compute-bound for FP8/FP4 weights (the kernel
+(M = 49152, ~192 rows per expert): 0.82 TFLOP, 4.9 / 2.8 / 1.7 GB, intensity 168 / 300 / 473 FLOPs/byte,
+so >= 1.02 ms memory-bound for bf16 weights and >= 0.83 ms compute-bound for FP8/FP4 weights (the kernel
 upcasts weights to bf16 in registers, so the bf16 peak applies). With fewer than ~200 rows per expert
-(decode, small batches) all formats are bound by reading weights, and FP8 / FP4 weights are 2x / ~3.8x faster.
+(decode, small batches) all formats are bound by reading weights, and FP8 / FP4 weights are 2x / ~3.7x faster.
 
 Design (Triton style: one program per output tile, loops inside). Grid (row tiles, output column tiles).
 A program loops over the groups that overlap its row tile (range precomputed per tile), and for each group

@@ -4,7 +4,7 @@ Roofline (tools/roofline.py; V4-Flash expert w1: K = D = 4096, N = F = 2048, E =
 numbers are for an H200 since that is the accelerator we have; a TPU has a similar ~200-250 FLOPs/byte ridge):
 FLOPs = 2 M K N; bytes ~ M K 2 + E K N b_w + M N 2 with b_w = 2 (bf16), 1 (FP8), 0.53 (MXFP4 + scales).
 At 8192 tokens (M = 49152, ~192 rows per expert) that is 0.82 TFLOP and 4.9 / 2.8 / 1.7 GB: intensity
-167 / 295 / 480 FLOPs/byte against a ridge of ~206 (bf16 compute, weights dequantised in VMEM), so bf16
+168 / 300 / 473 FLOPs/byte against a ridge of ~206 (bf16 compute, weights dequantised in VMEM), so bf16
 weights are memory-bound there and FP8/FP4 weights compute-bound; below ~200 rows per expert every format
 is bound by reading the weights, which is where the 2x / 4x smaller FP8 / FP4 weights pay.
 
@@ -60,7 +60,10 @@ def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, tfirst_ref, gfirst_ref, x_r
             s = s_ref[row_t * d.bk // 128, col_t * d.bn // 128]
         else:
             s = None if s_ref is None else s_ref[...]
-        w_parts = common.dequant_tile(d.fmt, w_ref[...], s, x_ref.dtype)
+        wt = w_ref[...]
+        if d.fmt == "fp8":  # FP8 weights travel as their bytes (see _gmm)
+            wt = jax.lax.bitcast_convert_type(wt, jnp.float8_e4m3fn)
+        w_parts = common.dequant_tile(d.fmt, wt, s, x_ref.dtype)
         if d.fmt == "mxfp4" and not transpose:
             h = d.bk // 2
             x_parts = [x_ref[:, :h], x_ref[:, h:]]  # even-k / odd-k columns (see common.prepare)
@@ -98,7 +101,9 @@ def _gmm(x, w, s, group_sizes, d: common.Dims, transpose: bool, out_dtype, inter
         w_index = lambda j, i, c, t, g, *_: (g[i], c, j)  # noqa: E731
         out_cols, bo = d.np_, d.bn
     in_specs = [x_spec, pl.BlockSpec((None, wr, d.bn), w_index)]
-    operands = [x, w]
+    # FP8 weights enter as uint8 bits (a free same-width bitcast): the interpreter's block copies of float8
+    # arrays are ~8x slower on CPU than of uint8 ones.
+    operands = [x, jax.lax.bitcast_convert_type(w, jnp.uint8) if d.fmt == "fp8" else w]
     if d.fmt == "fp8":
         in_specs.append(pl.BlockSpec((None, *s.shape[1:]), lambda j, i, c, t, g, *_: (g[i], 0, 0),
                                      memory_space=pltpu.SMEM))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TOLERANCES
+from tests.conftest import TOLERANCES
 
 from deepseek_v4 import quant
 from pallas_kernels.expert_matmul import BlockSizes, common, expert_matmul, resolve_impl
