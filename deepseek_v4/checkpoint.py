@@ -270,7 +270,7 @@ class Checkpointer:
             except (KeyboardInterrupt, SystemExit):
                 raise
             except Exception as e:  # any read failure means this checkpoint cannot be trusted
-                reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+                reason = (str(e).splitlines() or [type(e).__name__])[0].split(" See full")[0][:300]
                 aside = self._move_aside(step)
                 log.warning("checkpoint step %d is unusable (%s); moved it to %s and falling back to an older one",
                             step, reason, aside)

@@ -191,14 +191,30 @@ def abstract_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTran
 
 
 def state_shardings(abstract: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
-    """Shardings of a train state: every `nnx.State` (params, extras, optimizer moments) by the logical-axis
-    table, everything else (step, counters, RNG) replicated."""
+    """Shardings of a train state. Parameters and extras follow the logical-axis table (`sharding.rules`); each
+    optimizer buffer laid out like a parameter (same path inside its `nnx.State`, same shape) gets that
+    parameter's sharding; everything else (step, counters, RNG) is replicated."""
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    table = {}
+    for tree in (abstract.params, abstract.extras):
+        shapes = dict(jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_var)[0])
+        for path, var in jax.tree_util.tree_flatten_with_path(rules.param_shardings(tree, mesh), is_leaf=is_var)[0]:
+            table[path] = (tuple(shapes[path].shape), var.value)
 
-    def one(x):
-        return rules.param_shardings(x, mesh) if isinstance(x, nnx.State) else replicated
+    def shard_state(st: nnx.State) -> Any:
+        def one(path, x):
+            if is_var(x):
+                if not hasattr(x.value, "shape"):  # optax.MaskedNode: no array here
+                    return x
+                shape, sharding = table.get(path, (None, None))
+                return x.replace(sharding if shape == tuple(x.value.shape) else replicated)
+            return replicated
 
-    return jax.tree.map(one, abstract, is_leaf=lambda x: isinstance(x, nnx.State))
+        return jax.tree_util.tree_map_with_path(one, st, is_leaf=is_var)
+
+    return jax.tree.map(lambda x: shard_state(x) if isinstance(x, nnx.State) else replicated, abstract,
+                        is_leaf=lambda x: isinstance(x, nnx.State))
 
 
 def create_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, seed: int,
