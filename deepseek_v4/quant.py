@@ -326,7 +326,7 @@ def _fq_act_fp8(x):
     return dequantize_act_fp8(*quantize_act_fp8(x), dtype=x.dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fq_mxfp4(axis: int):
     return lambda w: _mxfp4_qdq(jnp, w, axis).astype(w.dtype)
 

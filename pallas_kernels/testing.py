@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _value_and_vjp(fn: Callable, argnums: tuple[int, ...]) -> Callable:
     """jit(args, cotangent) -> (fn(*args), VJP w.r.t. args[argnums]); cached so tests share compilations."""
 
@@ -18,7 +19,7 @@ def _value_and_vjp(fn: Callable, argnums: tuple[int, ...]) -> Callable:
     def run(args, cotangent):
         def partial_fn(*diff):
             full = list(args)
-            for i, a in zip(argnums, diff):
+            for i, a in zip(argnums, diff, strict=True):
                 full[i] = a
             return fn(*full)
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -145,7 +146,7 @@ def plan(lhs: jax.Array, rhs: jax.Array, fmt: str, block_sizes: BlockSizes) -> D
         raise ValueError(f"FP8 weights need block_k and block_n dividing 128, got {bk} and {bn}")
     if fmt == "mxfp4" and bk % quant.FP4_BLOCK:
         raise ValueError(f"MXFP4 weights need block_k to be a multiple of 32, got {bk}")
-    rup = lambda x, b: -(-x // b) * b  # noqa: E731
+    rup = lambda x, b: -(-x // b) * b
     return Dims(fmt, m, k, n, e, bm, bk, bn, rup(max(m, 1), bm), rup(k, bk), rup(n, bn))
 
 
@@ -232,7 +233,7 @@ def work_items(group_sizes: jax.Array, m_tiles: int, bm: int) -> WorkItems:
     group = jnp.where(in_group, g, e - 1)
     real = in_group & (gs[g] > 0)
     row_lo, row_hi = jnp.where(real, starts[g], 0), jnp.where(real, ends[g], 0)
-    changed = lambda a: jnp.concatenate([jnp.ones((1,), jnp.int32), (a[1:] != a[:-1]).astype(jnp.int32)])  # noqa
+    changed = lambda a: jnp.concatenate([jnp.ones((1,), jnp.int32), (a[1:] != a[:-1]).astype(jnp.int32)])
     return WorkItems(tile.astype(jnp.int32), group, row_lo, row_hi, changed(tile), changed(group))
 
 

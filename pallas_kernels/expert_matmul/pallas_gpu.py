@@ -33,7 +33,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.expert_matmul import common
 
-_COMPILER_PARAMS = dict(num_warps=4, num_stages=2)
+_COMPILER_PARAMS = {"num_warps": 4, "num_stages": 2}
 
 
 def _load_weight_tile(w_ref, s_ref, g, row_t, col_t, d: common.Dims, dtype):
@@ -92,7 +92,7 @@ def _gmm(x, w, s, group_sizes, d: common.Dims, transpose: bool, out_dtype, inter
     first, last = common.tile_group_range(group_sizes, m_tiles, d.bm)
     starts, ends = common.group_bounds(group_sizes)
     out_cols, bo = (d.kp, d.bk) if transpose else (d.np_, d.bn)
-    full = lambda a: pl.BlockSpec(a.shape, lambda t, j: (0,) * a.ndim)  # noqa: E731
+    full = lambda a: pl.BlockSpec(a.shape, lambda t, j: (0,) * a.ndim)
     in_specs = [full(first), full(last), full(starts), full(ends),
                 pl.BlockSpec((d.bm, x.shape[1]), lambda t, j: (t, 0)), full(w)]
     operands = [first, last, starts, ends, x, w]
@@ -133,7 +133,7 @@ def _tgmm_kernel(starts_ref, ends_ref, x_ref, dy_ref, o_ref, *, d: common.Dims):
 def _tgmm(x, dy, group_sizes, d: common.Dims, out_dtype, interpret):
     """Per-expert x_g.T @ dy_g: x [Mp, Kp], dy [Mp, Np] -> [E, Kp, Np] (zero for experts without rows)."""
     starts, ends = common.group_bounds(group_sizes)
-    full = lambda a: pl.BlockSpec(a.shape, lambda g, k, n: (0,) * a.ndim)  # noqa: E731
+    full = lambda a: pl.BlockSpec(a.shape, lambda g, k, n: (0,) * a.ndim)
     return pl.pallas_call(
         functools.partial(_tgmm_kernel, d=d),
         out_shape=jax.ShapeDtypeStruct((d.e, d.kp, d.np_), out_dtype),

@@ -93,12 +93,12 @@ def _gmm(x, w, s, group_sizes, d: common.Dims, transpose: bool, out_dtype, inter
     if transpose:
         grid = (k_tiles, n_items, n_tiles)
         x_spec = pl.BlockSpec((d.bm, d.bn), lambda j, i, c, t, *_: (t[i], c))
-        w_index = lambda j, i, c, t, g, *_: (g[i], j, c)  # noqa: E731
+        w_index = lambda j, i, c, t, g, *_: (g[i], j, c)
         out_cols, bo = d.kp, d.bk
     else:
         grid = (n_tiles, n_items, k_tiles)
         x_spec = pl.BlockSpec((d.bm, d.bk), lambda j, i, c, t, *_: (t[i], c))
-        w_index = lambda j, i, c, t, g, *_: (g[i], c, j)  # noqa: E731
+        w_index = lambda j, i, c, t, g, *_: (g[i], c, j)
         out_cols, bo = d.np_, d.bn
     in_specs = [x_spec, pl.BlockSpec((None, wr, d.bn), w_index)]
     # FP8 weights enter as uint8 bits (a free same-width bitcast): the interpreter's block copies of float8

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.conftest import TOLERANCES
 
 from deepseek_v4 import quant
 from pallas_kernels.expert_matmul import BlockSizes, common, expert_matmul, resolve_impl
 from pallas_kernels.testing import assert_matches_reference
+from tests.conftest import TOLERANCES
 
 E, M, K, N = 4, 40, 224, 192
 BLOCKS = BlockSizes(block_m=16, block_k=128, block_n=64)
@@ -35,7 +35,7 @@ def weights():
     official = (rng.standard_normal((E, N, K)) * 0.05).astype(np.float32)  # [E, out, in]
     q8, s8 = quant.quantize_fp8_blocks(official)
     p4, s4 = quant.quantize_mxfp4(official, axis=-1)
-    t = lambda a: jnp.asarray(np.swapaxes(a, -1, -2))  # noqa: E731  official [out, in] -> kernel [in, out]
+    t = lambda a: jnp.asarray(np.swapaxes(a, -1, -2))
     dense = {
         "float": official,
         "fp8": quant.dequantize_fp8_blocks(q8, s8),
@@ -53,7 +53,7 @@ def lhs():
     return jnp.asarray(np.random.default_rng(1).standard_normal((M, K)), jnp.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fn(impl: str):
     """One function object per implementation, so assert_matches_reference compiles it once per format."""
     if impl == "reference":
@@ -109,7 +109,7 @@ def test_work_items_cover_every_row_once():
         np.testing.assert_array_equal(tile_first, np.r_[1, np.diff(tile) != 0])
         np.testing.assert_array_equal(group_first, np.r_[1, np.diff(group) != 0])
         owner = np.full(m_tiles * bm, -1)
-        for t, g, a, b in zip(tile, group, lo, hi):
+        for t, g, a, b in zip(tile, group, lo, hi, strict=True):
             rows = np.arange(t * bm, (t + 1) * bm)
             rows = rows[(rows >= a) & (rows < b)]
             assert (owner[rows] == -1).all(), sizes  # no row twice
@@ -133,15 +133,15 @@ def test_bad_inputs_raise_value_error(weights, lhs):
     w4, s4, _ = weights["mxfp4"]
     gs = jnp.asarray([10, 0, 25, 3], jnp.int32)
     bad = [
-        (dict(lhs=lhs, rhs=w8, group_sizes=gs, rhs_scale=None), "need rhs_scale"),
-        (dict(lhs=lhs, rhs=w8, group_sizes=gs, rhs_scale=s8[:, :1]), "does not match"),
-        (dict(lhs=lhs, rhs=w4, group_sizes=gs, rhs_scale=s4.astype(jnp.bfloat16)), "float8_e8m0fnu or float32"),
-        (dict(lhs=lhs[:, :100], rhs=w4, group_sizes=gs, rhs_scale=s4), "K = 100"),
-        (dict(lhs=lhs, rhs=w8, group_sizes=gs[:3], rhs_scale=s8), "group_sizes"),
-        (dict(lhs=lhs, rhs=w8, group_sizes=gs * 2, rhs_scale=s8), "sum to at most"),
-        (dict(lhs=lhs, rhs=w8, group_sizes=gs, rhs_scale=s8, impl="pallas"), "interpret=True"),
-        (dict(lhs=lhs, rhs=w8, group_sizes=gs, rhs_scale=s8, impl="pallas_tpu", interpret=True,
-              block_sizes=BlockSizes(16, 256, 64)), "dividing 128"),
+        ({"lhs": lhs, "rhs": w8, "group_sizes": gs, "rhs_scale": None}, "need rhs_scale"),
+        ({"lhs": lhs, "rhs": w8, "group_sizes": gs, "rhs_scale": s8[:, :1]}, "does not match"),
+        ({"lhs": lhs, "rhs": w4, "group_sizes": gs, "rhs_scale": s4.astype(jnp.bfloat16)}, "float8_e8m0fnu or float32"),
+        ({"lhs": lhs[:, :100], "rhs": w4, "group_sizes": gs, "rhs_scale": s4}, "K = 100"),
+        ({"lhs": lhs, "rhs": w8, "group_sizes": gs[:3], "rhs_scale": s8}, "group_sizes"),
+        ({"lhs": lhs, "rhs": w8, "group_sizes": gs * 2, "rhs_scale": s8}, "sum to at most"),
+        ({"lhs": lhs, "rhs": w8, "group_sizes": gs, "rhs_scale": s8, "impl": "pallas"}, "interpret=True"),
+        ({"lhs": lhs, "rhs": w8, "group_sizes": gs, "rhs_scale": s8, "impl": "pallas_tpu", "interpret": True,
+          "block_sizes": BlockSizes(16, 256, 64)}, "dividing 128"),
     ]
     for kwargs, match in bad:
         with pytest.raises(ValueError, match=match):
