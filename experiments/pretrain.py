@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from flax import nnx
 
 from deepseek_v4 import DeepseekV4, data, metrics, train
@@ -230,6 +231,8 @@ class _Stop:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         cfg = config_flags.config_from_flags()
         settings = _settings_from_flags()
