@@ -332,3 +332,30 @@ def sink_grad(sink, lse, delta, n_heads):
     B = lse.shape[0]
     p_sink = jnp.exp(sink.astype(jnp.float32)[None, None, :] - lse.reshape(B, -1, n_heads))
     return (-jnp.sum(p_sink * delta.reshape(B, -1, n_heads), axis=(0, 1))).astype(sink.dtype)
+
+
+def check_attention_inputs(q, kv, entries, sink, segment_ids, *, window: int, ratio: int | None = None) -> None:
+    """Raises ValueError with one line naming the first inconsistent argument."""
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, T, N, H], got shape {q.shape}")
+    B, T, N, H = q.shape
+    if kv.shape != (B, T, H):
+        raise ValueError(f"kv must be [B, T, H] = {(B, T, H)}, got {kv.shape}")
+    if entries.ndim != 3 or entries.shape[0] != B or entries.shape[2] != H:
+        raise ValueError(f"entries must be [B, C, H] with B={B}, H={H}, got {entries.shape}")
+    if sink.shape != (N,):
+        raise ValueError(f"sink must be [N] = ({N},), got {sink.shape}")
+    if segment_ids.shape != (B, T) or not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise ValueError(f"segment_ids must be integer [B, T] = {(B, T)}, got {segment_ids.dtype}{segment_ids.shape}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    if ratio is not None and ratio < 1:
+        raise ValueError(f"ratio must be >= 1, got {ratio}")
+
+
+def pick_block_sizes(module, block_sizes):
+    """Checks that `block_sizes` belongs to the chosen kernel module (each backend has its own class)."""
+    if block_sizes is not None and not isinstance(block_sizes, module.BlockSizes):
+        raise ValueError(f"block_sizes must be {module.__name__}.BlockSizes for this implementation, "
+                         f"got {type(block_sizes).__module__}.{type(block_sizes).__name__}")
+    return block_sizes
