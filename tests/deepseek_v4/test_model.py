@@ -1,0 +1,199 @@
+"""Properties of the model that hold for any weights: causality, the document rule of packed rows, mHC mixing,
+routing rules; plus the multi-device smoke test and the model_stats figures."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from deepseek_v4 import DeepseekV4, get_config, mhc, moe
+from tools.model_stats import model_stats
+
+T = 48  # three HCA windows of the tiny config (ratio 16), twelve CSA windows (ratio 4), three sliding windows
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = get_config("tiny")
+    model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def logits(state, tokens, segment_ids, positions):
+        return nnx.merge(graphdef, state)(tokens, segment_ids, positions)
+
+    return cfg, model, state, logits
+
+
+def _tokens(seed, shape, vocab):
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab, jnp.int32)
+
+
+def _plain(shape):
+    return jnp.ones(shape, jnp.int32), jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+
+
+def test_logits_shape_and_dtype(tiny):
+    cfg, model, _, _ = tiny
+    out = model(_tokens(0, (2, 21), cfg.vocab_size))
+    assert out.shape == (2, 21, cfg.vocab_size) and out.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_causality(tiny):
+    cfg, _, state, logits = tiny
+    tokens = _tokens(1, (1, T), cfg.vocab_size)
+    seg, pos = _plain(tokens.shape)
+    base = logits(state, tokens, seg, pos)
+    for t in (0, 15, 16, 31, 40):
+        changed = tokens.at[:, t + 1:].set(_tokens(2 + t, (1, T - t - 1), cfg.vocab_size))
+        out = logits(state, changed, seg, pos)
+        np.testing.assert_array_equal(np.asarray(out[:, : t + 1]), np.asarray(base[:, : t + 1]))
+        assert float(jnp.max(jnp.abs(out[:, t + 1:] - base[:, t + 1:]))) > 0
+
+
+def test_no_information_crosses_a_document_boundary(tiny):
+    """Changing every token of the first document (incl. ones that share compression windows with the second
+    document) never changes the second document's logits."""
+    cfg, _, state, logits = tiny
+    split = 21  # not aligned to 4 or 16: windows of both ratios straddle the boundary
+    seg = jnp.asarray([[1] * split + [2] * (T - split)], jnp.int32)
+    pos = jnp.asarray([list(range(split)) + list(range(T - split))], jnp.int32)
+    tokens = _tokens(3, (1, T), cfg.vocab_size)
+    base = logits(state, tokens, seg, pos)
+    other = tokens.at[:, :split].set(_tokens(4, (1, split), cfg.vocab_size))
+    out = logits(state, other, seg, pos)
+    np.testing.assert_array_equal(np.asarray(out[:, split:]), np.asarray(base[:, split:]))
+    assert float(jnp.max(jnp.abs(out[:, :split] - base[:, :split]))) > 0
+
+
+def test_aligned_packed_document_equals_the_document_alone(tiny):
+    """A document that starts on a window boundary of every ratio gives the same logits packed as alone."""
+    cfg, _, state, logits = tiny
+    split = 16
+    seg = jnp.asarray([[1] * split + [2] * (T - split)], jnp.int32)
+    pos = jnp.asarray([list(range(split)) + list(range(T - split))], jnp.int32)
+    tokens = _tokens(5, (1, T), cfg.vocab_size)
+    packed = logits(state, tokens, seg, pos)[:, split:]
+    alone_tokens = jnp.concatenate([tokens[:, split:], tokens[:, :split]], axis=1)  # pad to the same length
+    seg2 = jnp.asarray([[1] * (T - split) + [2] * split], jnp.int32)
+    pos2 = jnp.asarray([list(range(T - split)) + list(range(split))], jnp.int32)
+    alone = logits(state, alone_tokens, seg2, pos2)[:, : T - split]
+    np.testing.assert_allclose(np.asarray(packed), np.asarray(alone), atol=2e-5, rtol=0)
+
+
+def test_mhc_mixing_matrices_are_doubly_stochastic(tiny):
+    cfg, model, _, _ = tiny
+    x = jax.random.normal(jax.random.key(6), (2, 5, cfg.hc_mult, cfg.hidden_size))
+    site = model.prefix[0].hc_attn
+    fn = site.fn[...] + 0.5 * jax.random.normal(jax.random.key(7), site.fn.shape)
+    pre, post, comb = mhc.hc_weights(x, fn, site.base[...], site.scale[...], cfg)
+    # The projection ends on a column normalisation (as the reference does): columns are exact; rows converge
+    # geometrically and, for strongly peaked logits like these, are within a few percent after 20 iterations.
+    np.testing.assert_allclose(np.asarray(comb.sum(-2)), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(comb.sum(-1)), 1.0, atol=0.1)
+    flat = mhc.hc_weights(x, site.fn[...], site.base[...], site.scale[...], cfg)[2]  # at initialisation
+    np.testing.assert_allclose(np.asarray(flat.sum(-1)), 1.0, atol=1e-4)
+    assert bool(jnp.all(comb > 0)) and bool(jnp.all((post > 0) & (post < 2))) and bool(jnp.all(pre > 0))
+
+
+def test_hash_routing_is_deterministic_and_picks_distinct_experts():
+    cfg = get_config("tiny")
+    a, b = moe.default_hash_table(cfg, 0), moe.default_hash_table(cfg, 0)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert a.shape == (cfg.vocab_size, cfg.num_experts_per_tok)
+    s = np.sort(np.asarray(a), axis=1)
+    assert np.all(s[:, 1:] != s[:, :-1])
+    assert not np.array_equal(np.asarray(a), np.asarray(moe.default_hash_table(cfg, 1)))
+    counts = np.bincount(np.asarray(a).ravel(), minlength=cfg.n_routed_experts)
+    assert counts.min() > 0.9 * counts.mean()
+
+
+def test_hash_layer_routes_by_token_id_only(tiny):
+    cfg, model, _, _ = tiny
+    layer = model.prefix[0].ffn
+    assert layer.hash_layer
+    x1 = jax.random.normal(jax.random.key(8), (4, cfg.hidden_size))
+    x2 = jax.random.normal(jax.random.key(9), (4, cfg.hidden_size))
+    tok = jnp.asarray([5, 5, 77, 129279])
+    table = layer.tid2eid[...][tok]
+    _, i1, _ = moe.route(x1, layer.gate[...], None, table, cfg.num_experts_per_tok, cfg.routed_scaling_factor)
+    _, i2, _ = moe.route(x2, layer.gate[...], None, table, cfg.num_experts_per_tok, cfg.routed_scaling_factor)
+    np.testing.assert_array_equal(np.asarray(i1), np.asarray(i2))
+    np.testing.assert_array_equal(np.asarray(i1[0]), np.asarray(i1[1]))
+
+
+def test_router_weights_sum_to_the_scaling_factor_and_bias_only_selects(tiny):
+    cfg, model, _, _ = tiny
+    gate = model.stack.blocks[0].ffn.gate[...][0]
+    x = jax.random.normal(jax.random.key(10), (64, cfg.hidden_size))
+    bias = jnp.zeros((cfg.n_routed_experts,)).at[3].set(100.0)
+    scores, idx, w = moe.route(x, gate, bias, None, cfg.num_experts_per_tok, cfg.routed_scaling_factor)
+    np.testing.assert_allclose(np.asarray(w.sum(-1)), cfg.routed_scaling_factor, rtol=1e-6)
+    assert bool(jnp.all(jnp.any(idx == 3, axis=-1)))  # the bias forces expert 3 into every selection ...
+    picked = jnp.take_along_axis(scores, idx, -1)
+    np.testing.assert_allclose(np.asarray(w), np.asarray(picked / picked.sum(-1, keepdims=True) * 1.5), rtol=1e-6)
+
+
+def test_bias_update_follows_the_sign_rule(tiny):
+    cfg, _, _, _ = tiny
+    model = DeepseekV4(cfg, rngs=nnx.Rngs(1))
+    out = model.forward_train(_tokens(11, (2, 20), cfg.vocab_size))
+    counts = out.expert_counts
+    assert counts.shape[1] == cfg.n_routed_experts
+    np.testing.assert_allclose(np.asarray(counts.sum(-1)), 2 * 20 * cfg.num_experts_per_tok)
+    model.update_router_bias(counts, 0.001)
+    expected = 0.001 * np.sign(np.asarray(counts.mean(-1, keepdims=True) - counts))
+    np.testing.assert_allclose(np.asarray(model.stack.blocks[0].ffn.router_bias[...][0]), expected[1], atol=1e-9)
+    np.testing.assert_allclose(np.asarray(model.mtp[0].block.ffn.router_bias[...]), expected[-1], atol=1e-9)
+
+
+def test_train_forward_outputs(tiny):
+    cfg, model, _, _ = tiny
+    out = model.forward_train(_tokens(12, (2, 40), cfg.vocab_size), sparse_attention=False, indexer_loss=True)
+    assert out.hidden.shape == (2, 40, cfg.hidden_size) and len(out.mtp_hidden) == 1
+    n_learned = cfg.num_hidden_layers - cfg.num_hash_layers + cfg.num_nextn_predict_layers
+    assert out.expert_counts.shape == (n_learned, cfg.n_routed_experts)
+    assert out.hash_expert_counts.shape == (cfg.num_hash_layers, cfg.n_routed_experts)
+    assert float(out.indexer_loss) >= 0 and 0 <= float(out.indexer_recall) <= 1 + 1e-6
+    logits = out.hidden @ model.head[...]
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model(_tokens(12, (2, 40), cfg.vocab_size))),
+                               atol=1e-4)
+
+
+def test_bf16_forward_tracks_f32(tiny):
+    cfg, model, _, _ = tiny
+    from tests.conftest import TOLERANCES
+
+    graphdef, state = nnx.split(model)
+    bf16 = nnx.merge(nnx.split(DeepseekV4(cfg.replace(dtype="bfloat16"), rngs=nnx.Rngs(0)))[0], state)
+    tokens = _tokens(13, (1, 24), cfg.vocab_size)
+    a, b = model(tokens), bf16(tokens)
+    assert b.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(a - b))) < TOLERANCES["bf16_vs_f32_logits"]
+
+
+def test_forward_on_eight_devices(tiny):
+    cfg, _, state, logits = tiny
+    assert jax.device_count() == 8
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    tokens = jax.device_put(_tokens(14, (8, 20), cfg.vocab_size), NamedSharding(mesh, P("data")))
+    seg, pos = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in _plain((8, 20)))
+    out = logits(state, tokens, seg, pos)
+    ref = logits(state, *(jax.device_put(a, jax.devices()[0]) for a in (tokens, seg, pos)))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+@pytest.mark.parametrize("name, total, with_mtp, active", [
+    ("flash", 284.3e9, None, 13.3e9),
+    ("pro", 1573e9, 1599e9, 48.9e9),
+])
+def test_model_stats_match_the_published_sizes(name, total, with_mtp, active):
+    s = model_stats(get_config(name))
+    assert abs(s["total_params"] / total - 1) < 0.01
+    assert abs(s["active_params"] / active - 1) < 0.01
+    if with_mtp:
+        assert abs(s["total_params_with_mtp"] / with_mtp - 1) < 0.01
