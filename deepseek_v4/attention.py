@@ -19,11 +19,9 @@ from flax import nnx
 
 from deepseek_v4 import layers, rope
 from deepseek_v4.config import Config
-from pallas_kernels.csa_attention.reference import csa_attention
-from pallas_kernels.hca_attention.reference import hca_attention
-from pallas_kernels.hca_attention.reference import hca_attention_and_entry_mass
-from pallas_kernels.lightning_indexer.reference import lightning_indexer
-from pallas_kernels.lightning_indexer.reference import indexer_scores
+from pallas_kernels.csa_attention import csa_attention
+from pallas_kernels.hca_attention import hca_attention, hca_attention_and_entry_mass
+from pallas_kernels.lightning_indexer import indexer_scores, lightning_indexer
 
 
 @dataclasses.dataclass(frozen=True)
