@@ -61,17 +61,21 @@ def _weights(fmt: str, e: int, k: int, n: int):
     return jnp.asarray(p), jnp.asarray(s)
 
 
-def _time(fn, args, iters: int) -> tuple[float, float]:
-    """(compile + first call seconds, median steady seconds)."""
+def _time(fn, args, iters: int) -> tuple[float, float, float]:
+    """(compile + first call seconds, median steady wall seconds, median steady CPU seconds of this process).
+
+    On a shared machine the wall time includes waiting for other processes; the CPU time does not.
+    """
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     first = time.perf_counter() - t0
-    times = []
+    wall, cpu = [], []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return first, statistics.median(wall), statistics.median(cpu)
 
 
 def _commit() -> str:
@@ -85,17 +89,19 @@ def _commit() -> str:
 def _markdown(results: list[dict], meta: dict) -> str:
     lines = [
         (f"\n## {meta['date']} expert_matmul benchmark (commit {meta['commit']}, {meta['platform']}, "
-         f"{meta['cpus']} CPUs)"),
+         f"{meta['cpus']} CPUs, load average {meta['load']:.1f} at start)"),
         "",
         (f"`python -m tools.bench_expert_matmul` - M={meta['m']} (tokens {meta['tokens']} x top-{meta['topk']}), "
          f"K={meta['k']}, N={meta['n']}, E={meta['e']}, bf16 tokens, median of {meta['iters']} calls."),
     ]
     if meta["platform"] == "cpu":
         lines.append("Pallas rows run in the Pallas interpreter on CPU: interpreter cost, NOT kernel speed.")
-    lines += ["", "| weights | pass | impl | steady ms | x reference | compile+first s |", "|---|---|---|---|---|---|"]
+    lines += ["", "| weights | pass | impl | wall ms | x reference | CPU ms | x reference | compile+first s |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['weights']} | {r['pass']} | {r['impl']}{' (interpret)' if r['interpret'] else ''} | "
-                     f"{r['ms']:.1f} | {r['ratio']:.1f} | {r['first_s']:.1f} |")
+                     f"{r['ms']:.1f} | {r['ratio']:.2f} | {r['cpu_ms']:.1f} | {r['cpu_ratio']:.2f} | "
+                     f"{r['first_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -110,7 +116,7 @@ def main(argv):
     impls = _impls(platform)
     passes = ["fwd", "fwd+bwd"] if _BACKWARD.value else ["fwd"]
     cases = [(f, p, i, interp) for f in FORMATS for p in passes for i, interp in impls]
-    results, start = [], time.perf_counter()
+    results, start, load = [], time.perf_counter(), os.getloadavg()[0]
     for idx, (fmt, pas, impl, interpret) in enumerate(cases):
         w, s = _weights(fmt, e, k, n)
 
@@ -123,19 +129,20 @@ def main(argv):
         else:
             fn = jax.jit(lambda x, w, s, gs, ct, call=call: jax.vjp(lambda x: call(x, w, s, gs), x)[1](ct))
             args = (x, w, s, group_sizes, ct)
-        first, steady = _time(fn, args, _ITERS.value)
-        ref = next((r["ms"] for r in results if (r["weights"], r["pass"], r["impl"]) == (fmt, pas, "reference")),
-                   steady * 1e3)
-        results.append(dict(weights=fmt, impl=impl, interpret=interpret, ms=steady * 1e3, ratio=steady * 1e3 / ref,
-                            first_s=first, **{"pass": pas}))
+        first, steady, cpu = _time(fn, args, _ITERS.value)
+        ref = next((r for r in results if (r["weights"], r["pass"], r["impl"]) == (fmt, pas, "reference")),
+                   {"ms": steady * 1e3, "cpu_ms": cpu * 1e3})
+        results.append({"weights": fmt, "pass": pas, "impl": impl, "interpret": interpret, "ms": steady * 1e3,
+                        "ratio": steady * 1e3 / ref["ms"], "cpu_ms": cpu * 1e3, "cpu_ratio": cpu * 1e3 / ref["cpu_ms"],
+                        "first_s": first})
         done = idx + 1
         elapsed = time.perf_counter() - start
         print(f"[{done}/{len(cases)}] {fmt:5s} {pas:7s} {impl:10s}{' (interpret)' if interpret else '':13s} "
-              f"{steady * 1e3:9.1f} ms  x{results[-1]['ratio']:.1f} vs reference   "
+              f"{steady * 1e3:9.1f} ms (CPU {cpu * 1e3:8.1f} ms)  x{results[-1]['ratio']:.2f} vs reference   "
               f"elapsed {elapsed:.0f}s, ETA {elapsed / done * (len(cases) - done):.0f}s", flush=True)
     meta = {"date": datetime.date.today().isoformat(), "commit": _commit(), "platform": platform,
-            "cpus": os.cpu_count(), "m": m, "k": k, "n": n, "e": e, "tokens": _TOKENS.value, "topk": _TOPK.value,
-            "iters": _ITERS.value}
+            "cpus": os.cpu_count(), "load": load, "m": m, "k": k, "n": n, "e": e, "tokens": _TOKENS.value,
+            "topk": _TOPK.value, "iters": _ITERS.value}
     if platform == "cpu":
         print("NOTE: Pallas timings on CPU are the Pallas interpreter, not kernel speed.")
     flash = roofline.grouped_matmul(_TOKENS.value * _TOPK.value, 4096, 2048, 256, "bf16")
