@@ -1,0 +1,110 @@
+"""CSA attention: reference vs a brute-force dense masked anchor, and both Pallas styles (interpret mode)
+vs the reference, in values and gradients w.r.t. q, kv, entries and sink."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tests.pallas_kernels.attention_cases import Case, attention_inputs, csa_mask, dense_masked_attention, random_topk
+from tests.conftest import TOLERANCES
+
+from pallas_kernels.csa_attention import csa_attention, pallas_gpu, pallas_tpu, reference
+from pallas_kernels.testing import assert_matches_reference
+
+CASES = {
+    # T = 44 is not a multiple of the 16-token blocks; row 0 packs three documents and 4 padding tokens,
+    # row 1 is one document; top-k 16 exceeds the C = 11 entries, so most slots are -1.
+    "packed": Case(T=44, window=16, ratio=4, topk=16, layouts=((10, 21, 9), (44,))),
+    # The whole sequence is shorter than the window.
+    "short": Case(T=12, window=16, ratio=4, topk=5, layouts=((5, 7),)),
+}
+BLOCKS = {
+    "pallas_tpu": pallas_tpu.BlockSizes(block_q=16, block_kv=16, block_k=8, block_q_dkv=16, block_kv_dkv=16),
+    "pallas_gpu": pallas_gpu.BlockSizes(block_kv=16, block_k=8, block_kv_dkv=16),
+}
+DIFF_ARGS = (0, 1, 2, 4)  # q, kv, entries, sink
+
+
+@functools.cache
+def problem(name: str):
+    case = CASES[name]
+    x, rng = attention_inputs(case)
+    topk = random_topk(np.asarray(x["segment_ids"]), np.asarray(x["entry_segment"]), case.ratio, case.topk, rng)
+    args = (x["q"], x["kv"], x["entries"], jnp.asarray(topk), x["sink"], x["segment_ids"])
+    return case, args
+
+
+@functools.cache
+def attention_fn(name: str, impl: str):
+    """One function object per (case, impl), so the shared checker compiles each once."""
+    case = CASES[name]
+    if impl == "reference":
+        return functools.partial(reference.csa_attention, window=case.window)
+    return functools.partial(csa_attention, window=case.window, impl=impl, block_sizes=BLOCKS[impl], interpret=True)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_reference_matches_brute_force(name):
+    """The anchor: dense attention under a [T, T + C] mask built by loops straight from the rules."""
+    case, args = problem(name)
+    mask = csa_mask(np.asarray(args[5]), np.asarray(args[3]), case.window, case.C)
+
+    def dense(q, kv, entries, topk, sink, seg):
+        return dense_masked_attention(q, kv, entries, sink, mask)[0]
+
+    assert_matches_reference(attention_fn(name, "reference"), dense, args, TOLERANCES["kernel_f32"],
+                             argnums=DIFF_ARGS, name=f"csa reference vs dense {name}")
+
+
+@pytest.mark.parametrize("impl", sorted(BLOCKS))
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_pallas_matches_reference(name, impl):
+    _, args = problem(name)
+    assert_matches_reference(attention_fn(name, impl), attention_fn(name, "reference"), args,
+                             TOLERANCES["kernel_f32"], argnums=DIFF_ARGS, name=f"csa {impl} {name}")
+
+
+def test_default_impl_on_cpu_is_the_reference():
+    _, args = problem("short")
+    got = csa_attention(*args, window=CASES["short"].window)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(attention_fn("short", "reference")(*args)))
+
+
+def test_bad_requests_raise_value_error():
+    _, args = problem("short")
+    q, kv, entries, topk, sink, seg = args
+    with pytest.raises(ValueError, match="interpret"):
+        csa_attention(*args, impl="pallas")
+    with pytest.raises(ValueError, match="impl must be"):
+        csa_attention(*args, impl="cuda")
+    with pytest.raises(ValueError, match="ambiguous"):
+        csa_attention(*args, impl="pallas", interpret=True)
+    with pytest.raises(ValueError, match="block_sizes"):
+        csa_attention(*args, impl="pallas_gpu", interpret=True, block_sizes=BLOCKS["pallas_tpu"])
+    with pytest.raises(ValueError, match="kv must be"):
+        csa_attention(q, kv[:, :-1], entries, topk, sink, seg)
+    with pytest.raises(ValueError, match="topk_idx"):
+        csa_attention(q, kv, entries, topk.astype(jnp.float32), sink, seg)
+    with pytest.raises(ValueError, match="power-of-two"):
+        csa_attention(*args, impl="pallas_gpu", interpret=True, block_sizes=pallas_gpu.BlockSizes(block_kv=24))
+
+
+@pytest.mark.parametrize("platform,module", [("cuda", pallas_gpu), ("tpu", pallas_tpu)])
+def test_kernels_lower_for_their_backend(platform, module):
+    """Forward and backward lower to Triton (CUDA) / Mosaic (TPU) at real tile sizes in bfloat16
+    (catches ops and block shapes the backend rejects; nothing is compiled or run)."""
+    B, T, N, H, C, K = 1, 256, 16, 128, 64, 128
+    sd = jax.ShapeDtypeStruct
+    shapes = (sd((B, T, N, H), jnp.bfloat16), sd((B, T, H), jnp.bfloat16), sd((B, C, H), jnp.bfloat16),
+              sd((B, T, K), jnp.int32), sd((N,), jnp.float32), sd((B, T), jnp.int32))
+
+    def fwd_bwd(q, kv, entries, topk, sink, seg):
+        out, vjp = jax.vjp(lambda *d: module.csa_attention(d[0], d[1], d[2], topk, d[3], seg), q, kv, entries, sink)
+        return out, vjp(out)
+
+    text = jax.jit(fwd_bwd).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
+    assert "csa_fwd" in text and "csa_dq" in text and "window_dkv" in text
