@@ -95,7 +95,7 @@ def resolve_coefficients(
     return triples
 
 
-def _ns_step(x: jax.Array, a: float, b: float, c: float) -> jax.Array:
+def _ns_step(x: jax.Array, a, b, c) -> jax.Array:
     """X <- aX + (bA + cA^2)X with A = X X^T; products accumulate in float32, X stays in its dtype."""
     f32 = jnp.float32
     gram = jnp.einsum("...ij,...kj->...ik", x, x, preferred_element_type=f32)  # [.., m, n] -> [.., m, m]

@@ -37,11 +37,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
@@ -244,7 +243,9 @@ def warmup_stable_decay(
         raise ValueError(f"decay_shape must be 'cosine' or 'linear', got {decay_shape!r}")
     stable = total_steps - warmup_steps - decay_steps
     if stable < 0:
-        raise ValueError(f"warmup_steps + decay_steps ({warmup_steps} + {decay_steps}) exceed total_steps={total_steps}")
+        raise ValueError(
+            f"warmup_steps + decay_steps ({warmup_steps} + {decay_steps}) exceed total_steps={total_steps}"
+        )
     if decay_shape == "cosine":
         alpha = end_value / peak_value if peak_value else 0.0
         decay = optax.cosine_decay_schedule(peak_value, decay_steps, alpha=alpha)
@@ -318,7 +319,7 @@ class PlanRow:
     note: str
 
 
-def plan(params: Mapping | object, frozen=None) -> list[PlanRow]:
+def plan(params, frozen=None) -> list[PlanRow]:
     """The route of every leaf of `params` (and of the non-trainable `frozen` variables, if given)."""
     rows = []
     for tree in (params, frozen):
