@@ -11,8 +11,10 @@ Data flow (one process):
    disjoint and together cover every epoch exactly once.
 3. Mixture. Datasets are interleaved deterministically (grain `MapDataset.mix`). `weights` are token
    shares: each dataset's piece rate is its weight divided by its mean piece length.
-4. Packing. Best-fit packing (grain `BestFitPackIterDataset`) into rows of `seq_len`; when a piece fits in
-   none of the open bins, all bins are emitted (in a seeded random order).
+4. Packing. Online best fit into rows of `seq_len` (`BestFitPack`): each piece joins the open row it fills
+   most tightly, full rows leave at once, and the fullest row leaves when a piece fits nowhere. On the
+   embedded corpus at T=1024 this leaves 0.09% padding, against 0.76% for grain's BestFitPackIterDataset,
+   which flushes all its bins whenever one piece does not fit (experiments/LOG.md).
 5. Batches of `batch_size` rows (per process), in the shared batch format: int32 [B, T] `tokens`,
    `targets`, `segment_ids` (1, 2, ... per piece within a row; 0 = padding) and `positions`. A finite run
    (`num_epochs`) pads its last batch with padding rows.
@@ -48,7 +50,6 @@ from deepseek_v4.corpus.shakespeare import default_corpus  # noqa: F401  (part o
 PACKING_BINS = 64  # open rows of the packer; see experiments/LOG.md for the efficiency it gives
 READ_THREADS = 2  # reader threads and their buffer: measured best on 2 cores (a larger buffer costs more per item)
 READ_BUFFER = 64
-_PIECE_KEYS = ("tokens", "targets")
 BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions")
 
 
@@ -407,4 +408,3 @@ def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> 
         per process [B, T] -> global [B * process_count, T].
     """
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-

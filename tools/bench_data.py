@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator
 
 import grain
-import numpy as np
 from absl import app, flags
 
 from deepseek_v4 import data
@@ -77,28 +76,44 @@ def _throughput(make: Callable[[], Iterator[dict]], seconds: float) -> tuple[flo
     return positions / elapsed, used / elapsed, first
 
 
-def _train_step_tokens_per_s(preset: str, seq_len: int, batch_size: int, steps: int,
-                             batches: Iterator[dict]) -> tuple[float | None, str]:
-    """Tokens/s of the preset's jitted train step on loader batches, or (None, why it is unavailable)."""
+def _train_step_tokens_per_s(
+    preset: str, seq_len: int, batch_size: int, steps: int, batches: Iterator[dict]
+) -> tuple[float | None, str]:
+    """Tokens/s of the preset's jitted train step on loader batches, or (None, why it is unavailable).
+
+    Follows experiments/pretrain.py: a mesh over the local devices, the state built sharded, global batches.
+    """
     try:
         import jax
         import jax.numpy as jnp
         from flax import nnx
 
         from deepseek_v4 import DeepseekV4, get_config, train
+        from sharding import mesh as mesh_lib
+        from sharding import rules
 
         cfg = get_config(preset)
         settings = train.TrainSettings(steps=1000, warmup_steps=1)
-        tx = train.make_optimizer(settings)
-        graphdef, state = train.create_state(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0)), tx, seed=0)
-        step = train.make_train_step(graphdef, cfg, tx, settings, sparse=False)
-        one = jnp.float32(1.0)
-        state, metrics = step(state, {k: jnp.asarray(v) for k, v in next(batches).items()}, one)  # compiles
-        jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = step(state, {k: jnp.asarray(v) for k, v in next(batches).items()}, one)
-        jax.block_until_ready(metrics)
+        mesh = mesh_lib.make_mesh(None)
+        with jax.set_mesh(mesh):
+
+            def build():
+                return DeepseekV4(cfg, rngs=nnx.Rngs(0))
+
+            abstract_params = nnx.state(nnx.eval_shape(build), nnx.Param)
+            specs = jax.tree.map(lambda x: x.spec, rules.param_shardings(abstract_params, mesh))
+            tx = train.make_optimizer(settings, mesh=mesh, partition_specs=specs)
+            graphdef, abstract = train.abstract_state(build, tx, 0)
+            _, state = train.create_state(build, tx, 0, train.state_shardings(abstract, mesh))
+            step = train.make_train_step(graphdef, cfg, tx, settings, sparse=False)
+            batch_sharding = rules.named_sharding(("batch", "seq"), mesh, "activation")
+            one = jnp.float32(1.0)
+            state, metrics = step(state, data.to_global(next(batches), batch_sharding), one)  # compiles
+            jax.block_until_ready(metrics)
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, metrics = step(state, data.to_global(next(batches), batch_sharding), one)
+            jax.block_until_ready(metrics)
         return steps * batch_size * seq_len / (time.perf_counter() - start), ""
     except Exception as e:  # noqa: BLE001  (any failure means: not measurable in this checkout)
         return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
@@ -117,14 +132,17 @@ def main(argv: list[str]) -> None:
     print(f"data: {', '.join(dirs)}; seq_len {seq_len}, batch {batch_size}, packing bins {data.PACKING_BINS}")
 
     def ours(num_workers: int = 0, num_epochs: int | None = None) -> Iterator[dict]:
-        return data.make_train_iterator(dirs[:1], None, seq_len, batch_size, seed=0, num_workers=num_workers,
-                                        num_epochs=num_epochs)
+        return data.make_train_iterator(
+            dirs[:1], None, seq_len, batch_size, seed=0, num_workers=num_workers, num_epochs=num_epochs
+        )
 
     eff, tokens = _epoch_efficiency(ours(num_epochs=1))
     ref_eff, ref_tokens = _epoch_efficiency(_grain_reference(dirs, seq_len, batch_size, 1))
     assert tokens == ref_tokens, "both packers must see every token of the epoch"
-    print(f"packing efficiency over one epoch ({tokens:,} tokens): ours {eff:.4%}, "
-          f"grain BestFitPack {ref_eff:.4%} (padding x{(1 - eff) / max(1 - ref_eff, 1e-12):.2f} of grain's)")
+    print(
+        f"packing efficiency over one epoch ({tokens:,} tokens): ours {eff:.4%}, "
+        f"grain BestFitPack {ref_eff:.4%} (padding x{(1 - eff) / max(1 - ref_eff, 1e-12):.2f} of grain's)"
+    )
 
     ref_rate, ref_used, _ = _throughput(lambda: _grain_reference(dirs, seq_len, batch_size, None), _SECONDS.value)
     print(f"loader throughput, grain BestFitPack reference: {ref_rate:,.0f} positions/s ({ref_used:,.0f} tokens/s)")
@@ -132,18 +150,24 @@ def main(argv: list[str]) -> None:
     for w in workers:
         rate, used, first = _throughput(lambda w=w: ours(num_workers=w), _SECONDS.value)
         rates[w] = used
-        print(f"loader throughput, ours, {w} workers: {rate:,.0f} positions/s ({used:,.0f} tokens/s, "
-              f"x{rate / ref_rate:.2f} of the reference; first batch after {first:.2f} s)")
+        print(
+            f"loader throughput, ours, {w} workers: {rate:,.0f} positions/s ({used:,.0f} tokens/s, "
+            f"x{rate / ref_rate:.2f} of the reference; first batch after {first:.2f} s)"
+        )
 
     train_rate, why = _train_step_tokens_per_s(_PRESET.value, seq_len, batch_size, _TRAIN_STEPS.value, ours())
     if train_rate is None:
         print(f"train step ({_PRESET.value}): unavailable ({why})")
     else:
         best = max(rates.values())
-        print(f"train step ({_PRESET.value}, batch {batch_size}x{seq_len}): {train_rate:,.0f} tokens/s; "
-              f"loader headroom x{best / train_rate:.1f}")
-    print(f"{datetime.date.today()} seq_len {seq_len} batch {batch_size}: efficiency {eff:.4%}, "
-          f"tokens/s {', '.join(f'{w}w {r:,.0f}' for w, r in rates.items())}")
+        print(
+            f"train step ({_PRESET.value}, batch {batch_size}x{seq_len}): {train_rate:,.0f} tokens/s; "
+            f"loader headroom x{best / train_rate:.1f}"
+        )
+    print(
+        f"{datetime.date.today()} seq_len {seq_len} batch {batch_size}: efficiency {eff:.4%}, "
+        f"tokens/s {', '.join(f'{w}w {r:,.0f}' for w, r in rates.items())}"
+    )
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ def _read_parquet(path: str, text_field: str, stats: ReadStats) -> Iterator[tupl
         raise ValueError("reading parquet needs pyarrow: pip install pyarrow") from None
     try:
         pf = pq.ParquetFile(path)
-    except Exception as e:  # pyarrow raises several unrelated types for a corrupt file
+    except Exception as e:  # noqa: BLE001  (pyarrow raises several unrelated types for a corrupt file)
         raise ValueError(f"not a readable parquet file: {path} ({type(e).__name__}: {e})") from None
     if text_field not in pf.schema_arrow.names:
         raise ValueError(f"{path} has no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)})")
@@ -419,8 +419,10 @@ def prepare(
 
 
 def _describe(stats: ReadStats) -> str:
-    return (f"{stats.empty_skipped} empty skipped, {stats.malformed_records} malformed, "
-            f"{stats.replaced_bytes} invalid UTF-8 bytes replaced")
+    return (
+        f"{stats.empty_skipped} empty skipped, {stats.malformed_records} malformed, "
+        f"{stats.replaced_bytes} invalid UTF-8 bytes replaced"
+    )
 
 
 def prepare_cached(

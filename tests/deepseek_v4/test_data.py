@@ -105,8 +105,9 @@ def test_segments_positions_and_targets_at_every_boundary(corpus):
 def test_process_shards_are_disjoint_and_cover_the_data(corpus):
     path, docs = corpus["a"]
     per_process = [
-        _batch_pairs(data.make_train_iterator([path], None, T, 2, seed=3, process_index=p, process_count=3,
-                                              num_epochs=1))
+        _batch_pairs(
+            data.make_train_iterator([path], None, T, 2, seed=3, process_index=p, process_count=3, num_epochs=1)
+        )
         for p in range(3)
     ]
     for p in range(3):
@@ -244,4 +245,3 @@ def test_concurrent_cache_preparation_is_safe(tmp_path, monkeypatch, with_lock):
     assert not errors and len(set(results)) == 1
     assert data.open_dataset(os.path.join(results[0], "train")).manifest["documents"] == 1
     assert sorted(os.listdir(tmp_path)) in (["c"], [".c.lock", "c"]), "no temporary directory may remain"
-

@@ -43,4 +43,3 @@ def test_special_strings_in_text_stay_text_and_ids_fit_the_model(tok):
     assert ids.max() < config.VOCAB_SIZE
     assert not np.isin(ids, [tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID]).any(), "raw text produced a control id"
     assert tok.decode(ids) == text
-
