@@ -69,10 +69,14 @@ def csa_attention(
     if entries.shape[1] == 0:  # nothing to gather from: every slot is empty
         entries = jnp.zeros((B, 1, H), entries.dtype)
         idx = jnp.full_like(idx, -1)
+    C = entries.shape[1]
+    flat_entries = entries.reshape(B * C, H)  # one gather over the whole batch
+    row_offset = (jnp.arange(B, dtype=jnp.int32) * C)[:, None, None]
 
     def one_block(xs):
         q_i, keys_i, kpos_i, kseg_i, qpos_i, qseg_i, idx_i = xs
-        selected = jax.vmap(lambda e, i: e[jnp.maximum(i, 0)])(entries, idx_i)  # [B, block, K, H]
+        rows = (jnp.maximum(idx_i, 0) + row_offset).reshape(-1)
+        selected = jnp.take(flat_entries, rows, axis=0, mode="clip").reshape(B, block, K, H)
         z_win = jnp.einsum("bqnh,bkh->bqnk", q_i, keys_i, preferred_element_type=jnp.float32)
         z_sel = jnp.einsum("bqnh,bqkh->bqnk", q_i, selected, preferred_element_type=jnp.float32)
         mask = jnp.concatenate([window_mask(qpos_i, qseg_i, kpos_i, kseg_i, window), idx_i >= 0], axis=-1)

@@ -1,0 +1,266 @@
+"""Time and memory of CSA / HCA attention and the lightning indexer against dense masked attention.
+
+    python -m tools.bench_attention [--seq_lens=16384,131072] [--impl=reference] [--kinds=...] [--json]
+
+Kinds: csa / hca / dense (forward, "_fwd") and with the backward ("_fwdbwd"), and indexer (scores +
+top-k, forward only). `dense` is the baseline measured in the same run: full [T, T + C] masked attention
+(window + the same selected entries, one softmax with sink), what a framework without a sparse kernel
+does. Its memory is quadratic, so it only runs where its compiled peak fits --dense_max_gib; skipped
+lengths are reported. Widths default to a CPU-sized model (N=2, H=64); window, ratios and top-k are
+V4-Flash's. CSA's selected entries are spread evenly over each query's history (the selection pattern
+affects only gather locality; the indexer is timed separately).
+
+Peak bytes are XLA's compiled buffer assignment (arguments + outputs + temporaries), identical in
+meaning on every backend. Each kind reports its time at every length and its scaling ratio
+time(T_max) / time(T_min) next to the length ratio (linear = the length ratio, quadratic = its square).
+Results are appended to experiments/LOG.md (--log='' to skip).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import os
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from tqdm import tqdm
+
+from pallas_kernels.csa_attention import csa_attention
+from pallas_kernels.hca_attention import hca_attention
+from pallas_kernels.lightning_indexer import lightning_indexer
+
+KINDS = ("csa_fwd", "csa_fwdbwd", "hca_fwd", "hca_fwdbwd", "dense_fwd", "dense_fwdbwd", "indexer")
+
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["16384", "131072"], "sequence lengths T")
+_IMPL = flags.DEFINE_enum("impl", None, ["reference", "pallas", "pallas_gpu", "pallas_tpu"],
+                          "implementation of the CSA/HCA/indexer entry points (default: best available)")
+_INTERPRET = flags.DEFINE_bool("interpret", False, "run Pallas in interpret mode (needed on CPU; slow)")
+_KINDS = flags.DEFINE_list("kinds", list(KINDS), f"what to time, from {','.join(KINDS)}")
+_INDEXER_SEQ_LENS = flags.DEFINE_list("indexer_seq_lens", [], "lengths for the indexer (default: --seq_lens)")
+_DENSE_SEQ_LENS = flags.DEFINE_list("dense_seq_lens", [], "lengths for the dense baseline (default: --seq_lens)")
+_BATCH = flags.DEFINE_integer("batch", 1, "batch size B")
+_HEADS = flags.DEFINE_integer("heads", 2, "query heads N (V4-Flash: 64)")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "head dim H (V4-Flash: 512)")
+_WINDOW = flags.DEFINE_integer("window", 128, "sliding window")
+_CSA_RATIO = flags.DEFINE_integer("csa_ratio", 4, "CSA compression ratio")
+_HCA_RATIO = flags.DEFINE_integer("hca_ratio", 128, "HCA compression ratio")
+_TOPK = flags.DEFINE_integer("topk", 512, "CSA entries per query (V4-Flash: 512)")
+_INDEX_HEADS = flags.DEFINE_integer("index_heads", 4, "indexer heads NI (V4: 64)")
+_INDEX_HEAD_DIM = flags.DEFINE_integer("index_head_dim", 32, "indexer head dim HI (V4: 128)")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of q, kv and entries")
+_REPEATS = flags.DEFINE_integer("repeats", 1, "timed calls after the compile call (median reported)")
+_DENSE_MAX_GIB = flags.DEFINE_float("dense_max_gib", 6.0, "skip a dense run whose compiled peak exceeds this")
+_JSON = flags.DEFINE_bool("json", False, "print the result rows as JSON")
+_LOG = flags.DEFINE_string("log", "experiments/LOG.md", "markdown log to append to ('' to skip)")
+
+
+def _inputs(T: int, ratio: int):
+    """Random q, kv, entries, sink; one document per row."""
+    B, N, H = _BATCH.value, _HEADS.value, _HEAD_DIM.value
+    dtype = jnp.dtype(_DTYPE.value)
+    keys = jax.random.split(jax.random.key(T), 4)
+    C = T // ratio
+    return dict(
+        q=jax.random.normal(keys[0], (B, T, N, H), dtype),
+        kv=jax.random.normal(keys[1], (B, T, H), dtype),
+        entries=jax.random.normal(keys[2], (B, C, H), dtype),
+        sink=jax.random.normal(keys[3], (N,), jnp.float32),
+        segment_ids=jnp.ones((B, T), jnp.int32),
+        entry_segment=jnp.ones((B, C), jnp.int32),
+    )
+
+
+def spread_topk(B: int, T: int, ratio: int, K: int) -> jax.Array:
+    """K distinct admissible entries per query, spread evenly over its history; -1 where fewer exist.
+
+    Shapes:
+      -> [B, T, K] int32.
+    """
+    n = (jnp.arange(T, dtype=jnp.int32) + 1) // ratio  # admissible entries of query t
+    k = jnp.arange(K, dtype=jnp.int32)
+    step = jnp.where(n[:, None] > K, (k[None, :] * n[:, None]) // K, k[None, :])
+    idx = jnp.where(k[None, :] < n[:, None], n[:, None] - 1 - step, -1)
+    return jnp.broadcast_to(idx, (B, T, K))
+
+
+def dense_masked_attention(q, kv, entries, sink, key_mask):
+    """Baseline: softmax with sink over all T + C keys under a dense [B, T, T + C] mask."""
+    keys = jnp.concatenate([kv, entries], axis=1)
+    z = jnp.einsum("btnh,bsh->btns", q, keys, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    z = jnp.where(key_mask[:, :, None, :], z, -jnp.inf)
+    s = sink[:, None]
+    m = jax.lax.stop_gradient(jnp.maximum(z.max(-1, keepdims=True), s))
+    e = jnp.exp(z - m)
+    p = e / (e.sum(-1, keepdims=True) + jnp.exp(s - m))
+    return jnp.einsum("btns,bsh->btnh", p.astype(keys.dtype), keys).astype(q.dtype)
+
+
+def dense_mask(T: int, window: int, topk_idx) -> jax.Array:
+    """[B, T, T + C] mask of the CSA rule (single document): window plus the selected entries."""
+    t = jnp.arange(T)
+    win = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
+    C = T // _CSA_RATIO.value
+    sel = jnp.zeros(topk_idx.shape[:2] + (C + 1,), bool)
+    sel = jax.vmap(lambda s, i: s.at[jnp.arange(T)[:, None], jnp.where(i >= 0, i, C)].set(True))(sel, topk_idx)
+    return jnp.concatenate([jnp.broadcast_to(win, topk_idx.shape[:1] + win.shape), sel[..., :C]], axis=-1)
+
+
+def _with_backward(fn):
+    """fn(q, kv, entries, sink) -> out  becomes  (q, kv, entries, sink) -> (out, grads)."""
+
+    def run(q, kv, entries, sink):
+        out, vjp = jax.vjp(fn, q, kv, entries, sink)
+        return out, vjp(jnp.ones_like(out))
+
+    return run
+
+
+def _case(kind: str, T: int):
+    """(jitted function, args) for one measurement."""
+    impl, interpret = _IMPL.value, _INTERPRET.value or None
+    window, K = _WINDOW.value, _TOPK.value
+    base = kind.rsplit("_", 1)[0]
+    if base in ("csa", "dense"):
+        x = _inputs(T, _CSA_RATIO.value)
+        topk = spread_topk(_BATCH.value, T, _CSA_RATIO.value, K)
+        if base == "csa":
+            fn = functools.partial(csa_attention, topk_idx=topk, segment_ids=x["segment_ids"], window=window,
+                                   impl=impl, interpret=interpret)
+            attn = lambda q, kv, e, s: fn(q, kv, e, sink=s)  # noqa: E731
+        else:
+            mask = dense_mask(T, window, topk)
+            attn = lambda q, kv, e, s: dense_masked_attention(q, kv, e, s, mask)  # noqa: E731
+    elif base == "hca":
+        x = _inputs(T, _HCA_RATIO.value)
+        fn = functools.partial(hca_attention, entry_segment=x["entry_segment"], segment_ids=x["segment_ids"],
+                               ratio=_HCA_RATIO.value, window=window, impl=impl, interpret=interpret)
+        attn = lambda q, kv, e, s: fn(q, kv, e, sink=s)  # noqa: E731
+    else:
+        B, NI, HI, C = _BATCH.value, _INDEX_HEADS.value, _INDEX_HEAD_DIM.value, T // _CSA_RATIO.value
+        keys = jax.random.split(jax.random.key(T), 3)
+        dtype = jnp.dtype(_DTYPE.value)
+        args = (jax.random.normal(keys[0], (B, T, NI, HI), dtype), jax.random.normal(keys[1], (B, C, HI), dtype),
+                jax.random.normal(keys[2], (B, T, NI), dtype), jnp.ones((B, C), jnp.int32), jnp.ones((B, T), jnp.int32))
+        fn = functools.partial(lightning_indexer, ratio=_CSA_RATIO.value, topk=K, impl=impl, interpret=interpret)
+        return jax.jit(fn), args
+    call = attn if kind.endswith("_fwd") else _with_backward(attn)
+    return jax.jit(call), (x["q"], x["kv"], x["entries"], x["sink"])
+
+
+def _peak_bytes(compiled) -> int:
+    m = compiled.memory_analysis()
+    if m is None:
+        return -1
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def measure(kind: str, T: int) -> dict:
+    fn, args = _case(kind, T)
+    compiled = fn.lower(*args).compile()
+    peak = _peak_bytes(compiled)
+    row = dict(impl=_IMPL.value or "default", kind=kind, seq_len=T, peak_bytes=peak)
+    if kind.startswith("dense") and peak > _DENSE_MAX_GIB.value * 2**30:
+        return dict(row, seconds=None, cpu_seconds=None, skipped=f"needs {peak / 2**30:.1f} GiB")
+    jax.block_until_ready(compiled(*args))  # warm-up
+    wall, cpu = [], []
+    for _ in range(_REPEATS.value):
+        t0, c0 = time.perf_counter(), time.process_time()
+        jax.block_until_ready(compiled(*args))
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return dict(row, seconds=float(np.median(wall)), cpu_seconds=float(np.median(cpu)))
+
+
+def _ratios(rows: list[dict]) -> list[str]:
+    """Per kind: time(T) / time(T_min) for every measured T, next to the length ratio; CSA vs dense."""
+    lines = []
+    for kind in dict.fromkeys(r["kind"] for r in rows):
+        done = sorted((r for r in rows if r["kind"] == kind and r["seconds"]), key=lambda r: r["seq_len"])
+        for hi in done[1:]:
+            lo, n = done[0], hi["seq_len"] / done[0]["seq_len"]
+            lines.append(f"{kind}: time({hi['seq_len']}) / time({lo['seq_len']}) = {hi['seconds'] / lo['seconds']:.2f} "
+                         f"(CPU time {hi['cpu_seconds'] / lo['cpu_seconds']:.2f}); length x{n:.0f}: linear "
+                         f"{n:.0f}, quadratic {n * n:.0f}")
+    by_t = {(r["kind"], r["seq_len"]): r for r in rows if r["seconds"]}
+    for (kind, T), r in sorted(by_t.items()):
+        d = by_t.get(("dense" + kind[kind.index("_"):], T)) if kind.startswith("csa") else None
+        if d:
+            lines.append(f"{kind} at T={T}: dense / csa time = {d['seconds'] / r['seconds']:.2f}, "
+                         f"peak memory = {d['peak_bytes'] / r['peak_bytes']:.2f}")
+    return lines
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _markdown(rows: list[dict], ratios: list[str], meta: dict) -> str:
+    head = (f"\n## {meta['date']} attention benchmark (commit {meta['commit']}, {meta['platform']}, "
+            f"{meta['cpus']} CPUs, load average {meta['load']:.1f} at start)\n\n"
+            f"`python -m tools.bench_attention {meta['argv']}` - B={meta['B']}, N={meta['N']}, H={meta['H']}, "
+            f"window {meta['window']}, CSA m={meta['csa_ratio']} top-{meta['topk']}, HCA m={meta['hca_ratio']}, "
+            f"indexer NI={meta['NI']} HI={meta['HI']}, {meta['dtype']}, impl {meta['impl']}.\n\n"
+            "| kind | T | seconds | CPU seconds | peak MiB |\n|---|---|---|---|---|\n")
+    body = "".join(
+        f"| {r['kind']} | {r['seq_len']} | "
+        + (f"{r['seconds']:.3f} | {r['cpu_seconds']:.3f}" if r["seconds"] else f"skipped ({r['skipped']}) | -")
+        + f" | {r['peak_bytes'] / 2**20:.0f} |\n"
+        for r in rows
+    )
+    return head + body + "\n" + "".join(f"- {line}\n" for line in ratios)
+
+
+def main(argv):
+    del argv
+    bad = [k for k in _KINDS.value if k not in KINDS]
+    if bad:
+        raise SystemExit(f"unknown --kinds {bad}; choose from {', '.join(KINDS)}")
+    try:
+        lens = [int(v) for v in _SEQ_LENS.value]
+        idx_lens = [int(v) for v in _INDEXER_SEQ_LENS.value] or lens
+        dense_lens = [int(v) for v in _DENSE_SEQ_LENS.value] or lens
+    except ValueError as e:
+        raise SystemExit(f"--seq_lens / --indexer_seq_lens / --dense_seq_lens must be integers: {e}") from None
+    plan = [(k, T) for k in _KINDS.value for T in (idx_lens if k == "indexer" else dense_lens if k.startswith("dense")
+                                                     else lens)]
+    load = os.getloadavg()[0]
+    rows = []
+    bar = tqdm(plan, desc="attention bench", unit="case")
+    for kind, T in bar:
+        bar.set_postfix_str(f"{kind} T={T}")
+        try:
+            rows.append(measure(kind, T))
+        except ValueError as e:  # e.g. a Pallas request that cannot run on this platform
+            raise SystemExit(f"{kind} at T={T}: {e}") from None
+    ratios = _ratios(rows)
+    meta = dict(date=datetime.date.today().isoformat(), commit=_commit(), platform=jax.default_backend(),
+                cpus=os.cpu_count(), load=load, argv=" ".join(os.sys.argv[1:]), B=_BATCH.value, N=_HEADS.value,
+                H=_HEAD_DIM.value, window=_WINDOW.value, csa_ratio=_CSA_RATIO.value, topk=_TOPK.value,
+                hca_ratio=_HCA_RATIO.value, NI=_INDEX_HEADS.value, HI=_INDEX_HEAD_DIM.value, dtype=_DTYPE.value,
+                impl=_IMPL.value or "default")
+    if _JSON.value:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            t = f"{r['seconds']:.3f} s" if r["seconds"] else f"skipped ({r['skipped']})"
+            print(f"{r['kind']:>14} T={r['seq_len']:>7}: {t:>24}  peak {r['peak_bytes'] / 2**20:9.0f} MiB")
+        print("\n".join(ratios))
+    if _LOG.value:
+        os.makedirs(os.path.dirname(_LOG.value) or ".", exist_ok=True)
+        with open(_LOG.value, "a", encoding="utf-8") as f:  # one append: never rewrites other entries
+            f.write(_markdown(rows, ratios, meta))
+        print(f"appended to {_LOG.value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
