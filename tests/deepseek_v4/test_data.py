@@ -185,23 +185,41 @@ def test_bad_arguments_are_one_line_errors(corpus, tmp_path):
 def test_worker_processes_give_a_deterministic_resumable_stream(corpus):
     from absl import flags
 
-    if not flags.FLAGS.is_parsed():
+    marked = not flags.FLAGS.is_parsed()
+    if marked:
         flags.FLAGS.mark_as_parsed()  # what absl.app.run does in a real program
     path, docs = corpus["a"]
-    it = data.make_train_iterator([path], None, T, 2, seed=10, num_workers=2, num_epochs=1)
     try:
-        head = _take(it, 3)
-        state = it.get_state()
-        rest = list(it)
+        it = data.make_train_iterator([path], None, T, 2, seed=10, num_workers=2, num_epochs=1)
+        try:
+            head = _take(it, 3)
+            state = it.get_state()
+            rest = list(it)
+        finally:
+            it.close()
+        assert _batch_pairs(head + rest) == _pairs(docs)
+        resumed = data.make_train_iterator([path], None, T, 2, seed=10, num_workers=2, num_epochs=1)
+        try:
+            resumed.set_state(state)
+            _assert_same_batches(list(resumed), rest)
+        finally:
+            resumed.close()
     finally:
-        it.close()
-    assert _batch_pairs(head + rest) == _pairs(docs)
-    resumed = data.make_train_iterator([path], None, T, 2, seed=10, num_workers=2, num_epochs=1)
-    try:
-        resumed.set_state(state)
-        _assert_same_batches(list(resumed), rest)
-    finally:
-        resumed.close()
+        if marked:
+            flags.FLAGS.unparse_flags()
+
+
+def test_to_global_lays_out_the_batch(corpus):
+    import jax
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+    batch = next(data.make_train_iterator([corpus["a"][0]], None, T, 4, seed=11))
+    out = data.to_global(batch, sharding)
+    assert out.keys() == batch.keys()
+    for k, v in out.items():
+        assert v.shape == (4, T) and v.dtype == np.int32 and v.sharding == sharding
+        np.testing.assert_array_equal(np.asarray(v), batch[k])
 
 
 def test_default_corpus_is_prepared_once_and_split_by_play(tmp_path, monkeypatch):
