@@ -32,7 +32,7 @@ def make_inputs(t=T, skew=False):
     if skew:
         idx = np.tile(np.array([[3, 5]], np.int32), (t, 1))  # every token on the same two experts
     w = rng.uniform(size=(t, K)).astype(np.float32)
-    w1, w3 = (0.5 * rng.normal(size=(E, D, F))).astype(np.float32), (0.5 * rng.normal(size=(E, D, F))).astype(np.float32)
+    w1, w3 = ((0.5 * rng.normal(size=(E, D, F))).astype(np.float32) for _ in range(2))
     w2 = (0.5 * rng.normal(size=(E, F, D))).astype(np.float32)
     return x, idx, w, w1, w3, w2
 
