@@ -71,6 +71,10 @@ class Config:
     # Activation memory: "none" keeps every activation for the backward, "full" recomputes each scanned unit of
     # layers in the backward (one saved residual state per unit).
     remat_policy: str = "none"
+    # Low-precision training (TRAINING.md section 5): "none"; "fp8" = FP8 e4m3 emulation of every FP8 GEMM of the
+    # release (128x128 weight blocks, 1x128 activation tiles); "fp4" = "fp8" plus MXFP4 QAT of the routed experts
+    # and of the indexer's query/key path (for continued training / post-training).
+    quant: str = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
@@ -169,6 +173,10 @@ def validate(c: Config) -> None:
     for name in ("dtype", "param_dtype"):
         if getattr(c, name) not in ("float32", "bfloat16"):
             _fail(f"{name} must be 'float32' or 'bfloat16', got {getattr(c, name)!r}")
+    if c.quant not in ("none", "fp8", "fp4"):
+        _fail(f"quant must be 'none', 'fp8' or 'fp4', got {c.quant!r}")
+    if c.quant == "fp4" and (c.hidden_size % 32 or c.moe_intermediate_size % 32 or c.index_head_dim % 32):
+        _fail("quant='fp4' needs hidden_size, moe_intermediate_size and index_head_dim divisible by 32 (MXFP4 blocks)")
     if c.remat_policy not in ("none", "full"):
         _fail(f"remat_policy must be 'none' or 'full', got {c.remat_policy!r}")
     if c.rms_norm_eps <= 0 or c.hc_eps <= 0:
@@ -217,6 +225,7 @@ TINY = Config(
     routed_scaling_factor=1.5,
     original_max_position_embeddings=64,
     rope_scaling_factor=4.0,
+    max_position_embeddings=256,
 )
 
 # A V4-shaped model that trains on 2 CPU cores: ~37M parameters, most of them the real-vocabulary
@@ -243,6 +252,7 @@ NANO = Config(
     num_hash_layers=2,
     original_max_position_embeddings=256,
     rope_scaling_factor=4.0,
+    max_position_embeddings=1024,
 )
 
 PRESETS: dict[str, Config] = {"flash": FLASH, "pro": PRO, "tiny": TINY, "nano": NANO}

@@ -11,6 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepseek_v4 import quant
+from deepseek_v4.config import Config
+
 
 class RouterBias(nnx.Variable):
     """The aux-loss-free balancing bias of a learned router: updated by a sign rule, not by gradients."""
@@ -48,3 +51,29 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.scale[...], self.eps)
+
+
+def qweight(w: jax.Array, cfg: Config, layout: str = "matrix", expert: bool = False) -> jax.Array:
+    """A GEMM weight as the forward sees it under `cfg.quant` (straight-through gradient to the master weight).
+
+    FP8 weights are quantised in 128x128 blocks of their official [out, in] matrix, so training sees exactly the
+    values an FP8 export holds: `layout` "matrix" = [in, out] (blocks are square, so the transpose is free);
+    "heads" = [in, N, H] (one matrix [in, N*H]); "grouped" = [G, I, O] (the official [G*O, I] matrix); leading
+    axes of "matrix" (experts) are batch axes. Routed experts (`expert`) use MXFP4 along the input axis in "fp4".
+    """
+    if cfg.quant == "none":
+        return w
+    if expert and cfg.quant == "fp4":
+        return quant.fake_quant_mxfp4(w, axis=-2)
+    if layout == "heads":
+        return quant.fake_quant_fp8_blocks(w.reshape(w.shape[0], -1)).reshape(w.shape)
+    if layout == "grouped":
+        g, i, o = w.shape
+        flat = quant.fake_quant_fp8_blocks(w.transpose(0, 2, 1).reshape(g * o, i))
+        return flat.reshape(g, o, i).transpose(0, 2, 1)
+    return quant.fake_quant_fp8_blocks(w)
+
+
+def qact(x: jax.Array, cfg: Config) -> jax.Array:
+    """An activation entering an FP8 GEMM: 1x128 tiles along the contraction (last) axis under `cfg.quant`."""
+    return x if cfg.quant == "none" else quant.fake_quant_act_fp8(x)

@@ -24,10 +24,12 @@ def sinkhorn(logits: jax.Array, iters: int, eps: float) -> jax.Array:
     """
     m = jax.nn.softmax(logits, axis=-1) + eps
     m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
-    for _ in range(iters - 1):
+
+    def row_then_column(_, m):
         m = m / (jnp.sum(m, axis=-1, keepdims=True) + eps)
-        m = m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
-    return m
+        return m / (jnp.sum(m, axis=-2, keepdims=True) + eps)
+
+    return jax.lax.fori_loop(0, iters - 1, row_then_column, m)
 
 
 def hc_weights(x: jax.Array, fn: jax.Array, base: jax.Array, scale: jax.Array, cfg: Config):

@@ -20,6 +20,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from deepseek_v4 import attention, layers, mhc, moe
@@ -218,8 +219,8 @@ class DeepseekV4(nnx.Module):
         hash_layers = min(cfg.num_hash_layers, cfg.num_hidden_layers)
         counts = [stats.expert_counts[hash_layers:]] + [s.expert_counts for s in mtp_stats]
         balance = [stats.balance_loss[hash_layers:]] + [s.balance_loss for s in mtp_stats]
-        csa = jnp.asarray([r == cfg.csa_ratio for r in cfg.layer_ratios])
-        n_csa = max(int(jnp.sum(csa)), 1)
+        csa = np.asarray([r == cfg.csa_ratio for r in cfg.layer_ratios])
+        n_csa = max(int(csa.sum()), 1)
         return TrainOutputs(
             hidden=hidden,
             mtp_hidden=tuple(mtp_hidden),
@@ -250,3 +251,4 @@ class DeepseekV4(nnx.Module):
         for m in self.mtp:
             m.block.ffn.router_bias[...] = m.block.ffn.router_bias[...] + speed * signs[row]
             row += 1
+

@@ -17,14 +17,16 @@ from deepseek_v4 import layers
 from deepseek_v4.config import Config
 
 
-def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit: float) -> jax.Array:
+def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit: float, act_quant=None) -> jax.Array:
     """Clamped SwiGLU: silu(min(x w1, limit)) * clip(x w3, -limit, limit), then w2.
 
-    Shapes: x [..., D], w1/w3 [D, F], w2 [F, D] -> [..., D].
+    `act_quant` (optional) is applied to the hidden activation entering w2. Shapes: x [..., D], w1/w3 [D, F],
+    w2 [F, D] -> [..., D].
     """
     gate = jnp.minimum(x @ w1, limit)
     up = jnp.clip(x @ w3, -limit, limit)
-    return (jax.nn.silu(gate) * up) @ w2
+    h = jax.nn.silu(gate) * up
+    return (h if act_quant is None else act_quant(h)) @ w2
 
 
 def route(x: jax.Array, gate: jax.Array, bias: jax.Array | None, hash_idx: jax.Array | None, top_k: int,
@@ -46,7 +48,7 @@ def route(x: jax.Array, gate: jax.Array, bias: jax.Array | None, hash_idx: jax.A
 
 
 def routed_experts_reference(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array,
-                             w2: jax.Array, limit: float) -> jax.Array:
+                             w2: jax.Array, limit: float, act_quant=None) -> jax.Array:
     """Sum over each token's selected experts of weight * expert(x), computed densely over all experts.
 
     Readable and exact; costs E/K times the routed FLOPs, which is fine for small expert counts on CPU.
@@ -56,8 +58,10 @@ def routed_experts_reference(x: jax.Array, idx: jax.Array, weights: jax.Array, w
     combine = jnp.sum(jax.nn.one_hot(idx, num_experts, dtype=jnp.float32) * weights[..., None], axis=1)  # [N, E]
     gate = jnp.minimum(jnp.einsum("nd,edf->nef", x, w1), limit)
     up = jnp.clip(jnp.einsum("nd,edf->nef", x, w3), -limit, limit)
-    h = jax.nn.silu(gate) * up * combine.astype(x.dtype)[..., None]  # [N, E, F]
-    return jnp.einsum("nef,efd->nd", h, w2)
+    h = jax.nn.silu(gate) * up
+    if act_quant is not None:
+        h = act_quant(h)
+    return jnp.einsum("nef,efd->nd", h * combine.astype(x.dtype)[..., None], w2)  # weights before w2 (reference)
 
 
 def default_hash_table(cfg: Config, layer: int) -> jax.Array:
@@ -142,14 +146,16 @@ class MoE(nnx.Module):
             bias = None if self.hash_layer else self.router_bias[...]
             scores, idx, weights = route(flat, self.gate[...], bias, hash_idx, cfg.num_experts_per_tok,
                                          cfg.routed_scaling_factor)
+        xq = layers.qact(flat.astype(dt), cfg)
+        aq = None if cfg.quant == "none" else (lambda h: layers.qact(h, cfg))
         with jax.named_scope("moe/experts"):
             ex = self.experts
-            y = routed_experts_reference(flat.astype(dt), idx, weights, ex.w1[...].astype(dt), ex.w3[...].astype(dt),
-                                         ex.w2[...].astype(dt), cfg.swiglu_limit)
+            w1, w3, w2 = (layers.qweight(w[...], cfg, expert=True).astype(dt) for w in (ex.w1, ex.w3, ex.w2))
+            y = routed_experts_reference(xq, idx, weights, w1, w3, w2, cfg.swiglu_limit, aq)
         if cfg.n_shared_experts:
             sh = self.shared
-            y = y + swiglu(flat.astype(dt), sh.w1[...].astype(dt), sh.w3[...].astype(dt), sh.w2[...].astype(dt),
-                           cfg.swiglu_limit)
+            w1, w3, w2 = (layers.qweight(w[...], cfg).astype(dt) for w in (sh.w1, sh.w3, sh.w2))
+            y = y + swiglu(xq, w1, w3, w2, cfg.swiglu_limit, aq)
         e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
         fmask = mask.reshape(-1).astype(jnp.float32)
         counts = jnp.sum(jax.nn.one_hot(idx, e) * fmask[:, None, None], axis=(0, 1))

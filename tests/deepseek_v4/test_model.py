@@ -147,7 +147,7 @@ def test_bias_update_follows_the_sign_rule(tiny):
     np.testing.assert_allclose(np.asarray(counts.sum(-1)), 2 * 20 * cfg.num_experts_per_tok)
     model.update_router_bias(counts, 0.001)
     expected = 0.001 * np.sign(np.asarray(counts.mean(-1, keepdims=True) - counts))
-    np.testing.assert_allclose(np.asarray(model.stack.blocks[0].ffn.router_bias[...][0]), expected[1], atol=1e-9)
+    np.testing.assert_allclose(np.asarray(model.stack.blocks[0].ffn.router_bias[...][0]), expected[0], atol=1e-9)
     np.testing.assert_allclose(np.asarray(model.mtp[0].block.ffn.router_bias[...]), expected[-1], atol=1e-9)
 
 
