@@ -15,6 +15,7 @@ from flax import nnx
 
 from deepseek_v4 import layers
 from deepseek_v4.config import Config
+from pallas_kernels.expert_matmul import expert_matmul
 
 
 def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit: float, act_quant=None) -> jax.Array:
@@ -62,6 +63,29 @@ def routed_experts_reference(x: jax.Array, idx: jax.Array, weights: jax.Array, w
     if act_quant is not None:
         h = act_quant(h)
     return jnp.einsum("nef,efd->nd", h * combine.astype(x.dtype)[..., None], w2)  # weights before w2 (reference)
+
+
+def routed_experts_grouped(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array,
+                           w2: jax.Array, limit: float, act_quant=None) -> jax.Array:
+    """The same sum as `routed_experts_reference`, computed only for the selected (token, expert) pairs: tokens
+    are sorted by expert and multiplied with the grouped expert matmul (Pallas on GPU/TPU, ragged_dot on CPU).
+
+    Shapes: x [N, D], idx/weights [N, K], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
+    """
+    n, k = idx.shape
+    flat = idx.reshape(-1)  # [N*K]
+    order = jnp.argsort(flat)
+    token = order // k
+    sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)  # [E]
+    xs = x[token]  # [N*K, D], grouped by expert
+    gate = jnp.minimum(expert_matmul(xs, w1, sizes), limit)
+    up = jnp.clip(expert_matmul(xs, w3, sizes), -limit, limit)
+    h = jax.nn.silu(gate) * up
+    if act_quant is not None:
+        h = act_quant(h)
+    h = h * weights.reshape(-1)[order][:, None].astype(h.dtype)
+    ys = expert_matmul(h, w2, sizes)  # [N*K, D]
+    return jnp.zeros_like(x).at[token].add(ys)
 
 
 def default_hash_table(cfg: Config, layer: int) -> jax.Array:
@@ -151,7 +175,8 @@ class MoE(nnx.Module):
         with jax.named_scope("moe/experts"):
             ex = self.experts
             w1, w3, w2 = (layers.qweight(w[...], cfg, expert=True).astype(dt) for w in (ex.w1, ex.w3, ex.w2))
-            y = routed_experts_reference(xq, idx, weights, w1, w3, w2, cfg.swiglu_limit, aq)
+            routed = routed_experts_grouped if cfg.moe_impl == "grouped" else routed_experts_reference
+            y = routed(xq, idx, weights, w1, w3, w2, cfg.swiglu_limit, aq)
         if cfg.n_shared_experts:
             sh = self.shared
             w1, w3, w2 = (layers.qweight(w[...], cfg).astype(dt) for w in (sh.w1, sh.w3, sh.w2))

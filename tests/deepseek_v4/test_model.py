@@ -197,3 +197,28 @@ def test_model_stats_match_the_published_sizes(name, total, with_mtp, active):
     assert abs(s["active_params"] / active - 1) < 0.01
     if with_mtp:
         assert abs(s["total_params_with_mtp"] / with_mtp - 1) < 0.01
+
+
+def test_grouped_experts_equal_dense_experts():
+    cfg = get_config("tiny")
+    k = jax.random.split(jax.random.key(15), 6)
+    n, d, f, e = 37, cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+    x = jax.random.normal(k[0], (n, d))
+    w1, w3 = (0.3 * jax.random.normal(kk, (e, d, f)) for kk in k[1:3])
+    w2 = 0.3 * jax.random.normal(k[3], (e, f, d))
+    idx = jnp.argsort(jax.random.uniform(k[4], (n, e)), axis=-1)[:, :2].astype(jnp.int32)
+    idx = idx.at[:, 0].set(jnp.where(jnp.arange(n) < 20, 3, idx[:, 0]))  # a crowded expert
+    idx = jnp.where(idx == 5, 6, idx)  # and an empty one
+    idx = idx.at[:, 1].set(jnp.where(idx[:, 1] == idx[:, 0], (idx[:, 0] + 1) % e, idx[:, 1]))
+    w = jax.random.uniform(k[5], (n, 2))
+
+    def both(x, w1, w3, w2):
+        return (moe.routed_experts_reference(x, idx, w, w1, w3, w2, 10.0),
+                moe.routed_experts_grouped(x, idx, w, w1, w3, w2, 10.0))
+
+    dense, grouped = both(x, w1, w3, w2)
+    np.testing.assert_allclose(np.asarray(grouped), np.asarray(dense), atol=1e-5)
+    gd = jax.grad(lambda *a: jnp.sum(both(*a)[0] ** 2), argnums=(0, 1, 3))(x, w1, w3, w2)
+    gg = jax.grad(lambda *a: jnp.sum(both(*a)[1] ** 2), argnums=(0, 1, 3))(x, w1, w3, w2)
+    for a, b in zip(gd, gg):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-4)  # grads reach ~600
