@@ -6,29 +6,33 @@ Layouts (scaling-book notation, mesh axes from `rules.RULES`):
 
 Per device, with Tl local tokens, P = size of "expert", El = E / P local experts and C slots per
 (source device, expert):
-  1. group: each (token, k) assignment gets a slot `expert * C + rank` in a send buffer [E * C, D] = [P, El*C, D],
-     where `rank` counts earlier assignments of the same expert on this device (first choices of all tokens
-     before second choices, so drops, if any, hit the lowest-ranked choices);
+  1. group: each (token, k) assignment gets a rank among this device's assignments to the same expert (first
+     choices of all tokens before second choices) and a slot `expert * C + rank` in a send buffer
+     [E * C, D] = [P, El*C, D];
   2. dispatch: all_to_all over "expert" -> [P (source), El, C, D] -> [El, P*C, D];
   3. local grouped matmul: clamped SwiGLU per local expert, a batched einsum "EMD,EDF->EMF" (the low-precision
      `pallas_kernels.expert_matmul` replaces it later), partial over F if "tensor" splits F;
-  4. combine: all_to_all back -> [E * C, D], gather each assignment's row, weight, sum over k, psum over
-     "tensor".
-Collectives per MoE layer: two all_to_alls of E*C*D elements per device over "expert" (forward; the same two
-in the backward pass), one all-reduce of [Tl, D] over "tensor" when F is split.
+  4. combine: all_to_all back -> [E * C, D], gather each assignment's row, weight, sum over k; psum over
+     "tensor" at the end.
+Collectives per pass: two all_to_alls of E*C*D elements per device over "expert" (and two more in the backward
+pass), one all-reduce of [Tl, D] over "tensor" when F is split.
 
-Buffer size (static shapes):
-  - dropless (default, `capacity_factor=None`): C = Tl, the worst case, since the K experts of one token are
-    distinct (top-k and hash routing guarantee it), so no expert can receive more than Tl assignments from one
-    device. Nothing is dropped, whatever the routing. The price: buffers and expert FLOPs are E/K times those of
-    a perfectly balanced exchange (4x for tiny, about 43x for V4-Flash), so at scale use a capacity factor.
-  - capacity (`capacity_factor=c`): C = ceil(c * Tl * K / E), at most Tl. Assignments beyond C are dropped
-    (they contribute zero) and counted.
+Modes (static shapes in both):
+  - dropless (default, `capacity_factor=None`): C = ceil(Tl * K / E), the balanced load, and the exchange runs
+    in rounds: round j carries the assignments of rank [j*C, (j+1)*C). The number of rounds is the busiest
+    (device, expert) pair's load over C, agreed on by all devices (a pmax), so nothing is ever dropped, buffers
+    stay at E*C*D = Tl*K*D elements whatever the routing, and the work grows only with the actual imbalance (one
+    or two rounds for a balanced router, E/K rounds if every token picks the same experts). The backward pass
+    (a custom VJP) replays the rounds, recomputing each round's expert activations instead of storing them.
+  - capacity (`capacity_factor=c`): one round with C = ceil(c * Tl * K / E) (at most Tl); assignments of rank
+    >= C are dropped (they contribute zero) and counted.
 `dropped` is the exact global number of dropped (token, k) assignments, summed over all devices.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -39,12 +43,10 @@ from sharding import rules
 
 
 def capacity(tokens_per_device: int, num_experts: int, top_k: int, capacity_factor: float | None) -> int:
-    """Slots per (source device, expert): Tl when dropless, else ceil(c * Tl * K / E) clipped to [1, Tl]."""
-    if capacity_factor is None:
-        return tokens_per_device
-    if capacity_factor <= 0:
+    """Slots per (source device, expert) and round: ceil(c * Tl * K / E) clipped to [1, Tl]; c = 1 when dropless."""
+    if capacity_factor is not None and capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be positive or None (dropless), got {capacity_factor}")
-    c = math.ceil(capacity_factor * tokens_per_device * top_k / num_experts)
+    c = math.ceil((capacity_factor or 1.0) * tokens_per_device * top_k / num_experts)
     return max(1, min(tokens_per_device, c))
 
 
@@ -58,52 +60,108 @@ def expert_ffn(xe: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit
     return jnp.einsum("emf,efd->emd", jax.nn.silu(gate) * up, w2)  # [E, M, D]
 
 
-def _slots(expert_idx: jax.Array, num_experts: int, cap: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Buffer slot of each assignment, k-major: first choices of all tokens rank before second choices.
+def _ranks(expert_idx: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
+    """Per assignment (k-major: first choices of all tokens, then second choices, ...) its expert and its rank
+    among this device's assignments to that expert; -1 marks "no assignment" and gets expert E.
 
-    Shapes: expert_idx [T, K] (-1 = no assignment) -> slot [K*T] (num_experts*cap = dropped), keep [K*T] bool,
-    valid [K*T] bool.
+    Shapes: expert_idx [T, K] -> expert [K*T] int32, rank [K*T] int32.
     """
-    e = expert_idx.T.reshape(-1)  # [K*T], k-major
-    valid = e >= 0
-    key = jnp.where(valid, e, num_experts)
+    e = expert_idx.T.reshape(-1)  # [K*T]
+    key = jnp.where(e >= 0, e, num_experts)
     order = jnp.argsort(key, stable=True)
     sorted_key = key[order]
-    rank_sorted = jnp.arange(key.shape[0]) - jnp.searchsorted(sorted_key, sorted_key, side="left")
-    rank = jnp.zeros_like(rank_sorted).at[order].set(rank_sorted)
-    keep = valid & (rank < cap)
-    slot = jnp.where(keep, key * cap + rank, num_experts * cap)
-    return slot, keep, valid
+    rank_sorted = jnp.arange(key.shape[0], dtype=jnp.int32) - jnp.searchsorted(sorted_key, sorted_key, side="left")
+    rank = jnp.zeros_like(rank_sorted).at[order].set(rank_sorted.astype(jnp.int32))
+    return key, rank
 
 
-def _local(x, expert_idx, expert_weight, w1, w3, w2, *, limit, cap, num_experts, ep_axis, ep_size, tensor_axis,
-           token_axes):
-    """The per-device body: group, dispatch, expert FFN, combine. Shapes: x [Tl, D] ... -> [Tl, D], []."""
-    tl, d = x.shape
-    k = expert_idx.shape[1]
-    slot, keep, valid = _slots(expert_idx, num_experts, cap)
-    tok = jnp.tile(jnp.arange(tl), k)  # [K*Tl], k-major
-    with jax.named_scope("moe/dispatch"):
-        buf = jnp.zeros((num_experts * cap, d), x.dtype).at[slot].add(x[tok], mode="drop")  # [E*C, D]
-        buf = buf.reshape(ep_size, (num_experts // ep_size) * cap, d)  # [P, El*C, D]
-        if ep_axis is not None:
-            buf = jax.lax.all_to_all(buf, ep_axis, 0, 0, tiled=True)  # [P (source), El*C, D]
-        el = num_experts // ep_size
-        xe = buf.reshape(ep_size, el, cap, d).transpose(1, 0, 2, 3).reshape(el, ep_size * cap, d)  # [El, P*C, D]
-    with jax.named_scope("moe/expert_matmul"):
-        ye = expert_ffn(xe, w1, w3, w2, limit)  # [El, P*C, D]
-    with jax.named_scope("moe/combine"):
-        ye = ye.reshape(el, ep_size, cap, d).transpose(1, 0, 2, 3).reshape(ep_size, el * cap, d)  # [P, El*C, D]
-        if ep_axis is not None:
-            ye = jax.lax.all_to_all(ye, ep_axis, 0, 0, tiled=True)  # [P (destination), El*C, D]
-        rows = jnp.take(ye.reshape(num_experts * cap, d), slot, axis=0, mode="fill", fill_value=0)  # [K*Tl, D]
-        gate = jnp.where(keep, expert_weight.T.reshape(-1), 0.0).astype(jnp.float32)  # [K*Tl]
-        y = jnp.sum((rows.astype(jnp.float32) * gate[:, None]).reshape(k, tl, d), axis=0)  # [Tl, D]
-        if tensor_axis is not None:
-            y = jax.lax.psum(y, tensor_axis)
-    dropped = jnp.sum(valid & ~keep).astype(jnp.int32)
-    if token_axes:
-        dropped = jax.lax.psum(dropped, token_axes)
+@dataclasses.dataclass(frozen=True)
+class _Exchange:
+    """Static parameters of one round of dispatch -> expert FFN -> combine."""
+
+    limit: float
+    cap: int
+    num_experts: int
+    ep_axis: str | tuple[str, ...] | None
+    ep_size: int
+
+    def __call__(self, x, gate, w1, w3, w2, key, rank, offset):
+        """Assignments of rank [offset, offset + C); returns their weighted outputs summed per token (float32,
+        partial over "tensor"). Shapes: x [Tl, D], gate [K*Tl] f32, key/rank [K*Tl] -> [Tl, D] f32."""
+        tl, d = x.shape
+        k = gate.shape[0] // tl
+        cap, n_exp, p = self.cap, self.num_experts, self.ep_size
+        el = n_exp // p
+        local = rank - offset
+        take = (key < n_exp) & (local >= 0) & (local < cap)
+        slot = jnp.where(take, key * cap + local, n_exp * cap)  # out of range = not in this round
+        with jax.named_scope("moe/dispatch"):
+            buf = jnp.zeros((n_exp * cap, d), x.dtype).at[slot].add(jnp.tile(x, (k, 1)), mode="drop")  # [E*C, D]
+            buf = buf.reshape(p, el * cap, d)  # [P, El*C, D]
+            if self.ep_axis is not None:
+                buf = jax.lax.all_to_all(buf, self.ep_axis, 0, 0, tiled=True)  # [P (source), El*C, D]
+            xe = buf.reshape(p, el, cap, d).transpose(1, 0, 2, 3).reshape(el, p * cap, d)  # [El, P*C, D]
+        with jax.named_scope("moe/expert_matmul"):
+            ye = expert_ffn(xe, w1, w3, w2, self.limit)  # [El, P*C, D]
+        with jax.named_scope("moe/combine"):
+            ye = ye.reshape(el, p, cap, d).transpose(1, 0, 2, 3).reshape(p, el * cap, d)  # [P, El*C, D]
+            if self.ep_axis is not None:
+                ye = jax.lax.all_to_all(ye, self.ep_axis, 0, 0, tiled=True)  # [P (destination), El*C, D]
+            rows = jnp.take(ye.reshape(n_exp * cap, d), slot, axis=0, mode="fill", fill_value=0)  # [K*Tl, D]
+            g = jnp.where(take, gate, 0.0).astype(jnp.float32)
+            return jnp.sum((rows.astype(jnp.float32) * g[:, None]).reshape(k, tl, d), axis=0)  # [Tl, D]
+
+
+def _rounds(ex: _Exchange, n_rounds, fn):
+    """fn(0) + fn(C) + ... + fn((n_rounds - 1) * C) for a pytree-valued fn; round 0 always runs (it is all zeros
+    when there is nothing to send) and gives the loop carry its exact type, including its varying mesh axes."""
+    first = fn(0)
+    step = lambda j, acc: jax.tree.map(jnp.add, acc, fn(j * ex.cap))  # noqa: E731
+    return jax.lax.fori_loop(1, jnp.maximum(n_rounds, 1), step, first)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dropless(ex: _Exchange, x, gate, w1, w3, w2, key, rank, n_rounds):
+    """Sum over rounds of `ex`; the VJP replays the rounds instead of storing their activations."""
+    return _rounds(ex, n_rounds, lambda off: ex(x, gate, w1, w3, w2, key, rank, off))
+
+
+def _dropless_fwd(ex, x, gate, w1, w3, w2, key, rank, n_rounds):
+    return _dropless(ex, x, gate, w1, w3, w2, key, rank, n_rounds), (x, gate, w1, w3, w2, key, rank, n_rounds)
+
+
+def _dropless_bwd(ex, res, dy):
+    x, gate, w1, w3, w2, key, rank, n_rounds = res
+
+    def one(off):
+        _, pull = jax.vjp(lambda *a: ex(*a, key, rank, off), x, gate, w1, w3, w2)
+        return pull(dy)
+
+    return tuple(_rounds(ex, n_rounds, one)) + (None, None, None)
+
+
+_dropless.defvjp(_dropless_fwd, _dropless_bwd)
+
+
+def _local(x, expert_idx, expert_weight, w1, w3, w2, *, ex: _Exchange, dropless: bool, tensor_axis, token_axes):
+    """The per-device body. Shapes: x [Tl, D], expert_idx/expert_weight [Tl, K] ... -> y [Tl, D], dropped []."""
+    key, rank = _ranks(expert_idx, ex.num_experts)
+    gate = expert_weight.T.reshape(-1).astype(jnp.float32)  # [K*Tl], k-major like key and rank
+    valid = key < ex.num_experts
+    if dropless:
+        busiest = jnp.max(jnp.where(valid, rank + 1, 0))
+        if token_axes:
+            busiest = jax.lax.pmax(busiest, token_axes)
+        n_rounds = (busiest + ex.cap - 1) // ex.cap
+        y = _dropless(ex, x, gate, w1, w3, w2, key, rank, n_rounds)
+        dropped = jnp.zeros((), jnp.int32)
+    else:
+        y = ex(x, gate, w1, w3, w2, key, rank, 0)
+        dropped = jnp.sum(valid & (rank >= ex.cap)).astype(jnp.int32)
+        if token_axes:
+            dropped = jax.lax.psum(dropped, token_axes)
+    if tensor_axis is not None:
+        y = jax.lax.psum(y, tensor_axis)
     return y.astype(x.dtype), dropped
 
 
@@ -119,11 +177,12 @@ def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array
 
     Args:
       x: token activations (flattened batch).
-      expert_idx: the K distinct experts of each token, int32; -1 marks "no assignment".
+      expert_idx: the K experts of each token, int32, distinct per token; -1 marks "no assignment".
       expert_weight: gating weights, float32.
       w1, w3, w2: stacked expert weights.
       swiglu_limit: the SwiGLU clamp `l`.
-      capacity_factor: None = dropless (default); c > 0 = capacity ceil(c * Tl * K / E) per (device, expert).
+      capacity_factor: None = dropless (default); c > 0 = one round of capacity ceil(c * Tl * K / E) per
+        (device, expert), overflow dropped.
       mesh: optional mesh; see above.
 
     Returns:
@@ -142,14 +201,15 @@ def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array
         raise ValueError(f"expert weights must be w1/w3 [E, D, F], w2 [E, F, D]; got {w1.shape}, {w3.shape}, "
                          f"{w2.shape} for D={d}")
     expert_idx = expert_idx.astype(jnp.int32)
+    dropless = capacity_factor is None
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             mesh = None
     if mesh is None:
-        cap = capacity(t, num_experts, k, capacity_factor)
-        return _local(x, expert_idx, expert_weight, w1, w3, w2, limit=swiglu_limit, cap=cap, num_experts=num_experts,
-                      ep_axis=None, ep_size=1, tensor_axis=None, token_axes=())
+        ex = _Exchange(swiglu_limit, capacity(t, num_experts, k, capacity_factor), num_experts, None, 1)
+        return _local(x, expert_idx, expert_weight, w1, w3, w2, ex=ex, dropless=dropless, tensor_axis=None,
+                      token_axes=())
 
     w_spec = rules.spec(("experts", None, "expert_mlp"), "param", shape=w1.shape, mesh=mesh)
     w2_spec = P(w_spec[0], w_spec[2], None)
@@ -164,13 +224,9 @@ def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array
         expert_idx = jnp.pad(expert_idx, ((0, pad), (0, 0)), constant_values=-1)
         expert_weight = jnp.pad(expert_weight, ((0, pad), (0, 0)))
     tl = (t + pad) // shards
-    cap = capacity(tl, num_experts, k, capacity_factor)
+    ex = _Exchange(swiglu_limit, capacity(tl, num_experts, k, capacity_factor), num_experts, ep_axis, ep_size)
     tok_spec = P(token_axes if token_axes else None, None)
-
-    def body(x, expert_idx, expert_weight, w1, w3, w2):
-        return _local(x, expert_idx, expert_weight, w1, w3, w2, limit=swiglu_limit, cap=cap, num_experts=num_experts,
-                      ep_axis=ep_axis, ep_size=ep_size, tensor_axis=tensor_axis, token_axes=token_axes)
-
+    body = functools.partial(_local, ex=ex, dropless=dropless, tensor_axis=tensor_axis, token_axes=token_axes)
     y, dropped = jax.shard_map(body, mesh=mesh, in_specs=(tok_spec, tok_spec, tok_spec, w_spec, w_spec, w2_spec),
                                out_specs=(tok_spec, P()))(x, expert_idx, expert_weight, w1, w3, w2)
     return y[:t], dropped

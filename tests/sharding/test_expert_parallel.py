@@ -100,7 +100,8 @@ def test_single_device_path_without_mesh(inputs):
 
 
 def test_skewed_routing_and_ragged_token_count_stay_dropless():
-    # 30 tokens on 8 shards (padded inside), all of them routed to experts 3 and 5: the worst case.
+    # 30 tokens on 8 shards (padded inside), all of them routed to experts 3 and 5: the worst case, which the
+    # dropless mode serves in E/K = 4 rounds of the balanced capacity.
     args = make_inputs(t=30, skew=True)
     x, idx, w, w1, w3, w2 = args
     got = grads_and_values(mesh_lib.make_mesh("data=2,expert=4"))(x, w, w1, w3, w2, idx)
@@ -123,7 +124,7 @@ def test_capacity_mode_drops_and_counts_exactly(inputs):
 
 
 def test_capacity_bounds_and_bad_inputs():
-    assert expert_parallel.capacity(16, 8, 2, None) == 16
+    assert expert_parallel.capacity(16, 8, 2, None) == 4  # dropless: rounds of the balanced load
     assert expert_parallel.capacity(16, 8, 2, 100.0) == 16
     assert expert_parallel.capacity(16, 256, 2, 0.01) == 1
     with pytest.raises(ValueError, match="capacity_factor must be positive"):
