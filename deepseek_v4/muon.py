@@ -17,10 +17,14 @@ then row axes, then column axes); `deepseek_v4.optim` holds the table for the mo
 axes (scanned layers, experts, output groups) are orthogonalised one matrix at a time.
 
 Sharding (TRAINING.md section 1.5): Newton-Schulz needs whole matrices, and running it on FSDP-sharded
-matrices under automatic partitioning would put collectives inside every step. Instead the matrices
-of one shape are stacked into [K, m, n], K is padded to a multiple of the device count and laid out
-`X[K_all, m, n]` (every mesh axis on K), so each device owns K/devices whole matrices and iterates on
-them with no communication; XLA moves the data there and back with all-to-alls.
+matrices under automatic partitioning would put collectives inside every step. `orthogonalize` instead
+runs in one `shard_map`: an all-to-all per mesh axis that shards a matrix dimension turns row/column
+shards into whole matrices spread over that axis; on mesh axes a parameter is replicated on, each device
+keeps its own share of the matrices (no traffic); each device then iterates on its K/devices whole
+matrices with no communication, and the same moves run backwards (all-gathers over the replicated axes,
+all-to-alls back), so every update keeps its parameter's sharding. Expert stacks already split over the
+expert axis stay where they are. This is DeepSeek's "whole matrices per rank" layout with the collectives
+visible to XLA.
 """
 
 from __future__ import annotations
