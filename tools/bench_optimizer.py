@@ -22,6 +22,7 @@ over the last tenth of the steps (less noisy). `--steps=0` skips the step timing
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -158,10 +159,8 @@ def _final_losses(workdir: str) -> tuple[int, float, float]:
 
 def compare_training(config: str, train_steps: int, lr: float, extra: list[str]) -> list[str]:
     """Train `config` with Muon and with AdamW (same flags, steps and LR); the final training losses."""
-    try:
-        import experiments.pretrain  # noqa: F401
-    except ImportError:
-        raise SystemExit("error: --train_steps needs experiments.pretrain, which is not importable") from None
+    if importlib.util.find_spec("experiments.pretrain") is None:  # not imported here: its flags would clash
+        raise SystemExit("error: --train_steps needs experiments.pretrain, which does not exist")
     lines = ["", f"Training comparison: config={config}, {train_steps} steps, lr {lr}, flags {' '.join(extra)}", "",
              "| optimizer | final step | final loss | mean loss, last 10% of steps | wall s |",
              "|---|---:|---:|---:|---:|"]
