@@ -1,0 +1,325 @@
+"""Per-device memory of a training run, and how many chips of which kind a preset needs.
+
+    python -m tools.memory_plan --config=flash --mesh=fsdp=32,expert=64 --batch_size=2048 --seq_len=4096
+    python -m tools.memory_plan --config=pro --recommend --seq_len=4096
+
+Everything comes from abstract shapes (`nnx.eval_shape`) and `sharding/rules.py`: nothing is allocated, so flash
+and pro plan on a laptop, for any mesh size (the mesh is abstract too).
+
+Terms, per device:
+  params      every model variable, in its dtype, split as the rules table splits it.
+  optimizer   muon: one float32 momentum per Muon parameter (hidden and expert matrices) plus AdamW's two moments
+              (parameter dtype) for the rest (embedding, head, norms, mHC biases, sinks); adamw: two moments for
+              every parameter. Routes from `deepseek_v4.optim.route_of`, sharded like the parameters.
+  gradients   one parameter-sized buffer (parameter dtype), reduce-scattered to the parameter layout; the optimizer
+              update adds one more such buffer (`updates`) before it is applied.
+  activations remat policy "full" (flash, pro): the scanned block stack keeps only each unit's input, the streams
+              x[B, T, R, D] in the compute dtype; the unrolled prefix layers and the MTP layer keep all their
+              activations; during the backward pass one unit is recomputed (its working set is added once).
+              Policy "none": every layer keeps all its activations. Per-layer activations are the tensors the
+              backward pass reads (inputs of matmuls, norms, gates), counted per token in `layer_token_bytes`;
+              attention is assumed to run as a kernel that keeps q, k/v, the output and a log-sum-exp per head,
+              never the [N, window + top-k] probabilities (the pure-JAX reference keeps them: add
+              N * (window + top-k) * 4 bytes per token and CSA layer when running it). MoE: the dropless mode keeps
+              only its inputs and replays its rounds in the backward pass; the capacity mode keeps its buffers.
+  loss        one chunk of float32 logits and their gradient, [chunk, V / tensor] twice, plus the final hidden states.
+  extra       XLA workspace and fragmentation: 10% of the rest, and the plan must fit in 90% of the chip's memory.
+
+`--recommend` assumes one sequence of `--seq_len` tokens per device and microbatch (a larger global batch uses
+gradient accumulation, which does not change the peak) and searches power-of-two chip counts; for each it tries
+meshes (fsdp, expert) with expert dividing the expert count and keeps the one with the most expert parallelism that
+fits (expert weights stay put, tokens travel by all-to-all; the dense weights are FSDP-sharded over the rest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from jax.sharding import AbstractMesh, AxisType
+
+from deepseek_v4 import DeepseekV4, get_config, optim
+from deepseek_v4.config import Config
+from deepseek_v4.model import layer_plan
+from sharding import mesh as mesh_lib
+from sharding import rules
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("config", "flash", "Preset: flash, pro, tiny, nano.")
+flags.DEFINE_string("mesh", "", "Mesh, e.g. fsdp=16,expert=8; -1 fills --devices.")
+flags.DEFINE_integer("devices", None, "Device count (needed when --mesh has a -1; default: the mesh's product).")
+flags.DEFINE_integer("batch_size", None, "Global batch in sequences per microbatch (default: one per device).")
+flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence.")
+flags.DEFINE_enum("optimizer", "muon", ["muon", "adamw"], "Optimizer (muon = the V4 Muon/AdamW split).")
+flags.DEFINE_float("capacity_factor", None, "MoE capacity factor (unset: dropless).")
+flags.DEFINE_integer("loss_chunk", 1024, "Tokens per chunk of logits in the cross entropy.")
+flags.DEFINE_string("dtype", None, "Override the preset's compute dtype (float32, bfloat16).")
+flags.DEFINE_string("param_dtype", None, "Override the preset's parameter dtype (float32, bfloat16).")
+flags.DEFINE_string("remat_policy", None, "Override the preset's remat policy (none, full).")
+flags.DEFINE_bool("recommend", False, "Find the fewest chips of each kind and a mesh for --config.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    hbm: float  # bytes
+
+
+CHIPS = (Chip("H200", 141e9), Chip("TPU v5p", 95e9), Chip("TPU v6e", 32e9))
+USABLE = 0.9  # fraction of a chip's memory a plan may use
+WORKSPACE = 0.1  # XLA workspace and fragmentation, as a fraction of the counted bytes
+
+
+def _itemsize(dtype) -> int:
+    return np.dtype(dtype).itemsize
+
+
+def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
+    return AbstractMesh(tuple(sizes[a] for a in mesh_lib.AXES), mesh_lib.AXES, axis_types=(AxisType.Auto,) * 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variable:
+    path: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    logical_axes: tuple | None
+    trainable: bool
+
+
+def model_variables(cfg: Config) -> list[Variable]:
+    """Every variable of the model, from `nnx.eval_shape` (nothing allocated)."""
+    state = nnx.state(nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0))))
+    out = []
+    for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]:
+        v = var.get_value()
+        axes = getattr(var, "logical_axes", None)
+        out.append(Variable(rules._path_str(path), tuple(v.shape), np.dtype(v.dtype), None if axes is None
+                            else tuple(axes), isinstance(var, nnx.Param)))
+    return out
+
+
+def _shard_elements(var: Variable, mesh: AbstractMesh) -> int:
+    if var.logical_axes is None:
+        return math.prod(var.shape)
+    s = rules.spec(var.logical_axes, "param", shape=var.shape, mesh=mesh)
+    split = [math.prod(mesh.shape[a] for a in rules.axes_of(e)) for e in s] + [1] * (len(var.shape) - len(s))
+    return math.prod(n // k for n, k in zip(var.shape, split))
+
+
+def state_bytes(variables: list[Variable], sizes: dict[str, int], optimizer: str) -> dict[str, int]:
+    """Per-device bytes of parameters (+ non-trainable variables), optimizer state, gradients and updates."""
+    mesh = abstract_mesh(sizes)
+    out = {"params": 0, "optimizer": 0, "gradients": 0, "updates": 0}
+    for v in variables:
+        n = _shard_elements(v, mesh)
+        out["params"] += n * v.dtype.itemsize
+        if not v.trainable:
+            continue
+        out["gradients"] += n * v.dtype.itemsize
+        out["updates"] += n * 4
+        muon = optimizer == "muon" and optim.route_of(v.path, v.shape).route == optim.MUON
+        out["optimizer"] += n * 4 if muon else 2 * n * v.dtype.itemsize
+    return out
+
+
+def moe_rows_per_token(cfg: Config, tokens_per_device: int, capacity_factor: float | None) -> float:
+    """Rows of the MoE dispatch buffer per local token: E * C / Tl (one round when dropless)."""
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    c = max(1, min(tokens_per_device, math.ceil((capacity_factor or 1.0) * tokens_per_device * k / e)))
+    return e * c / tokens_per_device
+
+
+def layer_token_bytes(cfg: Config, ratio: int, sizes: dict[str, int], seq_len: int, moe_rows: float,
+                      dropless: bool) -> tuple[float, float]:
+    """(kept, working) bytes per token of one layer: what the backward pass reads, and the transient peak of the
+    MoE exchange (its buffers in flight). See the module docstring for what is counted."""
+    dt, f32 = _itemsize(cfg.dtype), 4
+    r, d = cfg.hc_mult, cfg.hidden_size
+    n, h, q, g, o = cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank, cfg.o_groups, cfg.o_lora_rank
+    tp = sizes["tensor"]
+    heads_tp = tp if n % tp == 0 else 1
+    f_tp = tp if cfg.moe_intermediate_size % tp == 0 else 1
+    mhc = 2 * (r * d * dt + r * d * f32 + 2 * cfg.hc_sinkhorn_iters * r * r * f32 + (cfg.hc_dim + 2 * r) * f32)
+    attn = d * (f32 + dt) + 2 * q * dt + (4 * n * h * dt + n * f32) / heads_tp + 2 * h * dt + g * o * dt + d * dt
+    if ratio:
+        attn += 2 * (2 if ratio == cfg.csa_ratio else 1) * h * dt  # compressor kv and gate projections
+    if ratio == cfg.csa_ratio:
+        ni, hi = cfg.index_n_heads, cfg.index_head_dim
+        attn += ni * hi * dt + ni * dt + 4 * hi * dt + cfg.index_topk * 4
+        attn += seq_len / ratio * f32  # indexer scores against every compressed entry (its KL loss)
+    fs = cfg.moe_intermediate_size * cfg.n_shared_experts
+    moe = d * (f32 + dt) + 3 * cfg.n_routed_experts * f32 + 3 * fs * dt + d * dt
+    moe += cfg.num_experts_per_tok * (3 * 4 + d * f32)  # routing (expert, rank, gate) and combined rows
+    buffers = moe_rows * (2 * d + 3 * cfg.moe_intermediate_size / f_tp) * dt
+    kept = mhc + attn + moe + (0 if dropless else buffers)
+    return kept, 2 * buffers
+
+
+def activation_bytes(cfg: Config, sizes: dict[str, int], batch_size: int, seq_len: int,
+                     capacity_factor: float | None, loss_chunk: int) -> dict[str, float]:
+    """Per-device activation bytes by term (see the module docstring)."""
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    if batch_size % shards:
+        raise ValueError(f"batch_size {batch_size} is not divisible by data*fsdp*expert = {shards}")
+    tokens = batch_size // shards * seq_len
+    rows = moe_rows_per_token(cfg, tokens, capacity_factor)
+    dropless = capacity_factor is None
+    dt = _itemsize(cfg.dtype)
+    prefix, unit, repeats = layer_plan(cfg)
+    ratios = cfg.layer_ratios
+    per_layer = [layer_token_bytes(cfg, rr, sizes, seq_len, rows, dropless) for rr in ratios]
+    mtp = [layer_token_bytes(cfg, rr, sizes, seq_len, rows, dropless) for rr in cfg.mtp_ratios]
+    stream = cfg.hc_mult * cfg.hidden_size * dt
+    unrolled = per_layer[:prefix] + mtp
+    scanned = per_layer[prefix:]
+    if cfg.remat_policy == "full" and repeats:
+        kept = sum(k for k, _ in unrolled) + repeats * stream
+        recompute = sum(k for k, _ in scanned[:unit])
+    else:
+        kept = sum(k for k, _ in unrolled + scanned)
+        recompute = 0.0
+    working = max(w for _, w in per_layer + mtp)
+    edges = (cfg.hidden_size * dt + stream) * (1 + len(mtp)) + 2 * cfg.hidden_size * 4  # embed, expand, final hidden
+    chunk = min(loss_chunk, tokens)
+    vocab = cfg.vocab_size // sizes["tensor"] if cfg.vocab_size % sizes["tensor"] == 0 else cfg.vocab_size
+    return {
+        "activations kept": kept * tokens,
+        "unit recompute": recompute * tokens,
+        "moe buffers": working * tokens,
+        "edges": edges * tokens,
+        "loss chunk": 2.0 * chunk * vocab * 4,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    sizes: dict[str, int]
+    tokens_per_device: int
+    terms: dict[str, float]
+
+    @property
+    def counted(self) -> float:
+        return sum(self.terms.values())
+
+    @property
+    def total(self) -> float:
+        return self.counted * (1 + WORKSPACE)
+
+
+def plan(cfg: Config, sizes: dict[str, int], batch_size: int, seq_len: int, *, optimizer: str = "muon",
+         capacity_factor: float | None = None, loss_chunk: int = 1024,
+         variables: list[Variable] | None = None) -> Plan:
+    """The per-device memory plan of one training step.
+
+    Args:
+      cfg: the model config.
+      sizes: mesh axis sizes (`sharding.mesh.parse_mesh`).
+      batch_size: global sequences per microbatch; seq_len: tokens per sequence.
+      optimizer: "muon" or "adamw"; capacity_factor: None = dropless MoE; loss_chunk: tokens per logits chunk.
+      variables: `model_variables(cfg)`, to reuse across plans.
+
+    Returns:
+      A `Plan` with the bytes of each term; `total` adds the workspace allowance.
+    """
+    variables = variables if variables is not None else model_variables(cfg)
+    terms: dict[str, float] = dict(state_bytes(variables, sizes, optimizer))
+    terms.update(activation_bytes(cfg, sizes, batch_size, seq_len, capacity_factor, loss_chunk))
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    return Plan(dict(sizes), batch_size // shards * seq_len, terms)
+
+
+def recommend(cfg: Config, chip: Chip, seq_len: int, *, optimizer: str = "muon",
+              capacity_factor: float | None = None, loss_chunk: int = 1024, variables=None,
+              max_chips: int = 65536) -> Plan | None:
+    """The smallest power-of-two chip count (>= 8) with a fitting (fsdp, expert) mesh, one sequence per device."""
+    variables = variables if variables is not None else model_variables(cfg)
+    n = 8
+    while n <= max_chips:
+        experts = [x for x in (2**i for i in range(int(math.log2(n)) + 1)) if cfg.n_routed_experts % x == 0]
+        for x in sorted(experts, reverse=True):
+            sizes = {"data": 1, "fsdp": n // x, "expert": x, "tensor": 1}
+            p = plan(cfg, sizes, n, seq_len, optimizer=optimizer, capacity_factor=capacity_factor,
+                     loss_chunk=loss_chunk, variables=variables)
+            if p.total <= USABLE * chip.hbm:
+                return p
+        n *= 2
+    return None
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:9.2f} GB"
+
+
+def format_plan(p: Plan) -> str:
+    lines = [f"mesh {','.join(f'{k}={v}' for k, v in p.sizes.items())}, {p.tokens_per_device:,} tokens per device"]
+    for k, v in p.terms.items():
+        lines.append(f"  {k:<18}{_gb(v)}")
+    lines.append(f"  {'workspace (10%)':<18}{_gb(p.total - p.counted)}")
+    lines.append(f"  {'total':<18}{_gb(p.total)}")
+    for c in CHIPS:
+        verdict = "fits" if p.total <= USABLE * c.hbm else "does not fit"
+        lines.append(f"  {c.name} ({c.hbm / 1e9:.0f} GB): {verdict} (uses {100 * p.total / c.hbm:.0f}%)")
+    return "\n".join(lines)
+
+
+def _config_from_flags() -> Config:
+    overrides = {k: getattr(FLAGS, k) for k in ("dtype", "param_dtype", "remat_policy") if getattr(FLAGS, k)}
+    return get_config(FLAGS.config, **overrides)
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        cfg = _config_from_flags()
+        variables = model_variables(cfg)
+        kwargs = dict(optimizer=FLAGS.optimizer, capacity_factor=FLAGS.capacity_factor, loss_chunk=FLAGS.loss_chunk,
+                      variables=variables)
+        n_params = sum(math.prod(v.shape) for v in variables if v.trainable)
+        print(f"{FLAGS.config}: {n_params:,} parameters ({cfg.param_dtype}), compute {cfg.dtype}, remat "
+              f"{cfg.remat_policy}, optimizer {FLAGS.optimizer}, MoE "
+              f"{'dropless' if FLAGS.capacity_factor is None else f'capacity factor {FLAGS.capacity_factor}'}")
+        if FLAGS.recommend:
+            for chip in CHIPS:
+                p = recommend(cfg, chip, FLAGS.seq_len, **kwargs)
+                if p is None:
+                    print(f"{chip.name}: does not fit on up to 65536 chips")
+                    continue
+                print(f"{chip.name}: {math.prod(p.sizes.values())} chips, --mesh="
+                      f"{','.join(f'{k}={v}' for k, v in p.sizes.items() if v > 1)}")
+                print(format_plan(p))
+            return
+        if not FLAGS.mesh and FLAGS.devices is None:
+            sys.exit("error: give --mesh (and --devices if it has a -1), or --recommend")
+        spec = FLAGS.mesh or "data=-1"
+        devices = FLAGS.devices
+        if devices is None:
+            if "-1" in spec:
+                sys.exit("error: --mesh has a -1: give --devices")
+            devices = _product(spec)
+        sizes = mesh_lib.parse_mesh(spec, devices)
+        batch = FLAGS.batch_size or sizes["data"] * sizes["fsdp"] * sizes["expert"]
+        print(format_plan(plan(cfg, sizes, batch, FLAGS.seq_len, **kwargs)))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+def _product(spec: str) -> int:
+    total = 1
+    for part in spec.split(","):
+        _, _, value = part.partition("=")
+        try:
+            total *= int(value)
+        except ValueError:
+            raise ValueError(f"mesh entry {part!r} is not name=size") from None
+    return total
+
+
+if __name__ == "__main__":
+    app.run(main)
