@@ -23,8 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import sharding
 from deepseek_v4 import attention, layers, mhc, moe
 from deepseek_v4.config import Config
+
+STREAM_AXES = ("batch", "seq", "hc", "embed")  # logical layout of the residual streams [B, T, R, D]
 
 
 def layer_plan(cfg: Config) -> tuple[int, int, int]:
@@ -109,14 +112,15 @@ class TrainOutputs:
     expert_counts: jax.Array  # [n_learned_moe_layers, E] routed (token, slot) pairs per expert, padding excluded
     hash_expert_counts: jax.Array  # [n_hash_layers, E] the same for hash-routed layers (load metrics only)
     balance_loss: jax.Array  # [] sum over learned-routing layers of the sequence-wise balance loss
+    dropped_tokens: jax.Array  # [] (token, slot) pairs dropped by expert capacity over all layers (0 if dropless)
     indexer_loss: jax.Array  # [] mean over CSA layers of the indexer KL (zero unless requested)
     indexer_recall: jax.Array  # [] mean over CSA layers of the indexer's top-k recall of attention mass
 
 
 jax.tree_util.register_dataclass(
     TrainOutputs,
-    data_fields=["hidden", "mtp_hidden", "expert_counts", "hash_expert_counts", "balance_loss", "indexer_loss",
-                 "indexer_recall"],
+    data_fields=["hidden", "mtp_hidden", "expert_counts", "hash_expert_counts", "balance_loss", "dropped_tokens",
+                 "indexer_loss", "indexer_recall"],
     meta_fields=[],
 )
 
@@ -173,6 +177,7 @@ class DeepseekV4(nnx.Module):
         dt = layers.dtype_of(cfg.dtype)
         emb = jnp.take(self.embed[...], ctx.tokens, axis=0).astype(dt)  # [B, T, D]
         x = jnp.broadcast_to(emb[:, :, None, :], emb.shape[:2] + (cfg.hc_mult, cfg.hidden_size))  # [B, T, R, D]
+        x = sharding.constrain(x, STREAM_AXES)
         auxes = []
         for block in self.prefix:
             x, aux = block(x, ctx)
@@ -182,7 +187,7 @@ class DeepseekV4(nnx.Module):
 
             def body(x, layer_state):
                 x, aux = nnx.merge(graphdef, layer_state)(x, ctx)
-                return x, aux
+                return sharding.constrain(x, STREAM_AXES), aux
 
             if cfg.remat_policy == "full":
                 body = jax.checkpoint(body, prevent_cse=False)
@@ -227,6 +232,7 @@ class DeepseekV4(nnx.Module):
             expert_counts=jnp.concatenate(counts),
             hash_expert_counts=stats.expert_counts[:hash_layers],
             balance_loss=jnp.sum(jnp.concatenate(balance)),
+            dropped_tokens=jnp.sum(stats.dropped) + sum(jnp.sum(s.dropped) for s in mtp_stats),
             indexer_loss=jnp.sum(jnp.where(csa, idx_loss, 0.0)) / n_csa,
             indexer_recall=jnp.sum(jnp.where(csa, idx_recall, 0.0)) / n_csa,
         )

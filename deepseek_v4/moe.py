@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import sharding
 from deepseek_v4 import layers
 from deepseek_v4.config import Config
 from pallas_kernels.expert_matmul import expert_matmul
@@ -105,9 +106,16 @@ class MoeStats:
 
     expert_counts: jax.Array  # [E] routed (token, slot) pairs per expert, padding excluded
     balance_loss: jax.Array  # [] sequence-wise balance loss (V3 form), unweighted
+    dropped: jax.Array  # [] (token, slot) pairs dropped by a capacity limit (0 on the dropless paths)
 
 
-jax.tree_util.register_dataclass(MoeStats, data_fields=["expert_counts", "balance_loss"], meta_fields=[])
+jax.tree_util.register_dataclass(MoeStats, data_fields=["expert_counts", "balance_loss", "dropped"],
+                                 meta_fields=[])
+
+
+def _expert_mesh_size() -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty or "expert" not in mesh.axis_names else mesh.shape["expert"]
 
 
 def balance_loss(scores: jax.Array, idx: jax.Array, mask: jax.Array, num_experts: int, top_k: int) -> jax.Array:
@@ -175,8 +183,14 @@ class MoE(nnx.Module):
         with jax.named_scope("moe/experts"):
             ex = self.experts
             w1, w3, w2 = (layers.qweight(w[...], cfg, expert=True).astype(dt) for w in (ex.w1, ex.w3, ex.w2))
-            routed = routed_experts_grouped if cfg.moe_impl == "grouped" else routed_experts_reference
-            y = routed(xq, idx, weights, w1, w3, w2, cfg.swiglu_limit, aq)
+            dropped = jnp.zeros((), jnp.int32)
+            if _expert_mesh_size() > 1:
+                # Expert parallelism: all-to-all dispatch over the mesh's expert axis (dropless).
+                # The FP8 tile quantisation of the hidden activation is not applied on this path.
+                y, dropped = sharding.routed_experts(xq, idx, weights, w1, w3, w2, swiglu_limit=cfg.swiglu_limit)
+            else:
+                routed = routed_experts_grouped if cfg.moe_impl == "grouped" else routed_experts_reference
+                y = routed(xq, idx, weights, w1, w3, w2, cfg.swiglu_limit, aq)
         if cfg.n_shared_experts:
             sh = self.shared
             w1, w3, w2 = (layers.qweight(w[...], cfg).astype(dt) for w in (sh.w1, sh.w3, sh.w2))
@@ -185,4 +199,4 @@ class MoE(nnx.Module):
         fmask = mask.reshape(-1).astype(jnp.float32)
         counts = jnp.sum(jax.nn.one_hot(idx, e) * fmask[:, None, None], axis=(0, 1))
         bal = balance_loss(scores.reshape(b, t, e), idx.reshape(b, t, k), mask, e, k)
-        return y.reshape(b, t, d).astype(x.dtype), MoeStats(counts, bal)
+        return y.reshape(b, t, d).astype(x.dtype), MoeStats(counts, bal, dropped)

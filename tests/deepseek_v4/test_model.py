@@ -153,7 +153,10 @@ def test_bias_update_follows_the_sign_rule(tiny):
 
 def test_train_forward_outputs(tiny):
     cfg, model, _, _ = tiny
-    out = model.forward_train(_tokens(12, (2, 40), cfg.vocab_size), sparse_attention=False, indexer_loss=True)
+    dense = model.forward_train(_tokens(12, (2, 40), cfg.vocab_size), sparse_attention=False, indexer_loss=True)
+    assert float(dense.indexer_loss) >= 0 and 0 <= float(dense.indexer_recall) <= 1 + 1e-6
+    assert int(dense.dropped_tokens) == 0
+    out = model.forward_train(_tokens(12, (2, 40), cfg.vocab_size), sparse_attention=True, indexer_loss=True)
     assert out.hidden.shape == (2, 40, cfg.hidden_size) and len(out.mtp_hidden) == 1
     n_learned = cfg.num_hidden_layers - cfg.num_hash_layers + cfg.num_nextn_predict_layers
     assert out.expert_counts.shape == (n_learned, cfg.n_routed_experts)
