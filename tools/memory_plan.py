@@ -22,7 +22,10 @@ Terms, per device:
               never the [N, window + top-k] probabilities (the pure-JAX reference keeps them: add
               N * (window + top-k) * 4 bytes per token and CSA layer when running it). MoE: the dropless mode keeps
               only its inputs and replays its rounds in the backward pass; the capacity mode keeps its buffers.
-  loss        one chunk of float32 logits and their gradient, [chunk, V / tensor] twice, plus the final hidden states.
+  fsdp        the FSDP working copy: the largest unit (a block's weights, the embedding or the head) all-gathered
+              over "fsdp", and its gradient before the reduce-scatter.
+  loss        one chunk of float32 logits (the chunk runs over the global tokens; a device holds its batch share),
+              their softmax and their gradient: 3 x [chunk / batch shards, V / tensor].
   extra       XLA workspace and fragmentation: 10% of the rest, and the plan must fit in 90% of the chip's memory.
 
 `--recommend` assumes one sequence of `--seq_len` tokens per device and microbatch (a larger global batch uses
@@ -73,6 +76,7 @@ class Chip:
 CHIPS = (Chip("H200", 141e9), Chip("TPU v5p", 95e9), Chip("TPU v6e", 32e9))
 USABLE = 0.9  # fraction of a chip's memory a plan may use
 WORKSPACE = 0.1  # XLA workspace and fragmentation, as a fraction of the counted bytes
+LOGIT_BUFFERS = 3  # float32 [chunk, V] buffers alive at once: logits, their softmax, their gradient
 
 
 def _itemsize(dtype) -> int:
@@ -112,10 +116,21 @@ def _shard_elements(var: Variable, mesh: AbstractMesh) -> int:
     return math.prod(n // k for n, k in zip(var.shape, split))
 
 
-def state_bytes(variables: list[Variable], sizes: dict[str, int], optimizer: str) -> dict[str, int]:
-    """Per-device bytes of parameters (+ non-trainable variables), optimizer state, gradients and updates."""
+def _block_of(path: str) -> str:
+    """The unit a weight is all-gathered with: `prefix.3`, `mtp.0`, `stack` (one scanned layer), or the path."""
+    parts = path.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("prefix", "mtp") else parts[0]
+
+
+def state_bytes(variables: list[Variable], sizes: dict[str, int], optimizer: str,
+                scanned_repeats: int = 1) -> dict[str, int]:
+    """Per-device bytes of parameters (+ non-trainable variables), optimizer state, gradients, updates, and the
+    FSDP working copy: the largest unit gathered at once (a block's weights, the embedding or the head) all-gathered
+    over "fsdp", plus its unreduced gradient before the reduce-scatter."""
     mesh = abstract_mesh(sizes)
+    no_fsdp = abstract_mesh({**sizes, "fsdp": 1})
     out = {"params": 0, "optimizer": 0, "gradients": 0, "updates": 0}
+    gathered: dict[str, float] = {}
     for v in variables:
         n = _shard_elements(v, mesh)
         out["params"] += n * v.dtype.itemsize
@@ -125,6 +140,11 @@ def state_bytes(variables: list[Variable], sizes: dict[str, int], optimizer: str
         out["updates"] += n * 4
         muon = optimizer == "muon" and optim.route_of(v.path, v.shape).route == optim.MUON
         out["optimizer"] += n * 4 if muon else 2 * n * v.dtype.itemsize
+        if sizes["fsdp"] > 1:
+            block = _block_of(v.path)
+            full = _shard_elements(v, no_fsdp) * v.dtype.itemsize / (scanned_repeats if block == "stack" else 1)
+            gathered[block] = gathered.get(block, 0.0) + full
+    out["fsdp gathered"] = int(2 * max(gathered.values(), default=0.0))
     return out
 
 
@@ -186,14 +206,15 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], batch_size: int, seq_le
         recompute = 0.0
     working = max(w for _, w in per_layer + mtp)
     edges = (cfg.hidden_size * dt + stream) * (1 + len(mtp)) + 2 * cfg.hidden_size * 4  # embed, expand, final hidden
-    chunk = min(loss_chunk, tokens)
+    # The loss chunks the global token axis; each device holds its batch shards' rows of a chunk.
+    chunk = math.ceil(min(loss_chunk, batch_size * seq_len) / shards)
     vocab = cfg.vocab_size // sizes["tensor"] if cfg.vocab_size % sizes["tensor"] == 0 else cfg.vocab_size
     return {
         "activations kept": kept * tokens,
         "unit recompute": recompute * tokens,
         "moe buffers": working * tokens,
         "edges": edges * tokens,
-        "loss chunk": 2.0 * chunk * vocab * 4,
+        "loss chunk": LOGIT_BUFFERS * chunk * vocab * 4,
     }
 
 
@@ -228,7 +249,7 @@ def plan(cfg: Config, sizes: dict[str, int], batch_size: int, seq_len: int, *, o
       A `Plan` with the bytes of each term; `total` adds the workspace allowance.
     """
     variables = variables if variables is not None else model_variables(cfg)
-    terms: dict[str, float] = dict(state_bytes(variables, sizes, optimizer))
+    terms: dict[str, float] = dict(state_bytes(variables, sizes, optimizer, max(layer_plan(cfg)[2], 1)))
     terms.update(activation_bytes(cfg, sizes, batch_size, seq_len, capacity_factor, loss_chunk))
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     return Plan(dict(sizes), batch_size // shards * seq_len, terms)

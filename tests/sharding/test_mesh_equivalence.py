@@ -1,5 +1,8 @@
 """The `tiny` model gives the same forward results on 8 devices, whatever the mesh, as on one device.
 
+On meshes with an expert axis the model's MoE runs expert-parallel (`sharding.routed_experts`, dropless); the
+one-device result uses its dense reference MoE, so this also checks the expert-parallel path inside the model.
+
 Parameters are filled on the host from numpy (the model's own random init costs a long XLA compile on CPU and
 is not what is tested here); each mesh gets them laid out by `rules.param_shardings`. Compared: a slice of the
 logits and the full-vocabulary log-normaliser, so every part of the network, the head included, is checked
