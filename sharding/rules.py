@@ -162,11 +162,13 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*kept)))
 
 
-def _is_variable(x: Any) -> bool:
+def is_variable(x: Any) -> bool:
+    """`is_leaf` for tree functions that should stop at NNX variables."""
     return isinstance(x, nnx.Variable)
 
 
-def _path_str(path: tuple) -> str:
+def path_str(path: tuple) -> str:
+    """A tree key path as the dotted parameter path (`stack.blocks.0.attn.wq_a`)."""
     return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
@@ -176,7 +178,7 @@ def _variable_spec(path: tuple, var: nnx.Variable, mesh: Mesh) -> P:
     axes = getattr(var, "logical_axes", None)
     if axes is None:
         if isinstance(var, nnx.Param) and shape:
-            raise ValueError(f"parameter {_path_str(path)} {shape} has no logical_axes metadata")
+            raise ValueError(f"parameter {path_str(path)} {shape} has no logical_axes metadata")
         return P()
     axes = tuple(axes)
     if len(axes) != len(shape):
@@ -185,7 +187,7 @@ def _variable_spec(path: tuple, var: nnx.Variable, mesh: Mesh) -> P:
     try:
         return spec(axes, "param", shape=shape, mesh=mesh)
     except ValueError as e:
-        raise ValueError(f"{_path_str(path)}: {e}") from None
+        raise ValueError(f"{path_str(path)}: {e}") from None
 
 
 def _state_of(tree: Any) -> Any:
@@ -212,7 +214,7 @@ def param_shardings(abstract_state: Any, mesh: Mesh) -> Any:
     def one(path, var):
         return var.replace(NamedSharding(mesh, _variable_spec(path, var, mesh)))
 
-    return jax.tree_util.tree_map_with_path(one, state, is_leaf=_is_variable)
+    return jax.tree_util.tree_map_with_path(one, state, is_leaf=is_variable)
 
 
 def shard_model(model_ctor: Callable[[], Any], mesh: Mesh) -> Any:
@@ -249,7 +251,7 @@ def summary_rows(abstract_state: Any, mesh: Mesh) -> list[tuple[str, str, tuple[
     """(path, logical axes, shape, dtype, spec, bytes per device) for every variable, in state order."""
     state = _state_of(abstract_state)
     rows = []
-    for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_variable)[0]:
+    for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_variable)[0]:
         value = _value(var)
         shape = tuple(getattr(value, "shape", ()))
         dtype = np.dtype(getattr(value, "dtype", np.float32))
@@ -258,7 +260,7 @@ def summary_rows(abstract_state: Any, mesh: Mesh) -> list[tuple[str, str, tuple[
         axes = getattr(var, "logical_axes", None)
         logical = "-" if axes is None else "(" + ", ".join("-" if a is None else a for a in axes) + ")"
         nbytes = math.prod(shard) * dtype.itemsize
-        rows.append((_path_str(path), logical, shape, dtype.name, _spec_str(s, len(shape)), nbytes))
+        rows.append((path_str(path), logical, shape, dtype.name, _spec_str(s, len(shape)), nbytes))
     return rows
 
 

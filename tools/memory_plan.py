@@ -28,10 +28,10 @@ Terms, per device:
               their softmax and their gradient: 3 x [chunk / batch shards, V / tensor].
   extra       XLA workspace and fragmentation: 10% of the rest, and the plan must fit in 90% of the chip's memory.
 
-`--recommend` assumes one sequence of `--seq_len` tokens per device and microbatch (a larger global batch uses
+`--recommend` assumes one sequence of `--seq_len` tokens per data shard and microbatch (a larger global batch uses
 gradient accumulation, which does not change the peak) and searches power-of-two chip counts; for each it tries
-meshes (fsdp, expert) with expert dividing the expert count and keeps the one with the most expert parallelism that
-fits (expert weights stay put, tokens travel by all-to-all; the dense weights are FSDP-sharded over the rest).
+meshes (fsdp, expert, tensor): no tensor parallelism if possible, then the most expert parallelism that fits
+(expert weights stay put, tokens travel by all-to-all; the dense weights are FSDP-sharded over the rest).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def model_variables(cfg: Config) -> list[Variable]:
     for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]:
         v = var.get_value()
         axes = getattr(var, "logical_axes", None)
-        out.append(Variable(rules._path_str(path), tuple(v.shape), np.dtype(v.dtype), None if axes is None
+        out.append(Variable(rules.path_str(path), tuple(v.shape), np.dtype(v.dtype), None if axes is None
                             else tuple(axes), isinstance(var, nnx.Param)))
     return out
 
@@ -258,17 +258,24 @@ def plan(cfg: Config, sizes: dict[str, int], batch_size: int, seq_len: int, *, o
 def recommend(cfg: Config, chip: Chip, seq_len: int, *, optimizer: str = "muon",
               capacity_factor: float | None = None, loss_chunk: int = 1024, variables=None,
               max_chips: int = 65536) -> Plan | None:
-    """The smallest power-of-two chip count (>= 8) with a fitting (fsdp, expert) mesh, one sequence per device."""
+    """The smallest power-of-two chip count (>= 8) with a fitting mesh, one sequence per device.
+
+    Meshes tried per chip count, in order of preference: tensor 1, 2, 4 (tensor parallelism costs an all-reduce
+    per matmul), then the most expert parallelism (expert dividing E), the rest on fsdp.
+    """
     variables = variables if variables is not None else model_variables(cfg)
     n = 8
     while n <= max_chips:
-        experts = [x for x in (2**i for i in range(int(math.log2(n)) + 1)) if cfg.n_routed_experts % x == 0]
-        for x in sorted(experts, reverse=True):
-            sizes = {"data": 1, "fsdp": n // x, "expert": x, "tensor": 1}
-            p = plan(cfg, sizes, n, seq_len, optimizer=optimizer, capacity_factor=capacity_factor,
-                     loss_chunk=loss_chunk, variables=variables)
-            if p.total <= USABLE * chip.hbm:
-                return p
+        for tp in (1, 2, 4):
+            if n % tp or cfg.num_attention_heads % tp:
+                continue
+            experts = [x for x in (2**i for i in range(int(math.log2(n // tp)) + 1)) if cfg.n_routed_experts % x == 0]
+            for x in sorted(experts, reverse=True):
+                sizes = {"data": 1, "fsdp": n // tp // x, "expert": x, "tensor": tp}
+                p = plan(cfg, sizes, n // tp, seq_len, optimizer=optimizer, capacity_factor=capacity_factor,
+                         loss_chunk=loss_chunk, variables=variables)
+                if p.total <= USABLE * chip.hbm:
+                    return p
         n *= 2
     return None
 

@@ -30,7 +30,7 @@ def host_state(abstract_state, seed: int = 0):
 
     def fill(path, var):
         v = var.get_value()
-        name = rules._path_str(path)
+        name = rules.path_str(path)
         if np.issubdtype(v.dtype, np.integer):  # hash-routing table: K distinct experts per token id
             rows, k = v.shape
             experts = np.argsort(rng.random((rows, get_config("tiny").n_routed_experts)), axis=1)[:, :k]
@@ -41,7 +41,7 @@ def host_state(abstract_state, seed: int = 0):
             x = 0.05 * rng.standard_normal(v.shape)
         return var.replace(x.astype(v.dtype))
 
-    return jax.tree_util.tree_map_with_path(fill, abstract_state, is_leaf=rules._is_variable)
+    return jax.tree_util.tree_map_with_path(fill, abstract_state, is_leaf=rules.is_variable)
 
 
 @pytest.fixture(scope="module")
