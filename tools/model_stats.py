@@ -21,8 +21,12 @@ from deepseek_v4 import DeepseekV4, get_config
 from deepseek_v4.config import Config
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "flash", "Preset name (flash, pro, tiny, nano).")
-flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+
+
+def _define_flags() -> None:
+    # Defined only when run as a program, so importing model_stats() never claims global flag names.
+    flags.DEFINE_string("config", "flash", "Preset name (flash, pro, tiny, nano).")
+    flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 
 
 def param_counts(cfg: Config) -> dict[str, int]:
@@ -67,4 +71,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
