@@ -38,8 +38,12 @@ from pallas_kernels.lightning_indexer import lightning_indexer
 KINDS = ("csa_fwd", "csa_fwdbwd", "hca_fwd", "hca_fwdbwd", "dense_fwd", "dense_fwdbwd", "indexer")
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["16384", "131072"], "sequence lengths T")
-_IMPL = flags.DEFINE_enum("impl", None, ["reference", "pallas", "pallas_gpu", "pallas_tpu"],
-                          "implementation of the CSA/HCA/indexer entry points (default: best available)")
+_IMPL = flags.DEFINE_enum(
+    "impl",
+    None,
+    ["reference", "pallas", "pallas_gpu", "pallas_tpu"],
+    "implementation of the CSA/HCA/indexer entry points (default: best available)",
+)
 _INTERPRET = flags.DEFINE_bool("interpret", False, "run Pallas in interpret mode (needed on CPU; slow)")
 _KINDS = flags.DEFINE_list("kinds", list(KINDS), f"what to time, from {','.join(KINDS)}")
 _INDEXER_SEQ_LENS = flags.DEFINE_list("indexer_seq_lens", [], "lengths for the indexer (default: --seq_lens)")
@@ -66,14 +70,14 @@ def _inputs(T: int, ratio: int):
     dtype = jnp.dtype(_DTYPE.value)
     keys = jax.random.split(jax.random.key(T), 4)
     C = T // ratio
-    return dict(
-        q=jax.random.normal(keys[0], (B, T, N, H), dtype),
-        kv=jax.random.normal(keys[1], (B, T, H), dtype),
-        entries=jax.random.normal(keys[2], (B, C, H), dtype),
-        sink=jax.random.normal(keys[3], (N,), jnp.float32),
-        segment_ids=jnp.ones((B, T), jnp.int32),
-        entry_segment=jnp.ones((B, C), jnp.int32),
-    )
+    return {
+        "q": jax.random.normal(keys[0], (B, T, N, H), dtype),
+        "kv": jax.random.normal(keys[1], (B, T, H), dtype),
+        "entries": jax.random.normal(keys[2], (B, C, H), dtype),
+        "sink": jax.random.normal(keys[3], (N,), jnp.float32),
+        "segment_ids": jnp.ones((B, T), jnp.int32),
+        "entry_segment": jnp.ones((B, C), jnp.int32),
+    }
 
 
 def spread_topk(B: int, T: int, ratio: int, K: int) -> jax.Array:
@@ -130,23 +134,41 @@ def _case(kind: str, T: int):
         x = _inputs(T, _CSA_RATIO.value)
         topk = spread_topk(_BATCH.value, T, _CSA_RATIO.value, K)
         if base == "csa":
-            fn = functools.partial(csa_attention, topk_idx=topk, segment_ids=x["segment_ids"], window=window,
-                                   impl=impl, interpret=interpret)
-            attn = lambda q, kv, e, s: fn(q, kv, e, sink=s)  # noqa: E731
+            fn = functools.partial(
+                csa_attention,
+                topk_idx=topk,
+                segment_ids=x["segment_ids"],
+                window=window,
+                impl=impl,
+                interpret=interpret,
+            )
+            attn = lambda q, kv, e, s: fn(q, kv, e, sink=s)
         else:
             mask = dense_mask(T, window, topk)
-            attn = lambda q, kv, e, s: dense_masked_attention(q, kv, e, s, mask)  # noqa: E731
+            attn = lambda q, kv, e, s: dense_masked_attention(q, kv, e, s, mask)
     elif base == "hca":
         x = _inputs(T, _HCA_RATIO.value)
-        fn = functools.partial(hca_attention, entry_segment=x["entry_segment"], segment_ids=x["segment_ids"],
-                               ratio=_HCA_RATIO.value, window=window, impl=impl, interpret=interpret)
-        attn = lambda q, kv, e, s: fn(q, kv, e, sink=s)  # noqa: E731
+        fn = functools.partial(
+            hca_attention,
+            entry_segment=x["entry_segment"],
+            segment_ids=x["segment_ids"],
+            ratio=_HCA_RATIO.value,
+            window=window,
+            impl=impl,
+            interpret=interpret,
+        )
+        attn = lambda q, kv, e, s: fn(q, kv, e, sink=s)
     else:
         B, NI, HI, C = _BATCH.value, _INDEX_HEADS.value, _INDEX_HEAD_DIM.value, T // _CSA_RATIO.value
         keys = jax.random.split(jax.random.key(T), 3)
         dtype = jnp.dtype(_DTYPE.value)
-        args = (jax.random.normal(keys[0], (B, T, NI, HI), dtype), jax.random.normal(keys[1], (B, C, HI), dtype),
-                jax.random.normal(keys[2], (B, T, NI), dtype), jnp.ones((B, C), jnp.int32), jnp.ones((B, T), jnp.int32))
+        args = (
+            jax.random.normal(keys[0], (B, T, NI, HI), dtype),
+            jax.random.normal(keys[1], (B, C, HI), dtype),
+            jax.random.normal(keys[2], (B, T, NI), dtype),
+            jnp.ones((B, C), jnp.int32),
+            jnp.ones((B, T), jnp.int32),
+        )
         fn = functools.partial(lightning_indexer, ratio=_CSA_RATIO.value, topk=K, impl=impl, interpret=interpret)
         return jax.jit(fn), args
     call = attn if kind.endswith("_fwd") else _with_backward(attn)
@@ -164,7 +186,7 @@ def measure(kind: str, T: int) -> dict:
     fn, args = _case(kind, T)
     compiled = fn.lower(*args).compile()
     peak = _peak_bytes(compiled)
-    row = dict(impl=_IMPL.value or "default", kind=kind, seq_len=T, peak_bytes=peak)
+    row = {"impl": _IMPL.value or "default", "kind": kind, "seq_len": T, "peak_bytes": peak}
     if kind.startswith("dense") and peak > _DENSE_MAX_GIB.value * 2**30:
         return dict(row, seconds=None, cpu_seconds=None, skipped=f"needs {peak / 2**30:.1f} GiB")
     jax.block_until_ready(compiled(*args))  # warm-up
@@ -184,33 +206,40 @@ def _ratios(rows: list[dict]) -> list[str]:
         done = sorted((r for r in rows if r["kind"] == kind and r["seconds"]), key=lambda r: r["seq_len"])
         for hi in done[1:]:
             lo, n = done[0], hi["seq_len"] / done[0]["seq_len"]
-            lines.append(f"{kind}: time({hi['seq_len']}) / time({lo['seq_len']}) = {hi['seconds'] / lo['seconds']:.2f} "
-                         f"(CPU time {hi['cpu_seconds'] / lo['cpu_seconds']:.2f}); length x{n:.0f}: linear "
-                         f"{n:.0f}, quadratic {n * n:.0f}")
+            lines.append(
+                f"{kind}: time({hi['seq_len']}) / time({lo['seq_len']}) = {hi['seconds'] / lo['seconds']:.2f} "
+                f"(CPU time {hi['cpu_seconds'] / lo['cpu_seconds']:.2f}); length x{n:.0f}: linear "
+                f"{n:.0f}, quadratic {n * n:.0f}"
+            )
     by_t = {(r["kind"], r["seq_len"]): r for r in rows if r["seconds"]}
     for (kind, T), r in sorted(by_t.items()):
-        d = by_t.get(("dense" + kind[kind.index("_"):], T)) if kind.startswith("csa") else None
+        d = by_t.get(("dense" + kind[kind.index("_") :], T)) if kind.startswith("csa") else None
         if d:
-            lines.append(f"{kind} at T={T}: dense / csa time = {d['seconds'] / r['seconds']:.2f}, "
-                         f"peak memory = {d['peak_bytes'] / r['peak_bytes']:.2f}")
+            lines.append(
+                f"{kind} at T={T}: dense / csa time = {d['seconds'] / r['seconds']:.2f}, "
+                f"peak memory = {d['peak_bytes'] / r['peak_bytes']:.2f}"
+            )
     return lines
 
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def _markdown(rows: list[dict], ratios: list[str], meta: dict) -> str:
-    head = (f"\n## {meta['date']} attention benchmark (commit {meta['commit']}, {meta['platform']}, "
-            f"{meta['cpus']} CPUs, load average {meta['load']:.1f} at start)\n\n"
-            f"`python -m tools.bench_attention {meta['argv']}` - B={meta['B']}, N={meta['N']}, H={meta['H']}, "
-            f"window {meta['window']}, CSA m={meta['csa_ratio']} top-{meta['topk']}, HCA m={meta['hca_ratio']}, "
-            f"indexer NI={meta['NI']} HI={meta['HI']}, {meta['dtype']}, impl {meta['impl']}.\n\n"
-            "| kind | T | seconds | CPU seconds | peak MiB |\n|---|---|---|---|---|\n")
+    head = (
+        f"\n## {meta['date']} attention benchmark (commit {meta['commit']}, {meta['platform']}, "
+        f"{meta['cpus']} CPUs, load average {meta['load']:.1f} at start)\n\n"
+        f"`python -m tools.bench_attention {meta['argv']}` - B={meta['B']}, N={meta['N']}, H={meta['H']}, "
+        f"window {meta['window']}, CSA m={meta['csa_ratio']} top-{meta['topk']}, HCA m={meta['hca_ratio']}, "
+        f"indexer NI={meta['NI']} HI={meta['HI']}, {meta['dtype']}, impl {meta['impl']}.\n\n"
+        "| kind | T | seconds | CPU seconds | peak MiB |\n|---|---|---|---|---|\n"
+    )
     body = "".join(
         f"| {r['kind']} | {r['seq_len']} | "
         + (f"{r['seconds']:.3f} | {r['cpu_seconds']:.3f}" if r["seconds"] else f"skipped ({r['skipped']}) | -")
@@ -231,8 +260,11 @@ def main(argv):
         dense_lens = [int(v) for v in _DENSE_SEQ_LENS.value] or lens
     except ValueError as e:
         raise SystemExit(f"--seq_lens / --indexer_seq_lens / --dense_seq_lens must be integers: {e}") from None
-    plan = [(k, T) for k in _KINDS.value for T in (idx_lens if k == "indexer" else dense_lens if k.startswith("dense")
-                                                     else lens)]
+    plan = [
+        (k, T)
+        for k in _KINDS.value
+        for T in (idx_lens if k == "indexer" else dense_lens if k.startswith("dense") else lens)
+    ]
     load = os.getloadavg()[0]
     rows = []
     bar = tqdm(plan, desc="attention bench", unit="case")
@@ -243,11 +275,25 @@ def main(argv):
         except ValueError as e:  # e.g. a Pallas request that cannot run on this platform
             raise SystemExit(f"{kind} at T={T}: {e}") from None
     ratios = _ratios(rows)
-    meta = dict(date=datetime.date.today().isoformat(), commit=_commit(), platform=jax.default_backend(),
-                cpus=os.cpu_count(), load=load, argv=" ".join(os.sys.argv[1:]), B=_BATCH.value, N=_HEADS.value,
-                H=_HEAD_DIM.value, window=_WINDOW.value, csa_ratio=_CSA_RATIO.value, topk=_TOPK.value,
-                hca_ratio=_HCA_RATIO.value, NI=_INDEX_HEADS.value, HI=_INDEX_HEAD_DIM.value, dtype=_DTYPE.value,
-                impl=_IMPL.value or "default")
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "commit": _commit(),
+        "platform": jax.default_backend(),
+        "cpus": os.cpu_count(),
+        "load": load,
+        "argv": " ".join(os.sys.argv[1:]),
+        "B": _BATCH.value,
+        "N": _HEADS.value,
+        "H": _HEAD_DIM.value,
+        "window": _WINDOW.value,
+        "csa_ratio": _CSA_RATIO.value,
+        "topk": _TOPK.value,
+        "hca_ratio": _HCA_RATIO.value,
+        "NI": _INDEX_HEADS.value,
+        "HI": _INDEX_HEAD_DIM.value,
+        "dtype": _DTYPE.value,
+        "impl": _IMPL.value or "default",
+    }
     if _JSON.value:
         print(json.dumps(rows, indent=1))
     else:

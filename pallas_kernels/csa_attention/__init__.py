@@ -6,11 +6,24 @@ spec is `reference.csa_attention`, the kernels are `pallas_gpu` (Triton) and `pa
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.csa_attention import pallas_gpu, pallas_tpu, reference
-from pallas_kernels.csa_attention.common import Impl, check_attention_inputs, pick_block_sizes, resolve_impl
+from pallas_kernels.csa_attention.common import (
+    ENTRY_AXES,
+    KV_AXES,
+    Q_AXES,
+    SINK_AXES,
+    TOKEN_AXES,
+    Impl,
+    check_attention_inputs,
+    pick_block_sizes,
+    resolve_impl,
+    shard_over_mesh,
+)
 
 
 def csa_attention(
@@ -51,14 +64,19 @@ def csa_attention(
     """
     check_attention_inputs(q, kv, entries, sink, segment_ids, window=window)
     if topk_idx.ndim != 3 or topk_idx.shape[:2] != q.shape[:2] or not jnp.issubdtype(topk_idx.dtype, jnp.integer):
-        raise ValueError(f"topk_idx must be integer [B, T, K] with [B, T] = {q.shape[:2]}, "
-                         f"got {topk_idx.dtype}{topk_idx.shape}")
+        raise ValueError(
+            f"topk_idx must be integer [B, T, K] with [B, T] = {q.shape[:2]}, got {topk_idx.dtype}{topk_idx.shape}"
+        )
     which, interp = resolve_impl(impl, interpret)
     if which == "reference":
         return reference.csa_attention(q, kv, entries, topk_idx, sink, segment_ids, window=window)
     module = pallas_gpu if which == "pallas_gpu" else pallas_tpu
-    return module.csa_attention(q, kv, entries, topk_idx, sink, segment_ids, window=window,
-                                block_sizes=pick_block_sizes(module, block_sizes), interpret=interp)
+    kernel = functools.partial(
+        module.csa_attention, window=window, block_sizes=pick_block_sizes(module, block_sizes), interpret=interp
+    )
+    args = (q, kv, entries, topk_idx, sink, segment_ids)
+    axes = (Q_AXES, KV_AXES, ENTRY_AXES, TOKEN_AXES + (None,), SINK_AXES, TOKEN_AXES)
+    return shard_over_mesh(kernel, args, axes, Q_AXES, q.shape)
 
 
 __all__ = ["csa_attention"]

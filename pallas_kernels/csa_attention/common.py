@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sharding import rules
+
 Impl = Literal["reference", "pallas", "pallas_gpu", "pallas_tpu"] | None
 NEG_INF = float("-inf")
 # Segment id given to padded tokens: never equal to a real segment (real ids are >= 0).
@@ -59,16 +61,20 @@ def resolve_impl(impl: Impl, interpret: bool | None) -> tuple[str, bool]:
     if interpret:
         if impl == "pallas":
             if native is None:
-                raise ValueError("impl='pallas' with interpret=True on CPU is ambiguous: "
-                                 "pass impl='pallas_gpu' or impl='pallas_tpu'")
+                raise ValueError(
+                    "impl='pallas' with interpret=True on CPU is ambiguous: pass impl='pallas_gpu' or impl='pallas_tpu'"
+                )
             return native, True
         return impl, True
     if native is None:
-        raise ValueError(f"impl={impl!r} cannot run on the {platform!r} backend: Pallas runs on CPU only in "
-                         "interpret mode (pass interpret=True)")
+        raise ValueError(
+            f"impl={impl!r} cannot run on the {platform!r} backend: Pallas runs on CPU only in "
+            "interpret mode (pass interpret=True)"
+        )
     if impl != "pallas" and impl != native:
-        raise ValueError(f"impl={impl!r} cannot run natively on the {platform!r} backend (use {native!r} "
-                         "or interpret=True)")
+        raise ValueError(
+            f"impl={impl!r} cannot run natively on the {platform!r} backend (use {native!r} or interpret=True)"
+        )
     return native, False
 
 
@@ -242,8 +248,15 @@ def entry_block_mask(t, c, q_seg, e_seg, ratio: int):
 
 
 def attention_cost(
-    *, batch: int, tokens: int, heads: int, head_dim: int, keys_per_query: float, itemsize: int,
-    key_bytes: float, backward: bool = False,
+    *,
+    batch: int,
+    tokens: int,
+    heads: int,
+    head_dim: int,
+    keys_per_query: float,
+    itemsize: int,
+    key_bytes: float,
+    backward: bool = False,
 ) -> tuple[int, int, int]:
     """(flops, transcendentals, bytes_accessed) of attention with `keys_per_query` visible keys.
 
@@ -356,6 +369,39 @@ def check_attention_inputs(q, kv, entries, sink, segment_ids, *, window: int, ra
 def pick_block_sizes(module, block_sizes):
     """Checks that `block_sizes` belongs to the chosen kernel module (each backend has its own class)."""
     if block_sizes is not None and not isinstance(block_sizes, module.BlockSizes):
-        raise ValueError(f"block_sizes must be {module.__name__}.BlockSizes for this implementation, "
-                         f"got {type(block_sizes).__module__}.{type(block_sizes).__name__}")
+        raise ValueError(
+            f"block_sizes must be {module.__name__}.BlockSizes for this implementation, "
+            f"got {type(block_sizes).__module__}.{type(block_sizes).__name__}"
+        )
     return block_sizes
+
+
+# Logical axes (sharding/rules.py) of the kernel arguments: batch-sharded, query heads split over "tensor".
+Q_AXES = ("batch", "seq", "heads", "head_dim")
+KV_AXES = ("batch", "seq", "head_dim")
+ENTRY_AXES = ("batch", "kv_seq", "head_dim")
+TOKEN_AXES = ("batch", "seq")
+ENTRY_SEG_AXES = ("batch", "kv_seq")
+SINK_AXES = ("heads",)
+
+
+def shard_over_mesh(fn, args, in_axes, out_axes, out_shape):
+    """Runs `fn(*args)` under `jax.shard_map` over the active mesh, with specs from sharding/rules.py.
+
+    Without an active mesh (`jax.set_mesh`) or with a single device this is `fn(*args)`. The kernel sees
+    local shards only; replicated inputs' gradients are summed over the axes their specs leave out
+    (shard_map's transpose with check_vma=False, which Pallas calls need).
+
+    Args:
+      fn: the kernel wrapper, taking `args` positionally and returning one array.
+      args: the arrays.
+      in_axes: one tuple of logical axis names per argument.
+      out_axes: logical axis names of the output.
+      out_shape: the (global) output shape.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(*args)
+    in_specs = tuple(rules.spec(ax, "activation", shape=a.shape, mesh=mesh) for a, ax in zip(args, in_axes))
+    out_spec = rules.spec(out_axes, "activation", shape=out_shape, mesh=mesh)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)

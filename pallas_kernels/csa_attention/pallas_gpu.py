@@ -108,8 +108,9 @@ def window_geometry(B, T, N, H, window, bs) -> tuple[WindowGeometry, int]:
     """Geometry plus Ta, the allocated token length (Tp plus a tail that unaligned loads may touch)."""
     block_q = bs.block_q or auto_block_q(N)
     rb = _ResolvedBlocks(block_q, bs.block_kv, bs.block_q_dkv or block_q, bs.block_kv_dkv)
-    check_pow2(N=N, H=H, block_q=rb.block_q, block_kv=rb.block_kv, block_q_dkv=rb.block_q_dkv,
-               block_kv_dkv=rb.block_kv_dkv)
+    check_pow2(
+        N=N, H=H, block_q=rb.block_q, block_kv=rb.block_kv, block_q_dkv=rb.block_q_dkv, block_kv_dkv=rb.block_kv_dkv
+    )
     g = WindowGeometry.make(B, T, N, H, window, rb)
     return g, g.Tp + max(rb.block_kv, rb.block_q_dkv)
 
@@ -197,8 +198,14 @@ def window_dkv(g: WindowGeometry, bs, kv_p, kseg, q_rows, do_rows, lse, delta, q
     """
     B, _, H = kv_p.shape
     flops, trans, nbytes = attention_cost(
-        batch=B, tokens=g.Tp, heads=g.N, head_dim=H, keys_per_query=g.window, itemsize=q_rows.dtype.itemsize,
-        key_bytes=2 * kv_p.size * kv_p.dtype.itemsize, backward=True,
+        batch=B,
+        tokens=g.Tp,
+        heads=g.N,
+        head_dim=H,
+        keys_per_query=g.window,
+        itemsize=q_rows.dtype.itemsize,
+        key_bytes=2 * kv_p.size * kv_p.dtype.itemsize,
+        backward=True,
     )
     return pl.pallas_call(
         functools.partial(_window_dkv_kernel, g=g),
@@ -221,8 +228,22 @@ def _selected(b, t0, jc, block_k, Kp, idx_ref, ent_ref):
     return (jc * block_k) // Kp, idx, ent_ref[b, jnp.maximum(idx, 0), :]
 
 
-def _csa_fwd_kernel(q_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, sink_ref, idx_ref, ent_ref, o_ref, lse_ref,
-                    *, g: WindowGeometry, Kp: int, block_k: int):
+def _csa_fwd_kernel(
+    q_ref,
+    qpos_ref,
+    qseg_ref,
+    kv_ref,
+    kseg_ref,
+    sink_ref,
+    idx_ref,
+    ent_ref,
+    o_ref,
+    lse_ref,
+    *,
+    g: WindowGeometry,
+    Kp: int,
+    block_k: int,
+):
     b, i = pl.program_id(0), pl.program_id(1)
     t0 = i * g.block_q
     R = g.block_q * g.N
@@ -242,8 +263,26 @@ def _csa_fwd_kernel(q_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, sink_ref, idx_r
     lse_ref[b, rows, :] = m + jnp.log(l)
 
 
-def _csa_dq_kernel(q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, idx_ref, ent_ref,
-                   dent_in, dq_ref, dent_ref, *, g: WindowGeometry, Kp: int, block_k: int, C: int):
+def _csa_dq_kernel(
+    q_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qpos_ref,
+    qseg_ref,
+    kv_ref,
+    kseg_ref,
+    idx_ref,
+    ent_ref,
+    dent_in,
+    dq_ref,
+    dent_ref,
+    *,
+    g: WindowGeometry,
+    Kp: int,
+    block_k: int,
+    C: int,
+):
     del dent_in  # aliased with dent_ref
     b, i = pl.program_id(0), pl.program_id(1)
     t0 = i * g.block_q
@@ -276,15 +315,15 @@ def _layout(q, kv, entries, topk_idx, segment_ids, window, bs):
     idx = pad_axis(pad_axis(topk_idx.astype(jnp.int32), 2, Kp, -1), 1, Ta, -1)
     if not entries.shape[1]:
         idx = jnp.full_like(idx, -1)
-    a = dict(
-        q_rows=to_rows(q, Ta),
-        qpos=row_positions(Ta, N),
-        qseg=row_segments(segment_ids, N, Ta),
-        kv_p=pad_axis(kv, 1, Ta),
-        kseg=key_segments(segment_ids, Ta),
-        idx=idx.reshape(B, Ta * Kp),
-        ent=pad_axis(entries, 1, max(entries.shape[1], 1)),
-    )
+    a = {
+        "q_rows": to_rows(q, Ta),
+        "qpos": row_positions(Ta, N),
+        "qseg": row_segments(segment_ids, N, Ta),
+        "kv_p": pad_axis(kv, 1, Ta),
+        "kseg": key_segments(segment_ids, Ta),
+        "idx": idx.reshape(B, Ta * Kp),
+        "ent": pad_axis(entries, 1, max(entries.shape[1], 1)),
+    }
     return g, Ta, Kp, a
 
 
@@ -292,8 +331,14 @@ def _cost(g: WindowGeometry, Kp: int, itemsize: int, backward: bool) -> pl.CostE
     window_keys = g.window + g.block_q
     gathered = g.B * g.Tp * Kp * (g.H * itemsize + 4) * (3 if backward else 1)  # rows (+ f32 atomics)
     flops, trans, nbytes = attention_cost(
-        batch=g.B, tokens=g.Tp, heads=g.N, head_dim=g.H, keys_per_query=window_keys + Kp, itemsize=itemsize,
-        key_bytes=g.B * g.Tp * g.H * itemsize * window_keys / g.block_q + gathered, backward=backward,
+        batch=g.B,
+        tokens=g.Tp,
+        heads=g.N,
+        head_dim=g.H,
+        keys_per_query=window_keys + Kp,
+        itemsize=itemsize,
+        key_bytes=g.B * g.Tp * g.H * itemsize * window_keys / g.block_q + gathered,
+        backward=backward,
     )
     return pl.CostEstimate(flops=flops, transcendentals=trans, bytes_accessed=nbytes)
 
@@ -304,8 +349,7 @@ def _forward(q, kv, entries, topk_idx, sink, segment_ids, window, bs: BlockSizes
     o_rows, lse = pl.pallas_call(
         functools.partial(_csa_fwd_kernel, g=g, Kp=Kp, block_k=bs.block_k),
         grid=(B, g.nq),
-        out_shape=[jax.ShapeDtypeStruct(a["q_rows"].shape, q.dtype),
-                   jax.ShapeDtypeStruct((B, Ta * N, 1), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct(a["q_rows"].shape, q.dtype), jax.ShapeDtypeStruct((B, Ta * N, 1), jnp.float32)],
         compiler_params=compiler_params(bs),
         cost_estimate=_cost(g, Kp, q.dtype.itemsize, backward=False),
         interpret=interpret,
@@ -329,17 +373,31 @@ def _backward(window, bs: BlockSizes, interpret: bool, res, d_out):
     dq_rows, dent = pl.pallas_call(
         functools.partial(_csa_dq_kernel, g=g, Kp=Kp, block_k=bs.block_k, C=C),
         grid=(B, g.nq),
-        out_shape=[jax.ShapeDtypeStruct(a["q_rows"].shape, a["q_rows"].dtype),
-                   jax.ShapeDtypeStruct((B, C + 1, H), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct(a["q_rows"].shape, a["q_rows"].dtype),
+            jax.ShapeDtypeStruct((B, C + 1, H), jnp.float32),
+        ],
         input_output_aliases={10: 1},
         compiler_params=compiler_params(bs),
         cost_estimate=_cost(g, Kp, o_rows.dtype.itemsize, backward=True),
         interpret=interpret,
         name="csa_dq_gpu",
-    )(a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["idx"], a["ent"],
-      jnp.zeros((B, C + 1, H), jnp.float32))
-    dkv = window_dkv(g, bs, a["kv_p"], a["kseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"],
-                     interpret=interpret)
+    )(
+        a["q_rows"],
+        do_rows,
+        lse,
+        delta,
+        a["qpos"],
+        a["qseg"],
+        a["kv_p"],
+        a["kseg"],
+        a["idx"],
+        a["ent"],
+        jnp.zeros((B, C + 1, H), jnp.float32),
+    )
+    dkv = window_dkv(
+        g, bs, a["kv_p"], a["kseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], interpret=interpret
+    )
     dq = dq_rows.reshape(B, Ta, N, H)[:, :T]
     return dq, dkv[:, :T], dent[:, :C].astype(entries.dtype), sink_grad(sink, lse, delta, N)
 
@@ -380,4 +438,3 @@ def csa_attention(
       segment_ids [B, T] int32 -> [B, T, N, H].
     """
     return _csa(q, kv, entries, topk_idx, sink, segment_ids, window, block_sizes or BlockSizes(), interpret)
-

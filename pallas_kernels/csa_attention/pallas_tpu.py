@@ -44,8 +44,8 @@ from pallas_kernels.csa_attention.common import (
     pad_axis,
     row_positions,
     row_segments,
-    sink_rows,
     sink_grad,
+    sink_rows,
     softmax_grads,
     to_rows,
     window_block_mask,
@@ -139,9 +139,16 @@ def window_dkv(g: WindowGeometry, kv_p, kseg, q_rows, do_rows, lse, delta, qpos,
     """
     B, Tp, H = kv_p.shape
     bk, R = g.block_kv_dkv, g.block_q_dkv * g.N
-    qmap = lambda b, kb, j: (b, g.q_block_dkv(kb, j), 0)  # noqa: E731
+    qmap = lambda b, kb, j: (b, g.q_block_dkv(kb, j), 0)
     flops, trans, nbytes = attention_cost(
-        batch=B, tokens=Tp, heads=g.N, head_dim=H, keys_per_query=g.window, itemsize=q_rows.dtype.itemsize, key_bytes=2 * kv_p.size * kv_p.dtype.itemsize, backward=True,
+        batch=B,
+        tokens=Tp,
+        heads=g.N,
+        head_dim=H,
+        keys_per_query=g.window,
+        itemsize=q_rows.dtype.itemsize,
+        key_bytes=2 * kv_p.size * kv_p.dtype.itemsize,
+        backward=True,
     )
     return pl.pallas_call(
         functools.partial(_window_dkv_kernel, g=g),
@@ -187,10 +194,26 @@ def _gather_rows(ent_hbm, b, idx_smem, r, buf, sem, n):
 
 
 def _csa_fwd_kernel(
-    idx_smem, idx_vmem, q_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, sink_ref, ent_hbm,
-    o_ref, lse_ref,
-    m_sc, l_sc, acc_sc, gbuf, sem,
-    *, g: WindowGeometry, n_steps: int, block_k: int,
+    idx_smem,
+    idx_vmem,
+    q_ref,
+    qpos_ref,
+    qseg_ref,
+    kv_ref,
+    kseg_ref,
+    sink_ref,
+    ent_hbm,
+    o_ref,
+    lse_ref,
+    m_sc,
+    l_sc,
+    acc_sc,
+    gbuf,
+    sem,
+    *,
+    g: WindowGeometry,
+    n_steps: int,
+    block_k: int,
 ):
     b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     N = g.N
@@ -226,10 +249,29 @@ def _csa_fwd_kernel(
 
 
 def _csa_dq_kernel(
-    idx_smem, idx_vmem, q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, ent_hbm, dent_in,
-    dq_ref, dent_hbm,
-    dq_sc, gbuf, dbuf, rowbuf, sem,
-    *, g: WindowGeometry, n_steps: int, block_k: int,
+    idx_smem,
+    idx_vmem,
+    q_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qpos_ref,
+    qseg_ref,
+    kv_ref,
+    kseg_ref,
+    ent_hbm,
+    dent_in,
+    dq_ref,
+    dent_hbm,
+    dq_sc,
+    gbuf,
+    dbuf,
+    rowbuf,
+    sem,
+    *,
+    g: WindowGeometry,
+    n_steps: int,
+    block_k: int,
 ):
     del dent_in  # aliased with dent_hbm
     b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -290,42 +332,48 @@ def _layout(q, kv, entries, topk_idx, segment_ids, window, bs):
     if not entries.shape[1]:  # nothing to gather: every slot is empty, gather a dummy row
         entries = jnp.zeros((B, 1, H), entries.dtype)
         idx = jnp.full_like(idx, -1)
-    arrays = dict(
-        idx=idx,
-        ent=entries,
-        q_rows=to_rows(q, g.Tp),
-        qpos=row_positions(g.Tp, N),
-        qseg=row_segments(segment_ids, N, g.Tp),
-        kv_p=pad_axis(kv, 1, g.Tp),
-        kseg=key_segments(segment_ids, g.Tp),
-    )
+    arrays = {
+        "idx": idx,
+        "ent": entries,
+        "q_rows": to_rows(q, g.Tp),
+        "qpos": row_positions(g.Tp, N),
+        "qseg": row_segments(segment_ids, N, g.Tp),
+        "kv_p": pad_axis(kv, 1, g.Tp),
+        "kseg": key_segments(segment_ids, g.Tp),
+    }
     return g, g.n_window_steps + n_chunks, arrays
 
 
 def _specs(g: WindowGeometry, block_k: int, H: int):
     """BlockSpecs of the forward/dq grids (b, query block i, step j)."""
     R = g.block_q * g.N
-    chunk = lambda b, i, j: (b, i, jnp.maximum(j - g.n_window_steps, 0))  # noqa: E731
-    rows = lambda b, i, j: (b, i, 0)  # noqa: E731
-    return dict(
-        idx_smem=pl.BlockSpec((None, g.block_q, block_k), chunk, memory_space=pltpu.SMEM),
-        idx_vmem=pl.BlockSpec((None, g.block_q, block_k), chunk),
-        rows_h=pl.BlockSpec((None, R, H), rows),
-        rows_1=pl.BlockSpec((None, R, 1), rows),
-        qpos=pl.BlockSpec((R, 1), lambda b, i, j: (i, 0)),
-        kv=pl.BlockSpec((None, g.block_kv, H), lambda b, i, j: (b, g.kv_block(i, j), 0)),
-        kseg=pl.BlockSpec((None, 1, g.block_kv), lambda b, i, j: (b, 0, g.kv_block(i, j))),
-        sink=pl.BlockSpec((R, 1), lambda b, i, j: (0, 0)),
-        hbm=pl.BlockSpec(memory_space=pl.ANY),
-    )
+    chunk = lambda b, i, j: (b, i, jnp.maximum(j - g.n_window_steps, 0))
+    rows = lambda b, i, j: (b, i, 0)
+    return {
+        "idx_smem": pl.BlockSpec((None, g.block_q, block_k), chunk, memory_space=pltpu.SMEM),
+        "idx_vmem": pl.BlockSpec((None, g.block_q, block_k), chunk),
+        "rows_h": pl.BlockSpec((None, R, H), rows),
+        "rows_1": pl.BlockSpec((None, R, 1), rows),
+        "qpos": pl.BlockSpec((R, 1), lambda b, i, j: (i, 0)),
+        "kv": pl.BlockSpec((None, g.block_kv, H), lambda b, i, j: (b, g.kv_block(i, j), 0)),
+        "kseg": pl.BlockSpec((None, 1, g.block_kv), lambda b, i, j: (b, 0, g.kv_block(i, j))),
+        "sink": pl.BlockSpec((R, 1), lambda b, i, j: (0, 0)),
+        "hbm": pl.BlockSpec(memory_space=pl.ANY),
+    }
 
 
 def _cost(g: WindowGeometry, Kp: int, itemsize: int, backward: bool) -> pl.CostEstimate:
     window_keys = g.n_window_steps * g.block_kv
     gathered = g.B * g.Tp * Kp * (g.H * itemsize + 4) * (2 if backward else 1)  # rows (+ RMW of gradients)
     flops, trans, nbytes = attention_cost(
-        batch=g.B, tokens=g.Tp, heads=g.N, head_dim=g.H, keys_per_query=window_keys + Kp, itemsize=itemsize,
-        key_bytes=g.B * g.Tp * g.H * itemsize * window_keys / g.block_q + gathered, backward=backward,
+        batch=g.B,
+        tokens=g.Tp,
+        heads=g.N,
+        head_dim=g.H,
+        keys_per_query=window_keys + Kp,
+        itemsize=itemsize,
+        key_bytes=g.B * g.Tp * g.H * itemsize * window_keys / g.block_q + gathered,
+        backward=backward,
     )
     return pl.CostEstimate(flops=flops, transcendentals=trans, bytes_accessed=nbytes)
 
@@ -338,11 +386,22 @@ def _forward(q, kv, entries, topk_idx, sink, segment_ids, window, bs: BlockSizes
     o_rows, lse = pl.pallas_call(
         functools.partial(_csa_fwd_kernel, g=g, n_steps=n_steps, block_k=bs.block_k),
         grid=(B, g.nq, n_steps),
-        in_specs=[sp["idx_smem"], sp["idx_vmem"], sp["rows_h"], sp["qpos"], sp["rows_1"], sp["kv"], sp["kseg"],
-                  sp["sink"], sp["hbm"]],
+        in_specs=[
+            sp["idx_smem"],
+            sp["idx_vmem"],
+            sp["rows_h"],
+            sp["qpos"],
+            sp["rows_1"],
+            sp["kv"],
+            sp["kseg"],
+            sp["sink"],
+            sp["hbm"],
+        ],
         out_specs=[sp["rows_h"], sp["rows_1"]],
-        out_shape=[jax.ShapeDtypeStruct(a["q_rows"].shape, q.dtype),
-                   jax.ShapeDtypeStruct((B, g.Tp * N, 1), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct(a["q_rows"].shape, q.dtype),
+            jax.ShapeDtypeStruct((B, g.Tp * N, 1), jnp.float32),
+        ],
         scratch_shapes=[
             pltpu.VMEM((R, 1), jnp.float32),
             pltpu.VMEM((R, 1), jnp.float32),
@@ -354,8 +413,7 @@ def _forward(q, kv, entries, topk_idx, sink, segment_ids, window, bs: BlockSizes
         cost_estimate=_cost(g, a["idx"].shape[-1], q.dtype.itemsize, backward=False),
         interpret=interpret,
         name="csa_fwd_tpu",
-    )(a["idx"], a["idx"], a["q_rows"], a["qpos"], a["qseg"], a["kv_p"], a["kseg"], sink_rows(sink, g.block_q),
-      a["ent"])
+    )(a["idx"], a["idx"], a["q_rows"], a["qpos"], a["qseg"], a["kv_p"], a["kseg"], sink_rows(sink, g.block_q), a["ent"])
     out = o_rows.reshape(B, g.Tp, N, H)[:, :T]
     return out, (a, entries, topk_idx, o_rows, lse, sink)
 
@@ -373,11 +431,25 @@ def _backward(window, bs: BlockSizes, interpret: bool, res, d_out):
     dq_rows, dent = pl.pallas_call(
         functools.partial(_csa_dq_kernel, g=g, n_steps=n_steps, block_k=bs.block_k),
         grid=(B, g.nq, n_steps),
-        in_specs=[sp["idx_smem"], sp["idx_vmem"], sp["rows_h"], sp["rows_h"], sp["rows_1"], sp["rows_1"], sp["qpos"],
-                  sp["rows_1"], sp["kv"], sp["kseg"], sp["hbm"], sp["hbm"]],
+        in_specs=[
+            sp["idx_smem"],
+            sp["idx_vmem"],
+            sp["rows_h"],
+            sp["rows_h"],
+            sp["rows_1"],
+            sp["rows_1"],
+            sp["qpos"],
+            sp["rows_1"],
+            sp["kv"],
+            sp["kseg"],
+            sp["hbm"],
+            sp["hbm"],
+        ],
         out_specs=[sp["rows_h"], sp["hbm"]],
-        out_shape=[jax.ShapeDtypeStruct(a["q_rows"].shape, a["q_rows"].dtype),
-                   jax.ShapeDtypeStruct((B, C, H), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct(a["q_rows"].shape, a["q_rows"].dtype),
+            jax.ShapeDtypeStruct((B, C, H), jnp.float32),
+        ],
         scratch_shapes=[
             pltpu.VMEM((R, H), jnp.float32),
             pltpu.VMEM((bs.block_k, H), a["ent"].dtype),
@@ -391,10 +463,23 @@ def _backward(window, bs: BlockSizes, interpret: bool, res, d_out):
         cost_estimate=_cost(g, a["idx"].shape[-1], o_rows.dtype.itemsize, backward=True),
         interpret=interpret,
         name="csa_dq_tpu",
-    )(a["idx"], a["idx"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"],
-      jnp.zeros((B, C, H), jnp.float32))
-    dkv = window_dkv(g, a["kv_p"], a["kseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"],
-                     interpret=interpret)
+    )(
+        a["idx"],
+        a["idx"],
+        a["q_rows"],
+        do_rows,
+        lse,
+        delta,
+        a["qpos"],
+        a["qseg"],
+        a["kv_p"],
+        a["kseg"],
+        a["ent"],
+        jnp.zeros((B, C, H), jnp.float32),
+    )
+    dkv = window_dkv(
+        g, a["kv_p"], a["kseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], interpret=interpret
+    )
     dq = dq_rows.reshape(B, g.Tp, N, H)[:, :T]
     dent = dent[:, : entries.shape[1]].astype(entries.dtype)
     return dq, dkv[:, :T], dent, sink_grad(sink, lse, delta, N)

@@ -7,18 +7,34 @@ head-summed attention mass per entry, the KL target of the lightning indexer's w
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.csa_attention.common import Impl, check_attention_inputs, pick_block_sizes, resolve_impl
+from pallas_kernels.csa_attention.common import (
+    ENTRY_AXES,
+    ENTRY_SEG_AXES,
+    KV_AXES,
+    Q_AXES,
+    SINK_AXES,
+    TOKEN_AXES,
+    Impl,
+    check_attention_inputs,
+    pick_block_sizes,
+    resolve_impl,
+    shard_over_mesh,
+)
 from pallas_kernels.hca_attention import pallas_gpu, pallas_tpu, reference
 from pallas_kernels.hca_attention.reference import hca_attention_and_entry_mass
 
 
 def _check_entry_segment(entry_segment, entries):
     if entry_segment.shape != entries.shape[:2] or not jnp.issubdtype(entry_segment.dtype, jnp.integer):
-        raise ValueError(f"entry_segment must be integer [B, C] = {entries.shape[:2]}, "
-                         f"got {entry_segment.dtype}{entry_segment.shape}")
+        raise ValueError(
+            f"entry_segment must be integer [B, C] = {entries.shape[:2]}, "
+            f"got {entry_segment.dtype}{entry_segment.shape}"
+        )
 
 
 def hca_attention(
@@ -65,8 +81,16 @@ def hca_attention(
     if which == "reference":
         return reference.hca_attention(q, kv, entries, entry_segment, sink, segment_ids, ratio=ratio, window=window)
     module = pallas_gpu if which == "pallas_gpu" else pallas_tpu
-    return module.hca_attention(q, kv, entries, entry_segment, sink, segment_ids, ratio=ratio, window=window,
-                                block_sizes=pick_block_sizes(module, block_sizes), interpret=interp)
+    kernel = functools.partial(
+        module.hca_attention,
+        ratio=ratio,
+        window=window,
+        block_sizes=pick_block_sizes(module, block_sizes),
+        interpret=interp,
+    )
+    args = (q, kv, entries, entry_segment, sink, segment_ids)
+    axes = (Q_AXES, KV_AXES, ENTRY_AXES, ENTRY_SEG_AXES, SINK_AXES, TOKEN_AXES)
+    return shard_over_mesh(kernel, args, axes, Q_AXES, q.shape)
 
 
 __all__ = ["hca_attention", "hca_attention_and_entry_mass"]

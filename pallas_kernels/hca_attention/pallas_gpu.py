@@ -91,23 +91,54 @@ def _entry_loop(g: WindowGeometry, b, t0, ratio, C, block_e, q, t, q_seg, ent_re
     return lax.fori_loop(0, lax.div(n_adm + block_e - 1, block_e), body, carry)
 
 
-def _hca_fwd_kernel(q_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, sink_ref, ent_ref, eseg_ref, o_ref, lse_ref,
-                    *, g: WindowGeometry, ratio: int, C: int, block_e: int):
+def _hca_fwd_kernel(
+    q_ref,
+    qpos_ref,
+    qseg_ref,
+    kv_ref,
+    kseg_ref,
+    sink_ref,
+    ent_ref,
+    eseg_ref,
+    o_ref,
+    lse_ref,
+    *,
+    g: WindowGeometry,
+    ratio: int,
+    C: int,
+    block_e: int,
+):
     b, i = pl.program_id(0), pl.program_id(1)
     t0 = i * g.block_q
     R = g.block_q * g.N
     q, t, q_seg = query_rows(g, b, t0, g.block_q, q_ref, qpos_ref, qseg_ref)
     carry = (sink_ref[...], jnp.ones((R, 1), jnp.float32), jnp.zeros((R, g.H), jnp.float32))
     carry = window_fwd_loop(g, b, t0, q, t, q_seg, kv_ref, kseg_ref, carry)
-    step = lambda c, s, mask, e: online_softmax_step(*c, s, mask, e)  # noqa: E731
+    step = lambda c, s, mask, e: online_softmax_step(*c, s, mask, e)
     m, l, acc = _entry_loop(g, b, t0, ratio, C, block_e, q, t, q_seg, ent_ref, eseg_ref, step, carry)
     rows = pl.ds(t0 * g.N, R)
     o_ref[b, rows, :] = (acc / l).astype(o_ref.dtype)
     lse_ref[b, rows, :] = m + jnp.log(l)
 
 
-def _hca_dq_kernel(q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, ent_ref, eseg_ref,
-                   dq_ref, *, g: WindowGeometry, ratio: int, C: int, block_e: int):
+def _hca_dq_kernel(
+    q_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qpos_ref,
+    qseg_ref,
+    kv_ref,
+    kseg_ref,
+    ent_ref,
+    eseg_ref,
+    dq_ref,
+    *,
+    g: WindowGeometry,
+    ratio: int,
+    C: int,
+    block_e: int,
+):
     b, i = pl.program_id(0), pl.program_id(1)
     t0 = i * g.block_q
     R = g.block_q * g.N
@@ -124,8 +155,21 @@ def _hca_dq_kernel(q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, kv_ref
     dq_ref[b, rows, :] = dq.astype(dq_ref.dtype)
 
 
-def _hca_dent_kernel(ent_ref, eseg_ref, q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, dent_ref,
-                     *, g: WindowGeometry, ratio: int, block_e: int):
+def _hca_dent_kernel(
+    ent_ref,
+    eseg_ref,
+    q_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qpos_ref,
+    qseg_ref,
+    dent_ref,
+    *,
+    g: WindowGeometry,
+    ratio: int,
+    block_e: int,
+):
     b, eb = pl.program_id(0), pl.program_id(1)
     bq = g.block_q_dkv
     e0 = eb * block_e
@@ -149,8 +193,14 @@ def _hca_dent_kernel(ent_ref, eseg_ref, q_ref, do_ref, lse_ref, delta_ref, qpos_
 def _cost(g: WindowGeometry, C: int, ratio: int, itemsize: int, backward: bool) -> pl.CostEstimate:
     keys = g.window + g.block_q + min(C, g.Tp / (2 * ratio))
     flops, trans, nbytes = attention_cost(
-        batch=g.B, tokens=g.Tp, heads=g.N, head_dim=g.H, keys_per_query=keys, itemsize=itemsize,
-        key_bytes=g.B * g.Tp * g.H * itemsize * keys / g.block_q, backward=backward,
+        batch=g.B,
+        tokens=g.Tp,
+        heads=g.N,
+        head_dim=g.H,
+        keys_per_query=keys,
+        itemsize=itemsize,
+        key_bytes=g.B * g.Tp * g.H * itemsize * keys / g.block_q,
+        backward=backward,
     )
     return pl.CostEstimate(flops=flops, transcendentals=trans, bytes_accessed=nbytes)
 
@@ -160,15 +210,15 @@ def _layout(q, kv, entries, entry_segment, segment_ids, window, bs):
     g, Ta = window_geometry(B, T, N, H, window, bs)
     check_pow2(block_e=bs.block_e)
     Cp = round_up(max(entries.shape[1], 1), bs.block_e)
-    a = dict(
-        q_rows=to_rows(q, Ta),
-        qpos=row_positions(Ta, N),
-        qseg=row_segments(segment_ids, N, Ta),
-        kv_p=pad_axis(kv, 1, Ta),
-        kseg=key_segments(segment_ids, Ta),
-        ent=pad_axis(entries, 1, Cp),
-        eseg=key_segments(pad_axis(entry_segment.astype(jnp.int32), 1, Cp, -1), Cp),
-    )
+    a = {
+        "q_rows": to_rows(q, Ta),
+        "qpos": row_positions(Ta, N),
+        "qseg": row_segments(segment_ids, N, Ta),
+        "kv_p": pad_axis(kv, 1, Ta),
+        "kseg": key_segments(segment_ids, Ta),
+        "ent": pad_axis(entries, 1, Cp),
+        "eseg": key_segments(pad_axis(entry_segment.astype(jnp.int32), 1, Cp, -1), Cp),
+    }
     return g, Ta, a
 
 
@@ -179,8 +229,7 @@ def _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs
     o_rows, lse = pl.pallas_call(
         functools.partial(_hca_fwd_kernel, g=g, ratio=ratio, C=C, block_e=bs.block_e),
         grid=(B, g.nq),
-        out_shape=[jax.ShapeDtypeStruct(a["q_rows"].shape, q.dtype),
-                   jax.ShapeDtypeStruct((B, Ta * N, 1), jnp.float32)],
+        out_shape=[jax.ShapeDtypeStruct(a["q_rows"].shape, q.dtype), jax.ShapeDtypeStruct((B, Ta * N, 1), jnp.float32)],
         compiler_params=compiler_params(bs),
         cost_estimate=_cost(g, C, ratio, q.dtype.itemsize, backward=False),
         interpret=interpret,
@@ -209,8 +258,9 @@ def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
         interpret=interpret,
         name="hca_dq_gpu",
     )(a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"], a["eseg"])
-    dkv = window_dkv(g, bs, a["kv_p"], a["kseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"],
-                     interpret=interpret)
+    dkv = window_dkv(
+        g, bs, a["kv_p"], a["kseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], interpret=interpret
+    )
     dent = pl.pallas_call(
         functools.partial(_hca_dent_kernel, g=g, ratio=ratio, block_e=bs.block_e),
         grid=(B, a["ent"].shape[1] // bs.block_e),
@@ -260,5 +310,4 @@ def hca_attention(
       q [B, T, N, H], kv [B, T, H], entries [B, C, H], entry_segment [B, C] int32, sink [N],
       segment_ids [B, T] int32 -> [B, T, N, H].
     """
-    return _hca(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, block_sizes or BlockSizes(),
-                interpret)
+    return _hca(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, block_sizes or BlockSizes(), interpret)

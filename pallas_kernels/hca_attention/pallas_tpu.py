@@ -40,8 +40,8 @@ from pallas_kernels.csa_attention.common import (
     round_up,
     row_positions,
     row_segments,
-    sink_rows,
     sink_grad,
+    sink_rows,
     softmax_grads,
     to_rows,
 )
@@ -100,10 +100,23 @@ class EntryGeometry:
 
 
 def _hca_fwd_kernel(
-    q_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, ent_ref, eseg_ref, sink_ref,
-    o_ref, lse_ref,
-    m_sc, l_sc, acc_sc,
-    *, g: WindowGeometry, e: EntryGeometry, n_steps: int,
+    q_ref,
+    qpos_ref,
+    qseg_ref,
+    kv_ref,
+    kseg_ref,
+    ent_ref,
+    eseg_ref,
+    sink_ref,
+    o_ref,
+    lse_ref,
+    m_sc,
+    l_sc,
+    acc_sc,
+    *,
+    g: WindowGeometry,
+    e: EntryGeometry,
+    n_steps: int,
 ):
     i, j = pl.program_id(1), pl.program_id(2)
 
@@ -134,10 +147,22 @@ def _hca_fwd_kernel(
 
 
 def _hca_dq_kernel(
-    q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, ent_ref, eseg_ref,
+    q_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qpos_ref,
+    qseg_ref,
+    kv_ref,
+    kseg_ref,
+    ent_ref,
+    eseg_ref,
     dq_ref,
     dq_sc,
-    *, g: WindowGeometry, e: EntryGeometry, n_steps: int,
+    *,
+    g: WindowGeometry,
+    e: EntryGeometry,
+    n_steps: int,
 ):
     i, j = pl.program_id(1), pl.program_id(2)
 
@@ -163,10 +188,19 @@ def _hca_dq_kernel(
 
 
 def _hca_dent_kernel(
-    ent_ref, eseg_ref, q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref,
+    ent_ref,
+    eseg_ref,
+    q_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    qpos_ref,
+    qseg_ref,
     dent_ref,
     acc_sc,
-    *, scale: float, e: EntryGeometry,
+    *,
+    scale: float,
+    e: EntryGeometry,
 ):
     eb, j = pl.program_id(1), pl.program_id(2)
 
@@ -194,33 +228,45 @@ def _geometry(q_shape, C, ratio, window, bs: BlockSizes):
     B, T, N, H = q_shape
     g = WindowGeometry.make(B, T, N, H, window, bs)
     Cp = round_up(max(C, 1), bs.block_e)
-    e = EntryGeometry(C=C, Cp=Cp, ratio=ratio, block_e=bs.block_e, block_q=bs.block_q, block_q_de=bs.block_q_dkv,
-                      nq_de=g.Tp // bs.block_q_dkv)
+    e = EntryGeometry(
+        C=C,
+        Cp=Cp,
+        ratio=ratio,
+        block_e=bs.block_e,
+        block_q=bs.block_q,
+        block_q_de=bs.block_q_dkv,
+        nq_de=g.Tp // bs.block_q_dkv,
+    )
     return g, e
 
 
 def _specs(g: WindowGeometry, e: EntryGeometry, H: int):
     R = g.block_q * g.N
-    rows = lambda b, i, j: (b, i, 0)  # noqa: E731
-    eblk = lambda i, j: e.e_block(i, j - g.n_window_steps)  # noqa: E731
-    return dict(
-        rows_h=pl.BlockSpec((None, R, H), rows),
-        rows_1=pl.BlockSpec((None, R, 1), rows),
-        qpos=pl.BlockSpec((R, 1), lambda b, i, j: (i, 0)),
-        kv=pl.BlockSpec((None, g.block_kv, H), lambda b, i, j: (b, g.kv_block(i, j), 0)),
-        kseg=pl.BlockSpec((None, 1, g.block_kv), lambda b, i, j: (b, 0, g.kv_block(i, j))),
-        ent=pl.BlockSpec((None, e.block_e, H), lambda b, i, j: (b, eblk(i, j), 0)),
-        eseg=pl.BlockSpec((None, 1, e.block_e), lambda b, i, j: (b, 0, eblk(i, j))),
-        sink=pl.BlockSpec((R, 1), lambda b, i, j: (0, 0)),
-    )
+    rows = lambda b, i, j: (b, i, 0)
+    eblk = lambda i, j: e.e_block(i, j - g.n_window_steps)
+    return {
+        "rows_h": pl.BlockSpec((None, R, H), rows),
+        "rows_1": pl.BlockSpec((None, R, 1), rows),
+        "qpos": pl.BlockSpec((R, 1), lambda b, i, j: (i, 0)),
+        "kv": pl.BlockSpec((None, g.block_kv, H), lambda b, i, j: (b, g.kv_block(i, j), 0)),
+        "kseg": pl.BlockSpec((None, 1, g.block_kv), lambda b, i, j: (b, 0, g.kv_block(i, j))),
+        "ent": pl.BlockSpec((None, e.block_e, H), lambda b, i, j: (b, eblk(i, j), 0)),
+        "eseg": pl.BlockSpec((None, 1, e.block_e), lambda b, i, j: (b, 0, eblk(i, j))),
+        "sink": pl.BlockSpec((R, 1), lambda b, i, j: (0, 0)),
+    }
 
 
 def _cost(g: WindowGeometry, e: EntryGeometry, itemsize: int, backward: bool) -> pl.CostEstimate:
     window_keys = g.n_window_steps * g.block_kv
     mean_entries = min(e.C, g.Tp / (2 * e.ratio))
     flops, trans, nbytes = attention_cost(
-        batch=g.B, tokens=g.Tp, heads=g.N, head_dim=g.H, keys_per_query=window_keys + mean_entries,
-        itemsize=itemsize, key_bytes=g.B * g.Tp * g.H * itemsize * (window_keys + mean_entries) / g.block_q,
+        batch=g.B,
+        tokens=g.Tp,
+        heads=g.N,
+        head_dim=g.H,
+        keys_per_query=window_keys + mean_entries,
+        itemsize=itemsize,
+        key_bytes=g.B * g.Tp * g.H * itemsize * (window_keys + mean_entries) / g.block_q,
         backward=backward,
     )
     return pl.CostEstimate(flops=flops, transcendentals=trans, bytes_accessed=nbytes)
@@ -229,15 +275,15 @@ def _cost(g: WindowGeometry, e: EntryGeometry, itemsize: int, backward: bool) ->
 def _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs: BlockSizes, interpret):
     B, T, N, H = q.shape
     g, e = _geometry(q.shape, entries.shape[1], ratio, window, bs)
-    a = dict(
-        q_rows=to_rows(q, g.Tp),
-        qpos=row_positions(g.Tp, N),
-        qseg=row_segments(segment_ids, N, g.Tp),
-        kv_p=pad_axis(kv, 1, g.Tp),
-        kseg=key_segments(segment_ids, g.Tp),
-        ent=pad_axis(entries, 1, e.Cp),
-        eseg=key_segments(pad_axis(entry_segment.astype(jnp.int32), 1, e.Cp, -1), e.Cp),
-    )
+    a = {
+        "q_rows": to_rows(q, g.Tp),
+        "qpos": row_positions(g.Tp, N),
+        "qseg": row_segments(segment_ids, N, g.Tp),
+        "kv_p": pad_axis(kv, 1, g.Tp),
+        "kseg": key_segments(segment_ids, g.Tp),
+        "ent": pad_axis(entries, 1, e.Cp),
+        "eseg": key_segments(pad_axis(entry_segment.astype(jnp.int32), 1, e.Cp, -1), e.Cp),
+    }
     n_steps = g.n_window_steps + e.Cp // e.block_e
     sp = _specs(g, e, H)
     R = g.block_q * N
@@ -246,10 +292,15 @@ def _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs
         grid=(B, g.nq, n_steps),
         in_specs=[sp["rows_h"], sp["qpos"], sp["rows_1"], sp["kv"], sp["kseg"], sp["ent"], sp["eseg"], sp["sink"]],
         out_specs=[sp["rows_h"], sp["rows_1"]],
-        out_shape=[jax.ShapeDtypeStruct(a["q_rows"].shape, q.dtype),
-                   jax.ShapeDtypeStruct((B, g.Tp * N, 1), jnp.float32)],
-        scratch_shapes=[pltpu.VMEM((R, 1), jnp.float32), pltpu.VMEM((R, 1), jnp.float32),
-                        pltpu.VMEM((R, H), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct(a["q_rows"].shape, q.dtype),
+            jax.ShapeDtypeStruct((B, g.Tp * N, 1), jnp.float32),
+        ],
+        scratch_shapes=[
+            pltpu.VMEM((R, 1), jnp.float32),
+            pltpu.VMEM((R, 1), jnp.float32),
+            pltpu.VMEM((R, H), jnp.float32),
+        ],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=_cost(g, e, q.dtype.itemsize, backward=False),
         interpret=interpret,
@@ -270,8 +321,18 @@ def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
     dq_rows = pl.pallas_call(
         functools.partial(_hca_dq_kernel, g=g, e=e, n_steps=n_steps),
         grid=(B, g.nq, n_steps),
-        in_specs=[sp["rows_h"], sp["rows_h"], sp["rows_1"], sp["rows_1"], sp["qpos"], sp["rows_1"], sp["kv"],
-                  sp["kseg"], sp["ent"], sp["eseg"]],
+        in_specs=[
+            sp["rows_h"],
+            sp["rows_h"],
+            sp["rows_1"],
+            sp["rows_1"],
+            sp["qpos"],
+            sp["rows_1"],
+            sp["kv"],
+            sp["kseg"],
+            sp["ent"],
+            sp["eseg"],
+        ],
         out_specs=sp["rows_h"],
         out_shape=jax.ShapeDtypeStruct(a["q_rows"].shape, a["q_rows"].dtype),
         scratch_shapes=[pltpu.VMEM((R, H), jnp.float32)],
@@ -280,10 +341,11 @@ def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
         interpret=interpret,
         name="hca_dq_tpu",
     )(a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"], a["eseg"])
-    dkv = window_dkv(g, a["kv_p"], a["kseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"],
-                     interpret=interpret)
+    dkv = window_dkv(
+        g, a["kv_p"], a["kseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], interpret=interpret
+    )
     Rd = g.block_q_dkv * N
-    qmap = lambda b, eb, j: (b, e.q_block(eb, j), 0)  # noqa: E731
+    qmap = lambda b, eb, j: (b, e.q_block(eb, j), 0)
     dent = pl.pallas_call(
         functools.partial(_hca_dent_kernel, scale=g.scale, e=e),
         grid=(B, e.Cp // e.block_e, e.nq_de),
@@ -345,5 +407,4 @@ def hca_attention(
       q [B, T, N, H], kv [B, T, H], entries [B, C, H], entry_segment [B, C] int32, sink [N],
       segment_ids [B, T] int32 -> [B, T, N, H].
     """
-    return _hca(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, block_sizes or BlockSizes(),
-                interpret)
+    return _hca(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, block_sizes or BlockSizes(), interpret)

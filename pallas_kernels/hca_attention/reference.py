@@ -44,7 +44,10 @@ def _hca(q, kv, entries, entry_segment, sink, segment_ids, *, ratio: int, window
         z_win = jnp.einsum("bqnh,bkh->bqnk", q_i, keys_i, preferred_element_type=jnp.float32)
         z_ent = jnp.einsum("bqnh,bch->bqnc", q_i, entries, preferred_element_type=jnp.float32)
         mask = jnp.concatenate(
-            [window_mask(qpos_i, qseg_i, kpos_i, kseg_i, window), admissible_mask(qpos_i, qseg_i, entry_segment, ratio)],
+            [
+                window_mask(qpos_i, qseg_i, kpos_i, kseg_i, window),
+                admissible_mask(qpos_i, qseg_i, entry_segment, ratio),
+            ],
             axis=-1,
         )
         p = sink_softmax(jnp.concatenate([z_win, z_ent], axis=-1) * scale, mask[:, :, None, :], sink)

@@ -7,10 +7,20 @@ indexer's KL loss on short sequences.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.csa_attention.common import Impl, pick_block_sizes, resolve_impl
+from pallas_kernels.csa_attention.common import (
+    ENTRY_AXES,
+    ENTRY_SEG_AXES,
+    TOKEN_AXES,
+    Impl,
+    pick_block_sizes,
+    resolve_impl,
+    shard_over_mesh,
+)
 from pallas_kernels.lightning_indexer import pallas_gpu, pallas_tpu, reference
 from pallas_kernels.lightning_indexer.reference import indexer_scores
 
@@ -73,8 +83,18 @@ def lightning_indexer(
     if which == "reference":
         return reference.lightning_indexer(q_idx, k_idx, weights, entry_segment, segment_ids, ratio=ratio, topk=topk)
     module = pallas_gpu if which == "pallas_gpu" else pallas_tpu
-    return module.lightning_indexer(q_idx, k_idx, weights, entry_segment, segment_ids, ratio=ratio, topk=topk,
-                                    block_sizes=pick_block_sizes(module, block_sizes), interpret=interp)
+    kernel = functools.partial(
+        module.lightning_indexer,
+        ratio=ratio,
+        topk=topk,
+        block_sizes=pick_block_sizes(module, block_sizes),
+        interpret=interp,
+    )
+    # The score sums over indexer heads, so only the batch is split (heads stay whole on each shard).
+    args = (q_idx, k_idx, weights, entry_segment, segment_ids)
+    axes = (TOKEN_AXES + (None, None), ENTRY_AXES, TOKEN_AXES + (None,), ENTRY_SEG_AXES, TOKEN_AXES)
+    out_shape = q_idx.shape[:2] + (min(topk, k_idx.shape[1]),)
+    return shard_over_mesh(kernel, args, axes, TOKEN_AXES + (None,), out_shape)
 
 
 __all__ = ["indexer_scores", "lightning_indexer"]

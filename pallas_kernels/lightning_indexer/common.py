@@ -26,18 +26,18 @@ def indexer_layout(q_idx, k_idx, weights, entry_segment, segment_ids, *, chunk_q
       segment_ids [B, T] -> qseg [B, Tp, 1]; k_idx [B, C, HI] -> k [B, Cp, HI];
       entry_segment [B, C] -> eseg [B, 1, Cp] (padding -1). Tp = multiple of chunk_q, Cp of block_c.
     """
-    B, T, NI, HI = q_idx.shape
+    _, T, NI, HI = q_idx.shape
     C = k_idx.shape[1]
     Tp = round_up(T, chunk_q)
     Cp = round_up(max(C, 1), block_c)
     w = pad_axis(weights, 1, Tp).astype(jnp.float32) * (NI**-0.5 * HI**-0.5)
-    return dict(
-        q=pad_axis(q_idx, 1, Tp).transpose(0, 2, 1, 3),
-        w=w.transpose(0, 2, 1)[..., None],
-        qseg=pad_axis(segment_ids.astype(jnp.int32), 1, Tp, PAD_SEGMENT)[..., None],
-        k=pad_axis(k_idx, 1, Cp),
-        eseg=pad_axis(entry_segment.astype(jnp.int32), 1, Cp, -1)[:, None, :],
-    )
+    return {
+        "q": pad_axis(q_idx, 1, Tp).transpose(0, 2, 1, 3),
+        "w": w.transpose(0, 2, 1)[..., None],
+        "qseg": pad_axis(segment_ids.astype(jnp.int32), 1, Tp, PAD_SEGMENT)[..., None],
+        "k": pad_axis(k_idx, 1, Cp),
+        "eseg": pad_axis(entry_segment.astype(jnp.int32), 1, Cp, -1)[:, None, :],
+    }
 
 
 def chunked_topk(score_chunk: Callable, a: dict, *, T: int, C: int, K: int, chunk_q: int) -> jax.Array:
@@ -45,7 +45,7 @@ def chunked_topk(score_chunk: Callable, a: dict, *, T: int, C: int, K: int, chun
 
     Returns topk_idx [B, T, K] int32, best first, -1 where the score is -inf.
     """
-    B, NI, Tp, HI = a["q"].shape
+    B, _, Tp, _ = a["q"].shape
 
     def one_chunk(start):
         q = lax.dynamic_slice_in_dim(a["q"], start, chunk_q, axis=2)

@@ -48,8 +48,21 @@ class BlockSizes:
     num_stages: int = 2
 
 
-def _score_kernel(start_ref, q_ref, w_ref, qseg_ref, k_ref, eseg_ref, o_ref, *, ratio: int, block_q: int,
-                  block_c: int, n_heads: int, n_blocks: int):
+def _score_kernel(
+    start_ref,
+    q_ref,
+    w_ref,
+    qseg_ref,
+    k_ref,
+    eseg_ref,
+    o_ref,
+    *,
+    ratio: int,
+    block_q: int,
+    block_c: int,
+    n_heads: int,
+    n_blocks: int,
+):
     b, i = pl.program_id(0), pl.program_id(1)
     local = i * block_q
     t0 = start_ref[0] + local
@@ -84,8 +97,9 @@ def _score_chunk(start, q, w, qseg, k, eseg, *, ratio, bs: BlockSizes, interpret
     Cp = k.shape[1]
     flops, nbytes = score_cost(B, Tc, Cp, NI, HI, q.dtype.itemsize)
     return pl.pallas_call(
-        functools.partial(_score_kernel, ratio=ratio, block_q=bs.block_q, block_c=bs.block_c, n_heads=NI,
-                          n_blocks=Cp // bs.block_c),
+        functools.partial(
+            _score_kernel, ratio=ratio, block_q=bs.block_q, block_c=bs.block_c, n_heads=NI, n_blocks=Cp // bs.block_c
+        ),
         grid=(B, Tc // bs.block_q),
         out_shape=jax.ShapeDtypeStruct((B, Tc, Cp), jnp.float32),
         compiler_params=pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),

@@ -44,8 +44,9 @@ class BlockSizes:
     chunk_q: int = 512
 
 
-def _score_kernel(start_ref, q_ref, w_ref, qseg_ref, k_ref, eseg_ref, o_ref, *, ratio: int, block_q: int,
-                  block_c: int, n_heads: int):
+def _score_kernel(
+    start_ref, q_ref, w_ref, qseg_ref, k_ref, eseg_ref, o_ref, *, ratio: int, block_q: int, block_c: int, n_heads: int
+):
     i, c = pl.program_id(1), pl.program_id(2)
     t0 = start_ref[0] + i * block_q
     any_admissible = (c * block_c + 1) * ratio - 1 <= t0 + block_q - 1

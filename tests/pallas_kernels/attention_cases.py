@@ -140,15 +140,15 @@ def attention_inputs(case: Case, seed: int = 0):
     rng = np.random.default_rng(seed)
     seg = segments(case)
     eseg = entry_segments(seg, case.ratio)
-    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
-    return dict(
-        q=f(case.B, case.T, case.N, case.H),
-        kv=f(case.B, case.T, case.H),
-        entries=f(case.B, case.C, case.H),
-        sink=f(case.N),
-        segment_ids=jnp.asarray(seg),
-        entry_segment=jnp.asarray(eseg),
-    ), rng
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    return {
+        "q": f(case.B, case.T, case.N, case.H),
+        "kv": f(case.B, case.T, case.H),
+        "entries": f(case.B, case.C, case.H),
+        "sink": f(case.N),
+        "segment_ids": jnp.asarray(seg),
+        "entry_segment": jnp.asarray(eseg),
+    }, rng
 
 
 def compare(name: str, got, want, tol: float, scale_by_max: bool = False) -> tuple[float, float]:
@@ -160,7 +160,61 @@ def compare(name: str, got, want, tol: float, scale_by_max: bool = False) -> tup
     denom = max(float(np.abs(want).max()), 1.0) if scale_by_max and want.size else 1.0
     max_err = float(err.max()) / denom if err.size else 0.0
     mean_err = float(err.mean()) / denom if err.size else 0.0
-    print(f"{name}: max abs err {max_err:.3e}, mean abs err {mean_err:.3e}" + (" (relative to max)" if scale_by_max else ""))
+    print(
+        f"{name}: max abs err {max_err:.3e}, mean abs err {mean_err:.3e}"
+        + (" (relative to max)" if scale_by_max else "")
+    )
     assert np.all(np.isfinite(got)), f"{name}: non-finite values"
     assert max_err <= tol, f"{name}: max abs err {max_err:.3e} > {tol:.1e}"
     return max_err, mean_err
+
+
+# Compile options of the checked programs: LLVM optimisation of the interpreted Pallas programs (large XLA
+# programs) is about 40% of this suite's time and does not change what is computed, so it is switched off.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+_COMPILED: dict = {}
+
+
+def _value_and_vjp(fn, argnums: tuple[int, ...], args, cotangent):
+    """(fn(*args), VJP w.r.t. args[argnums]) from a program compiled once per (fn, argnums, shapes)."""
+    key = (fn, argnums, tuple((a.shape, str(a.dtype)) for a in args))
+    if key not in _COMPILED:
+
+        def run(args, cotangent):
+            def partial_fn(*diff):
+                full = list(args)
+                for i, a in zip(argnums, diff, strict=True):
+                    full[i] = a
+                return fn(*full)
+
+            out, vjp = jax.vjp(partial_fn, *(args[i] for i in argnums))
+            return out, vjp(cotangent)
+
+        _COMPILED[key] = jax.jit(run).lower(args, cotangent).compile(FAST_COMPILE)
+    return _COMPILED[key](args, cotangent)
+
+
+def matches_reference(impl_fn, ref_fn, args, tol: float, *, argnums, name: str) -> None:
+    """The check of `pallas_kernels.testing.assert_matches_reference` (values and VJPs for a fixed random
+    cotangent; max |impl - ref| <= tol * max(1, max |ref|); max and mean abs errors printed), with both
+    programs compiled with FAST_COMPILE, which the shared helper cannot pass. Each (function, argnums,
+    shapes) is compiled once, so the reference is shared by the anchor and the kernel tests."""
+    args = tuple(args)
+    argnums = tuple(argnums)
+    ref_out = jax.eval_shape(ref_fn, *args)
+    # numpy, not jax.random: an eager jax.random call compiles a small program per shape.
+    cotangent = jnp.asarray(np.random.default_rng(0).standard_normal(ref_out.shape), ref_out.dtype)
+    got, got_grads = _value_and_vjp(impl_fn, argnums, args, cotangent)
+    want, want_grads = _value_and_vjp(ref_fn, argnums, args, cotangent)
+    pairs = [("value", got, want)] + [(f"grad[{i}]", g, w) for i, g, w in zip(argnums, got_grads, want_grads)]
+    failed = []
+    for key, g, w in pairs:
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        assert g.shape == w.shape, (name, key, g.shape, w.shape)
+        err = np.abs(g - w)
+        max_err, mean_err = (float(err.max()), float(err.mean())) if err.size else (0.0, 0.0)
+        print(f"{name} {key}: max abs err {max_err:.3g}, mean abs err {mean_err:.3g}")
+        scale = float(np.abs(w).max()) if w.size else 0.0
+        if not np.isfinite(g).all() or max_err > tol * max(1.0, scale):
+            failed.append(key)
+    assert not failed, f"{name}: {', '.join(failed)} off (tol {tol:g} x scale)"

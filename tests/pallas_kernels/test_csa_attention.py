@@ -9,11 +9,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.pallas_kernels.attention_cases import Case, attention_inputs, csa_mask, dense_masked_attention, random_topk
-from tests.conftest import TOLERANCES
+from jax.sharding import AxisType, Mesh
 
 from pallas_kernels.csa_attention import csa_attention, pallas_gpu, pallas_tpu, reference
-from pallas_kernels.testing import assert_matches_reference
+from tests.conftest import TOLERANCES
+from tests.pallas_kernels.attention_cases import (
+    Case,
+    attention_inputs,
+    compare,
+    csa_mask,
+    dense_masked_attention,
+    matches_reference,
+    random_topk,
+)
 
 CASES = {
     # T = 44 is not a multiple of the 16-token blocks; row 0 packs three documents and 4 padding tokens,
@@ -56,22 +64,68 @@ def test_reference_matches_brute_force(name):
     def dense(q, kv, entries, topk, sink, seg):
         return dense_masked_attention(q, kv, entries, sink, mask)[0]
 
-    assert_matches_reference(attention_fn(name, "reference"), dense, args, TOLERANCES["kernel_f32"],
-                             argnums=DIFF_ARGS, name=f"csa reference vs dense {name}")
+    matches_reference(
+        attention_fn(name, "reference"),
+        dense,
+        args,
+        TOLERANCES["kernel_f32"],
+        argnums=DIFF_ARGS,
+        name=f"csa reference vs dense {name}",
+    )
 
 
 @pytest.mark.parametrize("impl", sorted(BLOCKS))
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_pallas_matches_reference(name, impl):
     _, args = problem(name)
-    assert_matches_reference(attention_fn(name, impl), attention_fn(name, "reference"), args,
-                             TOLERANCES["kernel_f32"], argnums=DIFF_ARGS, name=f"csa {impl} {name}")
+    matches_reference(
+        attention_fn(name, impl),
+        attention_fn(name, "reference"),
+        args,
+        TOLERANCES["kernel_f32"],
+        argnums=DIFF_ARGS,
+        name=f"csa {impl} {name}",
+    )
+
+
+def test_pallas_under_a_mesh_matches_reference():
+    """On a (data=2, tensor=2) mesh the kernel runs per shard under shard_map (batch over data, heads over
+    tensor); kv/entries gradients are summed over the head shards and the sink's over the batch shards."""
+    _, args = problem("packed")
+    q, kv, entries, topk, sink, seg = args
+    mesh = Mesh(
+        np.array(jax.devices()[:4]).reshape(2, 1, 1, 2),
+        ("data", "fsdp", "expert", "tensor"),
+        axis_types=(AxisType.Auto,) * 4,
+    )
+    ct = jnp.asarray(np.random.default_rng(3).standard_normal(q.shape), jnp.float32)
+
+    def value_and_grads(impl, **kw):
+        def f(q, kv, entries, sink):
+            return csa_attention(q, kv, entries, topk, sink, seg, window=CASES["packed"].window, impl=impl, **kw)
+
+        @jax.jit
+        def run(*diff):
+            out, vjp = jax.vjp(f, *diff)
+            return out, vjp(ct)
+
+        return run
+
+    want = value_and_grads("reference")(q, kv, entries, sink)
+    with jax.set_mesh(mesh):
+        sharded = value_and_grads("pallas_gpu", block_sizes=BLOCKS["pallas_gpu"], interpret=True)
+        assert "shard_map" in str(jax.make_jaxpr(sharded)(q, kv, entries, sink))
+        got = sharded(q, kv, entries, sink)
+    tol = TOLERANCES["kernel_f32"]
+    compare("csa pallas_gpu on a 2x2 mesh, value", got[0], want[0], tol)
+    for label, g, w in zip(("q", "kv", "entries", "sink"), got[1], want[1], strict=True):
+        compare(f"csa pallas_gpu on a 2x2 mesh, d{label}", g, w, tol, scale_by_max=True)
 
 
 def test_default_impl_on_cpu_is_the_reference():
     _, args = problem("short")
-    got = csa_attention(*args, window=CASES["short"].window)
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(attention_fn("short", "reference")(*args)))
+    default = functools.partial(csa_attention, window=CASES["short"].window)
+    assert str(jax.make_jaxpr(default)(*args)) == str(jax.make_jaxpr(attention_fn("short", "reference"))(*args))
 
 
 def test_bad_requests_raise_value_error():
@@ -99,8 +153,14 @@ def test_kernels_lower_for_their_backend(platform, module):
     (catches ops and block shapes the backend rejects; nothing is compiled or run)."""
     B, T, N, H, C, K = 1, 256, 16, 128, 64, 128
     sd = jax.ShapeDtypeStruct
-    shapes = (sd((B, T, N, H), jnp.bfloat16), sd((B, T, H), jnp.bfloat16), sd((B, C, H), jnp.bfloat16),
-              sd((B, T, K), jnp.int32), sd((N,), jnp.float32), sd((B, T), jnp.int32))
+    shapes = (
+        sd((B, T, N, H), jnp.bfloat16),
+        sd((B, T, H), jnp.bfloat16),
+        sd((B, C, H), jnp.bfloat16),
+        sd((B, T, K), jnp.int32),
+        sd((N,), jnp.float32),
+        sd((B, T), jnp.int32),
+    )
 
     def fwd_bwd(q, kv, entries, topk, sink, seg):
         out, vjp = jax.vjp(lambda *d: module.csa_attention(d[0], d[1], d[2], topk, d[3], seg), q, kv, entries, sink)

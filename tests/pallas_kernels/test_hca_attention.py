@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 
 from pallas_kernels.hca_attention import hca_attention, hca_attention_and_entry_mass, pallas_gpu, pallas_tpu, reference
-from pallas_kernels.testing import assert_matches_reference
 from tests.conftest import TOLERANCES
-from tests.pallas_kernels.attention_cases import Case, attention_inputs, compare, dense_masked_attention, hca_mask
+from tests.pallas_kernels.attention_cases import (
+    Case,
+    attention_inputs,
+    compare,
+    dense_masked_attention,
+    hca_mask,
+    matches_reference,
+)
 
 CASES = {
     # CSA's dense phase: ratio 4, C = 11 entries over two 8-entry blocks; T = 44 is not a multiple of the
@@ -45,8 +51,9 @@ def attention_fn(name: str, impl: str):
     case = {**CASES, **ANCHOR_ONLY}[name]
     if impl == "reference":
         return functools.partial(reference.hca_attention, ratio=case.ratio, window=case.window)
-    return functools.partial(hca_attention, ratio=case.ratio, window=case.window, impl=impl,
-                             block_sizes=BLOCKS[impl], interpret=True)
+    return functools.partial(
+        hca_attention, ratio=case.ratio, window=case.window, impl=impl, block_sizes=BLOCKS[impl], interpret=True
+    )
 
 
 @pytest.mark.parametrize("name", sorted({**CASES, **ANCHOR_ONLY}))
@@ -58,8 +65,14 @@ def test_reference_matches_brute_force(name):
     def dense(q, kv, entries, entry_segment, sink, seg):
         return dense_masked_attention(q, kv, entries, sink, mask)[0]
 
-    assert_matches_reference(attention_fn(name, "reference"), dense, args, TOLERANCES["kernel_f32"],
-                             argnums=DIFF_ARGS, name=f"hca reference vs dense {name}")
+    matches_reference(
+        attention_fn(name, "reference"),
+        dense,
+        args,
+        TOLERANCES["kernel_f32"],
+        argnums=DIFF_ARGS,
+        name=f"hca reference vs dense {name}",
+    )
 
 
 def test_entry_mass_matches_brute_force():
@@ -79,8 +92,14 @@ def test_entry_mass_matches_brute_force():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_pallas_matches_reference(name, impl):
     _, args = problem(name)
-    assert_matches_reference(attention_fn(name, impl), attention_fn(name, "reference"), args,
-                             TOLERANCES["kernel_f32"], argnums=DIFF_ARGS, name=f"hca {impl} {name}")
+    matches_reference(
+        attention_fn(name, impl),
+        attention_fn(name, "reference"),
+        args,
+        TOLERANCES["kernel_f32"],
+        argnums=DIFF_ARGS,
+        name=f"hca {impl} {name}",
+    )
 
 
 def test_bad_requests_raise_value_error():
@@ -103,8 +122,14 @@ def test_kernels_lower_for_their_backend(platform, module):
     B, T, N, H, ratio = 1, 512, 16, 128, 4
     C = T // ratio
     sd = jax.ShapeDtypeStruct
-    shapes = (sd((B, T, N, H), jnp.bfloat16), sd((B, T, H), jnp.bfloat16), sd((B, C, H), jnp.bfloat16),
-              sd((B, C), jnp.int32), sd((N,), jnp.float32), sd((B, T), jnp.int32))
+    shapes = (
+        sd((B, T, N, H), jnp.bfloat16),
+        sd((B, T, H), jnp.bfloat16),
+        sd((B, C, H), jnp.bfloat16),
+        sd((B, C), jnp.int32),
+        sd((N,), jnp.float32),
+        sd((B, T), jnp.int32),
+    )
 
     def fwd_bwd(q, kv, entries, entry_segment, sink, seg):
         def f(q, kv, entries, sink):

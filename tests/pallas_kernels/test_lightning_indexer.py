@@ -13,6 +13,7 @@ import pytest
 from pallas_kernels.lightning_indexer import indexer_scores, lightning_indexer, pallas_gpu, pallas_tpu, reference
 from tests.conftest import TOLERANCES
 from tests.pallas_kernels.attention_cases import (
+    FAST_COMPILE,
     Case,
     admissible,
     brute_indexer_scores,
@@ -40,21 +41,28 @@ def problem(name: str):
     rng = np.random.default_rng(2)
     seg = segments(case)
     eseg = entry_segments(seg, case.ratio)
-    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
-    args = (f(case.B, case.T, case.NI, case.HI), f(case.B, case.C, case.HI), f(case.B, case.T, case.NI),
-            jnp.asarray(eseg), jnp.asarray(seg))
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+    args = (
+        f(case.B, case.T, case.NI, case.HI),
+        f(case.B, case.C, case.HI),
+        f(case.B, case.T, case.NI),
+        jnp.asarray(eseg),
+        jnp.asarray(seg),
+    )
     return case, args, brute_indexer_scores(*args[:3], seg, eseg, case.ratio)
 
 
 @functools.cache
 def indexer_fn(name: str, impl: str):
-    case = CASES[name]
+    """The compiled top-k of one case and implementation (compiled once, with FAST_COMPILE)."""
+    case, args, _ = problem(name)
     if impl == "reference":
         fn = functools.partial(reference.lightning_indexer, ratio=case.ratio, topk=case.topk, block_q=8)
     else:
-        fn = functools.partial(lightning_indexer, ratio=case.ratio, topk=case.topk, impl=impl,
-                               block_sizes=BLOCKS[impl], interpret=True)
-    return jax.jit(fn)
+        fn = functools.partial(
+            lightning_indexer, ratio=case.ratio, topk=case.topk, impl=impl, block_sizes=BLOCKS[impl], interpret=True
+        )
+    return jax.jit(fn).lower(*args).compile(FAST_COMPILE)
 
 
 def check_topk(name: str, idx: np.ndarray, brute: np.ndarray, case: Case, seg, eseg) -> None:
@@ -98,7 +106,7 @@ def test_indexer_scores_gradient_matches_dense_formula():
     def blocked(q, k, w):
         return jnp.where(finite, indexer_scores(q, k, w, args[3], args[4], ratio=case.ratio, block_q=8), 0.0)
 
-    ct = jax.random.normal(jax.random.key(0), brute.shape, jnp.float32)
+    ct = jnp.asarray(np.random.default_rng(0).standard_normal(brute.shape), jnp.float32)
     got = jax.jit(lambda *a: jax.vjp(blocked, *a)[1](ct))(*args[:3])
     want = jax.jit(lambda *a: jax.vjp(dense, *a)[1](ct))(*args[:3])
     for label, g, w in zip(("q_idx", "k_idx", "weights"), got, want, strict=True):
@@ -124,15 +132,21 @@ def test_pallas_matches_reference(name, impl):
     for b in range(case.B):
         for t in range(case.T):
             valid = want[b, t] >= 0
-            np.testing.assert_allclose(brute[b, t, got[b, t][valid]], brute[b, t, want[b, t][valid]],
-                                       atol=TOLERANCES["kernel_f32"])
+            np.testing.assert_allclose(
+                brute[b, t, got[b, t][valid]], brute[b, t, want[b, t][valid]], atol=TOLERANCES["kernel_f32"]
+            )
 
 
 @pytest.mark.parametrize("impl", ["reference", "pallas_gpu", "pallas_tpu"])
 def test_no_entries_gives_empty_topk(impl):
     B, T, NI, HI = 1, 3, 2, 8  # T < ratio: C = 0
-    args = (jnp.ones((B, T, NI, HI)), jnp.ones((B, 0, HI)), jnp.ones((B, T, NI)), jnp.zeros((B, 0), jnp.int32),
-            jnp.ones((B, T), jnp.int32))
+    args = (
+        jnp.ones((B, T, NI, HI)),
+        jnp.ones((B, 0, HI)),
+        jnp.ones((B, T, NI)),
+        jnp.zeros((B, 0), jnp.int32),
+        jnp.ones((B, T), jnp.int32),
+    )
     out = lightning_indexer(*args, ratio=4, topk=8, impl=impl, interpret=impl != "reference")
     assert out.shape == (B, T, 0) and out.dtype == jnp.int32
 
@@ -145,8 +159,14 @@ def test_bad_requests_raise_value_error():
     with pytest.raises(ValueError, match="weights"):
         lightning_indexer(q, k, w[..., :1], eseg, seg, ratio=4, topk=2)
     with pytest.raises(ValueError, match="chunk_q"):
-        lightning_indexer(*args, ratio=4, topk=2, impl="pallas_tpu", interpret=True,
-                          block_sizes=pallas_tpu.BlockSizes(block_q=8, block_c=8, chunk_q=12))
+        lightning_indexer(
+            *args,
+            ratio=4,
+            topk=2,
+            impl="pallas_tpu",
+            interpret=True,
+            block_sizes=pallas_tpu.BlockSizes(block_q=8, block_c=8, chunk_q=12),
+        )
 
 
 @pytest.mark.parametrize("platform,module", [("cuda", pallas_gpu), ("tpu", pallas_tpu)])
@@ -154,8 +174,13 @@ def test_kernels_lower_for_their_backend(platform, module):
     """The scoring kernel lowers to Triton (CUDA) / Mosaic (TPU) at real widths in bfloat16."""
     B, T, NI, HI, ratio = 1, 1024, 64, 128, 4
     sd = jax.ShapeDtypeStruct
-    shapes = (sd((B, T, NI, HI), jnp.bfloat16), sd((B, T // ratio, HI), jnp.bfloat16), sd((B, T, NI), jnp.bfloat16),
-              sd((B, T // ratio), jnp.int32), sd((B, T), jnp.int32))
+    shapes = (
+        sd((B, T, NI, HI), jnp.bfloat16),
+        sd((B, T // ratio, HI), jnp.bfloat16),
+        sd((B, T, NI), jnp.bfloat16),
+        sd((B, T // ratio), jnp.int32),
+        sd((B, T), jnp.int32),
+    )
     fn = functools.partial(module.lightning_indexer, ratio=ratio, topk=64)
     text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
     assert "indexer_scores" in text
