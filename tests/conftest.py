@@ -29,3 +29,6 @@ TOLERANCES = {
     # float32 but in different orders, and the bfloat16 output rounding (2**-8 relative) can flip by one ulp.
     "kernel_bf16": 1e-2,
 }
+# transformers' float32 model on our bf16 export against our float32 model on the same bf16 weights (the export
+# issue's bound; both compute in float32, so the observed gap is at the float32 level).
+TOLERANCES["export_bf16_logits"] = 1e-3
