@@ -3,10 +3,12 @@
 #
 # Per (query, entry) pair: 2 * NI * HI FLOPs (q.k per head) + 3 * NI (relu, weight, sum). Flash/Pro
 # (NI=64, HI=128): 16.6 KFLOP per pair; a query at position t scores (t + 1) / 4 entries, so a
-# T-token sequence costs ~16.6e3 * T^2 / 8 FLOPs (T = 64K: 8.9 PFLOP, ~9 s at 989 TFLOP/s per layer).
-# Bytes per (block_q x block_c) tile: q 2*NI*block_q*HI (re-read per entry block, L2-resident),
-# k 2*block_c*HI, scores 4*block_q*block_c -> compute-bound (thousands of FLOP/byte) on H200
-# (ridge ~206 FLOP/byte). The top-k runs outside the kernel (lax.top_k per chunk of queries).
+# T-token sequence costs ~16.6e3 * T^2 / 8 FLOPs (T = 64K: 8.9 TFLOP per layer, ~9 ms at 989 TFLOP/s;
+# T = 1M: 2.3 PFLOP).
+# Bytes per 64 x 64 (query x entry) tile: k 2*64*HI = 16 KB + float32 scores 16 KB from/to HBM; the
+# program's q rows (2*NI*64*HI = 1 MB) are re-read for every entry tile but stay in L2 (50 MB on H200).
+# 68 MFLOP per tile -> ~2,000 FLOP/byte of HBM traffic: compute-bound (H200 ridge ~206 FLOP/byte).
+# The top-k runs outside the kernel (lax.top_k per chunk of queries), reading the scores back once.
 """Lightning-indexer scores: Pallas kernel in the Triton style.
 
 One program per (batch, query block of the chunk) loops over the admissible entry blocks and,

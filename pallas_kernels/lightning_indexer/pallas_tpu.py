@@ -2,11 +2,12 @@
 #
 # Per (query, entry) pair: 2 * NI * HI FLOPs (q.k per head) + 3 * NI (relu, weight, sum). Flash/Pro
 # (NI=64, HI=128): 16.6 KFLOP per pair; a query at position t scores (t + 1) / 4 entries, so a
-# T-token sequence costs ~16.6e3 * T^2 / 8 FLOPs (T = 64K: 8.9 PFLOP, ~9 s at 989 TFLOP/s per layer).
-# Bytes per (block_q x block_c) tile: q 2*NI*block_q*HI, k 2*block_c*HI, scores 4*block_q*block_c:
-# with 128 x 512 tiles that is ~2.3 MB for 17 GFLOP -> ~7000 FLOP/byte: compute-bound everywhere.
-# The top-k runs outside the kernel (lax.top_k per chunk of queries); the float32 score chunk
-# written to HBM (4 bytes per pair) makes the pipeline as a whole closer to ~4000 FLOP/byte.
+# T-token sequence costs ~16.6e3 * T^2 / 8 FLOPs (T = 64K: 8.9 TFLOP per layer, ~9 ms at 989 TFLOP/s;
+# T = 1M: 2.3 PFLOP).
+# Bytes per 128 x 512 (query x entry) tile: k 2*512*HI = 131 KB + float32 scores 4*128*512 = 262 KB; the
+# q block (2*NI*128*HI = 2.1 MB) stays resident across the entry tiles of its query block. 1.09 GFLOP
+# per tile -> ~2,800 FLOP/byte: compute-bound (H200 ridge ~206 FLOP/byte at 989 TFLOP/s, 4.8 TB/s).
+# The top-k runs outside the kernel (lax.top_k per chunk of queries), reading the scores back once.
 """Lightning-indexer scores: Pallas kernel in the Mosaic-TPU style.
 
 Grid (B, query blocks of the chunk, entry blocks); each step loops over the NI heads:
