@@ -7,8 +7,11 @@ Reads `config.json` and the `.safetensors` files of --hf_dir in any of the three
 (missing and unexpected tensors are listed in one error), dequantises, and writes
 `<workdir>/checkpoints/0/` in the layout of `experiments.pretrain`: the model variables sharded for --mesh,
 a fresh optimizer state (--optimizer), step 0, no data-iterator state (the run starts its data from the
-beginning). It prints the `experiments.pretrain` command that resumes from it; model fields that
-config.json does not carry (--dtype, --param_dtype, --remat_policy) must be passed to both commands alike.
+beginning). It prints the `experiments.pretrain` command that resumes from it.
+
+The model comes from config.json. Config fields that config.json cannot carry (compute dtype, remat policy,
+MoE implementation, ...) come from --config=PRESET (default nano, i.e. the Config defaults); any Config field
+flag (the same flags as experiments.pretrain, e.g. --param_dtype=bfloat16) overrides both.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from tqdm import tqdm
 from deepseek_v4 import DeepseekV4, export, interop, train
 from deepseek_v4 import checkpoint as ckpt_lib
 from deepseek_v4.config import PRESETS, Config
+from experiments import flags as config_flags
 from sharding import mesh as mesh_lib
 from sharding import rules
 
@@ -43,19 +47,27 @@ def define_flags() -> None:
     flags.DEFINE_enum("optimizer", "muon", ["muon", "adamw"],
                       "Optimizer whose fresh state is written (the --optimizer the pretrain run will use).")
     flags.DEFINE_integer("seed", 0, "The run's base RNG seed (the --seed the pretrain run will use).")
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Config.dtype (compute dtype).")
-    flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "Config.param_dtype (master weights).")
-    flags.DEFINE_enum("remat_policy", "none", ["none", "full"], "Config.remat_policy.")
+    config_flags.define_config_flags()
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
     flags.mark_flags_as_required(["hf_dir", "workdir"])
 
 
-def read_config(hf_dir: str, **overrides: Any) -> Config:
-    """Our Config from `<hf_dir>/config.json`, with the fields it does not carry from `overrides`.
+def fields_not_in_hf_config(preset: str) -> dict[str, Any]:
+    """The fields of a preset that a config.json cannot carry (lost in a `config_to_hf` / `config_from_hf` trip)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown config preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    base = PRESETS[preset].to_dict()
+    trip = interop.config_from_hf(interop.config_to_hf(PRESETS[preset])).to_dict()
+    return {k: v for k, v in base.items() if trip[k] != v}
+
+
+def read_config(hf_dir: str, preset: str = "nano", **overrides: Any) -> Config:
+    """Our Config from `<hf_dir>/config.json`; fields it cannot carry come from `preset`, `overrides` win.
 
     Raises:
-      ValueError: no such file, not JSON, a missing field or an invalid value.
+      ValueError: no such file, not JSON, a missing field, an unknown preset or an invalid value.
     """
+    overrides = {**fields_not_in_hf_config(preset), **overrides}
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"no config.json in {hf_dir}")
@@ -75,12 +87,11 @@ def _flag_value(v: Any) -> str:
     return str(v).lower() if isinstance(v, bool) else str(v)
 
 
-def resume_command(cfg: Config, workdir: str, optimizer: str, seed: int) -> str:
-    """The `experiments.pretrain` command line whose Config equals `cfg` (preset with the fewest overrides)."""
+def resume_command(cfg: Config, preset: str, workdir: str, optimizer: str, seed: int) -> str:
+    """The `experiments.pretrain` command line whose Config equals `cfg`: `preset` plus the differing fields."""
     mine = cfg.to_dict()
-    best = min(PRESETS, key=lambda n: sum(PRESETS[n].to_dict()[k] != v for k, v in mine.items()))
-    base = PRESETS[best].to_dict()
-    parts = ["python -m experiments.pretrain", f"--workdir={workdir}", f"--config={best}"]
+    base = PRESETS[preset].to_dict()
+    parts = ["python -m experiments.pretrain", f"--workdir={workdir}", f"--config={preset}"]
     parts += [f"--{k}={_flag_value(v)}" for k, v in mine.items() if base[k] != v]
     if optimizer != "muon":
         parts.append(f"--optimizer={optimizer}")
@@ -89,12 +100,13 @@ def resume_command(cfg: Config, workdir: str, optimizer: str, seed: int) -> str:
     return " ".join(parts)
 
 
-def import_run(hf_dir: str, workdir: str, *, mesh: str = "", devices: Sequence[jax.Device] | None = None,
-               optimizer: str = "muon", seed: int = 0, progress: bool = True,
-               **config_overrides: Any) -> dict[str, Any]:
+def import_run(hf_dir: str, workdir: str, *, preset: str = "nano", mesh: str = "",
+               devices: Sequence[jax.Device] | None = None, optimizer: str = "muon", seed: int = 0,
+               progress: bool = True, **config_overrides: Any) -> dict[str, Any]:
     """Write `<workdir>/checkpoints/0` from the files of `hf_dir`; returns a summary (config, seconds, command).
 
-    `mesh` is a --mesh string over `devices` (default: all devices).
+    The Config is `read_config(hf_dir, preset, **config_overrides)`; `mesh` is a --mesh string over `devices`
+    (default: all devices).
 
     Raises:
       ValueError: bad directories, files that do not match the config, a bad mesh, existing checkpoints.
@@ -105,7 +117,7 @@ def import_run(hf_dir: str, workdir: str, *, mesh: str = "", devices: Sequence[j
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise ValueError(f"{ckpt_dir} is not empty; import into a new --workdir")
-    cfg = read_config(hf_dir, **config_overrides)
+    cfg = read_config(hf_dir, preset, **config_overrides)
     files = export.SafetensorsDir(hf_dir)
     tensors = export.plan(cfg)
     export.check_files(files, tensors)
@@ -140,7 +152,7 @@ def import_run(hf_dir: str, workdir: str, *, mesh: str = "", devices: Sequence[j
         json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
     os.replace(tmp, os.path.join(workdir, "config.json"))
     return {"config": cfg, "parameters": total, "seconds": time.perf_counter() - t0,
-            "command": resume_command(cfg, workdir, optimizer, seed)}
+            "command": resume_command(cfg, preset, workdir, optimizer, seed)}
 
 
 def main(argv: list[str]) -> None:
@@ -149,9 +161,8 @@ def main(argv: list[str]) -> None:
     if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
     try:
-        s = import_run(FLAGS.hf_dir, FLAGS.workdir, mesh=FLAGS.mesh, optimizer=FLAGS.optimizer, seed=FLAGS.seed,
-                       progress=FLAGS.progress, dtype=FLAGS.dtype, param_dtype=FLAGS.param_dtype,
-                       remat_policy=FLAGS.remat_policy)
+        s = import_run(FLAGS.hf_dir, FLAGS.workdir, preset=FLAGS.config, mesh=FLAGS.mesh, optimizer=FLAGS.optimizer,
+                       seed=FLAGS.seed, progress=FLAGS.progress, **config_flags.config_overrides())
     except (ValueError, OSError) as e:
         sys.exit(f"import_safetensors: error: {e}")
     except KeyboardInterrupt:

@@ -142,8 +142,8 @@ def reference(source):
 def imported(source, tmp_path_factory):
     """A step-0 train-state checkpoint written by the importer (through deepseek_v4/checkpoint.py)."""
     workdir = str(tmp_path_factory.mktemp("run"))
-    summary = import_safetensors.import_run(source[1], workdir, devices=ONE_DEVICE, optimizer="adamw",
-                                            progress=False)
+    summary = import_safetensors.import_run(source[1], workdir, preset="tiny", devices=ONE_DEVICE,
+                                            optimizer="adamw", progress=False)
     return workdir, summary
 
 
@@ -202,6 +202,17 @@ def test_import_writes_what_pretrain_restores(reference, imported):
     assert int(restored.state.step) == 0
     assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(restored.state.opt_state))
     assert "--config=tiny --vocab_size=1024 --index_topk=16 --optimizer=adamw" in imported[1]["command"]
+
+
+def test_config_fields_json_cannot_carry_come_from_the_preset(source):
+    flash = get_config("flash")
+    cfg = import_safetensors.read_config(source[1], "flash", param_dtype="bfloat16")
+    assert (cfg.dtype, cfg.remat_policy, cfg.moe_impl, cfg.param_dtype) == (
+        flash.dtype, flash.remat_policy, flash.moe_impl, "bfloat16")
+    assert cfg.replace(dtype=CFG.dtype, remat_policy=CFG.remat_policy, moe_impl=CFG.moe_impl,
+                       param_dtype=CFG.param_dtype) == CFG
+    with pytest.raises(ValueError, match="unknown config preset 'huge'"):
+        import_safetensors.read_config(source[1], "huge")
 
 
 def test_bf16_export_is_bit_exact(source, exports):
