@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -50,14 +51,29 @@ def capacity(tokens_per_device: int, num_experts: int, top_k: int, capacity_fact
     return max(1, min(tokens_per_device, c))
 
 
-def expert_ffn(xe: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit: float) -> jax.Array:
+def expert_parallelism(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> int:
+    """How many ways the routed experts are split on `mesh` (default: the active mesh); 1 without one."""
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return 1
+    sizes = dict(mesh.shape)
+    return math.prod(sizes.get(a, 1) for a in rules.mesh_axes("experts", "param"))
+
+
+def expert_ffn(xe: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit: float,
+               act_quant: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
     """Clamped SwiGLU of each local expert on its buffer: silu(min(x w1, l)) * clip(x w3, -l, l) @ w2.
 
+    `act_quant` (e.g. FP8 fake quantisation for QAT) is applied to the hidden activation before w2.
     Shapes: xe [E, M, D], w1/w3 [E, D, F], w2 [E, F, D] -> [E, M, D].
     """
     gate = jnp.minimum(jnp.einsum("emd,edf->emf", xe, w1), limit)  # [E, M, F]
     up = jnp.clip(jnp.einsum("emd,edf->emf", xe, w3), -limit, limit)
-    return jnp.einsum("emf,efd->emd", jax.nn.silu(gate) * up, w2)  # [E, M, D]
+    h = jax.nn.silu(gate) * up
+    if act_quant is not None:
+        h = act_quant(h)
+    return jnp.einsum("emf,efd->emd", h, w2)  # [E, M, D]
 
 
 def _ranks(expert_idx: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
@@ -84,6 +100,7 @@ class _Exchange:
     num_experts: int
     ep_axis: str | tuple[str, ...] | None
     ep_size: int
+    act_quant: Callable[[jax.Array], jax.Array] | None = None
 
     def __call__(self, x, gate, w1, w3, w2, key, rank, offset):
         """Assignments of rank [offset, offset + C); returns their weighted outputs summed per token (float32,
@@ -102,7 +119,7 @@ class _Exchange:
                 buf = jax.lax.all_to_all(buf, self.ep_axis, 0, 0, tiled=True)  # [P (source), El*C, D]
             xe = buf.reshape(p, el, cap, d).transpose(1, 0, 2, 3).reshape(el, p * cap, d)  # [El, P*C, D]
         with jax.named_scope("moe/expert_matmul"):
-            ye = expert_ffn(xe, w1, w3, w2, self.limit)  # [El, P*C, D]
+            ye = expert_ffn(xe, w1, w3, w2, self.limit, self.act_quant)  # [El, P*C, D]
         with jax.named_scope("moe/combine"):
             ye = ye.reshape(el, p, cap, d).transpose(1, 0, 2, 3).reshape(p, el * cap, d)  # [P, El*C, D]
             if self.ep_axis is not None:
@@ -167,7 +184,8 @@ def _local(x, expert_idx, expert_weight, w1, w3, w2, *, ex: _Exchange, dropless:
 
 def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array, w1: jax.Array, w3: jax.Array,
                    w2: jax.Array, *, swiglu_limit: float, capacity_factor: float | None = None,
-                   mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> tuple[jax.Array, jax.Array]:
+                   mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+                   act_quant: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
     """y[t] = sum_k expert_weight[t, k] * expert_{expert_idx[t, k]}(x[t]), expert-parallel over the mesh.
 
     One expert is the clamped SwiGLU `silu(min(x w1, l)) * clip(x w3, -l, l) @ w2` (DeepSeek-V4 MoE, section 4
@@ -184,6 +202,8 @@ def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array
       capacity_factor: None = dropless (default); c > 0 = one round of capacity ceil(c * Tl * K / E) per
         (device, expert), overflow dropped.
       mesh: optional mesh; see above.
+      act_quant: optional function applied to each expert's hidden activation before w2 (e.g. FP8 QAT); it
+        must act per row (per token), since rows of other tokens share its buffer.
 
     Returns:
       (y, dropped): y in x's dtype; dropped = global count of dropped (token, k) assignments (0 when dropless).
@@ -207,7 +227,7 @@ def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array
         if mesh.empty:
             mesh = None
     if mesh is None:
-        ex = _Exchange(swiglu_limit, capacity(t, num_experts, k, capacity_factor), num_experts, None, 1)
+        ex = _Exchange(swiglu_limit, capacity(t, num_experts, k, capacity_factor), num_experts, None, 1, act_quant)
         return _local(x, expert_idx, expert_weight, w1, w3, w2, ex=ex, dropless=dropless, tensor_axis=None,
                       token_axes=())
 
@@ -224,7 +244,8 @@ def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array
         expert_idx = jnp.pad(expert_idx, ((0, pad), (0, 0)), constant_values=-1)
         expert_weight = jnp.pad(expert_weight, ((0, pad), (0, 0)))
     tl = (t + pad) // shards
-    ex = _Exchange(swiglu_limit, capacity(tl, num_experts, k, capacity_factor), num_experts, ep_axis, ep_size)
+    ex = _Exchange(swiglu_limit, capacity(tl, num_experts, k, capacity_factor), num_experts, ep_axis, ep_size,
+                   act_quant)
     tok_spec = P(token_axes if token_axes else None, None)
     body = functools.partial(_local, ex=ex, dropless=dropless, tensor_axis=tensor_axis, token_axes=token_axes)
     y, dropped = jax.shard_map(body, mesh=mesh, in_specs=(tok_spec, tok_spec, tok_spec, w_spec, w_spec, w2_spec),

@@ -16,11 +16,14 @@ LIMIT = 1.0  # small, so the clamps are active for some entries
 TOL = TOLERANCES["sharded_vs_single_f32"]
 
 
-def reference(x, idx, w, w1, w3, w2, keep=None):
+def reference(x, idx, w, w1, w3, w2, keep=None, act_quant=None):
     """y[t] = sum_k w[t,k] * clamped_swiglu_{idx[t,k]}(x[t]) on one device, every expert on every token."""
     gate = jnp.minimum(jnp.einsum("td,edf->tef", x, w1), LIMIT)
     up = jnp.clip(jnp.einsum("td,edf->tef", x, w3), -LIMIT, LIMIT)
-    ye = jnp.einsum("tef,efd->ted", jax.nn.silu(gate) * up, w2)  # [T, E, D]
+    h = jax.nn.silu(gate) * up
+    if act_quant is not None:
+        h = act_quant(h)
+    ye = jnp.einsum("tef,efd->ted", h, w2)  # [T, E, D]
     w = w if keep is None else w * keep
     return jnp.sum(jnp.take_along_axis(ye, idx[..., None], axis=1) * w[..., None], axis=1)
 
@@ -50,18 +53,18 @@ def kept_reference(idx, shards, cap):
     return keep
 
 
-def grads_and_values(mesh, capacity_factor=None):
+def grads_and_values(mesh, capacity_factor=None, act_quant=None):
     def loss(x, w, w1, w3, w2, idx):
         y, dropped = expert_parallel.routed_experts(x, idx, w, w1, w3, w2, swiglu_limit=LIMIT,
-                                                    capacity_factor=capacity_factor, mesh=mesh)
+                                                    capacity_factor=capacity_factor, mesh=mesh, act_quant=act_quant)
         return jnp.sum(jnp.sin(y)), (y, dropped)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
 
 
-def reference_grads(x, idx, w, w1, w3, w2, keep=None):
+def reference_grads(x, idx, w, w1, w3, w2, keep=None, act_quant=None):
     def loss(x, w, w1, w3, w2):
-        y = reference(x, idx, w, w1, w3, w2, keep)
+        y = reference(x, idx, w, w1, w3, w2, keep, act_quant)
         return jnp.sum(jnp.sin(y)), y
 
     return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(x, w, w1, w3, w2)
@@ -121,6 +124,18 @@ def test_capacity_mode_drops_and_counts_exactly(inputs):
     got = grads_and_values(mesh_lib.make_mesh("data=2,expert=4"), capacity_factor=cf)(x, w, w1, w3, w2, idx)
     assert int(got[0][1][1]) == int((keep == 0).sum())
     check(got, reference_grads(*args, keep=keep))
+
+
+def test_activation_hook_and_expert_parallelism():
+    args = make_inputs()
+    x, idx, w, w1, w3, w2 = args
+    hook = lambda h: h + 0.25 * jnp.sin(3.0 * h)  # noqa: E731  (a per-element stand-in for FP8 fake quantisation)
+    mesh = mesh_lib.make_mesh("data=2,expert=4")
+    check(grads_and_values(mesh, act_quant=hook)(x, w, w1, w3, w2, idx), reference_grads(*args, act_quant=hook))
+    assert expert_parallel.expert_parallelism(mesh) == 4
+    assert expert_parallel.expert_parallelism() == 1  # no active mesh
+    with jax.set_mesh(mesh_lib.make_mesh("fsdp=8")):
+        assert expert_parallel.expert_parallelism() == 1
 
 
 def test_capacity_bounds_and_bad_inputs():
