@@ -176,18 +176,24 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -
     return graphdef, state
 
 
+def abstract_model(build_model: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, Any, Any]:
+    """(graphdef, params, extras) of the model `build_model` makes, as shapes and dtypes (nothing allocated)."""
+    return split_model(nnx.eval_shape(build_model))
+
+
+def abstract_state_of(params: Any, extras: Any, tx: optax.GradientTransformation) -> TrainState:
+    """The train state's shapes and dtypes for abstract `params` / `extras` (from `abstract_model`)."""
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    return TrainState(step=scalar, params=params, extras=extras, opt_state=jax.eval_shape(tx.init, params),
+                      rng=jax.ShapeDtypeStruct((2,), jnp.uint32), skipped=scalar)
+
+
 def abstract_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
                    seed: int) -> tuple[nnx.GraphDef, TrainState]:
-    """The graphdef and the state's shapes, dtypes and shardings, without allocating anything."""
-    out = {}
-
-    def build():
-        graphdef, state = init_state(build_model(), tx, seed)
-        out["graphdef"] = graphdef
-        return state
-
-    shapes = jax.eval_shape(build)
-    return out["graphdef"], shapes
+    """The graphdef and the train state's shapes and dtypes, without allocating anything."""
+    del seed  # the key's shape does not depend on it
+    graphdef, params, extras = abstract_model(build_model)
+    return graphdef, abstract_state_of(params, extras, tx)
 
 
 def state_shardings(abstract: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
@@ -218,11 +224,40 @@ def state_shardings(abstract: TrainState, mesh: jax.sharding.Mesh) -> TrainState
 
 
 def create_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, seed: int,
-                 shardings: Any = None) -> tuple[nnx.GraphDef, TrainState]:
-    """Build the model and optimizer state inside jit (arrays are created where `shardings` put them)."""
-    graphdef, _ = abstract_state(build_model, tx, seed)
+                 shardings: Any = None, *, graphdef: nnx.GraphDef | None = None) -> tuple[nnx.GraphDef, TrainState]:
+    """Build the model and optimizer state inside jit (each array is created where `shardings` puts it).
+
+    Pass `graphdef` (from `abstract_model`) to skip tracing the constructor a second time.
+    """
+    if graphdef is None:
+        graphdef = abstract_model(build_model)[0]
     state = jax.jit(lambda: init_state(build_model(), tx, seed)[1], out_shardings=shardings)()
     return graphdef, state
+
+
+@dataclasses.dataclass
+class StatePlan:
+    """Everything needed to create or restore a train state on a mesh (see `plan_state`)."""
+
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    abstract: TrainState  # shapes and dtypes
+    shardings: TrainState  # a NamedSharding per array
+    target: TrainState  # ShapeDtypeStructs with shardings: the restore target
+
+
+def plan_state(build_model: Callable[[], nnx.Module], s: TrainSettings, mesh: jax.sharding.Mesh) -> StatePlan:
+    """Trace the model once, build the optimizer for its parameters' layout, and lay the train state out.
+
+    Call under `jax.set_mesh(mesh)`.
+    """
+    graphdef, params, extras = abstract_model(build_model)
+    specs = jax.tree.map(lambda x: x.spec, rules.param_shardings(params, mesh))
+    tx = make_optimizer(s, mesh=mesh, partition_specs=specs)
+    abstract = abstract_state_of(params, extras, tx)
+    shardings = state_shardings(abstract, mesh)
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
+    return StatePlan(graphdef=graphdef, tx=tx, abstract=abstract, shardings=shardings, target=target)
 
 
 # ---- the step -----------------------------------------------------------------------------------------
@@ -259,6 +294,7 @@ def _microbatch_loss(params, extras, micro, counts, *, graphdef, s: TrainSetting
         "indexer_recall": out.indexer_recall / a,
         "expert_counts": out.expert_counts,
         "hash_expert_counts": out.hash_expert_counts,
+        "dropped_tokens": out.dropped_tokens,
     }
     return total * multiplier, aux
 
@@ -336,9 +372,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], multiplier: jax.A
         rng=state.rng,
         skipped=state.skipped + jnp.where(ok, 0, 1).astype(jnp.int32),
     )
-    n_tokens = counts["tokens"]
-    expert = aux["expert_counts"]
-    k = cfg.num_experts_per_tok
     metrics = {
         "loss": aux["loss"],
         "mtp_loss": aux["mtp_loss"],
@@ -349,13 +382,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], multiplier: jax.A
         "grad_norm": grad_norm,
         "lr": schedule(count),
         "mtp_weight": mtp_weight,
-        "tokens": n_tokens,
+        "tokens": counts["tokens"],
         "update_ok": ok,
         "skipped": new_state.skipped,
-        "expert_load_max_over_mean": _load_ratio(expert),
+        "expert_load_max_over_mean": _load_ratio(aux["expert_counts"]),
         "hash_expert_load_max_over_mean": _load_ratio(aux["hash_expert_counts"]),
-        # Routed (token, expert) pairs missing from the expert counts; 0 for a dropless MoE.
-        "dropped_tokens": jnp.maximum(n_tokens * k * expert.shape[0] - jnp.sum(expert), 0.0) / k,
+        "dropped_tokens": aux["dropped_tokens"],  # (token, expert) pairs over capacity, all MoE layers
     }
     return new_state, metrics
 

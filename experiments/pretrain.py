@@ -283,18 +283,14 @@ def _run(cfg, settings, workdir, ckpt, mesh, nan_steps, primary) -> None:
         def build():
             return DeepseekV4(cfg, rngs=nnx.Rngs(FLAGS.seed))
 
-        abstract_params = nnx.state(nnx.eval_shape(build), nnx.Param)
-        specs = jax.tree.map(lambda s: s.spec, rules.param_shardings(abstract_params, mesh))
-        tx = train.make_optimizer(settings, mesh=mesh, partition_specs=specs)
-        graphdef, abstract = train.abstract_state(build, tx, FLAGS.seed)
-        shardings = train.state_shardings(abstract, mesh)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        plan = train.plan_state(build, settings, mesh)
+        graphdef, tx, abstract = plan.graphdef, plan.tx, plan.abstract
         try:
-            restored = ckpt.restore(target, config=cfg)
+            restored = ckpt.restore(plan.target, config=cfg)
         except (ckpt_lib.ConfigMismatchError, ckpt_lib.NoUsableCheckpointError) as e:
             _fail(str(e))
         if restored is None:
-            _, state = train.create_state(build, tx, FLAGS.seed, shardings)
+            _, state = train.create_state(build, tx, FLAGS.seed, plan.shardings, graphdef=graphdef)
             start = 0
         else:
             state, start = restored.state, restored.step
@@ -391,7 +387,9 @@ def _run(cfg, settings, workdir, ckpt, mesh, nan_steps, primary) -> None:
                 window, timed_steps, t_window = [], 0, time.perf_counter()
             progress.advance(step)
             if save_now:
+                t_save = time.perf_counter()
                 save(step)
+                t_window += time.perf_counter() - t_save  # the blocking part of a save is not step time
             if stop.signal is not None:
                 break
 

@@ -1,8 +1,8 @@
-"""The train step: gradient accumulation, skipped non-finite steps, the router-bias update, MTP weight switch,
-and a smoke test of the real model (3 steps, loss decreases).
+"""The train step: gradient accumulation, skipped non-finite steps, the router-bias update, MTP weight switch.
 
-Most mechanics are checked on a toy model with the same interface as `DeepseekV4.forward_train` (compiles in
-a second); the real tiny model is compiled once per module.
+The mechanics are checked on a toy model with the same interface as `DeepseekV4.forward_train` (it compiles in
+seconds). The real model's train step is exercised through the entry point in tests/experiments/test_faults.py,
+whose reference run is the smoke test (the loss falls over 12 steps).
 """
 
 import dataclasses
@@ -27,6 +27,7 @@ class _Out:
     expert_counts: jax.Array
     hash_expert_counts: jax.Array
     balance_loss: jax.Array
+    dropped_tokens: jax.Array
     indexer_loss: jax.Array
     indexer_recall: jax.Array
 
@@ -63,7 +64,8 @@ class _Toy(nnx.Module):
         # Per sequence f_i * P_i, averaged over sequences (so microbatches average to the full batch).
         balance = jnp.mean(jnp.sum(per_row / tokens.shape[1] * jnp.mean(scores, axis=1), axis=-1)) * E
         return _Out(hidden=h, mtp_hidden=(0.5 * h,), expert_counts=counts[None], hash_expert_counts=counts[None],
-                    balance_loss=balance, indexer_loss=jnp.float32(0.25), indexer_recall=jnp.float32(1.0))
+                    balance_loss=balance, dropped_tokens=jnp.float32(0.0), indexer_loss=jnp.float32(0.25),
+                    indexer_recall=jnp.float32(1.0))
 
     def update_router_bias(self, expert_counts, speed):
         signs = jnp.sign(jnp.mean(expert_counts, axis=-1, keepdims=True) - expert_counts)
@@ -178,38 +180,3 @@ def test_bad_settings_are_one_line_errors():
         train.TrainSettings(steps=10, warmup_steps=9, decay_fraction=0.5)
     with pytest.raises(ValueError, match="optimizer must be"):
         train.TrainSettings(optimizer="sgd")
-
-
-# ---- the real model ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_run():
-    from deepseek_v4 import DeepseekV4
-
-    cfg = get_config("tiny")
-    s = train.TrainSettings(steps=20, warmup_steps=0, learning_rate=3e-3, optimizer="muon", loss_chunk=64)
-    tx = train.make_optimizer(s)
-    graphdef, state = train.init_state(DeepseekV4(cfg, rngs=nnx.Rngs(0)), tx, seed=0)
-    fn = train.make_train_step(graphdef, cfg, tx, s, sparse=True)
-    return cfg, fn, state
-
-
-def test_tiny_model_three_steps_loss_decreases(tiny_run):
-    cfg, fn, state = tiny_run
-    rng = np.random.default_rng(0)
-    # One repeated batch of a short repeating pattern: three updates must lower its loss.
-    base = rng.integers(2, 500, (2, 8))
-    tokens = np.tile(base, (1, 4)).astype(np.int32)  # [2, 32]
-    batch = {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1), "segment_ids": np.ones_like(tokens),
-             "positions": np.tile(np.arange(32, dtype=np.int32), (2, 1))}
-    batch = jax.tree.map(jnp.asarray, batch)
-    losses = []
-    for _ in range(3):
-        state, m = fn(state, batch, jnp.float32(1.0))
-        assert bool(m["update_ok"])
-        losses.append(float(m["loss"]))
-    assert losses[-1] < losses[0], losses
-    assert np.isfinite(float(m["grad_norm"])) and float(m["grad_norm"]) > 0
-    assert m["expert_load_max_over_mean"].shape == (cfg.num_hidden_layers - cfg.num_hash_layers
-                                                     + cfg.num_nextn_predict_layers,)

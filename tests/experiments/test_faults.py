@@ -1,0 +1,272 @@
+"""Fault tolerance of the real entry point (`python -m experiments.pretrain`), each fault in a subprocess.
+
+All runs use a cut-down tiny model (1,024-row vocabulary; a hash-routed CSA layer, a learned-routed HCA layer and
+the sliding-window MTP layer) with the default optimizer (Muon + AdamW) on synthetic data (2 x 32 tokens per
+step), one CPU device, a constant LR (so --steps does not change the trajectory) and the repository's persistent
+compilation cache. One uninterrupted run is the reference every resumed run must match bit for bit; it doubles as
+the train-step smoke test (the loss falls).
+
+The runs start together in one module fixture, two at a time (each is mostly single-threaded tracing); the
+tests then check their outcomes.
+"""
+
+import glob
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from deepseek_v4.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BASE = ["--config=tiny", "--vocab_size=1024", "--num_hidden_layers=2", "--compress_ratios=4,16,0",
+        "--num_hash_layers=1", "--data=synthetic", "--batch_size=2", "--seq_len=32", "--schedule=constant",
+        "--warmup_steps=2", "--learning_rate=1e-2", "--log_every=1", "--keep_checkpoints=3", "--progress=false",
+        "--peak_flops=1e12", f"--compilation_cache={os.path.join(REPO, '.jax_cache')}"]
+TOTAL = 12
+TIMEOUT = 900
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = ""  # one CPU device (the test session itself fakes 8)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _cmd(workdir, *extra):
+    return [sys.executable, "-m", "experiments.pretrain", *BASE, f"--workdir={workdir}", *extra]
+
+
+def run(workdir, *extra, expect=0):
+    p = subprocess.run(_cmd(workdir, *extra), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    if expect is not None and p.returncode != expect:
+        raise AssertionError(f"exit {p.returncode} (wanted {expect})\nSTDOUT:\n{p.stdout[-3000:]}\n"
+                             f"STDERR:\n{p.stderr[-3000:]}")
+    return p
+
+
+class Background:
+    """A run in the background; its output goes to files (a pipe nobody reads would block it)."""
+
+    def __init__(self, workdir, *extra):
+        self.out_path, self.err_path = f"{workdir}.stdout", f"{workdir}.stderr"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(_cmd(workdir, *extra), cwd=REPO, env=_env(), stdout=out, stderr=err)
+
+    def wait_for(self, predicate):
+        t0 = time.time()
+        while not predicate():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"process ended early ({self.proc.returncode})\n{self.output()[1][-3000:]}")
+            if time.time() - t0 > TIMEOUT:
+                self.proc.kill()
+                raise AssertionError("timed out")
+            time.sleep(0.05)
+
+    def stop(self, sig):
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=TIMEOUT)
+        return self.proc.returncode
+
+    def output(self):
+        with open(self.out_path) as out, open(self.err_path) as err:
+            return out.read(), err.read()
+
+
+def losses(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    return {r["step"]: r["loss"] for r in read_metrics(str(path))} if os.path.exists(path) else {}
+
+
+def complete_steps(workdir):
+    """Checkpoint steps on disk that Orbax finished (a step directory only gets its name when committed)."""
+    ckpt = os.path.join(workdir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(ckpt) if n.isdigit()) if os.path.isdir(ckpt) else []
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _damage(step_dir, how):
+    files = [f for f in glob.glob(os.path.join(step_dir, "state", "**"), recursive=True) if os.path.isfile(f)]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        if how == "truncate":
+            f.truncate(os.path.getsize(biggest) // 2)
+        else:
+            f.seek(os.path.getsize(biggest) // 2)
+            f.write(os.urandom(256))
+
+
+# ---- the jobs --------------------------------------------------------------------------------------------
+
+
+def _exact_resume(root, first):
+    d = _copy(first, root / "resume")
+    return d, run(d, f"--steps={TOTAL}", "--save_every=2")
+
+
+def _corrupt(root, first):
+    d = _copy(first, root / "corrupt")
+    _damage(os.path.join(d, "checkpoints", "4"), "truncate")
+    _damage(os.path.join(d, "checkpoints", "3"), "garbage")
+    return d, run(d, f"--steps={TOTAL}", "--save_every=2")
+
+
+def _lifecycle(root):
+    """One workdir through SIGKILL at a random moment (a save is in flight most of the time), then SIGTERM, then
+    SIGINT, each followed by a resume of the same command."""
+    d = root / "lifecycle"
+    bg = Background(d, "--steps=1000", "--save_every=1")
+    bg.wait_for(lambda: len(complete_steps(d)) >= 1)
+    time.sleep(random.uniform(0.0, 1.5))
+    bg.stop(signal.SIGKILL)
+    events = [("SIGKILL", None, None, "", "", complete_steps(d))]
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        before = complete_steps(d)[-1]
+        bg = Background(d, "--steps=1000", "--save_every=1000")
+        bg.wait_for(lambda: max(losses(d), default=0) > before)  # resumed and took a step
+        rc = bg.stop(sig)
+        events.append((signal.Signals(sig).name, before, rc, *bg.output(), complete_steps(d)))
+    return d, events
+
+
+BAD_FLAGS = [
+    ("--batch_size=0", "--batch_size must be >= 1"),
+    ("--learning_rate=-1", "learning_rate must be a positive number"),
+]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    pool = ThreadPoolExecutor(max_workers=2)
+    jobs = {
+        "reference": pool.submit(run, root / "reference", f"--steps={TOTAL}", "--save_every=100"),
+        # Checkpoints at 2, 3 and 4 (--keep_checkpoints=3); the jobs that resume it work on copies.
+        "first": pool.submit(run, root / "first", "--steps=4", "--save_every=1"),
+        "nan": pool.submit(run, root / "nan", f"--steps={TOTAL}", "--save_every=1", "--debug_nan_at_steps=2,4,5",
+                           "--max_bad_steps=2", expect=1),
+    }
+    for i, (flag, _) in enumerate(BAD_FLAGS):
+        jobs[f"bad{i}"] = pool.submit(run, root / f"bad{i}", flag, expect=2)
+    first = root / "first"
+
+    def after_first(fn):
+        return lambda: (jobs["first"].result(), fn(root, first))[1]
+
+    jobs["resume"] = pool.submit(after_first(_exact_resume))
+    jobs["corrupt"] = pool.submit(after_first(_corrupt))
+    jobs["mismatch"] = pool.submit(after_first(
+        lambda r, f: run(_copy(f, r / "mismatch"), "--hidden_size=32", "--sliding_window=8", expect=2)))
+    jobs["lifecycle"] = pool.submit(_lifecycle, root)
+    yield {"root": root, **jobs}
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    runs["reference"].result()
+    got = losses(runs["root"] / "reference")
+    assert sorted(got) == list(range(1, TOTAL + 1))
+    return got
+
+
+# ---- the tests -------------------------------------------------------------------------------------------
+
+
+def test_reference_run_learns(reference):
+    assert all(np.isfinite(v) for v in reference.values())
+    first = np.mean([reference[s] for s in (1, 2, 3)])
+    last = np.mean([reference[s] for s in (TOTAL - 2, TOTAL - 1, TOTAL)])
+    assert last < first - 0.05, (first, last)
+
+
+def test_first_run_keeps_three_checkpoints(runs):
+    p = runs["first"].result()
+    assert "starting from scratch" in p.stdout
+    assert complete_steps(runs["root"] / "first") == [2, 3, 4]
+
+
+def test_exact_resume_matches_an_uninterrupted_run(runs, reference):
+    d, p = runs["resume"].result()
+    assert "resuming from step 4" in p.stdout
+    got = losses(d)
+    assert sorted(got) == list(range(1, TOTAL + 1))
+    for step in range(1, TOTAL + 1):
+        assert got[step] == reference[step], (step, got[step], reference[step])  # bit-identical
+
+
+def test_corrupt_and_truncated_checkpoints_fall_back(runs, reference):
+    d, p = runs["corrupt"].result()
+    assert "checkpoint step 4 is unusable" in p.stderr and "checkpoint step 3 is unusable" in p.stderr
+    assert "resuming from step 2" in p.stdout
+    assert glob.glob(os.path.join(d, "checkpoints", "4.corrupt-*"))  # moved aside, not deleted
+    assert glob.glob(os.path.join(d, "checkpoints", "3.corrupt-*"))
+    got = losses(d)
+    for step in range(1, TOTAL + 1):
+        assert got[step] == reference[step], (step, got[step], reference[step])
+
+
+def test_kill_9_sigterm_sigint_then_resume(runs, reference):
+    d, events = runs["lifecycle"].result()
+    killed_at = events[0][-1]
+    assert killed_at, "no complete checkpoint before the kill"
+    for name, before, rc, stdout, stderr, on_disk in events[1:]:
+        assert rc == 0, (name, stdout[-2000:], stderr[-2000:])
+        assert f"resuming from step {before}" in stdout  # the newest complete checkpoint, every time
+        assert f"stopped by {name} at step" in stdout  # finished its step, saved, exited 0
+        stopped_at = int(stdout.split(f"stopped by {name} at step ")[1].split(";")[0])
+        assert on_disk[-1] == stopped_at  # saved exactly where it stopped
+    assert events[1][1] == killed_at[-1]
+    assert not glob.glob(os.path.join(d, "checkpoints", "*tmp*"))  # the half-written save was cleaned up
+    got = losses(d)
+    assert max(got) == events[-1][-1][-1]
+    for step in range(1, min(max(got), TOTAL) + 1):  # three interruptions, one trajectory
+        assert got[step] == reference[step], (step, got[step], reference[step])
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(runs):
+    p = runs["nan"].result()
+    d = runs["root"] / "nan"
+    err_lines = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1 and "2 consecutive steps had a non-finite loss or gradients" in err_lines[0]
+    assert "step 2: non-finite loss or gradients, update skipped (1 in a row)" in p.stderr
+    records = {r["step"]: r for r in read_metrics(str(d))}
+    assert records[2]["loss"] is None and records[2]["skipped_steps"] == 1
+    assert records[3]["loss"] is not None and records[3]["skipped_steps"] == 1
+    assert complete_steps(d)[-1] == 4  # step 4 (skipped, state still finite) saved; the stop at 5 does not save
+    mgr = ocp.CheckpointManager(os.path.join(d, "checkpoints"))
+    for step in complete_steps(d):  # every checkpoint on disk holds finite values only
+        state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        leaves = [np.asarray(x) for x in jax.tree.leaves(state)]
+        assert all(np.all(np.isfinite(x)) for x in leaves if np.issubdtype(x.dtype, np.floating))
+    mgr.close()
+
+
+def test_different_architecture_is_a_one_line_error(runs):
+    p = runs["mismatch"].result()
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    assert "hidden_size (checkpoint 64, now 32)" in lines[0] and "sliding_window (checkpoint 16, now 8)" in lines[0]
+    assert "vocab_size" not in lines[0]
+
+
+@pytest.mark.parametrize("i", range(len(BAD_FLAGS)))
+def test_bad_flag_values_are_one_line_errors(runs, i):
+    p = runs[f"bad{i}"].result()
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and BAD_FLAGS[i][1] in lines[0], p.stderr
+    assert not os.path.exists(runs["root"] / f"bad{i}")  # failed before touching anything
