@@ -240,15 +240,19 @@ def encode(p: Planned, item: np.ndarray) -> list[tuple[str, np.ndarray]]:
     y = interop._export(p.kind, np.asarray(item))
     if p.storage == "i64":
         return [(p.name, y.astype(np.int64))]
-    if not np.isfinite(y.astype(np.float32)).all():
-        raise ValueError(f"{p.name} ({p.source}) holds NaN or inf values; refusing to export it")
-    if p.storage == "fp8":
-        values, scale = quant.quantize_fp8_blocks(y.astype(np.float32))
+    if p.storage in ("fp8", "fp4"):
+        try:
+            if p.storage == "fp8":
+                values, scale = quant.quantize_fp8_blocks(y)
+            else:
+                values, scale = quant.quantize_mxfp4(y, axis=-1)
+        except ValueError as e:  # NaN / inf
+            raise ValueError(f"{p.name} ({p.source}): {e}") from None
         return [(p.name, values), (p.scale_name, scale)]
-    if p.storage == "fp4":
-        packed, scale = quant.quantize_mxfp4(y.astype(np.float32), axis=-1)
-        return [(p.name, packed), (p.scale_name, scale)]
-    return [(p.name, np.ascontiguousarray(y.astype(_STORAGE_DTYPE[p.storage])))]
+    out = np.ascontiguousarray(y.astype(_STORAGE_DTYPE[p.storage], copy=False))
+    if not np.isfinite(out).all():
+        raise ValueError(f"{p.name} ({p.source}) holds values that are NaN or inf in {p.storage}; refusing to export")
+    return [(p.name, out)]
 
 
 def decode(p: Planned, files: SafetensorsDir) -> np.ndarray:
