@@ -113,10 +113,6 @@ jax.tree_util.register_dataclass(MoeStats, data_fields=["expert_counts", "balanc
                                  meta_fields=[])
 
 
-def _expert_mesh_size() -> int:
-    mesh = jax.sharding.get_abstract_mesh()
-    return 1 if mesh.empty or "expert" not in mesh.axis_names else mesh.shape["expert"]
-
 
 def balance_loss(scores: jax.Array, idx: jax.Array, mask: jax.Array, num_experts: int, top_k: int) -> jax.Array:
     """Sequence-wise balance loss sum_i f_i P_i averaged over rows (DeepSeek-V3 form).
@@ -184,10 +180,10 @@ class MoE(nnx.Module):
             ex = self.experts
             w1, w3, w2 = (layers.qweight(w[...], cfg, expert=True).astype(dt) for w in (ex.w1, ex.w3, ex.w2))
             dropped = jnp.zeros((), jnp.int32)
-            if _expert_mesh_size() > 1:
+            if sharding.expert_parallel.expert_parallelism() > 1:
                 # Expert parallelism: all-to-all dispatch over the mesh's expert axis (dropless).
-                # The FP8 tile quantisation of the hidden activation is not applied on this path.
-                y, dropped = sharding.routed_experts(xq, idx, weights, w1, w3, w2, swiglu_limit=cfg.swiglu_limit)
+                y, dropped = sharding.routed_experts(xq, idx, weights, w1, w3, w2, swiglu_limit=cfg.swiglu_limit,
+                                                     act_quant=aq)
             else:
                 routed = routed_experts_grouped if cfg.moe_impl == "grouped" else routed_experts_reference
                 y = routed(xq, idx, weights, w1, w3, w2, cfg.swiglu_limit, aq)
