@@ -37,8 +37,8 @@ def _plain(shape):
 
 
 def test_logits_shape_and_dtype(tiny):
-    cfg, model, _, _ = tiny
-    out = model(_tokens(0, (2, 21), cfg.vocab_size))
+    cfg, _, state, logits = tiny
+    out = logits(state, _tokens(0, (2, 21), cfg.vocab_size), *_plain((2, 21)))
     assert out.shape == (2, 21, cfg.vocab_size) and out.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(out)))
 
@@ -141,7 +141,8 @@ def test_router_weights_sum_to_the_scaling_factor_and_bias_only_selects(tiny):
 def test_bias_update_follows_the_sign_rule(tiny):
     cfg, _, _, _ = tiny
     model = DeepseekV4(cfg, rngs=nnx.Rngs(1))
-    out = model.forward_train(_tokens(11, (2, 20), cfg.vocab_size))
+    graphdef, state = nnx.split(model)
+    out = jax.jit(lambda s, t: nnx.merge(graphdef, s).forward_train(t))(state, _tokens(11, (2, 20), cfg.vocab_size))
     counts = out.expert_counts
     assert counts.shape[1] == cfg.n_routed_experts
     np.testing.assert_allclose(np.asarray(counts.sum(-1)), 2 * 20 * cfg.num_experts_per_tok)
@@ -152,19 +153,22 @@ def test_bias_update_follows_the_sign_rule(tiny):
 
 
 def test_train_forward_outputs(tiny):
-    cfg, model, _, _ = tiny
-    dense = model.forward_train(_tokens(12, (2, 40), cfg.vocab_size), sparse_attention=False, indexer_loss=True)
+    cfg, model, state, logits = tiny
+    graphdef = nnx.split(model)[0]
+    tokens = _tokens(12, (2, 40), cfg.vocab_size)
+
+    dense = jax.jit(lambda s: nnx.merge(graphdef, s).forward_train(tokens, sparse_attention=False,
+                                                                   indexer_loss=True))(state)
     assert float(dense.indexer_loss) >= 0 and 0 <= float(dense.indexer_recall) <= 1 + 1e-6
     assert int(dense.dropped_tokens) == 0
-    out = model.forward_train(_tokens(12, (2, 40), cfg.vocab_size), sparse_attention=True, indexer_loss=True)
+    out = jax.jit(lambda s: nnx.merge(graphdef, s).forward_train(tokens, indexer_loss=True))(state)
     assert out.hidden.shape == (2, 40, cfg.hidden_size) and len(out.mtp_hidden) == 1
     n_learned = cfg.num_hidden_layers - cfg.num_hash_layers + cfg.num_nextn_predict_layers
     assert out.expert_counts.shape == (n_learned, cfg.n_routed_experts)
     assert out.hash_expert_counts.shape == (cfg.num_hash_layers, cfg.n_routed_experts)
     assert float(out.indexer_loss) >= 0 and 0 <= float(out.indexer_recall) <= 1 + 1e-6
-    logits = out.hidden @ model.head[...]
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(model(_tokens(12, (2, 40), cfg.vocab_size))),
-                               atol=1e-4)
+    np.testing.assert_allclose(np.asarray(out.hidden @ model.head[...]),
+                               np.asarray(logits(state, tokens, *_plain((2, 40)))), atol=1e-4)
 
 
 def test_bf16_forward_tracks_f32(tiny):
@@ -174,7 +178,8 @@ def test_bf16_forward_tracks_f32(tiny):
     graphdef, state = nnx.split(model)
     bf16 = nnx.merge(nnx.split(DeepseekV4(cfg.replace(dtype="bfloat16"), rngs=nnx.Rngs(0)))[0], state)
     tokens = _tokens(13, (1, 24), cfg.vocab_size)
-    a, b = model(tokens), bf16(tokens)
+    a = jax.jit(lambda t: model(t))(tokens)
+    b = jax.jit(lambda t: bf16(t))(tokens)
     assert b.dtype == jnp.float32
     assert float(jnp.max(jnp.abs(a - b))) < TOLERANCES["bf16_vs_f32_logits"]
 
