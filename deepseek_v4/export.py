@@ -328,9 +328,13 @@ class StateReader:
                 self._open.popitem(last=False)
         return self._open[name]
 
+    def read_async(self, source: str, index: tuple[slice, ...] = ()) -> Any:
+        """Start reading `variable[index]` of the model variable at `source`; `.result()` is the numpy array."""
+        return self._store(self.name(source))[index].read()
+
     def read(self, source: str, index: tuple[slice, ...] = ()) -> np.ndarray:
         """`variable[index]` of the model variable at `source`, as numpy."""
-        return np.asarray(self._store(self.name(source))[index].read().result())
+        return np.asarray(self.read_async(source, index).result())
 
 
 def check_state(reader: StateReader, tensors: Sequence[Planned], cfg: Config) -> None:
@@ -367,33 +371,42 @@ def _blocks(lead: tuple[int, ...], per_read: int) -> Iterator[tuple[slice, ...]]
 
 
 def iter_tensors(reader: StateReader, tensors: Sequence[Planned],
-                 read_bytes: int = 256 << 20) -> Iterator[tuple[str, np.ndarray]]:
+                 read_bytes: int = 64 << 20) -> Iterator[tuple[str, np.ndarray]]:
     """Yield the stored (name, array) pairs of `tensors` (a `plan`) in order, reading each source leaf in
-    row-major blocks of at most `read_bytes` (or one item, if larger).
+    row-major blocks of at most `read_bytes` (or one item, if larger). The next block is read while the current
+    one is converted when it fits in `read_bytes`, so at most one item or 2 * `read_bytes` is held.
 
     Raises:
       ValueError: a source holds NaN or inf, or a shape differs from the plan.
     """
     variables = reader.variables()
+    reads = []  # (items by index, lead rank, source, block, bytes), in writing order
     i = 0
     while i < len(tensors):
         source = tensors[i].source
         j = i
         while j < len(tensors) and tensors[j].source == source:
             j += 1
-        group = tensors[i:j]
-        lead_rank = len(group[0].index)
-        by_index = {p.index: p for p in group}
+        by_index = {p.index: p for p in tensors[i:j]}
+        lead_rank = len(tensors[i].index)
         shape, dtype = variables[source]
         lead, item_bytes = shape[:lead_rank], math.prod(shape[lead_rank:]) * dtype.itemsize
         for block in _blocks(lead, max(1, read_bytes // max(item_bytes, 1))):
-            data = reader.read(source, block)
-            starts = tuple(s.start for s in block) + (0,) * (lead_rank - len(block))
-            for rel in np.ndindex(*data.shape[:lead_rank]):
-                index = tuple(a + b for a, b in zip(starts, rel))
-                yield from encode(by_index[index], data[rel])
-            del data
+            items = math.prod(s.stop - s.start for s in block) * math.prod(lead[len(block):])
+            reads.append((by_index, lead_rank, source, block, items * item_bytes))
         i = j
+    pending = None
+    for k, (by_index, lead_rank, source, block, _) in enumerate(reads):
+        future = pending if pending is not None else reader.read_async(source, block)
+        pending = None
+        if k + 1 < len(reads) and reads[k + 1][4] <= read_bytes:
+            pending = reader.read_async(reads[k + 1][2], reads[k + 1][3])
+        data = np.asarray(future.result())
+        starts = tuple(s.start for s in block) + (0,) * (lead_rank - len(block))
+        for rel in np.ndindex(*data.shape[:lead_rank]):
+            index = tuple(a + b for a, b in zip(starts, rel))
+            yield from encode(by_index[index], data[rel])
+        del data, future
 
 
 # ---- writing sharded safetensors ----------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def define_flags() -> None:
     flags.DEFINE_enum("format", "bf16", list(export.FORMATS), "Weight format.")
     flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
     flags.DEFINE_float("max_shard_gb", 5.0, "Largest safetensors file, in GB (1e9 bytes).")
-    flags.DEFINE_integer("read_mb", 256, "Checkpoint bytes read at once (one item at least).", lower_bound=1)
+    flags.DEFINE_integer("read_mb", 64, "Checkpoint bytes read at once (one item at least).", lower_bound=1)
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
     flags.mark_flags_as_required(["workdir", "out"])
 
@@ -76,7 +76,7 @@ def _publish(tmp: str, out: str) -> None:
 
 
 def export_run(workdir: str, out: str, fmt: str, *, step: int | None = None, overwrite: bool = False,
-               max_shard_bytes: int = 5 * 10**9, read_bytes: int = 256 << 20, progress: bool = True) -> dict:
+               max_shard_bytes: int = 5 * 10**9, read_bytes: int = 64 << 20, progress: bool = True) -> dict:
     """Export one checkpoint of `workdir` to `out`; returns a summary (step, bytes, seconds, peak RSS).
 
     Raises:
