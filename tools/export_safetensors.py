@@ -92,9 +92,7 @@ def export_run(workdir: str, out: str, fmt: str, *, step: int | None = None, ove
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     t0 = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the export is an ordinary, readable directory
     try:
         writer = export.SafetensorsWriter(tmp, export.stored_tensors(tensors), max_shard_bytes)
         bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc=f"export {fmt} step {step}",
