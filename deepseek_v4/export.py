@@ -13,7 +13,8 @@ FP8-class: attention `wq_a`, `wq_b`, `wkv`, `wo_a`, `wo_b`, the indexer's `wq_b`
 `weights_proj`, every norm. FP32-class: `hc_*`, `ape`, `attn_sink`, `gate.bias`. The scale of `X.weight` is
 `X.scale` (FP8: [ceil(out/128), ceil(in/128)]; MXFP4: [out, in/32]).
 
-Everything works one tensor at a time, so host memory stays a small multiple of the largest tensor:
+Conversion works one tensor at a time, so the host memory it needs is a small multiple of the largest tensor
+(an import still materialises the model itself, on its devices):
 
 * `plan(cfg, fmt)` lists every official tensor (name, source leaf, layer/expert index, layout transform,
   shape, storage) without touching data;
@@ -232,6 +233,10 @@ def stored_tensors(tensors: Sequence[Planned]) -> list[StoredTensor]:
 def encode(p: Planned, item: np.ndarray) -> list[tuple[str, np.ndarray]]:
     """Our-layout item -> the stored (name, array) pairs of `p` (quantised with `quant`, as the official files).
 
+    Shapes:
+      item `p.item_shape` (e.g. wq_b [Q, N, H], one expert's w1 [D, F]) -> official `p.shape` ([N*H, Q], [F, D]);
+      fp8 adds a scale [ceil(out/128), ceil(in/128)]; fp4 stores [out, in/2] int8 plus a scale [out, in/32].
+
     Raises:
       ValueError: the item holds NaN or inf (named), or has the wrong shape.
     """
@@ -274,7 +279,7 @@ def decode(p: Planned, files: SafetensorsDir) -> np.ndarray:
 
 
 def to_item(p: Planned, official: np.ndarray, dtype: Any) -> np.ndarray:
-    """Official-layout values of `p` -> our layout item of `dtype`."""
+    """Official-layout values of `p` -> our layout item of `dtype`. Shapes: `p.shape` -> `p.item_shape`."""
     return interop._import(p.kind, official, jax.ShapeDtypeStruct(p.item_shape, dtype))
 
 
