@@ -1,7 +1,7 @@
 """The same `experiments.pretrain` command as 2 processes x 4 CPU devices and as 1 process x 8 devices: the
 same losses and gradient norms, step by step.
 
-Opt-in (`RUN_PRETRAIN_MULTIPROCESS=1`): three processes each compile the tiny model's init and train step, about
+Opt-in (`SHARDING_LONG_TESTS=1`): three processes each compile the tiny model's init and train step, about
 13 CPU-minutes in all, more than the default suite's budget. `tests/sharding/test_multiprocess.py` checks the
 same multi-process mechanics (gloo, sharded jit, all_to_all, psum) in the default run.
 """
@@ -34,7 +34,7 @@ def check_ran(run) -> None:
 # synthetic data seeds each process separately (seed + 1000 * process), so 2 processes see a different global
 # batch than 1; once the global batch depends only on (seed, step), this turns XPASS and the marker must go.
 @pytest.mark.xfail(raises=AssertionError, strict=True, reason="synthetic batches depend on the process count")
-@pytest.mark.skipif(not os.environ.get("RUN_PRETRAIN_MULTIPROCESS"), reason="opt-in: about 13 CPU-minutes")
+@pytest.mark.skipif(not os.environ.get("SHARDING_LONG_TESTS"), reason="opt-in: about 13 CPU-minutes")
 @pytest.mark.slow
 def test_pretrain_two_processes_match_one(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
