@@ -278,7 +278,7 @@ def _microbatch_loss(params, extras, micro, counts, *, graphdef, s: TrainSetting
     out = model.forward_train(tokens, seg, pos, sparse_attention=sparse, indexer_loss=s.indexer_weight > 0)
     head = model.head[...]
     ce = loss_lib.chunked_cross_entropy(out.hidden, head, targets, loss_lib.token_mask(seg),
-                                        chunk_size=s.loss_chunk) / counts["tokens"]
+                                        chunk_size=s.loss_chunk) / counts["tokens"] * multiplier
     mtp = jnp.zeros((), jnp.float32)
     for k, hidden in enumerate(out.mtp_hidden, start=1):
         t_k, w_k = loss_lib.mtp_targets(targets, seg, k)
@@ -296,7 +296,7 @@ def _microbatch_loss(params, extras, micro, counts, *, graphdef, s: TrainSetting
         "hash_expert_counts": out.hash_expert_counts,
         "dropped_tokens": out.dropped_tokens,
     }
-    return total * multiplier, aux
+    return total, aux
 
 
 def _load_ratio(counts: jax.Array) -> jax.Array:
@@ -317,7 +317,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], multiplier: jax.A
     Args:
       state: the train state (donated by `make_train_step`).
       batch: `tokens`, `targets`, `segment_ids`, `positions`, each [B, T] int32; B divisible by grad_accum.
-      multiplier: [] float32 the total loss is multiplied by; 1.0 except in tests that inject a NaN.
+      multiplier: [] float32 the main cross entropy is multiplied by; 1.0 except in tests that inject a NaN.
 
     Returns:
       The new state and a dict of scalar / small metrics (on device).

@@ -55,7 +55,7 @@ flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate.")
 flags.DEFINE_enum("schedule", "wsd", ["wsd", "cosine", "constant"],
                   "LR schedule: wsd = warmup, constant, cosine decay over the last --decay_fraction of the run; "
                   "cosine = warmup then cosine decay; constant = warmup then constant.")
-flags.DEFINE_integer("warmup_steps", 30, "Linear warmup steps.")
+flags.DEFINE_integer("warmup_steps", None, "Linear warmup steps (default: 10% of --steps).")
 flags.DEFINE_float("decay_fraction", 0.2, "wsd: fraction of --steps spent decaying.")
 flags.DEFINE_float("final_lr_fraction", 0.1, "The LR decays to learning_rate * final_lr_fraction.")
 flags.DEFINE_enum("optimizer", "muon", ["muon", "adamw"],
@@ -90,6 +90,7 @@ flags.DEFINE_string("data_cache", "~/.cache/deepseek_v4_jax", "Where the embedde
 flags.DEFINE_integer("data_workers", 0, "grain prefetch processes (0: in-process).")
 flags.DEFINE_string("compilation_cache", "~/.cache/deepseek_v4_jax/xla",
                     "Persistent XLA compilation cache directory ('' disables).")
+flags.DEFINE_bool("tensorboard", True, "Also write TensorBoard event files to <workdir>/tensorboard.")
 flags.DEFINE_bool("progress", None, "Progress bar (default: when stderr is a terminal; else log lines).")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
@@ -162,7 +163,10 @@ class SyntheticIterator:
 
 
 def _settings_from_flags() -> train.TrainSettings:
-    return train.TrainSettings(**{name: FLAGS[name].value for name in SETTING_FLAGS})
+    values = {name: FLAGS[name].value for name in SETTING_FLAGS}
+    if values["warmup_steps"] is None:
+        values["warmup_steps"] = max(1, FLAGS.steps // 10) if FLAGS.steps > 1 else 0
+    return train.TrainSettings(**values)
 
 
 def _check_flags() -> None:
@@ -279,6 +283,7 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def _run(cfg, settings, workdir, ckpt, mesh, nan_steps, primary) -> None:
+    stop = _Stop()  # from here on SIGTERM / SIGINT mean: take (at least) one step, save, exit 0
     with jax.set_mesh(mesh):
         def build():
             return DeepseekV4(cfg, rngs=nnx.Rngs(FLAGS.seed))
@@ -327,8 +332,8 @@ def _run(cfg, settings, workdir, ckpt, mesh, nan_steps, primary) -> None:
         if peak is None:
             peak, peak_source = metrics.default_peak_flops()
         n_devices = mesh.size
-        writer = metrics.MetricsWriter(workdir, resume_step=start if restored else None) if primary else None
-        stop = _Stop()
+        writer = (metrics.MetricsWriter(workdir, resume_step=start if restored else None,
+                                        tensorboard=FLAGS.tensorboard) if primary else None)
         tokens_per_step = FLAGS.batch_size * FLAGS.seq_len
         progress = _Progress(start, settings.steps, primary)
         if primary:

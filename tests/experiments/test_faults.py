@@ -31,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BASE = ["--config=tiny", "--vocab_size=1024", "--num_hidden_layers=2", "--compress_ratios=4,16,0",
         "--num_hash_layers=1", "--data=synthetic", "--batch_size=2", "--seq_len=32", "--schedule=constant",
         "--warmup_steps=2", "--learning_rate=1e-2", "--log_every=1", "--keep_checkpoints=3", "--progress=false",
-        "--peak_flops=1e12", f"--compilation_cache={os.path.join(REPO, '.jax_cache')}"]
+        "--peak_flops=1e12", "--notensorboard", f"--compilation_cache={os.path.join(REPO, '.jax_cache')}"]
 TOTAL = 12
 TIMEOUT = 900
 
@@ -137,7 +137,7 @@ def _lifecycle(root):
     for sig in (signal.SIGTERM, signal.SIGINT):
         before = complete_steps(d)[-1]
         bg = Background(d, "--steps=1000", "--save_every=1000")
-        bg.wait_for(lambda: max(losses(d), default=0) > before)  # resumed and took a step
+        bg.wait_for(lambda: bg.output()[0].partition("resuming from step")[2].count("\nstep ") >= 1)  # took a step
         rc = bg.stop(sig)
         events.append((signal.Signals(sig).name, before, rc, *bg.output(), complete_steps(d)))
     return d, events
@@ -154,7 +154,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     pool = ThreadPoolExecutor(max_workers=2)
     jobs = {
-        "reference": pool.submit(run, root / "reference", f"--steps={TOTAL}", "--save_every=100"),
+        "reference": pool.submit(run, root / "reference", f"--steps={TOTAL}", "--save_every=100", "--tensorboard"),
         # Checkpoints at 2, 3 and 4 (--keep_checkpoints=3); the jobs that resume it work on copies.
         "first": pool.submit(run, root / "first", "--steps=4", "--save_every=1"),
         "nan": pool.submit(run, root / "nan", f"--steps={TOTAL}", "--save_every=1", "--debug_nan_at_steps=2,4,5",
@@ -172,6 +172,9 @@ def runs(tmp_path_factory):
     jobs["mismatch"] = pool.submit(after_first(
         lambda r, f: run(_copy(f, r / "mismatch"), "--hidden_size=32", "--sliding_window=8", expect=2)))
     jobs["lifecycle"] = pool.submit(_lifecycle, root)
+    jobs["plot"] = pool.submit(lambda: (jobs["reference"].result(), subprocess.run(
+        [sys.executable, "-m", "tools.plot_metrics", str(root / "reference")], cwd=REPO, env=_env(),
+        capture_output=True, text=True, timeout=TIMEOUT))[1])
     yield {"root": root, **jobs}
     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -187,11 +190,22 @@ def reference(runs):
 # ---- the tests -------------------------------------------------------------------------------------------
 
 
-def test_reference_run_learns(reference):
+def test_reference_run_learns(runs, reference):
     assert all(np.isfinite(v) for v in reference.values())
+    assert glob.glob(os.path.join(runs["root"], "reference", "tensorboard", "events.out.tfevents.*"))
     first = np.mean([reference[s] for s in (1, 2, 3)])
     last = np.mean([reference[s] for s in (TOTAL - 2, TOTAL - 1, TOTAL)])
     assert last < first - 0.05, (first, last)
+
+
+def test_plot_metrics_draws_the_curves(runs):
+    p = runs["plot"].result()
+    assert p.returncode == 0, p.stderr[-2000:]
+    png = runs["root"] / "reference" / "metrics.png"
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(png) > 20_000  # several panels of curves, not an empty canvas
+    assert f"{TOTAL} records" in p.stdout
 
 
 def test_first_run_keeps_three_checkpoints(runs):
@@ -245,7 +259,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(runs):
     assert len(err_lines) == 1 and "2 consecutive steps had a non-finite loss or gradients" in err_lines[0]
     assert "step 2: non-finite loss or gradients, update skipped (1 in a row)" in p.stderr
     records = {r["step"]: r for r in read_metrics(str(d))}
-    assert records[2]["loss"] is None and records[2]["skipped_steps"] == 1
+    assert records[2]["loss"] is None and records[2]["total_loss"] is None and records[2]["skipped_steps"] == 1
     assert records[3]["loss"] is not None and records[3]["skipped_steps"] == 1
     assert complete_steps(d)[-1] == 4  # step 4 (skipped, state still finite) saved; the stop at 5 does not save
     mgr = ocp.CheckpointManager(os.path.join(d, "checkpoints"))
