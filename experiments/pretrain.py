@@ -47,7 +47,7 @@ FLAGS = flags.FLAGS
 # ---- flags --------------------------------------------------------------------------------------------
 config_flags.define_config_flags()
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics). Default: runs/<config>.")
-flags.DEFINE_integer("steps", 300, "Total optimizer steps of the run (a resumed run continues up to it).")
+flags.DEFINE_integer("steps", 40, "Total optimizer steps of the run (a resumed run continues up to it).")
 flags.DEFINE_integer("batch_size", 8, "Global batch size in rows (sequences) per step.")
 flags.DEFINE_integer("seq_len", 128, "Tokens per row.")
 flags.DEFINE_integer("grad_accum", 1, "Microbatches per step (batch_size must be divisible by it).")
@@ -75,9 +75,9 @@ flags.DEFINE_integer("sparse_attention_after", 0,
                      "Steps of dense attention (CSA over all visible compressed entries; the indexer learns from "
                      "the KL) before CSA layers switch to top-k sparse attention.")
 flags.DEFINE_integer("loss_chunk", 1024, "Tokens per chunk of head logits in the cross entropy.")
-flags.DEFINE_integer("save_every", 100, "Steps between checkpoints (one is also written at the end).")
+flags.DEFINE_integer("save_every", 50, "Steps between checkpoints (one is also written at the end).")
 flags.DEFINE_integer("keep_checkpoints", 3, "How many of the newest checkpoints to keep.")
-flags.DEFINE_integer("log_every", 10, "Steps between metric records.")
+flags.DEFINE_integer("log_every", 5, "Steps between metric records.")
 flags.DEFINE_integer("seed", 0, "Seed of the model init and the data order.")
 flags.DEFINE_string("mesh", "", "Device mesh, e.g. data=2,expert=4 (default: data over all devices).")
 flags.DEFINE_float("peak_flops", None, "Peak FLOP/s per device for MFU (default: vendor table, measured on CPU).")
