@@ -2,10 +2,16 @@
 
 The output head of a V4 model has 129,280 columns, so the logits of one batch ([B, T, V] in float32) are
 far larger than every activation of the network. `chunked_cross_entropy` never builds them: it walks over
-chunks of tokens, computes float32 logits for one chunk from the final hidden state and the head weight,
-reduces them to a per-token loss, and wraps each chunk in `jax.checkpoint` so that the backward pass
-recomputes the chunk's logits instead of storing them. Peak memory is one chunk of logits (and its
-gradient), independent of B * T.
+chunks of C tokens and computes float32 logits [C, V] for one chunk at a time from the final hidden state and
+the head weight. Two ways to get the gradients, both holding one chunk of logits at a time:
+
+- "fused" (default): the forward pass computes each chunk's gradients right away (softmax - one-hot is known
+  as soon as the logits are), sums the head gradient over chunks, and keeps the hidden-state gradient [N, D]
+  and the head gradient [D, V] as the residuals of a `jax.custom_vjp`; the backward only scales them. No
+  logit is computed twice: 3 matmuls per chunk. It holds one head-sized gradient per call until the backward.
+- "remat": each chunk is wrapped in `jax.checkpoint`, so the backward recomputes the chunk's logits instead of
+  storing them: 4 matmuls per chunk, no head-sized residual. Pick it when memory is tighter than FLOPs
+  (a large model, where the head is a few percent of the step).
 
 Shapes:
   hidden [B, T, D] (or any [..., D]), head [D, V], targets / weights [B, T] (or the matching [...]).
@@ -13,10 +19,13 @@ Shapes:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 DEFAULT_CHUNK = 1024  # tokens per logits chunk: 1024 x 129,280 f32 logits = 0.5 GB (and as much for their gradient)
+IMPLS = ("fused", "remat")
 
 
 def _chunk_loss(head: jax.Array, hidden: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
@@ -27,29 +36,25 @@ def _chunk_loss(head: jax.Array, hidden: jax.Array, targets: jax.Array, weights:
     return jnp.sum((lse - target_logit) * weights)
 
 
-def chunked_cross_entropy(
-    hidden: jax.Array,
-    head: jax.Array,
-    targets: jax.Array,
-    weights: jax.Array,
-    *,
-    chunk_size: int = DEFAULT_CHUNK,
-) -> jax.Array:
-    """Sum over tokens of `weights * (-log softmax(hidden @ head)[target])`, one chunk of logits at a time.
+def _chunk_loss_and_grads(head, hidden, targets, weights):
+    """One chunk's per-token losses and the gradients of their weighted sum.
 
-    Args:
-      hidden: final normed hidden states, any leading shape, last axis D.
-      head: the output projection [D, V].
-      targets: int token ids with hidden's leading shape.
-      weights: per-token weights (0 masks a token out) with hidden's leading shape.
-      chunk_size: tokens per chunk; the token count is padded (with weight 0) to a multiple of it.
-
-    Returns:
-      A float32 scalar: the weighted sum (divide by the token count yourself, so microbatches add up).
-
-    Shapes:
-      hidden [..., D] -> [N, D] -> [N/C, C, D]; per chunk logits [C, V] (never all of [N, V]).
+    Shapes: head [D, V], hidden [C, D] -> (nll [C], d_hidden [C, D], d_head [D, V]).
     """
+    h = hidden.astype(jnp.float32)
+    w32 = head.astype(jnp.float32)
+    logits = jnp.einsum("cd,dv->cv", h, w32)  # [C, V]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - top)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == targets[:, None]  # the one-hot, never stored
+    nll = (jnp.log(total) + top)[:, 0] - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)  # [C]
+    soft = e / total
+    d_logits = jnp.where(hit, soft - 1.0, soft) * weights[:, None]  # [C, V]
+    return nll, jnp.einsum("cv,dv->cd", d_logits, w32), jnp.einsum("cd,cv->dv", h, d_logits)
+
+
+def _chunks(hidden, targets, weights, chunk_size):
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d)  # [..., D] -> [N, D]
     t = targets.reshape(-1).astype(jnp.int32)
@@ -61,9 +66,11 @@ def chunked_cross_entropy(
         h = jnp.pad(h, ((0, pad), (0, 0)))
         t = jnp.pad(t, (0, pad))
         w = jnp.pad(w, (0, pad))
-    h = h.reshape(-1, c, d)  # [N, D] -> [N/C, C, D]
-    t = t.reshape(-1, c)
-    w = w.reshape(-1, c)
+    return h.reshape(-1, c, d), t.reshape(-1, c), w.reshape(-1, c), n  # [N/C, C, D], [N/C, C], [N/C, C]
+
+
+def _remat_loss(hidden, head, targets, weights, chunk_size):
+    h, t, w, _ = _chunks(hidden, targets, weights, chunk_size)
     chunk = jax.checkpoint(_chunk_loss)
 
     def body(total, xs):
@@ -71,6 +78,68 @@ def chunked_cross_entropy(
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, t, w))
     return total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fused_loss(hidden, head, targets, weights, chunk_size):
+    return _remat_loss(hidden, head, targets, weights, chunk_size)  # undifferentiated calls need no gradients
+
+
+def _fused_fwd(hidden, head, targets, weights, chunk_size):
+    h, t, w, n = _chunks(hidden, targets, weights, chunk_size)
+
+    def body(d_head, xs):
+        nll, d_h, d_w = _chunk_loss_and_grads(head, *xs)
+        return d_head + d_w, (nll, d_h)
+
+    d_head, (nll, d_hidden) = jax.lax.scan(body, jnp.zeros(head.shape, jnp.float32), (h, t, w))
+    nll = nll.reshape(-1)[:n]
+    loss = jnp.sum(nll * w.reshape(-1)[:n])
+    d_hidden = d_hidden.reshape(-1, hidden.shape[-1])[:n].reshape(hidden.shape)
+    # Residuals in the inputs' dtypes: the backward returns cotangents of those dtypes.
+    return loss, (d_hidden.astype(hidden.dtype), d_head.astype(head.dtype), nll.reshape(weights.shape).astype(
+        weights.dtype))
+
+
+def _fused_bwd(chunk_size, res, g):
+    del chunk_size
+    d_hidden, d_head, nll = res
+    return (g * d_hidden).astype(d_hidden.dtype), (g * d_head).astype(d_head.dtype), None, (g * nll).astype(nll.dtype)
+
+
+_fused_loss.defvjp(_fused_fwd, _fused_bwd)
+
+
+def chunked_cross_entropy(
+    hidden: jax.Array,
+    head: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+    impl: str = "fused",
+) -> jax.Array:
+    """Sum over tokens of `weights * (-log softmax(hidden @ head)[target])`, one chunk of logits at a time.
+
+    Args:
+      hidden: final normed hidden states, any leading shape, last axis D.
+      head: the output projection [D, V].
+      targets: int token ids with hidden's leading shape.
+      weights: per-token weights (0 masks a token out) with hidden's leading shape.
+      chunk_size: tokens per chunk; the token count is padded (with weight 0) to a multiple of it.
+      impl: "fused" or "remat" (see the module docstring); same values and gradients.
+
+    Returns:
+      A float32 scalar: the weighted sum (divide by the token count yourself, so microbatches add up).
+
+    Shapes:
+      hidden [..., D] -> [N, D] -> [N/C, C, D]; per chunk logits [C, V] (never all of [N, V]).
+    """
+    if impl == "fused":
+        return _fused_loss(hidden, head, targets, weights, chunk_size)
+    if impl == "remat":
+        return _remat_loss(hidden, head, targets, weights, chunk_size)
+    raise ValueError(f"unknown cross-entropy impl {impl!r}; choose one of {', '.join(IMPLS)}")
 
 
 def reference_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:

@@ -63,6 +63,7 @@ class TrainSettings:
     bias_speed: float = 1e-3
     sparse_attention_after: int = 0  # steps of dense attention (indexer warm-up) before CSA goes sparse
     loss_chunk: int = loss_lib.DEFAULT_CHUNK
+    loss_impl: str = "fused"  # "fused" (gradients in the forward, 3 head matmuls) or "remat" (4, less memory)
 
     def __post_init__(self):
         validate_settings(self)
@@ -109,6 +110,8 @@ def validate_settings(s: TrainSettings) -> None:
         fail(f"clip_norm must be >= 0, got {s.clip_norm}")
     if s.loss_chunk < 1:
         fail(f"loss_chunk must be >= 1, got {s.loss_chunk}")
+    if s.loss_impl not in loss_lib.IMPLS:
+        fail(f"loss_impl must be one of {', '.join(loss_lib.IMPLS)}, got {s.loss_impl!r}")
     for name in ("mtp_weight", "mtp_weight_after_decay", "balance_weight", "indexer_weight", "bias_speed",
                  "weight_decay"):
         if getattr(s, name) < 0:
@@ -277,12 +280,13 @@ def _microbatch_loss(params, extras, micro, counts, *, graphdef, s: TrainSetting
     tokens, seg, pos, targets = micro["tokens"], micro["segment_ids"], micro["positions"], micro["targets"]
     out = model.forward_train(tokens, seg, pos, sparse_attention=sparse, indexer_loss=s.indexer_weight > 0)
     head = model.head[...]
-    ce = loss_lib.chunked_cross_entropy(out.hidden, head, targets, loss_lib.token_mask(seg),
-                                        chunk_size=s.loss_chunk) / counts["tokens"] * multiplier
+    ce = loss_lib.chunked_cross_entropy(out.hidden, head, targets, loss_lib.token_mask(seg), chunk_size=s.loss_chunk,
+                                        impl=s.loss_impl) / counts["tokens"] * multiplier
     mtp = jnp.zeros((), jnp.float32)
     for k, hidden in enumerate(out.mtp_hidden, start=1):
         t_k, w_k = loss_lib.mtp_targets(targets, seg, k)
-        mtp += loss_lib.chunked_cross_entropy(hidden, head, t_k, w_k, chunk_size=s.loss_chunk) / counts["mtp"][k - 1]
+        mtp += loss_lib.chunked_cross_entropy(hidden, head, t_k, w_k, chunk_size=s.loss_chunk,
+                                              impl=s.loss_impl) / counts["mtp"][k - 1]
     mtp = mtp / max(len(out.mtp_hidden), 1)
     a = s.grad_accum
     total = ce + mtp_weight * mtp + (s.balance_weight * out.balance_loss + s.indexer_weight * out.indexer_loss) / a

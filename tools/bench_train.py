@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from flax import nnx
 
 from deepseek_v4 import DeepseekV4, interop, metrics, train
@@ -92,7 +93,7 @@ def bench_torch(model, batch, warmup, steps):
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(config_dict, f)
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+        tensors = {k: torch.from_numpy(np.array(v, copy=True)) for k, v in state_dict.items()}
         safetensors.torch.save_file(tensors, os.path.join(d, "model.safetensors"))
         hf = transformers.DeepseekV4ForCausalLM.from_pretrained(d, dtype=torch.float32)
     hf.train()
@@ -106,7 +107,7 @@ def bench_torch(model, batch, warmup, steps):
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
 
     t0 = time.perf_counter()
     step()
@@ -128,6 +129,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
         sys.exit(2)
+    absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         cfg = config_flags.config_from_flags()
     except ValueError as e:

@@ -18,16 +18,21 @@ def _inputs(b=2, t=7, d=8, v=50, seed=0):
     return hidden, head, targets, weights
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 5, 14, 100])
-def test_chunked_matches_reference_values_and_grads(chunk):
+@pytest.mark.parametrize("impl", loss_lib.IMPLS)
+@pytest.mark.parametrize("chunk", [1, 5, 100])
+def test_chunked_matches_reference_values_and_grads(chunk, impl):
     hidden, head, targets, weights = _inputs()
-    ref_fn = lambda h, w: loss_lib.reference_cross_entropy(h, w, targets, weights)  # noqa: E731
-    got_fn = lambda h, w: loss_lib.chunked_cross_entropy(h, w, targets, weights, chunk_size=chunk)  # noqa: E731
-    ref, ref_g = jax.value_and_grad(ref_fn, argnums=(0, 1))(hidden, head)
-    got, got_g = jax.value_and_grad(got_fn, argnums=(0, 1))(hidden, head)
+    ref_fn = lambda h, w, m: loss_lib.reference_cross_entropy(h, w, targets, m)  # noqa: E731
+    got_fn = lambda h, w, m: loss_lib.chunked_cross_entropy(h, w, targets, m, chunk_size=chunk, impl=impl)  # noqa: E731
+    ref, ref_g = jax.value_and_grad(ref_fn, argnums=(0, 1, 2))(hidden, head, weights)
+    got, got_g = jax.value_and_grad(got_fn, argnums=(0, 1, 2))(hidden, head, weights)
     np.testing.assert_allclose(got, ref, rtol=1e-6)
-    for g, r in zip(got_g, ref_g):
+    for g, r in zip(got_g, ref_g):  # hidden, head and (per-token loss) weight gradients
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    # Scaled and bf16 inputs: cotangent scaling and dtypes follow the inputs.
+    g2 = jax.grad(lambda h: 3.0 * got_fn(h, head, weights))(hidden.astype(jnp.bfloat16))
+    assert g2.dtype == jnp.bfloat16
+    np.testing.assert_allclose(g2.astype(jnp.float32), 3.0 * ref_g[0], rtol=0.05, atol=0.02)
 
 
 def test_masked_tokens_do_not_count():
@@ -60,10 +65,12 @@ def _shapes_in(jaxpr):
         yield from _shapes_in(sub)
 
 
-def test_backward_never_builds_all_logits():
+@pytest.mark.parametrize("impl", loss_lib.IMPLS)
+def test_backward_never_builds_all_logits(impl):
     b, t, d, v, chunk = 2, 16, 8, 64, 8
     hidden, head, targets, weights = _inputs(b, t, d, v)
-    grad = jax.grad(lambda h, w: loss_lib.chunked_cross_entropy(h, w, targets, weights, chunk_size=chunk), (0, 1))
+    grad = jax.grad(lambda h, w: loss_lib.chunked_cross_entropy(h, w, targets, weights, chunk_size=chunk, impl=impl),
+                    (0, 1))
     shapes = set(_shapes_in(jax.make_jaxpr(grad)(hidden, head).jaxpr))
     biggest = max(int(np.prod(s)) for s in shapes if s)
     assert (chunk, v) in shapes  # the per-chunk logits exist ...
