@@ -66,7 +66,13 @@ def _chunks(hidden, targets, weights, chunk_size):
         h = jnp.pad(h, ((0, pad), (0, 0)))
         t = jnp.pad(t, (0, pad))
         w = jnp.pad(w, (0, pad))
-    return h.reshape(-1, c, d), t.reshape(-1, c), w.reshape(-1, c), n  # [N/C, C, D], [N/C, C], [N/C, C]
+    # Chunk j holds tokens j, j + N/C, j + 2N/C, ...: [N, D] -> [C, N/C, D] -> [N/C, C, D]. When the token axis is
+    # split over devices (batch sharding), every chunk then holds an equal share of each device's tokens, so a
+    # device computes logits for its own rows of the chunk only (a contiguous [N/C, C] split would put each chunk on
+    # one device and make XLA gather it everywhere).
+    k = h.shape[0] // c
+    return (h.reshape(c, k, d).swapaxes(0, 1), t.reshape(c, k).swapaxes(0, 1), w.reshape(c, k).swapaxes(0, 1),
+            n)  # [N/C, C, D], [N/C, C], [N/C, C]
 
 
 def _remat_loss(hidden, head, targets, weights, chunk_size):
@@ -93,9 +99,9 @@ def _fused_fwd(hidden, head, targets, weights, chunk_size):
         return d_head + d_w, (nll, d_h)
 
     d_head, (nll, d_hidden) = jax.lax.scan(body, jnp.zeros(head.shape, jnp.float32), (h, t, w))
-    nll = nll.reshape(-1)[:n]
-    loss = jnp.sum(nll * w.reshape(-1)[:n])
-    d_hidden = d_hidden.reshape(-1, hidden.shape[-1])[:n].reshape(hidden.shape)
+    nll = nll.swapaxes(0, 1).reshape(-1)[:n]  # back to token order: [N/C, C] -> [C, N/C] -> [N]
+    loss = jnp.sum(nll * w.swapaxes(0, 1).reshape(-1)[:n])
+    d_hidden = d_hidden.swapaxes(0, 1).reshape(-1, hidden.shape[-1])[:n].reshape(hidden.shape)
     # Residuals in the inputs' dtypes: the backward returns cotangents of those dtypes.
     return loss, (d_hidden.astype(hidden.dtype), d_head.astype(head.dtype), nll.reshape(weights.shape).astype(
         weights.dtype))

@@ -116,11 +116,13 @@ def _fail(msg: str) -> None:
 class SyntheticIterator:
     """Deterministic packed batches of a learnable pattern (x_{i+1} = (a * x_i + c) mod m per document).
 
-    Batch i depends only on (seed, i), so its state is the index of the next batch.
+    Row r of global batch i depends only on (seed, i, r), so every process builds exactly its own rows of the
+    same global batch whatever the process count, and the state is the index of the next batch. This process
+    holds global rows [first_row, first_row + batch_size).
     """
 
-    def __init__(self, batch_size: int, seq_len: int, seed: int, vocab: int):
-        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+    def __init__(self, batch_size: int, seq_len: int, seed: int, vocab: int, first_row: int = 0):
+        self.batch_size, self.seq_len, self.seed, self.first_row = batch_size, seq_len, seed, first_row
         self.modulus = min(vocab - 2, 997)
         self.index = 0
 
@@ -128,11 +130,12 @@ class SyntheticIterator:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        rng = np.random.default_rng([self.seed, self.index])
+        index = self.index
         self.index += 1
         b, t = self.batch_size, self.seq_len
         out = {k: np.zeros((b, t), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
         for row in range(b):
+            rng = np.random.default_rng([self.seed, index, self.first_row + row])
             pos, seg = 0, 0
             while pos < t:
                 n = int(rng.integers(8, 2 * t))  # document length (BOS + text + EOS) before cutting to the row
@@ -152,11 +155,12 @@ class SyntheticIterator:
         return out
 
     def get_state(self) -> dict[str, Any]:
-        return {"index": self.index, "batch_size": self.batch_size, "seq_len": self.seq_len, "seed": self.seed}
+        return {"index": self.index, "batch_size": self.batch_size, "seq_len": self.seq_len, "seed": self.seed,
+                "first_row": self.first_row}
 
     def set_state(self, state: dict[str, Any]) -> None:
         mine = self.get_state()
-        changed = [k for k in ("batch_size", "seq_len", "seed") if state.get(k) != mine[k]]
+        changed = [k for k in ("batch_size", "seq_len", "seed", "first_row") if state.get(k, 0) != mine[k]]
         if changed:
             raise ValueError(f"cannot resume synthetic data under different {', '.join(changed)}")
         self.index = int(state["index"])
@@ -197,7 +201,8 @@ def _check_flags() -> None:
 def _make_data(cfg, process_index: int, process_count: int):
     per_process = FLAGS.batch_size // process_count
     if FLAGS.data == "synthetic":
-        return SyntheticIterator(per_process, FLAGS.seq_len, FLAGS.seed + 1000 * process_index, cfg.vocab_size)
+        return SyntheticIterator(per_process, FLAGS.seq_len, FLAGS.seed, cfg.vocab_size,
+                                 first_row=process_index * per_process)
     if FLAGS.data == "shakespeare":
         dirs = [data.default_corpus(FLAGS.data_cache, progress=process_index == 0)]
     else:

@@ -24,8 +24,10 @@ Terms, per device:
               only its inputs and replays its rounds in the backward pass; the capacity mode keeps its buffers.
   fsdp        the FSDP working copy: the largest unit (a block's weights, the embedding or the head) all-gathered
               over "fsdp", and its gradient before the reduce-scatter.
-  loss        one chunk of float32 logits (the chunk runs over the global tokens; a device holds its batch share),
-              their softmax and their gradient: 3 x [chunk / batch shards, V / tensor].
+  loss        one chunk of float32 logits (the chunk runs over the global tokens; a device holds its batch share).
+              --loss_impl=fused (default): the logits and their gradient, 2 x [chunk / batch shards, V / tensor], plus
+              the float32 head-gradient accumulator [D, V / tensor] when there is no FSDP (with FSDP it is the
+              unreduced head gradient already counted under fsdp); remat: logits, softmax and gradient, 3 x [...].
   extra       XLA workspace and fragmentation: 10% of the rest, and the plan must fit in 90% of the chip's memory.
 
 `--recommend` assumes one sequence of `--seq_len` tokens per data shard and microbatch (a larger global batch uses
@@ -61,6 +63,7 @@ flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence.")
 flags.DEFINE_enum("optimizer", "muon", ["muon", "adamw"], "Optimizer (muon = the V4 Muon/AdamW split).")
 flags.DEFINE_float("capacity_factor", None, "MoE capacity factor (unset: dropless).")
 flags.DEFINE_integer("loss_chunk", 1024, "Tokens per chunk of logits in the cross entropy.")
+flags.DEFINE_enum("loss_impl", "fused", ["fused", "remat"], "The cross entropy's gradient implementation.")
 flags.DEFINE_string("dtype", None, "Override the preset's compute dtype (float32, bfloat16).")
 flags.DEFINE_string("param_dtype", None, "Override the preset's parameter dtype (float32, bfloat16).")
 flags.DEFINE_string("remat_policy", None, "Override the preset's remat policy (none, full).")
@@ -76,7 +79,7 @@ class Chip:
 CHIPS = (Chip("H200", 141e9), Chip("TPU v5p", 95e9), Chip("TPU v6e", 32e9))
 USABLE = 0.9  # fraction of a chip's memory a plan may use
 WORKSPACE = 0.1  # XLA workspace and fragmentation, as a fraction of the counted bytes
-LOGIT_BUFFERS = 3  # float32 [chunk, V] buffers alive at once: logits, their softmax, their gradient
+LOGIT_BUFFERS = {"fused": 2, "remat": 3}  # float32 [chunk, V] buffers alive at once (see "loss" above)
 
 
 def _itemsize(dtype) -> int:
@@ -182,7 +185,7 @@ def layer_token_bytes(cfg: Config, ratio: int, sizes: dict[str, int], seq_len: i
 
 
 def activation_bytes(cfg: Config, sizes: dict[str, int], batch_size: int, seq_len: int,
-                     capacity_factor: float | None, loss_chunk: int) -> dict[str, float]:
+                     capacity_factor: float | None, loss_chunk: int, loss_impl: str = "fused") -> dict[str, float]:
     """Per-device activation bytes by term (see the module docstring)."""
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     if batch_size % shards:
@@ -214,7 +217,8 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], batch_size: int, seq_le
         "unit recompute": recompute * tokens,
         "moe buffers": working * tokens,
         "edges": edges * tokens,
-        "loss chunk": LOGIT_BUFFERS * chunk * vocab * 4,
+        "loss chunk": LOGIT_BUFFERS[loss_impl] * chunk * vocab * 4
+        + (cfg.hidden_size * vocab * 4 if loss_impl == "fused" and sizes["fsdp"] == 1 else 0),
     }
 
 
@@ -234,7 +238,7 @@ class Plan:
 
 
 def plan(cfg: Config, sizes: dict[str, int], batch_size: int, seq_len: int, *, optimizer: str = "muon",
-         capacity_factor: float | None = None, loss_chunk: int = 1024,
+         capacity_factor: float | None = None, loss_chunk: int = 1024, loss_impl: str = "fused",
          variables: list[Variable] | None = None) -> Plan:
     """The per-device memory plan of one training step.
 
@@ -242,7 +246,8 @@ def plan(cfg: Config, sizes: dict[str, int], batch_size: int, seq_len: int, *, o
       cfg: the model config.
       sizes: mesh axis sizes (`sharding.mesh.parse_mesh`).
       batch_size: global sequences per microbatch; seq_len: tokens per sequence.
-      optimizer: "muon" or "adamw"; capacity_factor: None = dropless MoE; loss_chunk: tokens per logits chunk.
+      optimizer: "muon" or "adamw"; capacity_factor: None = dropless MoE; loss_chunk: tokens per logits chunk;
+      loss_impl: the cross entropy's "fused" or "remat" gradients.
       variables: `model_variables(cfg)`, to reuse across plans.
 
     Returns:
@@ -250,13 +255,13 @@ def plan(cfg: Config, sizes: dict[str, int], batch_size: int, seq_len: int, *, o
     """
     variables = variables if variables is not None else model_variables(cfg)
     terms: dict[str, float] = dict(state_bytes(variables, sizes, optimizer, max(layer_plan(cfg)[2], 1)))
-    terms.update(activation_bytes(cfg, sizes, batch_size, seq_len, capacity_factor, loss_chunk))
+    terms.update(activation_bytes(cfg, sizes, batch_size, seq_len, capacity_factor, loss_chunk, loss_impl))
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     return Plan(dict(sizes), batch_size // shards * seq_len, terms)
 
 
 def recommend(cfg: Config, chip: Chip, seq_len: int, *, optimizer: str = "muon",
-              capacity_factor: float | None = None, loss_chunk: int = 1024, variables=None,
+              capacity_factor: float | None = None, loss_chunk: int = 1024, loss_impl: str = "fused", variables=None,
               max_chips: int = 65536) -> Plan | None:
     """The smallest power-of-two chip count (>= 8) with a fitting mesh, one sequence per device.
 
@@ -273,7 +278,7 @@ def recommend(cfg: Config, chip: Chip, seq_len: int, *, optimizer: str = "muon",
             for x in sorted(experts, reverse=True):
                 sizes = {"data": 1, "fsdp": n // tp // x, "expert": x, "tensor": tp}
                 p = plan(cfg, sizes, n // tp, seq_len, optimizer=optimizer, capacity_factor=capacity_factor,
-                         loss_chunk=loss_chunk, variables=variables)
+                         loss_chunk=loss_chunk, loss_impl=loss_impl, variables=variables)
                 if p.total <= USABLE * chip.hbm:
                     return p
         n *= 2
@@ -308,7 +313,7 @@ def main(argv):
         cfg = _config_from_flags()
         variables = model_variables(cfg)
         kwargs = dict(optimizer=FLAGS.optimizer, capacity_factor=FLAGS.capacity_factor, loss_chunk=FLAGS.loss_chunk,
-                      variables=variables)
+                      loss_impl=FLAGS.loss_impl, variables=variables)
         n_params = sum(math.prod(v.shape) for v in variables if v.trainable)
         print(f"{FLAGS.config}: {n_params:,} parameters ({cfg.param_dtype}), compute {cfg.dtype}, remat "
               f"{cfg.remat_policy}, optimizer {FLAGS.optimizer}, MoE "
