@@ -131,11 +131,27 @@ class Restored:
     meta: dict[str, Any]
 
 
-def _diff_configs(saved: dict[str, Any], current: Config) -> list[str]:
+# Config fields that change how the same model is computed, not what it is: a run may resume under other values
+# (e.g. continue a bf16-trained model with FP4 QAT, or turn on rematerialisation to fit a longer sequence).
+EXECUTION_FIELDS = ("dtype", "remat_policy", "quant", "moe_impl")
+
+
+def _diff_configs(saved: dict[str, Any], current: Config, *, execution: bool = False) -> list[str]:
+    """Fields whose values differ: the architecture fields, or (`execution=True`) the execution fields.
+
+    A field missing from the saved JSON (a checkpoint written before the field existed) counts as the field's
+    default value, so adding a field to `Config` keeps old checkpoints resumable.
+    """
     now = current.to_dict()
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
     out = []
     for k in sorted(set(saved) | set(now)):
-        a, b = saved.get(k, "<absent>"), now.get(k, "<absent>")
+        if (k in EXECUTION_FIELDS) != execution:
+            continue
+        a = saved.get(k, defaults.get(k, "<absent>"))
+        b = now.get(k, "<absent>")
+        if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+            a, b = list(a), list(b)
         if a != b:
             out.append(f"{k} (checkpoint {a}, now {b})")
     return out
@@ -215,8 +231,13 @@ class Checkpointer:
         got = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return dict(got["config"])
 
-    def check_config(self, config: Config) -> None:
-        """Raise `ConfigMismatchError` if the newest readable checkpoint was written for another model."""
+    def check_config(self, config: Config) -> list[str]:
+        """Raise `ConfigMismatchError` if the newest readable checkpoint was written for another model.
+
+        Returns:
+          The execution fields (`EXECUTION_FIELDS`) that differ from the checkpoint's, as "name (checkpoint a,
+          now b)" strings: allowed, and worth telling the user.
+        """
         for step in reversed(self.steps()):
             try:
                 saved = self.saved_config(step)
@@ -227,7 +248,8 @@ class Checkpointer:
                 raise ConfigMismatchError(
                     f"{self.directory} holds checkpoints of a different model; mismatching config fields: "
                     + "; ".join(diff) + ". Use another --workdir or the same model flags.")
-            return
+            return _diff_configs(saved, config, execution=True)
+        return []
 
     def restore(self, abstract_state: Any, *, config: Config | None = None) -> Restored | None:
         """Restore the newest good checkpoint into `abstract_state`'s structure, shapes, dtypes and shardings.

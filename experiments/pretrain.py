@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from typing import Any
@@ -64,7 +65,7 @@ flags.DEFINE_enum("optimizer", "muon", ["muon", "adamw"],
 flags.DEFINE_float("adam_b1", 0.9, "AdamW beta1.")
 flags.DEFINE_float("adam_b2", 0.95, "AdamW beta2.")
 flags.DEFINE_float("adam_eps", 1e-20, "AdamW epsilon.")
-flags.DEFINE_float("weight_decay", 0.1, "Decoupled weight decay (matrices only).")
+flags.DEFINE_float("weight_decay", 0.1, "Decoupled weight decay, applied to every trainable parameter.")
 flags.DEFINE_float("clip_norm", 1.0, "Global gradient-norm clip (0 disables).")
 flags.DEFINE_float("mtp_weight", 0.3, "MTP loss weight until the LR starts to decay.")
 flags.DEFINE_float("mtp_weight_after_decay", 0.1, "MTP loss weight from the start of the LR decay.")
@@ -93,6 +94,7 @@ flags.DEFINE_string("data_cache", "~/.cache/deepseek_v4_jax", "Where the embedde
 flags.DEFINE_integer("data_workers", 0, "grain prefetch processes (0: in-process).")
 flags.DEFINE_string("compilation_cache", "~/.cache/deepseek_v4_jax/xla",
                     "Persistent XLA compilation cache directory ('' disables).")
+flags.DEFINE_bool("plot", True, "At the end of the run, draw <workdir>/metrics.png (tools.plot_metrics).")
 flags.DEFINE_bool("tensorboard", True, "Also write TensorBoard event files to <workdir>/tensorboard.")
 flags.DEFINE_bool("progress", None, "Progress bar (default: when stderr is a terminal; else log lines).")
 flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
@@ -263,7 +265,7 @@ def main(argv: list[str]) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=FLAGS.keep_checkpoints)
     try:
-        ckpt.check_config(cfg)
+        changed = ckpt.check_config(cfg)
         mesh = mesh_lib.make_mesh(FLAGS.mesh or None)
     except ValueError as e:
         _fail(str(e))
@@ -280,7 +282,7 @@ def main(argv: list[str]) -> None:
     if primary:
         os.makedirs(workdir, exist_ok=True)
         _write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
-    _run(cfg, settings, workdir, ckpt, mesh, nan_steps, primary)
+    _run(cfg, settings, workdir, ckpt, mesh, nan_steps, primary, changed)
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -290,7 +292,7 @@ def _write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _run(cfg, settings, workdir, ckpt, mesh, nan_steps, primary) -> None:
+def _run(cfg, settings, workdir, ckpt, mesh, nan_steps, primary, changed: list[str]) -> None:
     stop = _Stop()  # from here on SIGTERM / SIGINT mean: take (at least) one step, save, exit 0
     with jax.set_mesh(mesh):
         def build():
@@ -325,6 +327,8 @@ def _run(cfg, settings, workdir, ckpt, mesh, nan_steps, primary) -> None:
                 _fail(str(e))
         if primary:
             print(("resuming from step " + str(start)) if restored else "starting from scratch", flush=True)
+            if restored and changed:
+                print("resuming under other execution settings: " + "; ".join(changed), flush=True)
 
         batch_sharding = rules.named_sharding(("batch", "seq"), mesh, "activation")
         steps = {}
@@ -423,6 +427,19 @@ def _run(cfg, settings, workdir, ckpt, mesh, nan_steps, primary) -> None:
         if primary:
             why = f"stopped by {signal.Signals(stop.signal).name}" if stop.signal is not None else "done"
             print(f"{why} at step {step}; checkpoint {ckpt.latest_step()} in {workdir}", flush=True)
+            if FLAGS.plot and stop.signal is None:
+                _plot(workdir)
+
+
+def _plot(workdir: str) -> None:
+    """Draw <workdir>/metrics.png with tools.plot_metrics (its own process: matplotlib stays out of the trainer)."""
+    p = subprocess.run([sys.executable, "-m", "tools.plot_metrics", workdir], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if p.returncode == 0:
+        print(f"curves: {os.path.join(workdir, 'metrics.png')}", flush=True)
+    else:
+        lines = (p.stderr or p.stdout).strip().splitlines()
+        print(f"warning: could not draw the curves: {lines[-1] if lines else p.returncode}", flush=True)
 
 
 def _summarise(window, timed_steps, seconds, tokens_per_step, cfg, settings, step, peak,

@@ -3,6 +3,9 @@ r"""Draw the training curves of a run: `python -m tools.plot_metrics <workdir> [
 Reads `<workdir>/metrics.jsonl` and writes a PNG (default `<workdir>/metrics.png`) with one panel per metric:
 loss and MTP loss, gradient norm, learning rate, throughput and MFU, the indexer's KL and recall, and the
 busiest expert's load over the mean per MoE layer.
+
+Several runs: `python -m tools.plot_metrics <workdir> <workdir> ... --out=compare.png` draws their loss and MTP loss
+curves over each other (one line per run, labelled by the workdir's name) and prints each run's last loss.
 """
 
 from __future__ import annotations
@@ -79,11 +82,33 @@ def plot(records: list[dict], out: str, title: str = "", smooth: float = 0.0) ->
     return out
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) != 2:
-        print("usage: python -m tools.plot_metrics <workdir> [--out=PATH]", file=sys.stderr)
-        sys.exit(2)
-    workdir = argv[1]
+def plot_runs(runs: dict[str, list[dict]], out: str, smooth: float = 0.0) -> str:
+    """Overlay the loss and MTP-loss curves of several runs (label -> metrics.jsonl rows) in the PNG `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), squeeze=False)
+    for ax, key in zip(axes.flat, ("loss", "mtp_loss")):
+        for label, records in runs.items():
+            pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if pts:
+                steps, values = zip(*pts)
+                ax.plot(steps, _ema(list(values), smooth) if smooth else values, lw=1.5, label=label)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = out + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def _records(workdir: str) -> list[dict]:
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
         print(f"error: {path} does not exist", file=sys.stderr)
@@ -92,6 +117,25 @@ def main(argv: list[str]) -> None:
     if not records:
         print(f"error: {path} holds no records yet", file=sys.stderr)
         sys.exit(2)
+    return records
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2:
+        print("usage: python -m tools.plot_metrics <workdir> [<workdir> ...] [--out=PATH]", file=sys.stderr)
+        sys.exit(2)
+    if len(argv) > 2:
+        if not FLAGS.out:
+            print("error: comparing several runs needs --out=PATH", file=sys.stderr)
+            sys.exit(2)
+        runs = {os.path.basename(os.path.normpath(w)): _records(w) for w in argv[1:]}
+        plot_runs(runs, FLAGS.out, smooth=FLAGS.smooth)
+        for label, records in runs.items():
+            print(f"{label}: steps {records[0]['step']}-{records[-1]['step']}, last loss {records[-1].get('loss')}")
+        print(FLAGS.out)
+        return
+    workdir = argv[1]
+    records = _records(workdir)
     out = plot(records, FLAGS.out or os.path.join(workdir, "metrics.png"), title=os.path.abspath(workdir),
                smooth=FLAGS.smooth)
     first, last = records[0], records[-1]

@@ -155,3 +155,21 @@ def test_nested_dict_round_trip_of_custom_pytrees():
     assert set(nested) == {"a", "b"}
     back = ckpt_lib.from_nested(nested, state)
     assert jax.tree.structure(back) == jax.tree.structure(state)
+
+
+def test_execution_fields_may_change_and_new_fields_take_their_defaults(tmp_path):
+    ck = ckpt_lib.Checkpointer(str(tmp_path))
+    ck.save(1, _state(), config=CFG)
+    ck.wait()
+    # Continued training of the same model under FP4 QAT, bf16 compute and remat: allowed, and reported.
+    changed = ck.check_config(CFG.replace(quant="fp4", dtype="bfloat16", remat_policy="full"))
+    assert changed == ["dtype (checkpoint float32, now bfloat16)", "quant (checkpoint none, now fp4)",
+                       "remat_policy (checkpoint none, now full)"]
+    assert ck.check_config(CFG) == []
+    ck.close()
+    # A checkpoint written before a field existed: the field's default stands in for it.
+    saved = CFG.to_dict()
+    del saved["moe_impl"], saved["quant"]
+    assert ckpt_lib._diff_configs(saved, CFG) == [] and ckpt_lib._diff_configs(saved, CFG, execution=True) == []
+    assert ckpt_lib._diff_configs(saved, CFG.replace(quant="fp8"), execution=True) == [
+        "quant (checkpoint none, now fp8)"]

@@ -41,10 +41,15 @@ def test_fp4_qat_forward_equals_the_dequantised_export_forward():
     np.testing.assert_array_equal(np.asarray(logits(nnx.state(model))), np.asarray(logits(nnx.state(reloaded))))
 
 
+# Gradient tests compile a backward pass per mode: tiny cut to a hash-routed CSA layer, a learned-routed HCA layer
+# (scanned) and MTP, which has every quantised GEMM kind.
+SHORT = dict(num_hidden_layers=2, compress_ratios=(4, 16, 0), num_hash_layers=1)
+
+
 @pytest.fixture(scope="module")
 def base():
-    """The unquantised tiny model split as (graphdef, params, rest), its input, and its loss (compiled once)."""
-    graphdef, params, rest = nnx.split(DeepseekV4(get_config("tiny"), rngs=nnx.Rngs(4)), nnx.Param, ...)
+    """The unquantised model split as (graphdef, params, rest), its input, and its loss (compiled once)."""
+    graphdef, params, rest = nnx.split(DeepseekV4(get_config("tiny", **SHORT), rngs=nnx.Rngs(4)), nnx.Param, ...)
     tokens = jax.random.randint(jax.random.key(1), (1, 20), 0, 1000)
     full = jax.jit(lambda p: jnp.mean(nnx.merge(graphdef, p, rest)(tokens) ** 2))(params)
     return params, rest, tokens, full
@@ -54,7 +59,7 @@ def base():
 def test_quantised_forward_is_close_and_has_straight_through_gradients(mode, base):
     params, rest, tokens, full = base
     # Same parameters, quantised forward: only the graph (its config) differs, so no second model is built.
-    q_graphdef = nnx.split(nnx.eval_shape(lambda: DeepseekV4(get_config("tiny", quant=mode), rngs=nnx.Rngs(4))),
+    q_graphdef = nnx.split(nnx.eval_shape(lambda: DeepseekV4(get_config("tiny", quant=mode, **SHORT), rngs=nnx.Rngs(4))),
                            nnx.Param, ...)[0]
 
     def loss(p):
