@@ -5,13 +5,15 @@ far larger than every activation of the network. `chunked_cross_entropy` never b
 chunks of C tokens and computes float32 logits [C, V] for one chunk at a time from the final hidden state and
 the head weight. Two ways to get the gradients, both holding one chunk of logits at a time:
 
-- "fused" (default): the forward pass computes each chunk's gradients right away (softmax - one-hot is known
+- "remat" (default): each chunk is wrapped in `jax.checkpoint`, so the backward recomputes the chunk's logits
+  instead of storing them: 4 matmuls per chunk, no head-sized residual.
+- "fused": the forward pass computes each chunk's gradients right away (softmax - one-hot is known
   as soon as the logits are), sums the head gradient over chunks, and keeps the hidden-state gradient [N, D]
   and the head gradient [D, V] as the residuals of a `jax.custom_vjp`; the backward only scales them. No
-  logit is computed twice: 3 matmuls per chunk. It holds one head-sized gradient per call until the backward.
-- "remat": each chunk is wrapped in `jax.checkpoint`, so the backward recomputes the chunk's logits instead of
-  storing them: 4 matmuls per chunk, no head-sized residual. Pick it when memory is tighter than FLOPs
-  (a large model, where the head is a few percent of the step).
+  logit is computed twice: 3 matmuls per chunk. It holds one head-sized float32 gradient per call until the
+  backward. Fewer FLOPs, but measured slower on CPU (nano head, 1,024 tokens: 1.48 s vs 1.33 s for fwd+bwd; the
+  [chunk, V] passes are memory-bound there, experiments/LOG.md); worth trying where the head matmuls are
+  compute-bound.
 
 Shapes:
   hidden [B, T, D] (or any [..., D]), head [D, V], targets / weights [B, T] (or the matching [...]).
@@ -123,7 +125,7 @@ def chunked_cross_entropy(
     weights: jax.Array,
     *,
     chunk_size: int = DEFAULT_CHUNK,
-    impl: str = "fused",
+    impl: str = "remat",
 ) -> jax.Array:
     """Sum over tokens of `weights * (-log softmax(hidden @ head)[target])`, one chunk of logits at a time.
 

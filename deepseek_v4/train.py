@@ -63,7 +63,7 @@ class TrainSettings:
     bias_speed: float = 1e-3
     sparse_attention_after: int = 0  # steps of dense attention (indexer warm-up) before CSA goes sparse
     loss_chunk: int = loss_lib.DEFAULT_CHUNK
-    loss_impl: str = "fused"  # "fused" (gradients in the forward, 3 head matmuls) or "remat" (4, less memory)
+    loss_impl: str = "remat"  # "remat" (recompute chunk logits in the backward) or "fused" (gradients in the forward)
 
     def __post_init__(self):
         validate_settings(self)

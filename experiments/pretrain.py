@@ -76,7 +76,7 @@ flags.DEFINE_integer("sparse_attention_after", 0,
                      "Steps of dense attention (CSA over all visible compressed entries; the indexer learns from "
                      "the KL) before CSA layers switch to top-k sparse attention.")
 flags.DEFINE_integer("loss_chunk", 1024, "Tokens per chunk of head logits in the cross entropy.")
-flags.DEFINE_enum("loss_impl", "fused", ["fused", "remat"],
+flags.DEFINE_enum("loss_impl", "remat", ["remat", "fused"],
                   "Cross entropy gradients: fused = computed in the forward pass (3 head matmuls per chunk, holds a "
                   "head-sized gradient); remat = recomputed in the backward (4 matmuls, less memory).")
 flags.DEFINE_integer("save_every", 50, "Steps between checkpoints (one is also written at the end).")

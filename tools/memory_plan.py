@@ -25,9 +25,9 @@ Terms, per device:
   fsdp        the FSDP working copy: the largest unit (a block's weights, the embedding or the head) all-gathered
               over "fsdp", and its gradient before the reduce-scatter.
   loss        one chunk of float32 logits (the chunk runs over the global tokens; a device holds its batch share).
-              --loss_impl=fused (default): the logits and their gradient, 2 x [chunk / batch shards, V / tensor], plus
-              the float32 head-gradient accumulator [D, V / tensor] when there is no FSDP (with FSDP it is the
-              unreduced head gradient already counted under fsdp); remat: logits, softmax and gradient, 3 x [...].
+              --loss_impl=remat (default): logits, softmax and gradient, 3 x [chunk / batch shards, V / tensor];
+              fused: the logits and their gradient, 2 x [...], plus the float32 head-gradient accumulator
+              [D, V / tensor] when there is no FSDP (with FSDP it is the unreduced head gradient counted under fsdp).
   extra       XLA workspace and fragmentation: 10% of the rest, and the plan must fit in 90% of the chip's memory.
 
 `--recommend` assumes one sequence of `--seq_len` tokens per data shard and microbatch (a larger global batch uses
@@ -63,7 +63,7 @@ flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence.")
 flags.DEFINE_enum("optimizer", "muon", ["muon", "adamw"], "Optimizer (muon = the V4 Muon/AdamW split).")
 flags.DEFINE_float("capacity_factor", None, "MoE capacity factor (unset: dropless).")
 flags.DEFINE_integer("loss_chunk", 1024, "Tokens per chunk of logits in the cross entropy.")
-flags.DEFINE_enum("loss_impl", "fused", ["fused", "remat"], "The cross entropy's gradient implementation.")
+flags.DEFINE_enum("loss_impl", "remat", ["remat", "fused"], "The cross entropy's gradient implementation.")
 flags.DEFINE_string("dtype", None, "Override the preset's compute dtype (float32, bfloat16).")
 flags.DEFINE_string("param_dtype", None, "Override the preset's parameter dtype (float32, bfloat16).")
 flags.DEFINE_string("remat_policy", None, "Override the preset's remat policy (none, full).")
@@ -185,7 +185,7 @@ def layer_token_bytes(cfg: Config, ratio: int, sizes: dict[str, int], seq_len: i
 
 
 def activation_bytes(cfg: Config, sizes: dict[str, int], batch_size: int, seq_len: int,
-                     capacity_factor: float | None, loss_chunk: int, loss_impl: str = "fused") -> dict[str, float]:
+                     capacity_factor: float | None, loss_chunk: int, loss_impl: str = "remat") -> dict[str, float]:
     """Per-device activation bytes by term (see the module docstring)."""
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     if batch_size % shards:
@@ -238,7 +238,7 @@ class Plan:
 
 
 def plan(cfg: Config, sizes: dict[str, int], batch_size: int, seq_len: int, *, optimizer: str = "muon",
-         capacity_factor: float | None = None, loss_chunk: int = 1024, loss_impl: str = "fused",
+         capacity_factor: float | None = None, loss_chunk: int = 1024, loss_impl: str = "remat",
          variables: list[Variable] | None = None) -> Plan:
     """The per-device memory plan of one training step.
 
@@ -261,7 +261,7 @@ def plan(cfg: Config, sizes: dict[str, int], batch_size: int, seq_len: int, *, o
 
 
 def recommend(cfg: Config, chip: Chip, seq_len: int, *, optimizer: str = "muon",
-              capacity_factor: float | None = None, loss_chunk: int = 1024, loss_impl: str = "fused", variables=None,
+              capacity_factor: float | None = None, loss_chunk: int = 1024, loss_impl: str = "remat", variables=None,
               max_chips: int = 65536) -> Plan | None:
     """The smallest power-of-two chip count (>= 8) with a fitting mesh, one sequence per device.
 
