@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 
+from tests.conftest import CODEGEN_FLAGS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -24,7 +26,7 @@ def launch(module: str, args: list[str], num_processes: int, local_devices: int,
     """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices} {CODEGEN_FLAGS}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     procs = [
@@ -48,7 +50,7 @@ def launch(module: str, args: list[str], num_processes: int, local_devices: int,
 def run_single(module: str, args: list[str], devices: int, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run `python -m module args` as one process with `devices` CPU devices."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {CODEGEN_FLAGS}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
