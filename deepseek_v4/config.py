@@ -68,8 +68,9 @@ class Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
     initializer_range: float = 0.02
-    # Activation memory: "none" keeps every activation for the backward, "full" recomputes each scanned unit of
-    # layers in the backward (one saved residual state per unit).
+    # Activation memory: "none" keeps every activation for the backward; "full" recomputes each layer in the
+    # backward (scanned units, the unrolled prefix layers and the MTP block alike; only the residual streams
+    # entering each one are kept).
     remat_policy: str = "none"
     # Low-precision training (TRAINING.md section 5): "none"; "fp8" = FP8 e4m3 emulation of every FP8 GEMM of the
     # release (128x128 weight blocks, 1x128 activation tiles); "fp4" = "fp8" plus MXFP4 QAT of the routed experts

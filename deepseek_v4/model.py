@@ -80,6 +80,14 @@ class Unit(nnx.Module):
         return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
 
 
+def call_block(block: "Block", x: jax.Array, ctx: attention.Context, remat: bool):
+    """`block(x, ctx)`, recomputed in the backward pass (only x is kept) when `remat` is set."""
+    if not remat:
+        return block(x, ctx)
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda st, y: nnx.merge(graphdef, st)(y, ctx), prevent_cse=False)(state, x)
+
+
 class MTP(nnx.Module):
     """One multi-token-prediction module: predicts token t+2 from the main streams at t and the token at t+1."""
 
@@ -94,12 +102,12 @@ class MTP(nnx.Module):
         self.hc_head = mhc.HyperHead(cfg, rngs)
         self.norm = layers.RMSNorm(d, cfg.rms_norm_eps)
 
-    def __call__(self, streams: jax.Array, next_embed: jax.Array, ctx: attention.Context, dt):
+    def __call__(self, streams: jax.Array, next_embed: jax.Array, ctx: attention.Context, dt, remat: bool = False):
         """Shapes: streams [B, T, R, D], next_embed [B, T, D] -> streams [B, T, R, D], hidden [B, T, D], aux."""
         e = self.enorm(next_embed).astype(dt) @ self.e_proj[...].astype(dt)  # [B, T, D]
         h = self.hnorm(streams).astype(dt) @ self.h_proj[...].astype(dt)  # [B, T, R, D]
         x = h + e[:, :, None, :]
-        x, aux = self.block(x, ctx)
+        x, aux = call_block(self.block, x, ctx, remat)
         return x, self.norm(self.hc_head(x)), aux
 
 
@@ -180,7 +188,7 @@ class DeepseekV4(nnx.Module):
         x = sharding.constrain(x, STREAM_AXES)
         auxes = []
         for block in self.prefix:
-            x, aux = block(x, ctx)
+            x, aux = call_block(block, x, ctx, cfg.remat_policy == "full")
             auxes.append(jax.tree.map(lambda a: a[None], aux))
         if self.repeats:
             graphdef, state = nnx.split(self.stack)
@@ -216,7 +224,8 @@ class DeepseekV4(nnx.Module):
         streams, next_emb = x, emb
         for k, module in enumerate(self.mtp):
             next_emb = jnp.pad(next_emb[:, 1:], ((0, 0), (0, 1), (0, 0)))  # embedding of the token k+1 ahead
-            streams, h, (s, il, ir) = module(streams, next_emb, ctx, layers.dtype_of(cfg.dtype))
+            streams, h, (s, il, ir) = module(streams, next_emb, ctx, layers.dtype_of(cfg.dtype),
+                                             cfg.remat_policy == "full")
             mtp_hidden.append(h)
             mtp_stats.append(jax.tree.map(lambda a: a[None], s))
             mtp_loss.append(il[None])

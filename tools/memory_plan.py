@@ -13,9 +13,9 @@ Terms, per device:
               every parameter. Routes from `deepseek_v4.optim.route_of`, sharded like the parameters.
   gradients   one parameter-sized buffer (parameter dtype), reduce-scattered to the parameter layout; the optimizer
               update adds one more such buffer (`updates`) before it is applied.
-  activations remat policy "full" (flash, pro): the scanned block stack keeps only each unit's input, the streams
-              x[B, T, R, D] in the compute dtype; the unrolled prefix layers and the MTP layer keep all their
-              activations; during the backward pass one unit is recomputed (its working set is added once).
+  activations remat policy "full" (flash, pro): every scanned unit, unrolled prefix layer and MTP block keeps
+              only its input, the streams x[B, T, R, D] in the compute dtype; during the backward pass one of them
+              is recomputed at a time (the largest working set is added once).
               Policy "none": every layer keeps all its activations. Per-layer activations are the tensors the
               backward pass reads (inputs of matmuls, norms, gates), counted per token in `layer_token_bytes`;
               attention is assumed to run as a kernel that keeps q, k/v, the output and a log-sum-exp per head,
@@ -201,9 +201,11 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], batch_size: int, seq_le
     stream = cfg.hc_mult * cfg.hidden_size * dt
     unrolled = per_layer[:prefix] + mtp
     scanned = per_layer[prefix:]
-    if cfg.remat_policy == "full" and repeats:
-        kept = sum(k for k, _ in unrolled) + repeats * stream
-        recompute = sum(k for k, _ in scanned[:unit])
+    if cfg.remat_policy == "full":
+        # Every block is recomputed in the backward: kept are the streams entering each unrolled block and each
+        # scanned unit; one block (or unit) at a time is rebuilt.
+        kept = (len(unrolled) + repeats) * stream
+        recompute = max([sum(k for k, _ in scanned[:unit])] + [k for k, _ in unrolled])
     else:
         kept = sum(k for k, _ in unrolled + scanned)
         recompute = 0.0
