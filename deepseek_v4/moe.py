@@ -181,8 +181,10 @@ class MoE(nnx.Module):
             w1, w3, w2 = (layers.qweight(w[...], cfg, expert=True).astype(dt) for w in (ex.w1, ex.w3, ex.w2))
             dropped = jnp.zeros((), jnp.int32)
             if sharding.expert_parallel.expert_parallelism() > 1:
-                # Expert parallelism: all-to-all dispatch over the mesh's expert axis (dropless).
-                y, dropped = sharding.routed_experts(xq, idx, weights, w1, w3, w2, swiglu_limit=cfg.swiglu_limit,
+                # Expert parallelism: all-to-all dispatch over the mesh's expert axis (dropless). Padding tokens
+                # (segment 0) take no expert slot and travel nowhere: their routed output is 0 (they carry no loss).
+                live = jnp.where(mask.reshape(-1, 1), idx, -1)
+                y, dropped = sharding.routed_experts(xq, live, weights, w1, w3, w2, swiglu_limit=cfg.swiglu_limit,
                                                      act_quant=aq)
             else:
                 routed = routed_experts_grouped if cfg.moe_impl == "grouped" else routed_experts_reference

@@ -149,3 +149,40 @@ def test_capacity_bounds_and_bad_inputs():
         expert_parallel.routed_experts(x, idx, w, w1, w3, w1, swiglu_limit=LIMIT)
     with pytest.raises(ValueError, match="must be \\[T=32, K\\]"):
         expert_parallel.routed_experts(x, idx[:4], w, w1, w3, w2, swiglu_limit=LIMIT)
+
+
+def test_padding_tokens_take_no_expert_slot_in_the_moe_layer():
+    from flax import nnx
+
+    from deepseek_v4 import get_config
+    from deepseek_v4.moe import MoE, swiglu
+
+    cfg = get_config("tiny")
+    moe = MoE(cfg, layer=3, hash_layer=False, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(moe)
+    b, t = 4, 8
+    x = jax.random.normal(jax.random.key(1), (b, t, cfg.hidden_size))
+    tokens = jnp.zeros((b, t), jnp.int32)
+    mask = jnp.ones((b, t), bool).at[1, 5:].set(False).at[3].set(False)  # padding: a row tail and a whole row
+
+    def run(state, x, m):
+        y, stats = nnx.merge(graphdef, state)(x, tokens, m)
+        return y, stats.expert_counts
+
+    one_y, one_counts = jax.jit(run)(state, x, mask)  # one device: the dense reference MoE
+    ref_none, _ = jax.jit(run)(state, x, jnp.zeros_like(mask))
+    with jax.set_mesh(mesh_lib.make_mesh("data=2,expert=4")):
+        ep_y, ep_counts = jax.jit(run)(state, x, mask)  # expert-parallel all-to-all
+        ep_none, _ = jax.jit(run)(state, x, jnp.zeros_like(mask))
+    live = np.asarray(mask)
+    tol = TOLERANCES["sharded_vs_single_f32"]
+    np.testing.assert_allclose(np.asarray(ep_y)[live], np.asarray(one_y)[live], rtol=tol, atol=tol)
+    np.testing.assert_array_equal(np.asarray(ep_counts), np.asarray(one_counts))
+    assert int(np.sum(ep_counts)) == int(live.sum()) * cfg.num_experts_per_tok
+    # All padding: the expert-parallel layer dispatches nothing, so only the shared expert's output is left; the
+    # reference MoE still evaluates the routed experts for padding (whose outputs no loss reads).
+    shared = nnx.merge(graphdef, state).shared
+    want = swiglu(x.reshape(-1, cfg.hidden_size), shared.w1[...], shared.w3[...], shared.w2[...], cfg.swiglu_limit,
+                  None).reshape(x.shape)
+    np.testing.assert_allclose(np.asarray(ep_none), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(ref_none - want))) > 1e-3
