@@ -41,13 +41,29 @@ def _ema(values: list[float], alpha: float) -> list[float]:
     return out
 
 
-def plot(records: list[dict], out: str, title: str = "", smooth: float = 0.0) -> str:
-    """Write the curves of `records` (metrics.jsonl rows) to the PNG `out`; returns `out`."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (imported on use: the trainer never loads it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, out: str) -> str:
+    """Write `fig` to the PNG `out` atomically (a temporary file, then a rename) and close it; returns `out`."""
+    fig.tight_layout()
+    tmp = out + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    _pyplot().close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def plot(records: list[dict], out: str, title: str = "", smooth: float = 0.0) -> str:
+    """Write the curves of `records` (metrics.jsonl rows) to the PNG `out`; returns `out`."""
+    plt = _pyplot()
     panels = [p for p in PANELS if any(any(r.get(k) is not None for r in records) for k in p[1])]
     cols = 2
     rows = (len(panels) + cols - 1) // cols
@@ -74,21 +90,12 @@ def plot(records: list[dict], out: str, title: str = "", smooth: float = 0.0) ->
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(title)
-    fig.tight_layout()
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return _save(fig, out)
 
 
 def plot_runs(runs: dict[str, list[dict]], out: str, smooth: float = 0.0) -> str:
     """Overlay the loss and MTP-loss curves of several runs (label -> metrics.jsonl rows) in the PNG `out`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), squeeze=False)
     for ax, key in zip(axes.flat, ("loss", "mtp_loss")):
         for label, records in runs.items():
@@ -100,12 +107,7 @@ def plot_runs(runs: dict[str, list[dict]], out: str, smooth: float = 0.0) -> str
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return _save(fig, out)
 
 
 def _records(workdir: str) -> list[dict]:
