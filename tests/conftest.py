@@ -21,8 +21,11 @@ TOLERANCES = {
     "parity_f32_logits": 1e-4,
     # Pallas (interpret mode) against the pure-JAX reference, float32.
     "kernel_f32": 2e-5,
-    # bfloat16 compute against float32 compute of the same model.
-    "bf16_vs_f32_logits": 0.25,
+    # bfloat16 compute against float32 compute of the same model, as a fraction of the largest float32 logit.
+    # One bfloat16 rounding is a relative error of up to 2**-8; every layer of tiny rounds its attention, MoE
+    # and mHC outputs, and those errors add up through the residual streams, so the bound allows 16 roundings'
+    # worth at the logits' scale (6.25%). Measured on tiny, three token seeds: 2.2%, 3.0%, 4.4%.
+    "bf16_vs_f32_logits_rel": 16 * 2**-8,
     # The same float32 computation split over 8 devices against one device (only summation order differs).
     "sharded_vs_single_f32": 1e-5,
     # Muon's bf16 Newton-Schulz split over 8 devices against one device: another summation order in the

@@ -182,7 +182,8 @@ def test_bf16_forward_tracks_f32(tiny):
     a = jax.jit(lambda t: model(t))(tokens)
     b = jax.jit(lambda t: bf16(t))(tokens)
     assert b.dtype == jnp.float32
-    assert float(jnp.max(jnp.abs(a - b))) < TOLERANCES["bf16_vs_f32_logits"]
+    scale = float(jnp.max(jnp.abs(a)))
+    assert float(jnp.max(jnp.abs(a - b))) < TOLERANCES["bf16_vs_f32_logits_rel"] * scale
 
 
 def test_forward_on_eight_devices(tiny):
