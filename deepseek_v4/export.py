@@ -1,17 +1,15 @@
 """Streaming conversion between a training checkpoint and the official DeepSeek-V4 safetensors layout.
 
 The official files hold one tensor per (layer, expert) under the names of `deepseek_v4.params.PARAMS` (placed by
-`interop.tensor_groups`), in the storage formats of docs/checkpoints.md. Each row's storage class decides its
-dtype in each format:
+`interop.tensor_groups`), in the storage formats of docs/checkpoints.md. Each row's storage class (`storage_of`)
+decides its dtype in each format:
 
   format  FP8-class linears          routed experts              BF16-class        FP32-class  hash table
   bf16    BF16                       BF16                        BF16              F32         I64
   fp8     F8_E4M3 + `.scale` (E8M0)   F8_E4M3 + `.scale`          BF16              F32         I64
   fp4     F8_E4M3 + `.scale`          I8 packed MXFP4 + `.scale`  BF16              F32         I64
 
-FP8-class: attention `wq_a`, `wq_b`, `wkv`, `wo_a`, `wo_b`, the indexer's `wq_b`, the shared expert, MTP
-`e_proj` / `h_proj`. BF16-class: embedding, head, router `gate.weight`, compressor `wkv` / `wgate`, indexer
-`weights_proj`, every norm. FP32-class: `hc_*`, `ape`, `attn_sink`, `gate.bias`. The scale of `X.weight` is
+Which tensor is in which class is its row's `storage` in `deepseek_v4.params.PARAMS`. The scale of `X.weight` is
 `X.scale` (FP8: [ceil(out/128), ceil(in/128)]; MXFP4: [out, in/32]).
 
 Conversion works one tensor at a time, so the host memory it needs is a small multiple of the largest tensor

@@ -223,21 +223,6 @@ PARAMS: tuple[ParamKind, ...] = (
 BY_PATH: dict[str, ParamKind] = {k.path: k for k in PARAMS}
 
 
-def _check_table() -> None:
-    if len(BY_PATH) != len(PARAMS):
-        raise AssertionError("deepseek_v4.params.PARAMS names a path twice")
-    for k in PARAMS:
-        ok = (k.transform in TRANSFORMS and k.storage in (FP8, EXPERT, BF16, F32, I64) and k.scopes
-              and set(k.scopes) <= {MODEL, LAYER, MTP} and (k.matrix is not None) == (k.route == MUON)
-              and k.route in (MUON, ADAMW, FROZEN) and ("{e}" in k.official) == (k.transform == "experts")
-              and (k.storage == EXPERT) == (k.transform == "experts") and (k.storage == I64) == (k.transform == "hash"))
-        if not ok:
-            raise AssertionError(f"inconsistent row in deepseek_v4.params.PARAMS: {k}")
-
-
-_check_table()
-
-
 def in_scope(scope: str) -> tuple[ParamKind, ...]:
     """The rows of one scope (MODEL, LAYER or MTP), in table order (the order of the official files)."""
     return tuple(k for k in PARAMS if scope in k.scopes)

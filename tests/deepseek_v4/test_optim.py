@@ -154,7 +154,7 @@ BATCH_AXES = {"layers", "experts", "o_groups"}
 
 
 def expected_route(path):
-    """The routing table of the issue, stated independently of deepseek_v4.optim.ROUTING."""
+    """The routing table of the issue, stated independently of the parameter table deepseek_v4.params.PARAMS."""
     parts = path.split(".")
     last, parent = parts[-1], parts[-2] if len(parts) > 1 else ""
     if path in ("embed", "head"):

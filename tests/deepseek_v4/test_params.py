@@ -57,9 +57,13 @@ def test_no_row_is_unused():
 def test_table_rows_are_consistent():
     assert len(params.BY_PATH) == len(params.PARAMS)
     for k in params.PARAMS:
+        assert k.route in (params.MUON, params.ADAMW, params.FROZEN), k
         assert (k.matrix is not None) == (k.route == params.MUON), k
+        assert k.scopes and set(k.scopes) <= {params.MODEL, params.LAYER, params.MTP}, k
         assert k.transform in params.TRANSFORMS and k.storage in (params.FP8, params.EXPERT, params.BF16,
                                                                    params.F32, params.I64), k
+        assert (k.storage == params.EXPERT) == (k.transform == "experts") == ("{e}" in k.official), k
+        assert (k.storage == params.I64) == (k.transform == "hash"), k
         assert (k.fp8_layout is None) == (k.storage not in (params.FP8, params.EXPERT)), k
     assert params.BY_PATH["attn.wq_b"].fp8_layout == "heads"
     assert params.BY_PATH["attn.wo_a"].fp8_layout == "grouped"
