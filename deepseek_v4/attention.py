@@ -126,11 +126,11 @@ class Attention(nnx.Module):
         seg = ctx.segment_ids
         with jax.named_scope("attn/qkv"):
             xq = layers.qact(x, cfg)
-            c_q = self.q_norm(xq @ layers.qweight(self.wq_a[...], cfg).astype(dt)).astype(dt)  # [B, T, Q]
-            wq_b = layers.qweight(self.wq_b[...], cfg, "heads").astype(dt)
+            c_q = self.q_norm(xq @ layers.qweight(self.wq_a[...], cfg, "attn.wq_a").astype(dt)).astype(dt)  # [B, T, Q]
+            wq_b = layers.qweight(self.wq_b[...], cfg, "attn.wq_b").astype(dt)
             q = jnp.einsum("btq,qnh->btnh", layers.qact(c_q, cfg), wq_b)  # [B, T, N, H]
             q = rope.apply_rope(layers.rms_norm(q, None, cfg.rms_norm_eps).astype(dt), cos, sin)
-            kv = self.kv_norm(xq @ layers.qweight(self.wkv[...], cfg).astype(dt)).astype(dt)
+            kv = self.kv_norm(xq @ layers.qweight(self.wkv[...], cfg, "attn.wkv").astype(dt)).astype(dt)
             kv = rope.apply_rope(kv, cos, sin)  # [B, T, H]
         zero = jnp.zeros((), jnp.float32)
         loss, recall = zero, zero
@@ -153,9 +153,9 @@ class Attention(nnx.Module):
             o = rope.apply_rope(o, cos, sin, inverse=True)  # [B, T, N, H]
             b, t = o.shape[:2]
             o = o.reshape(b, t, cfg.o_groups, -1)  # [B, T, G, N*H/G]
-            wo_a = layers.qweight(self.wo_a[...], cfg, "grouped").astype(dt)
+            wo_a = layers.qweight(self.wo_a[...], cfg, "attn.wo_a").astype(dt)
             o = jnp.einsum("btgi,gio->btgo", layers.qact(o, cfg), wo_a).reshape(b, t, -1)  # [B, T, G*O]
-            out = layers.qact(o, cfg) @ layers.qweight(self.wo_b[...], cfg).astype(dt)  # [B, T, D]
+            out = layers.qact(o, cfg) @ layers.qweight(self.wo_b[...], cfg, "attn.wo_b").astype(dt)  # [B, T, D]
         return out, loss, recall
 
     def _csa(self, x, c_q, q, kv, entries, entry_seg, entry_pos, cos, sin, ctx: Context):
@@ -168,7 +168,7 @@ class Attention(nnx.Module):
             k_idx, _ = idx.compressor(xi, seg)
             e_cos, e_sin = rope.rope_angles(entry_pos, inv_freq)
             k_idx = rope.apply_rope(k_idx, e_cos, e_sin)  # [B, C, HI]
-            wq_b = layers.qweight(idx.wq_b[...], cfg, "heads").astype(cqi.dtype)
+            wq_b = layers.qweight(idx.wq_b[...], cfg, "attn.indexer.wq_b").astype(cqi.dtype)
             q_idx = rope.apply_rope(jnp.einsum("btq,qnh->btnh", layers.qact(cqi, cfg), wq_b), cos, sin)
             w_idx = xi @ idx.weights_proj[...].astype(xi.dtype)  # [B, T, NI]
             if cfg.quant == "fp4":  # QAT of the indexer's query/key path (the release stores its keys in MXFP4)

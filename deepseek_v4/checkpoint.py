@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from grain import checkpoint as grain_checkpoint
 
 from deepseek_v4.config import Config
+from deepseek_v4.params import path_keys
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +48,13 @@ class NoUsableCheckpointError(RuntimeError):
 # ---- pytree <-> nested dict --------------------------------------------------------------------------
 
 
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
 def to_nested(tree: Any) -> dict[str, Any]:
-    """A pytree as nested dicts keyed by its path entries (dict keys, attribute names, list indices)."""
+    """A pytree as nested dicts keyed by its path entries (dict keys, attribute names, list indices), as
+    `deepseek_v4.params.path_keys` names them: these are the names stored on disk."""
     out: dict[str, Any] = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         node = out
-        names = [_key_name(p) for p in path] or ["value"]
+        names = path_keys(path) or ["value"]
         for name in names[:-1]:
             node = node.setdefault(name, {})
         node[names[-1]] = leaf
@@ -72,7 +67,7 @@ def from_nested(nested: dict[str, Any], like: Any) -> Any:
     leaves = []
     for path, _ in paths:
         node = nested
-        for name in [_key_name(p) for p in path] or ["value"]:
+        for name in path_keys(path) or ["value"]:
             node = node[name]
         leaves.append(node)
     return jax.tree_util.tree_unflatten(treedef, leaves)

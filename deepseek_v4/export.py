@@ -1,16 +1,15 @@
 """Streaming conversion between a training checkpoint and the official DeepSeek-V4 safetensors layout.
 
-The official files hold one tensor per (layer, expert) under the names of `interop.LAYER_TABLE` /
-`GLOBAL_TABLE` / `MTP_TABLE`, in the storage formats of ARCHITECTURE.md section 6:
+The official files hold one tensor per (layer, expert) under the names of `deepseek_v4.params.PARAMS` (placed by
+`interop.tensor_groups`), in the storage formats of docs/checkpoints.md. Each row's storage class (`storage_of`)
+decides its dtype in each format:
 
   format  FP8-class linears          routed experts              BF16-class        FP32-class  hash table
   bf16    BF16                       BF16                        BF16              F32         I64
   fp8     F8_E4M3 + `.scale` (E8M0)   F8_E4M3 + `.scale`          BF16              F32         I64
   fp4     F8_E4M3 + `.scale`          I8 packed MXFP4 + `.scale`  BF16              F32         I64
 
-FP8-class: attention `wq_a`, `wq_b`, `wkv`, `wo_a`, `wo_b`, the indexer's `wq_b`, the shared expert, MTP
-`e_proj` / `h_proj`. BF16-class: embedding, head, router `gate.weight`, compressor `wkv` / `wgate`, indexer
-`weights_proj`, every norm. FP32-class: `hc_*`, `ape`, `attn_sink`, `gate.bias`. The scale of `X.weight` is
+Which tensor is in which class is its row's `storage` in `deepseek_v4.params.PARAMS`. The scale of `X.weight` is
 `X.scale` (FP8: [ceil(out/128), ceil(in/128)]; MXFP4: [out, in/32]).
 
 Conversion works one tensor at a time, so the host memory it needs is a small multiple of the largest tensor
@@ -47,23 +46,11 @@ from etils import epath
 from flax import nnx
 from safetensors import safe_open
 
-from deepseek_v4 import interop, quant
+from deepseek_v4 import interop, params, quant
 from deepseek_v4.config import Config
 from deepseek_v4.model import DeepseekV4
 
 FORMATS = ("bf16", "fp8", "fp4")
-
-# Storage classes by our path inside a layer, an MTP module or the model (ARCHITECTURE.md section 6).
-FP8_LINEARS = frozenset({
-    "attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_a", "attn.wo_b", "attn.indexer.wq_b",
-    "ffn.shared.w1", "ffn.shared.w2", "ffn.shared.w3", "e_proj", "h_proj",
-})
-ROUTED_EXPERTS = frozenset({"ffn.experts.w1", "ffn.experts.w2", "ffn.experts.w3"})
-FP32_TENSORS = frozenset({
-    "hc_attn.fn", "hc_attn.base", "hc_attn.scale", "hc_ffn.fn", "hc_ffn.base", "hc_ffn.scale",
-    "hc_head.fn", "hc_head.base", "hc_head.scale", "attn.attn_sink", "attn.compressor.ape",
-    "attn.indexer.compressor.ape", "ffn.router_bias",
-})
 
 # numpy dtype <-> safetensors dtype name
 ST_DTYPES: dict[np.dtype, str] = {
@@ -151,28 +138,13 @@ class Planned:
         return [StoredTensor(self.name, dtype, self.shape)]
 
 
-def _official_shape(kind: str, s: tuple[int, ...]) -> tuple[int, ...]:
-    if kind in ("id", "hash"):
-        return s
-    if kind == "linear":
-        return (s[1], s[0])
-    if kind == "heads":  # [Q, N, H] -> [N*H, Q]
-        return (s[1] * s[2], s[0])
-    if kind == "grouped":  # [G, I, O] -> [G*O, I]
-        return (s[0] * s[2], s[1])
-    raise ValueError(f"unknown layout transform {kind!r}")
-
-
-def _storage(ours: str, kind: str, fmt: str) -> str:
-    if kind == "hash":
-        return "i64"
-    if ours in FP32_TENSORS:
-        return "f32"
-    if fmt != "bf16" and ours in FP8_LINEARS:
-        return "fp8"
-    if fmt != "bf16" and ours in ROUTED_EXPERTS:
-        return fmt
-    return "bf16"
+def storage_of(kind: params.ParamKind, fmt: str) -> str:
+    """How an export format stores the tensors of a row: "bf16", "f32", "i64", "fp8" or "fp4"."""
+    if kind.storage == params.FP8:
+        return "bf16" if fmt == "bf16" else "fp8"
+    if kind.storage == params.EXPERT:
+        return fmt  # bf16, fp8 or fp4
+    return kind.storage  # bf16, f32 or i64 in every format
 
 
 @functools.cache
@@ -182,7 +154,7 @@ def abstract_variables(cfg: Config) -> dict[str, jax.ShapeDtypeStruct]:
     model = nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0)))
     out = {}
     for path, var in nnx.to_flat_state(nnx.state(model)):
-        out[".".join(str(k) for k in path)] = jax.ShapeDtypeStruct(var.value.shape, var.value.dtype)
+        out[params.path_str(path)] = jax.ShapeDtypeStruct(var.value.shape, var.value.dtype)
     return out
 
 
@@ -196,25 +168,25 @@ def plan(cfg: Config, fmt: str = "bf16") -> list[Planned]:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     shapes = abstract_variables(cfg)
     groups: dict[str, list[Planned]] = {}
-    for (prefix,), layer, native_prefix, table in interop._entries(None, cfg):
-        for ours, native, kind in table:
-            key = prefix + ours
+    for group in interop.tensor_groups(cfg):
+        for kind in group.kinds:
+            key = group.prefix + kind.path
             if key not in shapes:
                 continue
             leaf = tuple(shapes[key].shape)
-            lead = () if layer is None else (layer,)
+            lead = () if group.layer is None else (group.layer,)
             item = leaf[len(lead):]
-            storage = _storage(ours, kind, fmt)
+            storage = storage_of(kind, fmt)
+            shape = interop.official_shape(kind.transform, item)
             rows = groups.setdefault(key, [])
-            if kind == "experts":
-                shape = (item[2], item[1])
+            if kind.transform == "experts":
                 if storage == "fp4" and shape[1] % quant.FP4_BLOCK:
                     raise ValueError(f"fp4 export needs routed-expert input widths that are multiples of "
                                      f"{quant.FP4_BLOCK}; {key} has {shape[1]}")
-                rows += [Planned(native_prefix + native.format(e=e), key, lead + (e,), "linear", item[1:], shape,
-                                 storage) for e in range(item[0])]
+                rows += [Planned(group.official_prefix + kind.official.format(e=e), key, lead + (e,), "linear",
+                                 item[1:], shape, storage) for e in range(item[0])]
             else:
-                rows.append(Planned(native_prefix + native, key, lead, kind, item, _official_shape(kind, item),
+                rows.append(Planned(group.official_prefix + kind.official, key, lead, kind.transform, item, shape,
                                     storage))
     uncovered = sorted(set(shapes) - set(groups))
     if uncovered:
@@ -242,7 +214,7 @@ def encode(p: Planned, item: np.ndarray) -> list[tuple[str, np.ndarray]]:
     """
     if tuple(item.shape) != p.item_shape:
         raise ValueError(f"{p.name}: expected a {p.item_shape} source, got {tuple(item.shape)}")
-    y = interop._export(p.kind, np.asarray(item))
+    y = interop.to_official(p.kind, np.asarray(item))
     if p.storage == "i64":
         return [(p.name, y.astype(np.int64))]
     if p.storage in ("fp8", "fp4"):
@@ -280,7 +252,7 @@ def decode(p: Planned, files: SafetensorsDir) -> np.ndarray:
 
 def to_item(p: Planned, official: np.ndarray, dtype: Any) -> np.ndarray:
     """Official-layout values of `p` -> our layout item of `dtype`. Shapes: `p.shape` -> `p.item_shape`."""
-    return interop._import(p.kind, official, jax.ShapeDtypeStruct(p.item_shape, dtype))
+    return interop.from_official(p.kind, official, jax.ShapeDtypeStruct(p.item_shape, dtype))
 
 
 # ---- reading a train-state checkpoint ---------------------------------------------------------------------
@@ -302,7 +274,7 @@ class StateReader:
         self._zarr3 = bool(meta.use_zarr3)
         self._arrays = {}
         for path, leaf in jax.tree_util.tree_flatten_with_path(meta.tree)[0]:
-            self._arrays[".".join(str(getattr(k, "key", k)) for k in path)] = leaf
+            self._arrays[".".join(params.path_keys(path))] = leaf
         self._variables = {}
         for name, leaf in self._arrays.items():
             group, _, rest = name.partition(".")
@@ -611,10 +583,10 @@ def load_variables(files: SafetensorsDir, tensors: Sequence[Planned], abstract: 
     for p in tensors:
         by_source.setdefault(p.source, {})[p.index] = p
     cache = _ItemCache(cache_bytes)
-    shard_of = {".".join(str(k) for k in path): v for path, v in nnx.to_flat_state(shardings)}
+    shard_of = {params.path_str(path): v for path, v in nnx.to_flat_state(shardings)}
     out = []
     for path, var in nnx.to_flat_state(abstract):
-        key = ".".join(str(k) for k in path)
+        key = params.path_str(path)
         like = var.value
         items = by_source[key]
         lead_rank = len(next(iter(items)))

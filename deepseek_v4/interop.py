@@ -1,87 +1,34 @@
-"""Conversion between our parameters and the official DeepSeek-V4 checkpoint layout (ARCHITECTURE.md section 7).
+"""Conversion between our parameters and the official DeepSeek-V4 checkpoint layout (docs/checkpoints.md).
 
 `to_hf(model)` -> (config_dict, state_dict) with the published config.json fields and the official (native)
 tensor names, as unquantized numpy arrays; transformers' DeepseekV4ForCausalLM loads them (its conversion
 mapping renames and fuses on load). `from_hf(config_dict, state_dict)` builds our model from them.
-One explicit name table (`LAYER_TABLE`, `GLOBAL_TABLE`, `MTP_TABLE`) serves both directions.
 
-Layout transforms: our weights are [in, out] for einsum, the official ones [out, in] (`linear`); multi-head
-projections are flattened over heads (`heads`); the grouped output projection is stored [G*O, N*H/G]
-(`grouped`); routed experts are one tensor per expert (`experts`); the hash table is int64 (`hash`).
+Names and layout transforms come from `deepseek_v4.params.PARAMS` (one row per parameter kind). The public
+pieces below also serve the streaming safetensors conversion of `deepseek_v4.export`:
+
+* `tensor_groups(cfg)`: where each row's tensors live, in our state and in the official files;
+* `to_official` / `from_official` / `official_shape`: the layout transforms. Our weights are [in, out] for einsum,
+  the official ones [out, in] (`linear`); multi-head projections are flattened over heads (`heads`); the grouped
+  output projection is stored [G*O, N*H/G] (`grouped`); routed experts are one tensor per expert (`experts`);
+  the hash table is int64 (`hash`).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepseek_v4 import params
 from deepseek_v4.config import Config
 from deepseek_v4.model import DeepseekV4, layer_plan
-
-# (our path inside one layer, official name inside `layers.{i}.`, transform)
-LAYER_TABLE: tuple[tuple[str, str, str], ...] = (
-    ("attn_norm.scale", "attn_norm.weight", "id"),
-    ("ffn_norm.scale", "ffn_norm.weight", "id"),
-    ("hc_attn.fn", "hc_attn_fn", "linear"),
-    ("hc_attn.base", "hc_attn_base", "id"),
-    ("hc_attn.scale", "hc_attn_scale", "id"),
-    ("hc_ffn.fn", "hc_ffn_fn", "linear"),
-    ("hc_ffn.base", "hc_ffn_base", "id"),
-    ("hc_ffn.scale", "hc_ffn_scale", "id"),
-    ("attn.wq_a", "attn.wq_a.weight", "linear"),
-    ("attn.q_norm.scale", "attn.q_norm.weight", "id"),
-    ("attn.wq_b", "attn.wq_b.weight", "heads"),
-    ("attn.wkv", "attn.wkv.weight", "linear"),
-    ("attn.kv_norm.scale", "attn.kv_norm.weight", "id"),
-    ("attn.wo_a", "attn.wo_a.weight", "grouped"),
-    ("attn.wo_b", "attn.wo_b.weight", "linear"),
-    ("attn.attn_sink", "attn.attn_sink", "id"),
-    ("attn.compressor.wkv", "attn.compressor.wkv.weight", "linear"),
-    ("attn.compressor.wgate", "attn.compressor.wgate.weight", "linear"),
-    ("attn.compressor.ape", "attn.compressor.ape", "id"),
-    ("attn.compressor.norm.scale", "attn.compressor.norm.weight", "id"),
-    ("attn.indexer.wq_b", "attn.indexer.wq_b.weight", "heads"),
-    ("attn.indexer.weights_proj", "attn.indexer.weights_proj.weight", "linear"),
-    ("attn.indexer.compressor.wkv", "attn.indexer.compressor.wkv.weight", "linear"),
-    ("attn.indexer.compressor.wgate", "attn.indexer.compressor.wgate.weight", "linear"),
-    ("attn.indexer.compressor.ape", "attn.indexer.compressor.ape", "id"),
-    ("attn.indexer.compressor.norm.scale", "attn.indexer.compressor.norm.weight", "id"),
-    ("ffn.gate", "ffn.gate.weight", "linear"),
-    ("ffn.router_bias", "ffn.gate.bias", "id"),
-    ("ffn.tid2eid", "ffn.gate.tid2eid", "hash"),
-    ("ffn.experts.w1", "ffn.experts.{e}.w1.weight", "experts"),
-    ("ffn.experts.w3", "ffn.experts.{e}.w3.weight", "experts"),
-    ("ffn.experts.w2", "ffn.experts.{e}.w2.weight", "experts"),
-    ("ffn.shared.w1", "ffn.shared_experts.w1.weight", "linear"),
-    ("ffn.shared.w3", "ffn.shared_experts.w3.weight", "linear"),
-    ("ffn.shared.w2", "ffn.shared_experts.w2.weight", "linear"),
-)
-
-GLOBAL_TABLE: tuple[tuple[str, str, str], ...] = (
-    ("embed", "embed.weight", "id"),
-    ("head", "head.weight", "linear"),
-    ("norm.scale", "norm.weight", "id"),
-    ("hc_head.fn", "hc_head_fn", "linear"),
-    ("hc_head.base", "hc_head_base", "id"),
-    ("hc_head.scale", "hc_head_scale", "id"),
-)
-
-# Extras of an MTP module, under `mtp.{k}.` on both sides (its block's tensors use LAYER_TABLE names).
-MTP_TABLE: tuple[tuple[str, str, str], ...] = (
-    ("e_proj", "e_proj.weight", "linear"),
-    ("h_proj", "h_proj.weight", "linear"),
-    ("enorm.scale", "enorm.weight", "id"),
-    ("hnorm.scale", "hnorm.weight", "id"),
-    ("norm.scale", "norm.weight", "id"),
-    ("hc_head.fn", "hc_head_fn", "linear"),
-    ("hc_head.base", "hc_head_base", "id"),
-    ("hc_head.scale", "hc_head_scale", "id"),
-)
+from deepseek_v4.params import ParamKind
 
 
 # ---- config -------------------------------------------------------------------------------------------
@@ -192,61 +139,107 @@ def config_from_hf(d: dict[str, Any], **overrides: Any) -> Config:
 
 
 # ---- tensors ------------------------------------------------------------------------------------------
-def _export(kind: str, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
-    if kind == "id":
+def to_official(transform: str, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
+    """Our layout -> the official one, for one item (one layer's slice of a stacked leaf).
+
+    Shapes: "id" / "hash" unchanged (hash as int64); "linear" [in, out] -> [out, in]; "heads" [Q, N, H] ->
+    [N*H, Q]; "grouped" [G, I, O] -> [G*O, I]; "experts" [E, in, out] -> a list of E arrays [out, in].
+    """
+    if transform == "id":
         return x
-    if kind == "linear":
+    if transform == "linear":
         return np.ascontiguousarray(x.T)
-    if kind == "heads":  # [Q, N, H] -> [N*H, Q]
+    if transform == "heads":  # [Q, N, H] -> [N*H, Q]
         return np.ascontiguousarray(x.reshape(x.shape[0], -1).T)
-    if kind == "grouped":  # [G, I, O] -> [G*O, I]
+    if transform == "grouped":  # [G, I, O] -> [G*O, I]
         return np.ascontiguousarray(x.transpose(0, 2, 1).reshape(-1, x.shape[1]))
-    if kind == "experts":  # [E, in, out] -> E x [out, in]
+    if transform == "experts":  # [E, in, out] -> E x [out, in]
         return [np.ascontiguousarray(w.T) for w in x]
-    if kind == "hash":
+    if transform == "hash":
         return x.astype(np.int64)
-    raise ValueError(kind)
+    raise ValueError(f"unknown layout transform {transform!r}")
 
 
-def _import(kind: str, x, like: jax.ShapeDtypeStruct) -> np.ndarray:
+def from_official(transform: str, x, like: jax.ShapeDtypeStruct) -> np.ndarray:
+    """The official layout -> ours, as `like.dtype` of shape `like.shape` (inverse of `to_official`; "experts"
+    takes the list of per-expert arrays).
+
+    Raises:
+      ValueError: unknown transform, or the result does not have `like`'s shape.
+    """
     shape = like.shape
-    if kind == "id":
+    if transform == "id":
         y = np.asarray(x)
-    elif kind == "linear":
+    elif transform == "linear":
         y = np.asarray(x).T
-    elif kind == "heads":
+    elif transform == "heads":
         y = np.asarray(x).T.reshape(shape)
-    elif kind == "grouped":
+    elif transform == "grouped":
         g, i, o = shape
         y = np.asarray(x).reshape(g, o, i).transpose(0, 2, 1)
-    elif kind == "experts":
+    elif transform == "experts":
         y = np.stack([np.asarray(w).T for w in x])
-    elif kind == "hash":
+    elif transform == "hash":
         y = np.asarray(x)
     else:
-        raise ValueError(kind)
+        raise ValueError(f"unknown layout transform {transform!r}")
     if y.shape != tuple(shape):
         raise ValueError(f"shape mismatch: expected {tuple(shape)}, got {y.shape}")
     return y.astype(like.dtype)
 
 
-def _entries(model_like, cfg: Config):
-    """Yield (our state path, layer slice or None, official base name, table) for every tensor group."""
+def official_shape(transform: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The official shape of one item of our `shape` ("experts": of one expert, [out, in])."""
+    s = tuple(shape)
+    if transform in ("id", "hash"):
+        return s
+    if transform == "linear":
+        return (s[1], s[0])
+    if transform == "heads":  # [Q, N, H] -> [N*H, Q]
+        return (s[1] * s[2], s[0])
+    if transform == "grouped":  # [G, I, O] -> [G*O, I]
+        return (s[0] * s[2], s[1])
+    if transform == "experts":  # [E, in, out] -> [out, in] per expert
+        return (s[2], s[1])
+    raise ValueError(f"unknown layout transform {transform!r}")
+
+
+class TensorGroup(NamedTuple):
+    """The tensors of one scope instance: a layer, an MTP module's own tensors, or the model root.
+
+    Attributes:
+      prefix: our flat state path prefix (e.g. "stack.blocks.1."; "" for the root).
+      layer: the index into the leading layers axis of a scanned stack's leaves; None when not stacked.
+      official_prefix: the official name prefix (e.g. "layers.5."; "" for the root).
+      kinds: the `deepseek_v4.params` rows of the scope, in the order of the official files. A layer without a
+        compressor or a hash table lacks some of them: skip the rows whose path is not in the state.
+    """
+
+    prefix: str
+    layer: int | None
+    official_prefix: str
+    kinds: tuple[ParamKind, ...]
+
+
+def tensor_groups(cfg: Config) -> Iterator[TensorGroup]:
+    """Every tensor group of `cfg`'s model: the root, the prefix layers, the scanned stack (one group per layer),
+    then per MTP module its block and its own tensors."""
     prefix, unit, repeats = layer_plan(cfg)
-    yield from ((("",), None, "", GLOBAL_TABLE),)
+    layer, mtp = params.in_scope(params.LAYER), params.in_scope(params.MTP)
+    yield TensorGroup("", None, "", params.in_scope(params.MODEL))
     for i in range(prefix):
-        yield (f"prefix.{i}.",), None, f"layers.{i}.", LAYER_TABLE
+        yield TensorGroup(f"prefix.{i}.", None, f"layers.{i}.", layer)
     for j in range(unit):
-        for layer in range(repeats):
-            yield (f"stack.blocks.{j}.",), layer, f"layers.{prefix + layer * unit + j}.", LAYER_TABLE
+        for r in range(repeats):
+            yield TensorGroup(f"stack.blocks.{j}.", r, f"layers.{prefix + r * unit + j}.", layer)
     for k in range(cfg.num_nextn_predict_layers):
-        yield (f"mtp.{k}.block.",), None, f"mtp.{k}.", LAYER_TABLE
-        yield (f"mtp.{k}.",), None, f"mtp.{k}.", MTP_TABLE
+        yield TensorGroup(f"mtp.{k}.block.", None, f"mtp.{k}.", layer)
+        yield TensorGroup(f"mtp.{k}.", None, f"mtp.{k}.", mtp)
 
 
 def _flat_state(model) -> dict[str, Any]:
     state = nnx.state(model)
-    return {".".join(str(k) for k in path): v for path, v in nnx.to_flat_state(state)}
+    return {params.path_str(path): v for path, v in nnx.to_flat_state(state)}
 
 
 def to_hf(model: DeepseekV4) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -255,21 +248,21 @@ def to_hf(model: DeepseekV4) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     flat = _flat_state(model)
     out: dict[str, np.ndarray] = {}
     used = set()
-    for (ours_prefix,), layer, native_prefix, table in _entries(model, cfg):
-        for ours, native, kind in table:
-            key = ours_prefix + ours
+    for group in tensor_groups(cfg):
+        for kind in group.kinds:
+            key = group.prefix + kind.path
             if key not in flat:
                 continue
             used.add(key)
             x = np.asarray(jax.device_get(flat[key][...]))
-            if layer is not None:
-                x = x[layer]
-            y = _export(kind, x)
-            if kind == "experts":
+            if group.layer is not None:
+                x = x[group.layer]
+            y = to_official(kind.transform, x)
+            if kind.transform == "experts":
                 for e, w in enumerate(y):
-                    out[native_prefix + native.format(e=e)] = w
+                    out[group.official_prefix + kind.official.format(e=e)] = w
             else:
-                out[native_prefix + native] = y
+                out[group.official_prefix + kind.official] = y
     missing = sorted(set(flat) - used)
     if missing:
         raise ValueError(f"no checkpoint name for parameter(s): {', '.join(missing)}")
@@ -283,32 +276,32 @@ def from_hf(config_dict: dict[str, Any], state_dict: dict[str, Any], **config_ov
     abstract = nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
-    by_name = {".".join(str(k) for k in path): path for path in flat}
+    by_name = {params.path_str(path): path for path in flat}
     values: dict[str, list] = {}
     consumed: set[str] = set()
     missing: list[str] = []
-    for (ours_prefix,), layer, native_prefix, table in _entries(abstract, cfg):
-        for ours, native, kind in table:
-            key = ours_prefix + ours
+    for group in tensor_groups(cfg):
+        for kind in group.kinds:
+            key = group.prefix + kind.path
             if key not in by_name:
                 continue
             like = flat[by_name[key]]
-            like = jax.ShapeDtypeStruct(like.shape[1:] if layer is not None else like.shape, like.dtype)
-            if kind == "experts":
-                names = [native_prefix + native.format(e=e) for e in range(like.shape[0])]
+            like = jax.ShapeDtypeStruct(like.shape[1:] if group.layer is not None else like.shape, like.dtype)
+            if kind.transform == "experts":
+                names = [group.official_prefix + kind.official.format(e=e) for e in range(like.shape[0])]
             else:
-                names = [native_prefix + native]
+                names = [group.official_prefix + kind.official]
             absent = [nm for nm in names if nm not in state_dict]
             if absent:
                 missing += absent
                 continue
             consumed.update(names)
-            src = [state_dict[nm] for nm in names] if kind == "experts" else state_dict[names[0]]
+            src = [state_dict[nm] for nm in names] if kind.transform == "experts" else state_dict[names[0]]
             try:
-                arr = _import(kind, src, like)
+                arr = from_official(kind.transform, src, like)
             except ValueError as e:
                 raise ValueError(f"{names[0]}: {e}") from None
-            values.setdefault(key, []).append((layer, arr))
+            values.setdefault(key, []).append((group.layer, arr))
     unexpected = sorted(k for k in state_dict if k not in consumed and not re.match(r"^mtp\.\d+\.$", k))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the config: missing {sorted(missing) or 'none'}; "

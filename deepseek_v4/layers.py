@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_v4 import quant
+from deepseek_v4 import params, quant
 from deepseek_v4.config import Config
 
 
@@ -53,18 +53,22 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.scale[...], self.eps)
 
 
-def qweight(w: jax.Array, cfg: Config, layout: str = "matrix", expert: bool = False) -> jax.Array:
+def qweight(w: jax.Array, cfg: Config, param: str) -> jax.Array:
     """A GEMM weight as the forward sees it under `cfg.quant` (straight-through gradient to the master weight).
 
+    `param` is the weight's path inside its layer or MTP module (e.g. "attn.wq_b"), a row of
+    `deepseek_v4.params.PARAMS` stored FP8 or as a routed expert; its layout transform gives the layout below.
     FP8 weights are quantised in 128x128 blocks of their official [out, in] matrix, so training sees exactly the
-    values an FP8 export holds: `layout` "matrix" = [in, out] (blocks are square, so the transpose is free);
+    values an FP8 export holds: layout "matrix" = [in, out] (blocks are square, so the transpose is free);
     "heads" = [in, N, H] (one matrix [in, N*H]); "grouped" = [G, I, O] (the official [G*O, I] matrix); leading
-    axes of "matrix" (experts) are batch axes. Routed experts (`expert`) use MXFP4 along the input axis in "fp4".
+    axes of "matrix" (experts) are batch axes. Routed experts use MXFP4 along the input axis in "fp4".
     """
+    kind = params.quantised(param)
     if cfg.quant == "none":
         return w
-    if expert and cfg.quant == "fp4":
+    if kind.storage == params.EXPERT and cfg.quant == "fp4":
         return quant.fake_quant_mxfp4(w, axis=-2)
+    layout = kind.fp8_layout
     if layout == "heads":
         return quant.fake_quant_fp8_blocks(w.reshape(w.shape[0], -1)).reshape(w.shape)
     if layout == "grouped":

@@ -178,7 +178,8 @@ class MoE(nnx.Module):
         aq = None if cfg.quant == "none" else (lambda h: layers.qact(h, cfg))
         with jax.named_scope("moe/experts"):
             ex = self.experts
-            w1, w3, w2 = (layers.qweight(w[...], cfg, expert=True).astype(dt) for w in (ex.w1, ex.w3, ex.w2))
+            w1, w3, w2 = (layers.qweight(getattr(ex, w)[...], cfg, f"ffn.experts.{w}").astype(dt)
+                          for w in ("w1", "w3", "w2"))
             dropped = jnp.zeros((), jnp.int32)
             if sharding.expert_parallel.expert_parallelism() > 1:
                 # Expert parallelism: all-to-all dispatch over the mesh's expert axis (dropless). Padding tokens
@@ -191,7 +192,8 @@ class MoE(nnx.Module):
                 y = routed(xq, idx, weights, w1, w3, w2, cfg.swiglu_limit, aq)
         if cfg.n_shared_experts:
             sh = self.shared
-            w1, w3, w2 = (layers.qweight(w[...], cfg).astype(dt) for w in (sh.w1, sh.w3, sh.w2))
+            w1, w3, w2 = (layers.qweight(getattr(sh, w)[...], cfg, f"ffn.shared.{w}").astype(dt)
+                          for w in ("w1", "w3", "w2"))
             y = y + swiglu(xq, w1, w3, w2, cfg.swiglu_limit, aq)
         e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
         fmask = mask.reshape(-1).astype(jnp.float32)

@@ -13,10 +13,10 @@ HybridNS normalises by the Frobenius norm, then runs 8 quintic Newton-Schulz ste
 The matmuls run in bfloat16 with float32 accumulation.
 
 Which axes of a parameter form the matrix is given per parameter by a `MatrixSpec` (leading batch axes,
-then row axes, then column axes); `deepseek_v4.optim` holds the table for the model's parameters. Batch
+then row axes, then column axes); `deepseek_v4.params` holds it for the model's parameters. Batch
 axes (scanned layers, experts, output groups) are orthogonalised one matrix at a time.
 
-Sharding (TRAINING.md section 1.5): Newton-Schulz needs whole matrices, and running it on FSDP-sharded
+Sharding (docs/training.md): Newton-Schulz needs whole matrices, and running it on FSDP-sharded
 matrices under automatic partitioning would put collectives inside every step. `orthogonalize` instead
 runs in one `shard_map`: an all-to-all per mesh axis that shards a matrix dimension turns row/column
 shards into whole matrices spread over that axis; on mesh axes a parameter is replicated on, each device
@@ -39,6 +39,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
+from deepseek_v4.params import MatrixSpec, path_str
+
 Coefficients = tuple[float, float, float]
 
 #: Fast coefficients of the quintic iteration (maximal slope at 0; Keller Jordan's Muon).
@@ -47,25 +49,6 @@ FAST_COEFFICIENTS: Coefficients = (3.4445, -4.7750, 2.0315)
 PIN_COEFFICIENTS: Coefficients = (2.0, -1.5, 0.5)
 #: DeepSeek-V4's hybrid schedule: 8 fast steps, then 2 converging steps.
 V4_COEFFICIENTS: tuple[Coefficients, ...] = (FAST_COEFFICIENTS,) * 8 + (PIN_COEFFICIENTS,) * 2
-
-
-@dataclasses.dataclass(frozen=True)
-class MatrixSpec:
-    """How one parameter splits into matrices: `batch_dims` leading axes, then `row_dims` row axes, rest columns.
-
-    Example: `wo_a` [G, N*H/G, O] with `MatrixSpec(1, 1)` is G matrices [N*H/G, O]; `wq_b` [Q, N, H] with
-    `MatrixSpec(0, 1)` is one matrix [Q, N*H].
-    """
-
-    batch_dims: int = 0
-    row_dims: int = 1
-
-    def split(self, shape: Sequence[int]) -> tuple[int, int, int]:
-        """(matrices, rows, columns) of an array of this shape."""
-        if self.batch_dims < 0 or self.row_dims < 1 or len(shape) < self.batch_dims + self.row_dims + 1:
-            raise ValueError(f"{self} does not fit a parameter of shape {tuple(shape)}")
-        b, r = self.batch_dims, self.batch_dims + self.row_dims
-        return math.prod(shape[:b]), math.prod(shape[b:r]), math.prod(shape[r:])
 
 
 def resolve_coefficients(
@@ -341,23 +324,6 @@ SpecFn = Callable[[str, tuple[int, ...]], "MatrixSpec | None"]
 def _default_spec(path: str, shape: tuple[int, ...]) -> MatrixSpec | None:
     del path
     return MatrixSpec(batch_dims=len(shape) - 2, row_dims=1) if len(shape) >= 2 else None
-
-
-def path_str(path) -> str:
-    """Dotted name of a pytree key path (`stack.0.attn.wq_b`); the `.value` of an nnx.Variable is dropped."""
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        else:
-            parts.append(str(key))
-    if parts and parts[-1] == "value":
-        parts.pop()
-    return ".".join(parts)
 
 
 def _specs_of(tree, spec_fn: SpecFn):

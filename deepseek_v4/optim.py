@@ -1,29 +1,14 @@
 """The optimizer: DeepSeek-V4's Muon / AdamW split over the model's parameters, and learning-rate schedules.
 
-One table (`ROUTING`) sends every parameter path to a route (V4 report section 2.4):
+Every parameter's route comes from its row of `deepseek_v4.params.PARAMS` (V4 report section 2.4; the decisions
+on the cases the report leaves open are written next to their rows there, see also docs/training.md):
 
 - **muon**: every hidden matrix and expert matrix, orthogonalised per logical matrix (`MatrixSpec`);
 - **adamw**: the embedding, the output head, every RMSNorm weight, the mHC static biases (`base`) and
-  gates (`scale`), plus the open cases below (beta 0.9 / 0.95, eps 1e-20, weight decay 0.1);
+  gates (`scale`), plus the open cases `attn_sink` and `compressor.ape` (beta 0.9 / 0.95, eps 1e-20,
+  weight decay 0.1);
 - **frozen**: the non-trainable variables (`RouterBias`, `HashTable`). They are not `nnx.Param`, so an
   optimizer built over `nnx.state(model, nnx.Param)` never sees them; meeting one is an error.
-
-Decisions on the cases the report leaves open (TRAINING.md section 10, question 1):
-
-- `attn.attn_sink` [N] -> AdamW. One logit per head, a vector: Muon is defined for matrices only, and
-  a vector update orthogonalised is just its sign pattern rescaled.
-- `compressor.ape` [m, c*H] -> AdamW. An additive positional bias (one row per position in the
-  compression window), not a linear map of activations: the spectral-norm geometry Muon relies on
-  does not apply. It is a bias like the mHC static biases, which the report sends to AdamW.
-- `attn.wo_a` [G, N*H/G, O] -> Muon, G matrices [N*H/G, O]. The grouped output projection is the
-  block-diagonal map diag(W_1, ..., W_G) from [N*H] to [G*O]; the orthogonal polar factor of a
-  block-diagonal matrix is block-diagonal with the blocks' own polar factors, so orthogonalising the
-  groups one by one is exactly Muon on the whole map, and each group gets the RMS 0.18 scaling of its shape.
-- `attn.wq_b` [Q, N, H] (and the indexer's) -> one matrix [Q, N*H], as in V4 (V4.1's head-wise split
-  would be `MatrixSpec(0, 1)` on a transposed layout; not done).
-- mHC `fn` [R*D, (2+R)*R] -> Muon as one matrix (pre, post and residual rows together): the report's
-  "everything else" wording; whether V4 splits the three blocks is unknown. `hc_head.fn` [R*D, R]
-  likewise, and the router `ffn.gate` [D, E].
 
 Weight decay 0.1 applies to every parameter of both routes, as the V4 report states it.
 
@@ -36,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Sequence
 from typing import Literal
 
@@ -45,57 +29,15 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from deepseek_v4 import muon as muon_lib
-from deepseek_v4.muon import MatrixSpec
-
-MUON, ADAMW, FROZEN = "muon", "adamw", "frozen"
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """One row of the routing table: parameters whose dotted path fully matches `pattern`.
-
-    `ndim` is the rank of one layer's parameter; under the scanned `stack` there is one more leading
-    ("layers") axis, which becomes one more batch axis of the matrix spec.
-    """
-
-    pattern: str
-    route: str
-    ndim: int
-    matrix: MatrixSpec | None = None
-    note: str = ""
-
-
-_ANY = r"(?:.*\.)?"  # any enclosing modules: prefix.{i}., stack.blocks.{j}., mtp.{i}.block., ...
-
-ROUTING: tuple[Rule, ...] = (
-    Rule(r"embed", ADAMW, 2, note="token embedding [V, D]"),
-    Rule(r"head", ADAMW, 2, note="output head [D, V]"),
-    Rule(_ANY + r"(?:norm|attn_norm|ffn_norm|q_norm|kv_norm|enorm|hnorm)\.scale", ADAMW, 1, note="RMSNorm weight"),
-    Rule(_ANY + r"hc_(?:attn|ffn|head)\.(?:base|scale)", ADAMW, 1, note="mHC static bias S / gate alpha"),
-    Rule(_ANY + r"attn\.attn_sink", ADAMW, 1, note="attention sink logits [N] (open case: a vector)"),
-    Rule(_ANY + r"compressor\.ape", ADAMW, 2, note="compressor position bias [m, c*H] (open case: a bias)"),
-    Rule(_ANY + r"hc_(?:attn|ffn|head)\.fn", MUON, 2, MatrixSpec(0, 1), "mHC dynamic projection, one matrix"),
-    Rule(_ANY + r"attn\.(?:wq_a|wkv|wo_b)", MUON, 2, MatrixSpec(0, 1), "attention projection"),
-    Rule(_ANY + r"attn\.(?:indexer\.)?wq_b", MUON, 3, MatrixSpec(0, 1), "[Q, N, H] as one matrix [Q, N*H]"),
-    Rule(_ANY + r"attn\.wo_a", MUON, 3, MatrixSpec(1, 1), "G group matrices [N*H/G, O] (block-diagonal map)"),
-    Rule(_ANY + r"compressor\.(?:wkv|wgate)", MUON, 2, MatrixSpec(0, 1), "compressor projection"),
-    Rule(_ANY + r"indexer\.weights_proj", MUON, 2, MatrixSpec(0, 1), "indexer head weights"),
-    Rule(_ANY + r"ffn\.gate", MUON, 2, MatrixSpec(0, 1), "router weight [D, E]"),
-    Rule(_ANY + r"ffn\.experts\.w[123]", MUON, 3, MatrixSpec(1, 1), "routed experts, one matrix per expert"),
-    Rule(_ANY + r"ffn\.shared\.w[123]", MUON, 2, MatrixSpec(0, 1), "shared expert"),
-    Rule(_ANY + r"[eh]_proj", MUON, 2, MatrixSpec(0, 1), "MTP input projections"),
-    Rule(_ANY + r"ffn\.router_bias", FROZEN, 1, note="balancing bias (RouterBias; sign update, no gradient)"),
-    Rule(_ANY + r"ffn\.tid2eid", FROZEN, 2, note="hash-routing table (HashTable; fixed)"),
-)
-
-_COMPILED = tuple(re.compile(r.pattern) for r in ROUTING)
+from deepseek_v4 import params as params_lib
+from deepseek_v4.params import ADAMW, FROZEN, MUON, MatrixSpec, ParamKind, path_str
 
 
 @dataclasses.dataclass(frozen=True)
 class Route:
-    """Where one parameter goes: the table row, the route, and (Muon) the matrix spec for its full shape."""
+    """Where one parameter goes: its table row, the route, and (Muon) the matrix spec for its full shape."""
 
-    rule: Rule
+    param: ParamKind
     route: str
     matrix: MatrixSpec | None
 
@@ -105,27 +47,25 @@ def _is_stacked(path: str) -> bool:
 
 
 def route_of(path: str, shape: Sequence[int]) -> Route:
-    """The route of the parameter at dotted `path` with `shape`.
+    """The route of the parameter at dotted `path` with `shape` (its row: `deepseek_v4.params.kind_of`).
+
+    Under the scanned `stack` there is one more leading ("layers") axis than the row's rank, which becomes one
+    more batch axis of the matrix spec.
 
     Raises:
-      ValueError: no row or several rows match, or the rank disagrees with the table.
+      ValueError: no row matches, or the rank disagrees with the table.
     """
-    hits = [r for r, c in zip(ROUTING, _COMPILED) if c.fullmatch(path)]
-    if not hits:
-        raise ValueError(f"parameter {path!r} {tuple(shape)} matches no row of deepseek_v4.optim.ROUTING")
-    if len(hits) > 1:
-        raise ValueError(f"parameter {path!r} matches several routing rows: {[r.pattern for r in hits]}")
-    rule = hits[0]
+    kind = params_lib.kind_of(path)
     stacked = _is_stacked(path)
-    if len(shape) != rule.ndim + stacked:
+    if len(shape) != kind.ndim + stacked:
         raise ValueError(
-            f"parameter {path!r} has shape {tuple(shape)}; the routing table expects rank {rule.ndim}"
+            f"parameter {path!r} has shape {tuple(shape)}; the parameter table expects rank {kind.ndim}"
             + (" plus the leading layers axis" if stacked else "")
         )
-    matrix = rule.matrix
+    matrix = kind.matrix
     if matrix is not None and stacked:
         matrix = MatrixSpec(matrix.batch_dims + 1, matrix.row_dims)
-    return Route(rule, rule.route, matrix)
+    return Route(kind, kind.route, matrix)
 
 
 def matrix_spec(path: str, shape: Sequence[int]) -> MatrixSpec:
@@ -140,7 +80,7 @@ def param_labels(params, name: str = MUON):
     """Tree of route labels ("muon" / "adamw") for `optax.multi_transform`; `name="adamw"` labels all AdamW."""
 
     def label(path, leaf):
-        p = muon_lib.path_str(path)
+        p = path_str(path)
         r = route_of(p, leaf.shape)
         if r.route == FROZEN:
             raise ValueError(
@@ -153,7 +93,7 @@ def param_labels(params, name: str = MUON):
 
 def _path_dict(tree) -> dict[str, P]:
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda v: isinstance(v, P) or v is None)[0]
-    return {muon_lib.path_str(k): v for k, v in leaves if v is not None}
+    return {path_str(k): v for k, v in leaves if v is not None}
 
 
 def make_optimizer(
@@ -326,9 +266,9 @@ def plan(params, frozen=None) -> list[PlanRow]:
         if tree is None:
             continue
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            p = muon_lib.path_str(path)
+            p = path_str(path)
             r = route_of(p, leaf.shape)
             mats = r.matrix.split(leaf.shape) if r.matrix is not None else None
-            rows.append(PlanRow(p, tuple(leaf.shape), math.prod(leaf.shape), r.route, mats, r.rule.note))
+            rows.append(PlanRow(p, tuple(leaf.shape), math.prod(leaf.shape), r.route, mats, r.param.note))
     return rows
 

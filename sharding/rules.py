@@ -36,6 +36,8 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deepseek_v4.params import path_str
+
 Kind = Literal["param", "activation"]
 MeshAxes = str | tuple[str, ...] | None
 
@@ -165,11 +167,6 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
 def is_variable(x: Any) -> bool:
     """`is_leaf` for tree functions that should stop at NNX variables."""
     return isinstance(x, nnx.Variable)
-
-
-def path_str(path: tuple) -> str:
-    """A tree key path as the dotted parameter path (`stack.blocks.0.attn.wq_a`)."""
-    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def _variable_spec(path: tuple, var: nnx.Variable, mesh: Mesh) -> P:

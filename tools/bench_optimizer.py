@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import importlib.util
-import json
 import math
 import os
 import statistics
@@ -50,10 +49,11 @@ def _parameters(cfg, seed: int = 0):
     import jax.numpy as jnp
     from flax import nnx
 
-    from deepseek_v4 import DeepseekV4, muon
+    from deepseek_v4 import DeepseekV4
+    from deepseek_v4.params import path_str
 
     abstract = nnx.state(nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(seed))), nnx.Param)
-    flat = {muon.path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    flat = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(abstract)[0]}
     keys = jax.random.split(jax.random.key(seed), len(flat))
     return {p: 0.02 * jax.random.normal(k, v.shape, jnp.float32) for k, (p, v) in zip(keys, sorted(flat.items()))}
 

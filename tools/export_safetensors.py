@@ -4,7 +4,7 @@ r"""Export a training checkpoint as official DeepSeek-V4 safetensors (bf16, fp8,
 
 Writes `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` with the official tensor names,
 `config.json` (published fields; for fp8/fp4 the `quantization_config` of the official releases),
-`generation_config.json` and the tokenizer files. Formats (ARCHITECTURE.md section 6):
+`generation_config.json` and the tokenizer files. Formats (docs/checkpoints.md):
   bf16  every linear in BF16 (norms, embedding, head BF16; hc_*, ape, attn_sink, gate.bias FP32; tid2eid I64)
   fp8   attention / shared-expert / routed-expert linears FP8 E4M3 with 128x128 UE8M0 block scales
   fp4   as fp8, routed experts MXFP4 (int8, two E2M1 values per byte, 1x32 UE8M0 scales), like the instruct release

@@ -51,6 +51,7 @@ from jax.sharding import AbstractMesh, AxisType
 from deepseek_v4 import DeepseekV4, get_config, optim
 from deepseek_v4.config import Config
 from deepseek_v4.model import layer_plan
+from deepseek_v4.params import path_str
 from sharding import mesh as mesh_lib
 from sharding import rules
 
@@ -106,7 +107,7 @@ def model_variables(cfg: Config) -> list[Variable]:
     for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]:
         v = var.get_value()
         axes = getattr(var, "logical_axes", None)
-        out.append(Variable(rules.path_str(path), tuple(v.shape), np.dtype(v.dtype), None if axes is None
+        out.append(Variable(path_str(path), tuple(v.shape), np.dtype(v.dtype), None if axes is None
                             else tuple(axes), isinstance(var, nnx.Param)))
     return out
 

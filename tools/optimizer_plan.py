@@ -6,7 +6,7 @@
 The model is built abstractly (`nnx.eval_shape`): nothing is allocated, so `flash` and `pro` work on a laptop.
 Columns: path, shape, element count, route, and for Muon the matrices Newton-Schulz sees
 (count x rows x columns). The totals give parameters per route and the Newton-Schulz FLOPs of one step
-(10 iterations of about 4 m^2 n + 2 m^3 each, m <= n; TRAINING.md section 1.3).
+(10 iterations of about 4 m^2 n + 2 m^3 each, m <= n; see docs/training.md).
 """
 
 from __future__ import annotations

@@ -173,3 +173,34 @@ def test_execution_fields_may_change_and_new_fields_take_their_defaults(tmp_path
     assert ckpt_lib._diff_configs(saved, CFG) == [] and ckpt_lib._diff_configs(saved, CFG, execution=True) == []
     assert ckpt_lib._diff_configs(saved, CFG.replace(quant="fp8"), execution=True) == [
         "quant (checkpoint none, now fp8)"]
+
+
+def test_on_disk_names_of_a_train_state_are_fixed():
+    """`to_nested` names every level by its dict key, attribute name or list index, and keeps the `value` of every
+    nnx.Variable: these are the array names on disk, so checkpoints written before must keep restoring."""
+    from flax import nnx
+
+    from deepseek_v4 import DeepseekV4, train
+
+    cfg = get_config("tiny")
+    tx = train.make_optimizer(train.TrainSettings())
+    _, state = train.abstract_state(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0)), tx, 0)
+
+    def names(tree, prefix=()):
+        if isinstance(tree, dict):
+            return [n for k, v in tree.items() for n in names(v, prefix + (k,))]
+        return ["/".join(prefix)]
+
+    got = set(names(ckpt_lib.to_nested(state)))
+    for name in ("step", "rng", "skipped", "params/embed/value", "params/stack/blocks/0/attn/wq_b/value",
+                 "params/prefix/0/ffn/experts/w1/value", "extras/prefix/0/ffn/tid2eid/value",
+                 "extras/mtp/0/block/ffn/router_bias/value", "opt_state/inner_states/adamw/inner_state/0/count",
+                 "opt_state/inner_states/adamw/inner_state/0/mu/embed/value",
+                 "opt_state/inner_states/adamw/inner_state/0/nu/mtp/0/norm/scale/value",
+                 "opt_state/inner_states/muon/inner_state/0/momentum/stack/blocks/1/ffn/experts/w2/value",
+                 "opt_state/inner_states/muon/inner_state/2/count"):
+        assert name in got, name
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    assert len(got) == len(leaves)
+    for path, _ in leaves:  # each level: DictKey -> key, GetAttrKey -> name, SequenceKey -> index
+        assert "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path) in got

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_v4 import muon, optim
 from deepseek_v4.muon import MatrixSpec
+from deepseek_v4.params import path_str
 from tests.conftest import TOLERANCES
 
 # ---- Newton-Schulz ------------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ BATCH_AXES = {"layers", "experts", "o_groups"}
 
 
 def expected_route(path):
-    """The routing table of the issue, stated independently of deepseek_v4.optim.ROUTING."""
+    """The routing table of the issue, stated independently of the parameter table deepseek_v4.params.PARAMS."""
     parts = path.split(".")
     last, parent = parts[-1], parts[-2] if len(parts) > 1 else ""
     if path in ("embed", "head"):
@@ -248,10 +249,10 @@ def test_routing_every_flash_parameter():
     model = nnx.eval_shape(lambda: DeepseekV4(get_config("flash"), rngs=nnx.Rngs(0)))
     params = nnx.state(model, nnx.Param)
     frozen = nnx.state(model, (RouterBias, HashTable))
-    param_paths = {muon.path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    param_paths = {path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
     assert not any(p.endswith(("router_bias", "tid2eid")) for p in param_paths)  # never seen by the optimizer
     rows = optim.plan(params, frozen)
-    variables = {muon.path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(
+    variables = {path_str(k): v for k, v in jax.tree_util.tree_flatten_with_path(
         nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]}
     totals = {}
     for row in rows:
@@ -406,7 +407,7 @@ def test_make_optimizer_trains_an_nnx_module():
         model = _Tiny(nnx.Rngs(0))
         tx = optim.make_optimizer(name, optim.make_schedule("constant", 0.02, 10, warmup_steps=0))
         opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
-        paths = [muon.path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(nnx.state(opt))[0]]
+        paths = [path_str(k) for k, _ in jax.tree_util.tree_flatten_with_path(nnx.state(opt))[0]]
         assert not any("router_bias" in p for p in paths)
         assert any("ffn.experts.w2" in p for p in paths)
         losses = [float(step(model, opt)) for _ in range(6)]

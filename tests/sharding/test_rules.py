@@ -9,6 +9,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from deepseek_v4.params import path_str
 from sharding import mesh as mesh_lib
 from sharding import rules
 
@@ -118,7 +119,7 @@ def test_param_shardings_model_and_optimizer_state(mesh):
     opt = nnx.eval_shape(lambda: nnx.Optimizer(Toy(nnx.Rngs(0)), optax.adamw(1e-3), wrt=nnx.Param))
     opt_sh = rules.param_shardings(nnx.state(opt), mesh)
     mu = [v.get_value().spec for p, v in jax.tree_util.tree_flatten_with_path(opt_sh, is_leaf=rules.is_variable)[0]
-          if "mu" in rules.path_str(p) and rules.path_str(p).endswith("layer.w1")]
+          if "mu" in path_str(p) and path_str(p).endswith("layer.w1")]
     assert mu == [P("expert", "fsdp", None)]
 
 

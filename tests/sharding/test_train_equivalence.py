@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from deepseek_v4 import DeepseekV4, get_config, train
+from deepseek_v4.params import path_str
 from sharding import mesh as mesh_lib
 from sharding import rules
 from tests.conftest import TOLERANCES
@@ -47,7 +48,7 @@ def host_state(abstract_state, seed: int = 0):
 
     def fill(path, var):
         v = var.get_value()
-        name = rules.path_str(path)
+        name = path_str(path)
         if np.issubdtype(v.dtype, np.integer):  # hash-routing table: K distinct experts per token id
             rows, k = v.shape
             experts = np.argsort(rng.random((rows, get_config("tiny").n_routed_experts)), axis=1)[:, :k]
@@ -62,7 +63,7 @@ def host_state(abstract_state, seed: int = 0):
 
 
 def leaves(tree) -> dict[str, np.ndarray]:
-    return {rules.path_str(p): np.array(jax.device_get(v.get_value()), copy=True)  # a copy: donation reuses buffers
+    return {path_str(p): np.array(jax.device_get(v.get_value()), copy=True)  # a copy: donation reuses buffers
             for p, v in jax.tree_util.tree_leaves_with_path(tree, is_leaf=rules.is_variable)}
 
 
