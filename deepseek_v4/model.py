@@ -94,6 +94,7 @@ class MTP(nnx.Module):
     def __init__(self, cfg: Config, ratio: int, rngs: nnx.Rngs):
         dt, std = layers.dtype_of(cfg.param_dtype), cfg.initializer_range
         d = cfg.hidden_size
+        self.cfg = cfg
         self.e_proj = layers.normal_param(rngs, (d, d), ("embed", "embed_out"), std, dt)
         self.h_proj = layers.normal_param(rngs, (d, d), ("embed", "embed_out"), std, dt)
         self.enorm = layers.RMSNorm(d, cfg.rms_norm_eps)
@@ -104,8 +105,10 @@ class MTP(nnx.Module):
 
     def __call__(self, streams: jax.Array, next_embed: jax.Array, ctx: attention.Context, dt, remat: bool = False):
         """Shapes: streams [B, T, R, D], next_embed [B, T, D] -> streams [B, T, R, D], hidden [B, T, D], aux."""
-        e = self.enorm(next_embed).astype(dt) @ self.e_proj[...].astype(dt)  # [B, T, D]
-        h = self.hnorm(streams).astype(dt) @ self.h_proj[...].astype(dt)  # [B, T, R, D]
+        cfg = self.cfg  # both projections are FP8 GEMMs of the export: `quant` sees them as it stores them
+        e_in, h_in = layers.qact(self.enorm(next_embed), cfg), layers.qact(self.hnorm(streams), cfg)
+        e = e_in.astype(dt) @ layers.qweight(self.e_proj[...], cfg, "e_proj").astype(dt)  # [B, T, D]
+        h = h_in.astype(dt) @ layers.qweight(self.h_proj[...], cfg, "h_proj").astype(dt)  # [B, T, R, D]
         x = h + e[:, :, None, :]
         x, aux = call_block(self.block, x, ctx, remat)
         return x, self.norm(self.hc_head(x)), aux

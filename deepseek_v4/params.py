@@ -208,8 +208,8 @@ PARAMS: tuple[ParamKind, ...] = (
     # ---- the model root and the MTP modules ----
     _adamw("embed", 2, "embed.weight", "id", BF16, "token embedding [V, D]", scopes=(MODEL,)),
     _adamw("head", 2, "head.weight", "linear", BF16, "output head [D, V]", scopes=(MODEL,)),
-    # MTP input projections: FP8-class in the exports. The training forward (model.MTP) multiplies them without
-    # `layers.qweight`, so FP8 QAT does not cover them.
+    # MTP input projections: FP8-class in the exports (the release's dtype is not confirmed), so the training
+    # forward (model.MTP) quantises them like every other FP8 GEMM under `quant`.
     _muon("e_proj", 2, _ONE, "e_proj.weight", "linear", FP8, "MTP input projections", scopes=(MTP,)),
     _muon("h_proj", 2, _ONE, "h_proj.weight", "linear", FP8, "MTP input projections", scopes=(MTP,)),
     _adamw("enorm.scale", 1, "enorm.weight", "id", BF16, _NORM, scopes=(MTP,)),

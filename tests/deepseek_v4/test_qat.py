@@ -10,7 +10,8 @@ from flax import nnx
 
 from deepseek_v4 import DeepseekV4, get_config, interop, quant
 
-FP8_WEIGHTS = re.compile(r"\.(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|ffn\.shared_experts\.w[123])\.weight$")
+FP8_WEIGHTS = re.compile(r"\.(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|ffn\.shared_experts\.w[123]|"
+                         r"[eh]_proj)\.weight$")
 EXPERTS = re.compile(r"\.ffn\.experts\.\d+\.w[123]\.weight$")
 
 
@@ -39,6 +40,9 @@ def test_fp4_qat_forward_equals_the_dequantised_export_forward():
     graphdef, state = nnx.split(model)
     logits = jax.jit(lambda s: nnx.merge(graphdef, s)(tokens))
     np.testing.assert_array_equal(np.asarray(logits(nnx.state(model))), np.asarray(logits(nnx.state(reloaded))))
+    # The MTP module too (its e_proj / h_proj are FP8 in the export).
+    mtp = jax.jit(lambda s: nnx.merge(graphdef, s).forward_train(tokens).mtp_hidden[0])
+    np.testing.assert_array_equal(np.asarray(mtp(nnx.state(model))), np.asarray(mtp(nnx.state(reloaded))))
 
 
 # Gradient tests compile a backward pass per mode: tiny cut to a hash-routed CSA layer, a learned-routed HCA layer
