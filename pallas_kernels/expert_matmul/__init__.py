@@ -6,7 +6,7 @@ float (bf16/f32), FP8 E4M3 + 128x128 UE8M0 block scales, or packed MXFP4 (two E2
 low nibble = even k) + 1x32 UE8M0 scales. Official checkpoints store experts [out, in]: pass
 `swapaxes(-1, -2)` of their values, scales and packed bytes (see `common`). Weights are dequantised inside
 the kernel; products accumulate in float32. Gradients: w.r.t. lhs always, w.r.t. float weights; quantised
-weights are constants (QAT trains float master weights through `deepseek_v4.quant.fake_quant_*`).
+weights are constants (QAT trains float master weights through straight-through fake quantisation).
 
 Call it on local shards (inside the MoE `shard_map` over the expert axis, `check_vma=False`).
 
