@@ -26,14 +26,14 @@ from pallas_kernels.sparse_attention import sparse_attention
 from sharding import rules
 
 # Logical axes (sharding/rules.py) of the kernel arguments: batch over the data axes, query heads over "tensor".
-_Q = ("batch", "seq", "heads", "head_dim")
-_TOKENS = ("batch", "seq")
-_ENTRIES = ("batch", "kv_seq", "head_dim")
-_ENTRY_SEG = ("batch", "kv_seq")
-_DENSE_AXES = (_Q, ("batch", "seq", "head_dim"), _ENTRIES, _ENTRY_SEG, ("heads",), _TOKENS)
-_SPARSE_AXES = (_Q, ("batch", "seq", "head_dim"), _ENTRIES, _TOKENS + (None,), ("heads",), _TOKENS)
+Q_AXES = ("batch", "seq", "heads", "head_dim")
+TOKEN_AXES = ("batch", "seq")
+ENTRY_AXES = ("batch", "kv_seq", "head_dim")
+ENTRY_SEG_AXES = ("batch", "kv_seq")
+DENSE_ARG_AXES = (Q_AXES, ("batch", "seq", "head_dim"), ENTRY_AXES, ENTRY_SEG_AXES, ("heads",), TOKEN_AXES)
+SPARSE_ARG_AXES = (Q_AXES, ("batch", "seq", "head_dim"), ENTRY_AXES, TOKEN_AXES + (None,), ("heads",), TOKEN_AXES)
 # The indexer score sums over indexer heads, so only the batch is split (heads stay whole on each shard).
-_INDEXER_AXES = (_TOKENS + (None, None), _ENTRIES, _TOKENS + (None,), _ENTRY_SEG, _TOKENS)
+INDEXER_ARG_AXES = (TOKEN_AXES + (None, None), ENTRY_AXES, TOKEN_AXES + (None,), ENTRY_SEG_AXES, TOKEN_AXES)
 
 
 def per_shard(kernel, args, in_axes, out_axes, out_shape):
@@ -173,7 +173,7 @@ class Attention(nnx.Module):
             empty = jnp.zeros((x.shape[0], 0, cfg.head_dim), dt)
             empty_seg = jnp.zeros((x.shape[0], 0), jnp.int32)
             dense = functools.partial(dense_attention, ratio=cfg.csa_ratio, window=cfg.sliding_window)
-            o = per_shard(dense, (q, kv, empty, empty_seg, sink, seg), _DENSE_AXES, _Q, q.shape)
+            o = per_shard(dense, (q, kv, empty, empty_seg, sink, seg), DENSE_ARG_AXES, Q_AXES, q.shape)
         else:
             with jax.named_scope("attn/compress"):
                 entries, entry_seg = self.compressor(x, seg)
@@ -182,7 +182,7 @@ class Attention(nnx.Module):
                 entries = rope.apply_rope(entries, e_cos, e_sin).astype(dt)  # [B, C, H]
             if self.kind == "hca":
                 dense = functools.partial(dense_attention, ratio=self.ratio, window=cfg.sliding_window)
-                o = per_shard(dense, (q, kv, entries, entry_seg, sink, seg), _DENSE_AXES, _Q, q.shape)
+                o = per_shard(dense, (q, kv, entries, entry_seg, sink, seg), DENSE_ARG_AXES, Q_AXES, q.shape)
             else:
                 o, loss, recall = self._csa(x, c_q, q, kv, entries, entry_seg, entry_pos, cos, sin, ctx)
         with jax.named_scope("attn/out"):
@@ -217,17 +217,17 @@ class Attention(nnx.Module):
             args = (jax.lax.stop_gradient(q_idx), jax.lax.stop_gradient(k_idx), jax.lax.stop_gradient(w_idx),
                     entry_seg, seg)
             topk_shape = q_idx.shape[:2] + (min(cfg.index_topk, k_idx.shape[1]),)
-            topk = per_shard(indexer, args, _INDEXER_AXES, _TOKENS + (None,), topk_shape)
+            topk = per_shard(indexer, args, INDEXER_ARG_AXES, TOKEN_AXES + (None,), topk_shape)
         mass = None
         if ctx.sparse_attention:
             sparse = functools.partial(sparse_attention, window=cfg.sliding_window)
-            o = per_shard(sparse, (q, kv, entries, topk, self.attn_sink[...], seg), _SPARSE_AXES, _Q, q.shape)
+            o = per_shard(sparse, (q, kv, entries, topk, self.attn_sink[...], seg), SPARSE_ARG_AXES, Q_AXES, q.shape)
         elif ctx.indexer_loss:  # reference only, pure JAX: XLA partitions it (its mass sums over the heads)
             o, mass = dense_attention_and_entry_mass(q, kv, entries, entry_seg, self.attn_sink[...], seg,
                                                      ratio=self.ratio, window=cfg.sliding_window)
         else:
             dense = functools.partial(dense_attention, ratio=self.ratio, window=cfg.sliding_window)
-            o = per_shard(dense, (q, kv, entries, entry_seg, self.attn_sink[...], seg), _DENSE_AXES, _Q, q.shape)
+            o = per_shard(dense, (q, kv, entries, entry_seg, self.attn_sink[...], seg), DENSE_ARG_AXES, Q_AXES, q.shape)
         if ctx.indexer_loss:
             if mass is None:  # sparse phase: the dense attention mass is computed only as the indexer's target
                 _, mass = dense_attention_and_entry_mass(q, kv, entries, entry_seg, self.attn_sink[...], seg,

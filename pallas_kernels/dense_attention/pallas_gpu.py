@@ -310,4 +310,5 @@ def dense_attention(
       q [B, T, N, H], kv [B, T, H], entries [B, C, H], entry_segment [B, C] int32, sink [N],
       segment_ids [B, T] int32 -> [B, T, N, H].
     """
-    return _dense(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, block_sizes or BlockSizes(), interpret)
+    bs = block_sizes or BlockSizes()
+    return _dense(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)
