@@ -12,6 +12,7 @@ overlapping slots that fall in another document get zero weight, so no entry poo
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +20,42 @@ from flax import nnx
 
 from deepseek_v4 import layers, quant, rope
 from deepseek_v4.config import Config
-from pallas_kernels.csa_attention import csa_attention
-from pallas_kernels.hca_attention import hca_attention, hca_attention_and_entry_mass
+from pallas_kernels.dense_attention import dense_attention, dense_attention_and_entry_mass
 from pallas_kernels.lightning_indexer import indexer_scores, lightning_indexer
+from pallas_kernels.sparse_attention import sparse_attention
+from sharding import rules
+
+# Logical axes (sharding/rules.py) of the kernel arguments: batch over the data axes, query heads over "tensor".
+Q_AXES = ("batch", "seq", "heads", "head_dim")
+TOKEN_AXES = ("batch", "seq")
+ENTRY_AXES = ("batch", "kv_seq", "head_dim")
+ENTRY_SEG_AXES = ("batch", "kv_seq")
+DENSE_ARG_AXES = (Q_AXES, ("batch", "seq", "head_dim"), ENTRY_AXES, ENTRY_SEG_AXES, ("heads",), TOKEN_AXES)
+SPARSE_ARG_AXES = (Q_AXES, ("batch", "seq", "head_dim"), ENTRY_AXES, TOKEN_AXES + (None,), ("heads",), TOKEN_AXES)
+# The indexer score sums over indexer heads, so only the batch is split (heads stay whole on each shard).
+INDEXER_ARG_AXES = (TOKEN_AXES + (None, None), ENTRY_AXES, TOKEN_AXES + (None,), ENTRY_SEG_AXES, TOKEN_AXES)
+
+
+def per_shard(kernel, args, in_axes, out_axes, out_shape):
+    """`kernel(*args)` on local shards: under `jax.shard_map` over the active mesh, specs from sharding/rules.py.
+
+    The kernels see local shards only (docs/kernels.md). Without an active mesh (`jax.set_mesh`) or on one
+    device this is `kernel(*args)`. Gradients of inputs that a spec leaves replicated over a mesh axis are summed
+    over that axis (shard_map's transpose with check_vma=False, which Pallas calls need).
+
+    Args:
+      kernel: a kernel entry point with its static arguments bound, taking `args` positionally, one output.
+      args: the (global) arrays.
+      in_axes: one tuple of logical axis names per argument.
+      out_axes: logical axis names of the output.
+      out_shape: the (global) output shape.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(*args)
+    in_specs = tuple(rules.spec(ax, "activation", shape=a.shape, mesh=mesh) for a, ax in zip(args, in_axes))
+    out_spec = rules.spec(out_axes, "activation", shape=out_shape, mesh=mesh)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +172,8 @@ class Attention(nnx.Module):
         if not compressed:
             empty = jnp.zeros((x.shape[0], 0, cfg.head_dim), dt)
             empty_seg = jnp.zeros((x.shape[0], 0), jnp.int32)
-            o = hca_attention(q, kv, empty, empty_seg, sink, seg, ratio=cfg.csa_ratio, window=cfg.sliding_window)
+            dense = functools.partial(dense_attention, ratio=cfg.csa_ratio, window=cfg.sliding_window)
+            o = per_shard(dense, (q, kv, empty, empty_seg, sink, seg), DENSE_ARG_AXES, Q_AXES, q.shape)
         else:
             with jax.named_scope("attn/compress"):
                 entries, entry_seg = self.compressor(x, seg)
@@ -146,7 +181,8 @@ class Attention(nnx.Module):
                 e_cos, e_sin = rope.rope_angles(entry_pos, inv_freq)
                 entries = rope.apply_rope(entries, e_cos, e_sin).astype(dt)  # [B, C, H]
             if self.kind == "hca":
-                o = hca_attention(q, kv, entries, entry_seg, sink, seg, ratio=self.ratio, window=cfg.sliding_window)
+                dense = functools.partial(dense_attention, ratio=self.ratio, window=cfg.sliding_window)
+                o = per_shard(dense, (q, kv, entries, entry_seg, sink, seg), DENSE_ARG_AXES, Q_AXES, q.shape)
             else:
                 o, loss, recall = self._csa(x, c_q, q, kv, entries, entry_seg, entry_pos, cos, sin, ctx)
         with jax.named_scope("attn/out"):
@@ -177,22 +213,25 @@ class Attention(nnx.Module):
         loss, recall = zero, zero
         topk = None
         if ctx.sparse_attention or ctx.indexer_loss:
-            topk = lightning_indexer(jax.lax.stop_gradient(q_idx), jax.lax.stop_gradient(k_idx),
-                                     jax.lax.stop_gradient(w_idx), entry_seg, seg, ratio=self.ratio,
-                                     topk=cfg.index_topk)
+            indexer = functools.partial(lightning_indexer, ratio=self.ratio, topk=cfg.index_topk)
+            args = (jax.lax.stop_gradient(q_idx), jax.lax.stop_gradient(k_idx), jax.lax.stop_gradient(w_idx),
+                    entry_seg, seg)
+            topk_shape = q_idx.shape[:2] + (min(cfg.index_topk, k_idx.shape[1]),)
+            topk = per_shard(indexer, args, INDEXER_ARG_AXES, TOKEN_AXES + (None,), topk_shape)
         mass = None
         if ctx.sparse_attention:
-            o = csa_attention(q, kv, entries, topk, self.attn_sink[...], seg, window=cfg.sliding_window)
-        elif ctx.indexer_loss:
-            o, mass = hca_attention_and_entry_mass(q, kv, entries, entry_seg, self.attn_sink[...], seg,
-                                                   ratio=self.ratio, window=cfg.sliding_window)
+            sparse = functools.partial(sparse_attention, window=cfg.sliding_window)
+            o = per_shard(sparse, (q, kv, entries, topk, self.attn_sink[...], seg), SPARSE_ARG_AXES, Q_AXES, q.shape)
+        elif ctx.indexer_loss:  # reference only, pure JAX: XLA partitions it (its mass sums over the heads)
+            o, mass = dense_attention_and_entry_mass(q, kv, entries, entry_seg, self.attn_sink[...], seg,
+                                                     ratio=self.ratio, window=cfg.sliding_window)
         else:
-            o = hca_attention(q, kv, entries, entry_seg, self.attn_sink[...], seg, ratio=self.ratio,
-                              window=cfg.sliding_window)
+            dense = functools.partial(dense_attention, ratio=self.ratio, window=cfg.sliding_window)
+            o = per_shard(dense, (q, kv, entries, entry_seg, self.attn_sink[...], seg), DENSE_ARG_AXES, Q_AXES, q.shape)
         if ctx.indexer_loss:
             if mass is None:  # sparse phase: the dense attention mass is computed only as the indexer's target
-                _, mass = hca_attention_and_entry_mass(q, kv, entries, entry_seg, self.attn_sink[...], seg,
-                                                       ratio=self.ratio, window=cfg.sliding_window)
+                _, mass = dense_attention_and_entry_mass(q, kv, entries, entry_seg, self.attn_sink[...], seg,
+                                                         ratio=self.ratio, window=cfg.sliding_window)
             loss, recall = self._indexer_kl(mass, q_idx, k_idx, w_idx, entry_seg, topk, seg)
         return o, loss, recall
 

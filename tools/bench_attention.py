@@ -1,14 +1,15 @@
-"""Time and memory of CSA / HCA attention and the lightning indexer against dense masked attention.
+"""Time and memory of sparse / dense attention and the lightning indexer against full-mask attention.
 
     python -m tools.bench_attention [--seq_lens=16384,131072] [--impl=reference] [--kinds=...] [--json]
 
-Kinds: csa / hca / dense (forward, "_fwd") and with the backward ("_fwdbwd"), and indexer (scores +
-top-k, forward only). `dense` is the baseline measured in the same run: full [T, T + C] masked attention
-(window + the same selected entries, one softmax with sink), what a framework without a sparse kernel
-does. Its memory is quadratic, so it only runs where its compiled peak fits --dense_max_gib; skipped
-lengths are reported. Widths default to a CPU-sized model (N=2, H=64); window, ratios and top-k are
-V4-Flash's. CSA's selected entries are spread evenly over each query's history (the selection pattern
-affects only gather locality; the indexer is timed separately).
+Kinds: sparse (CSA layers: window + top-k entries, ratio --csa_ratio), dense (HCA layers: window + every
+admissible entry, ratio --hca_ratio), full_mask (forward, "_fwd") and with the backward ("_fwdbwd"), and
+indexer (scores + top-k, forward only). `full_mask` is the baseline measured in the same run: full
+[T, T + C] masked attention (window + the same selected entries as `sparse`, one softmax with sink), what a
+framework without a sparse kernel does. Its memory is quadratic, so it only runs where its compiled peak
+fits --full_mask_max_gib; skipped lengths are reported. Widths default to a CPU-sized model (N=2, H=64);
+window, ratios and top-k are V4-Flash's. The sparse kind's selected entries are spread evenly over each
+query's history (the selection pattern affects only gather locality; the indexer is timed separately).
 
 Peak bytes are XLA's compiled buffer assignment (arguments + outputs + temporaries), identical in
 meaning on every backend. Each kind reports its time at every length and its scaling ratio
@@ -31,35 +32,39 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-from pallas_kernels.csa_attention import csa_attention
-from pallas_kernels.hca_attention import hca_attention
+from pallas_kernels.dense_attention import dense_attention
 from pallas_kernels.lightning_indexer import lightning_indexer
+from pallas_kernels.sparse_attention import sparse_attention
 
-KINDS = ("csa_fwd", "csa_fwdbwd", "hca_fwd", "hca_fwdbwd", "dense_fwd", "dense_fwdbwd", "indexer")
+KINDS = ("sparse_fwd", "sparse_fwdbwd", "dense_fwd", "dense_fwdbwd", "full_mask_fwd", "full_mask_fwdbwd", "indexer")
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["16384", "131072"], "sequence lengths T")
 _IMPL = flags.DEFINE_enum(
     "impl",
     None,
     ["reference", "pallas", "pallas_gpu", "pallas_tpu"],
-    "implementation of the CSA/HCA/indexer entry points (default: best available)",
+    "implementation of the sparse/dense attention and indexer entry points (default: best available)",
 )
 _INTERPRET = flags.DEFINE_bool("interpret", False, "run Pallas in interpret mode (needed on CPU; slow)")
 _KINDS = flags.DEFINE_list("kinds", list(KINDS), f"what to time, from {','.join(KINDS)}")
 _INDEXER_SEQ_LENS = flags.DEFINE_list("indexer_seq_lens", [], "lengths for the indexer (default: --seq_lens)")
-_DENSE_SEQ_LENS = flags.DEFINE_list("dense_seq_lens", [], "lengths for the dense baseline (default: --seq_lens)")
+_FULL_MASK_SEQ_LENS = flags.DEFINE_list(
+    "full_mask_seq_lens", [], "lengths for the full-mask baseline (default: --seq_lens)"
+)
 _BATCH = flags.DEFINE_integer("batch", 1, "batch size B")
 _HEADS = flags.DEFINE_integer("heads", 2, "query heads N (V4-Flash: 64)")
 _HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "head dim H (V4-Flash: 512)")
 _WINDOW = flags.DEFINE_integer("window", 128, "sliding window")
 _CSA_RATIO = flags.DEFINE_integer("csa_ratio", 4, "CSA compression ratio")
 _HCA_RATIO = flags.DEFINE_integer("hca_ratio", 128, "HCA compression ratio")
-_TOPK = flags.DEFINE_integer("topk", 512, "CSA entries per query (V4-Flash: 512)")
+_TOPK = flags.DEFINE_integer("topk", 512, "selected entries per query of the sparse kind (V4-Flash: 512)")
 _INDEX_HEADS = flags.DEFINE_integer("index_heads", 4, "indexer heads NI (V4: 64)")
 _INDEX_HEAD_DIM = flags.DEFINE_integer("index_head_dim", 32, "indexer head dim HI (V4: 128)")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of q, kv and entries")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "timed calls after the compile call (median reported)")
-_DENSE_MAX_GIB = flags.DEFINE_float("dense_max_gib", 6.0, "skip a dense run whose compiled peak exceeds this")
+_FULL_MASK_MAX_GIB = flags.DEFINE_float(
+    "full_mask_max_gib", 6.0, "skip a full-mask run whose compiled peak exceeds this"
+)
 _JSON = flags.DEFINE_bool("json", False, "print the result rows as JSON")
 _LOG = flags.DEFINE_string("log", "experiments/LOG.md", "markdown log to append to ('' to skip)")
 
@@ -93,8 +98,8 @@ def spread_topk(B: int, T: int, ratio: int, K: int) -> jax.Array:
     return jnp.broadcast_to(idx, (B, T, K))
 
 
-def dense_masked_attention(q, kv, entries, sink, key_mask):
-    """Baseline: softmax with sink over all T + C keys under a dense [B, T, T + C] mask."""
+def full_mask_attention(q, kv, entries, sink, key_mask):
+    """Baseline: softmax with sink over all T + C keys under a full [B, T, T + C] mask."""
     keys = jnp.concatenate([kv, entries], axis=1)
     z = jnp.einsum("btnh,bsh->btns", q, keys, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
     z = jnp.where(key_mask[:, :, None, :], z, -jnp.inf)
@@ -105,8 +110,8 @@ def dense_masked_attention(q, kv, entries, sink, key_mask):
     return jnp.einsum("btns,bsh->btnh", p.astype(keys.dtype), keys).astype(q.dtype)
 
 
-def dense_mask(T: int, window: int, topk_idx) -> jax.Array:
-    """[B, T, T + C] mask of the CSA rule (single document): window plus the selected entries."""
+def full_mask(T: int, window: int, topk_idx) -> jax.Array:
+    """[B, T, T + C] mask of the sparse rule (single document): window plus the selected entries."""
     t = jnp.arange(T)
     win = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
     C = T // _CSA_RATIO.value
@@ -130,12 +135,12 @@ def _case(kind: str, T: int):
     impl, interpret = _IMPL.value, _INTERPRET.value or None
     window, K = _WINDOW.value, _TOPK.value
     base = kind.rsplit("_", 1)[0]
-    if base in ("csa", "dense"):
+    if base in ("sparse", "full_mask"):
         x = _inputs(T, _CSA_RATIO.value)
         topk = spread_topk(_BATCH.value, T, _CSA_RATIO.value, K)
-        if base == "csa":
+        if base == "sparse":
             fn = functools.partial(
-                csa_attention,
+                sparse_attention,
                 topk_idx=topk,
                 segment_ids=x["segment_ids"],
                 window=window,
@@ -144,12 +149,12 @@ def _case(kind: str, T: int):
             )
             attn = lambda q, kv, e, s: fn(q, kv, e, sink=s)
         else:
-            mask = dense_mask(T, window, topk)
-            attn = lambda q, kv, e, s: dense_masked_attention(q, kv, e, s, mask)
-    elif base == "hca":
+            mask = full_mask(T, window, topk)
+            attn = lambda q, kv, e, s: full_mask_attention(q, kv, e, s, mask)
+    elif base == "dense":
         x = _inputs(T, _HCA_RATIO.value)
         fn = functools.partial(
-            hca_attention,
+            dense_attention,
             entry_segment=x["entry_segment"],
             segment_ids=x["segment_ids"],
             ratio=_HCA_RATIO.value,
@@ -187,7 +192,7 @@ def measure(kind: str, T: int) -> dict:
     compiled = fn.lower(*args).compile()
     peak = _peak_bytes(compiled)
     row = {"impl": _IMPL.value or "default", "kind": kind, "seq_len": T, "peak_bytes": peak}
-    if kind.startswith("dense") and peak > _DENSE_MAX_GIB.value * 2**30:
+    if kind.startswith("full_mask") and peak > _FULL_MASK_MAX_GIB.value * 2**30:
         return dict(row, seconds=None, cpu_seconds=None, skipped=f"needs {peak / 2**30:.1f} GiB")
     jax.block_until_ready(compiled(*args))  # warm-up
     wall, cpu = [], []
@@ -200,7 +205,7 @@ def measure(kind: str, T: int) -> dict:
 
 
 def _ratios(rows: list[dict]) -> list[str]:
-    """Per kind: time(T) / time(T_min) for every measured T, next to the length ratio; CSA vs dense."""
+    """Per kind: time(T) / time(T_min) for every measured T, next to the length ratio; sparse vs full mask."""
     lines = []
     for kind in dict.fromkeys(r["kind"] for r in rows):
         done = sorted((r for r in rows if r["kind"] == kind and r["seconds"]), key=lambda r: r["seq_len"])
@@ -213,10 +218,10 @@ def _ratios(rows: list[dict]) -> list[str]:
             )
     by_t = {(r["kind"], r["seq_len"]): r for r in rows if r["seconds"]}
     for (kind, T), r in sorted(by_t.items()):
-        d = by_t.get(("dense" + kind[kind.index("_") :], T)) if kind.startswith("csa") else None
+        d = by_t.get(("full_mask" + kind[len("sparse") :], T)) if kind.startswith("sparse") else None
         if d:
             lines.append(
-                f"{kind} at T={T}: dense / csa time = {d['seconds'] / r['seconds']:.2f}, "
+                f"{kind} at T={T}: full_mask / sparse time = {d['seconds'] / r['seconds']:.2f}, "
                 f"peak memory = {d['peak_bytes'] / r['peak_bytes']:.2f}"
             )
     return lines
@@ -257,13 +262,13 @@ def main(argv):
     try:
         lens = [int(v) for v in _SEQ_LENS.value]
         idx_lens = [int(v) for v in _INDEXER_SEQ_LENS.value] or lens
-        dense_lens = [int(v) for v in _DENSE_SEQ_LENS.value] or lens
+        full_mask_lens = [int(v) for v in _FULL_MASK_SEQ_LENS.value] or lens
     except ValueError as e:
-        raise SystemExit(f"--seq_lens / --indexer_seq_lens / --dense_seq_lens must be integers: {e}") from None
+        raise SystemExit(f"--seq_lens / --indexer_seq_lens / --full_mask_seq_lens must be integers: {e}") from None
     plan = [
         (k, T)
         for k in _KINDS.value
-        for T in (idx_lens if k == "indexer" else dense_lens if k.startswith("dense") else lens)
+        for T in (idx_lens if k == "indexer" else full_mask_lens if k.startswith("full_mask") else lens)
     ]
     load = os.getloadavg()[0]
     rows = []

@@ -6,53 +6,24 @@ float (bf16/f32), FP8 E4M3 + 128x128 UE8M0 block scales, or packed MXFP4 (two E2
 low nibble = even k) + 1x32 UE8M0 scales. Official checkpoints store experts [out, in]: pass
 `swapaxes(-1, -2)` of their values, scales and packed bytes (see `common`). Weights are dequantised inside
 the kernel; products accumulate in float32. Gradients: w.r.t. lhs always, w.r.t. float weights; quantised
-weights are constants (QAT trains float master weights through `deepseek_v4.quant.fake_quant_*`).
+weights are constants (QAT trains float master weights through straight-through fake quantisation).
 
 Call it on local shards (inside the MoE `shard_map` over the expert axis, `check_vma=False`).
 
-Implementations: "reference" (pure JAX, `jax.lax.ragged_dot`), "pallas_gpu" (Triton style, for the H200),
-"pallas_tpu" (Mosaic TPU style), "pallas" (the Pallas kernel of the current platform; on CPU it needs
-`interpret=True` and runs the GPU kernel in the interpreter), None (pallas on GPU/TPU, reference elsewhere).
-An explicit request that cannot run raises ValueError; nothing falls back silently.
+Implementations ("reference" = pure JAX via `jax.lax.ragged_dot`, "pallas_gpu" = Triton style for the H200,
+"pallas_tpu" = Mosaic TPU style, "pallas", None) follow the one dispatch rule of `pallas_kernels.dispatch`.
+Contract: docs/kernels.md.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 
+from pallas_kernels.dispatch import Impl, resolve_impl
 from pallas_kernels.expert_matmul import pallas_gpu, pallas_tpu, reference
 from pallas_kernels.expert_matmul.common import BlockSizes
 
-Impl = Literal["reference", "pallas", "pallas_gpu", "pallas_tpu"]
-
-__all__ = ["BlockSizes", "expert_matmul", "resolve_impl"]
-
-
-def resolve_impl(impl: Impl | None, interpret=None, platform: str | None = None) -> str:
-    """The implementation that `expert_matmul` runs: "reference", "pallas_gpu" or "pallas_tpu".
-
-    Raises:
-      ValueError: unknown name, or a Pallas kernel requested where it cannot run (a GPU kernel on TPU, or any
-        kernel on CPU without interpret mode).
-    """
-    platform = platform or jax.default_backend()
-    native = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform)
-    if impl is None:
-        return native or "reference"
-    if impl == "reference":
-        return impl
-    if impl == "pallas":
-        if native is None and not interpret:
-            raise ValueError(f"impl='pallas' has no compiled kernel on {platform}; pass interpret=True to run the "
-                             "GPU kernel in the Pallas interpreter, or use impl='reference'")
-        return native or "pallas_gpu"
-    if impl in ("pallas_gpu", "pallas_tpu"):
-        if impl != native and not interpret:
-            raise ValueError(f"impl={impl!r} cannot be compiled on {platform}; pass interpret=True or another impl")
-        return impl
-    raise ValueError(f"unknown impl {impl!r}; expected 'reference', 'pallas', 'pallas_gpu', 'pallas_tpu' or None")
+__all__ = ["BlockSizes", "expert_matmul"]
 
 
 def expert_matmul(
@@ -61,7 +32,7 @@ def expert_matmul(
     group_sizes: jax.Array,
     rhs_scale: jax.Array | None = None,
     *,
-    impl: Impl | None = None,
+    impl: Impl = None,
     out_dtype=None,
     block_sizes: BlockSizes | None = None,
     interpret=None,
@@ -84,9 +55,9 @@ def expert_matmul(
     Shapes:
       lhs [M, K], rhs [E, K, N], group_sizes [E] -> out [M, N].
     """
-    chosen = resolve_impl(impl, interpret)
+    chosen, interp = resolve_impl(impl, interpret)
     if chosen == "reference":
         return reference.expert_matmul(lhs, rhs, group_sizes, rhs_scale, out_dtype=out_dtype)
     module = pallas_gpu if chosen == "pallas_gpu" else pallas_tpu
     return module.expert_matmul(lhs, rhs, group_sizes, rhs_scale, out_dtype=out_dtype, block_sizes=block_sizes,
-                                interpret=bool(interpret) if interpret is None else interpret)
+                                interpret=interp)

@@ -24,7 +24,7 @@ import ml_dtypes
 import numpy as np
 from jax.experimental import pallas as pl
 
-from deepseek_v4 import quant
+from pallas_kernels import formats
 
 Format = Literal["float", "fp8", "mxfp4"]
 
@@ -78,11 +78,11 @@ def weight_format(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, rhs_sc
                          f"{tuple(group_sizes.shape)}")
     if rhs.dtype == ml_dtypes.float8_e4m3fn:
         fmt, k, n = "fp8", rhs.shape[1], rhs.shape[2]
-        want_scale = (e, -(-k // quant.FP8_BLOCK), -(-n // quant.FP8_BLOCK))
+        want_scale = (e, -(-k // formats.FP8_BLOCK), -(-n // formats.FP8_BLOCK))
     elif rhs.dtype in (jnp.int8, jnp.uint8):
         fmt, k, n = "mxfp4", 2 * rhs.shape[1], rhs.shape[2]
-        want_scale = (e, k // quant.FP4_BLOCK, n)
-        if k % quant.FP4_BLOCK:
+        want_scale = (e, k // formats.FP4_BLOCK, n)
+        if k % formats.FP4_BLOCK:
             raise ValueError(f"MXFP4 weights need K (= 2 * rhs.shape[1] = {k}) to be a multiple of 32")
     elif jnp.issubdtype(rhs.dtype, jnp.floating) and jnp.dtype(rhs.dtype).itemsize >= 2:
         fmt, k, n, want_scale = "float", rhs.shape[1], rhs.shape[2], None
@@ -115,7 +115,7 @@ def check_group_sizes(group_sizes: jax.Array, m: int) -> None:
 def scale_f32(rhs_scale: jax.Array | None) -> jax.Array | None:
     if rhs_scale is None:
         return None
-    s = rhs_scale if rhs_scale.dtype == jnp.float32 else quant.e8m0_to_float32(rhs_scale)
+    s = rhs_scale if rhs_scale.dtype == jnp.float32 else formats.e8m0_to_float32(rhs_scale)
     return jax.lax.stop_gradient(s)
 
 
@@ -125,11 +125,11 @@ def dequantize(rhs: jax.Array, rhs_scale: jax.Array | None, fmt: str, dtype) -> 
         return rhs.astype(dtype)
     s = scale_f32(rhs_scale)
     if fmt == "fp8":
-        full = jnp.repeat(jnp.repeat(s, quant.FP8_BLOCK, axis=1), quant.FP8_BLOCK, axis=2)
+        full = jnp.repeat(jnp.repeat(s, formats.FP8_BLOCK, axis=1), formats.FP8_BLOCK, axis=2)
         w = rhs.astype(jnp.float32) * full[:, : rhs.shape[1], : rhs.shape[2]]
     else:
-        codes = quant.unpack_fp4(rhs, axis=1)  # [E, K/2, N] -> [E, K, N]
-        w = jnp.asarray(quant.E2M1_VALUES)[codes.astype(jnp.int32)] * jnp.repeat(s, quant.FP4_BLOCK, axis=1)
+        codes = formats.unpack_fp4(rhs, axis=1)  # [E, K/2, N] -> [E, K, N]
+        w = jnp.asarray(formats.E2M1_VALUES)[codes.astype(jnp.int32)] * jnp.repeat(s, formats.FP4_BLOCK, axis=1)
     return jax.lax.stop_gradient(w).astype(dtype)
 
 
@@ -142,9 +142,9 @@ def plan(lhs: jax.Array, rhs: jax.Array, fmt: str, block_sizes: BlockSizes) -> D
     e, n = rhs.shape[0], rhs.shape[2]
     bm = max(8, _fit(block_sizes.block_m, m))
     bk, bn = _fit(block_sizes.block_k, k), _fit(block_sizes.block_n, n)
-    if fmt == "fp8" and (quant.FP8_BLOCK % bk or quant.FP8_BLOCK % bn):
+    if fmt == "fp8" and (formats.FP8_BLOCK % bk or formats.FP8_BLOCK % bn):
         raise ValueError(f"FP8 weights need block_k and block_n dividing 128, got {bk} and {bn}")
-    if fmt == "mxfp4" and bk % quant.FP4_BLOCK:
+    if fmt == "mxfp4" and bk % formats.FP4_BLOCK:
         raise ValueError(f"MXFP4 weights need block_k to be a multiple of 32, got {bk}")
     rup = lambda x, b: -(-x // b) * b
     return Dims(fmt, m, k, n, e, bm, bk, bn, rup(max(m, 1), bm), rup(k, bk), rup(n, bn))
@@ -174,7 +174,7 @@ def prepare(lhs, rhs, rhs_scale, d: Dims):
         s = _pad(s, (0, -(-d.kp // 128) - s.shape[1], -(-d.np_ // 128) - s.shape[2]), value=1.0)
     else:
         w = _pad(rhs, (0, (d.kp - d.k) // 2, d.np_ - d.n))
-        s = _pad(s, (0, (d.kp - d.k) // quant.FP4_BLOCK, d.np_ - d.n), value=1.0)
+        s = _pad(s, (0, (d.kp - d.k) // formats.FP4_BLOCK, d.np_ - d.n), value=1.0)
     return x, w, s
 
 
@@ -299,7 +299,7 @@ def make_vjp(gmm: Callable, tgmm: Callable) -> Callable:
     `gmm(x, w, s, group_sizes, d, transpose, out_dtype, interpret)` is the grouped matmul (transpose=True
     computes x @ w[g].T, the input gradient); `tgmm(x, dy, group_sizes, d, out_dtype, interpret)` computes the
     per-expert weight gradient x_g.T @ dy_g. Quantised weights are constants: their cotangents are zero, and
-    QAT trains through `quant.fake_quant_*` on float master weights instead (the float path has dW).
+    QAT trains through straight-through fake quantisation of float master weights instead (the float path has dW).
     """
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

@@ -6,7 +6,8 @@ expert weight. Rows beyond sum(group_sizes) are zero. Products are accumulated i
 Weights are [E, K, N] = [E, in, out] (see `common` for the FP8 and MXFP4 forms). Quantised weights are
 dequantised to lhs.dtype (exact: FP8 and FP4 values times a power of two fit in bfloat16) and treated as
 constants: gradients flow to lhs, and to float weights only. QAT trains float master weights through
-`deepseek_v4.quant.fake_quant_mxfp4` / `fake_quant_fp8_blocks` and passes the result here as float weights.
+straight-through fake quantisation (the formats of `pallas_kernels.formats`) and passes the result here as
+float weights.
 """
 
 from __future__ import annotations

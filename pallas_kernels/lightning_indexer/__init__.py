@@ -7,20 +7,10 @@ indexer's KL loss on short sequences.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.csa_attention.common import (
-    ENTRY_AXES,
-    ENTRY_SEG_AXES,
-    TOKEN_AXES,
-    Impl,
-    pick_block_sizes,
-    resolve_impl,
-    shard_over_mesh,
-)
+from pallas_kernels.dispatch import Impl, check_block_sizes, resolve_impl
 from pallas_kernels.lightning_indexer import pallas_gpu, pallas_tpu, reference
 from pallas_kernels.lightning_indexer.reference import indexer_scores
 
@@ -58,6 +48,8 @@ def lightning_indexer(
 
     score[t, c] = sum_h weights[t, h] * NI**-0.5 * relu(q_idx[t, h] . k_idx[c]) * HI**-0.5 (float32);
     entry c is admissible for query t iff (c + 1) * ratio - 1 <= t and entry_segment[c] == segment_ids[t].
+    Runs on what it is given (per shard under a mesh; the score sums over indexer heads, so a shard must hold
+    all NI heads). See docs/kernels.md.
 
     Args:
       q_idx: indexer queries (rotated).
@@ -83,18 +75,10 @@ def lightning_indexer(
     if which == "reference":
         return reference.lightning_indexer(q_idx, k_idx, weights, entry_segment, segment_ids, ratio=ratio, topk=topk)
     module = pallas_gpu if which == "pallas_gpu" else pallas_tpu
-    kernel = functools.partial(
-        module.lightning_indexer,
-        ratio=ratio,
-        topk=topk,
-        block_sizes=pick_block_sizes(module, block_sizes),
-        interpret=interp,
+    return module.lightning_indexer(
+        q_idx, k_idx, weights, entry_segment, segment_ids, ratio=ratio, topk=topk,
+        block_sizes=check_block_sizes(module, block_sizes), interpret=interp,
     )
-    # The score sums over indexer heads, so only the batch is split (heads stay whole on each shard).
-    args = (q_idx, k_idx, weights, entry_segment, segment_ids)
-    axes = (TOKEN_AXES + (None, None), ENTRY_AXES, TOKEN_AXES + (None,), ENTRY_SEG_AXES, TOKEN_AXES)
-    out_shape = q_idx.shape[:2] + (min(topk, k_idx.shape[1]),)
-    return shard_over_mesh(kernel, args, axes, TOKEN_AXES + (None,), out_shape)
 
 
 __all__ = ["indexer_scores", "lightning_indexer"]

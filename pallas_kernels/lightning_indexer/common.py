@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.csa_attention.common import NEG_INF, PAD_SEGMENT, pad_axis, round_up
+from pallas_kernels.attention_base.common import NEG_INF, PAD_SEGMENT, pad_axis, round_up
 
 
 def indexer_layout(q_idx, k_idx, weights, entry_segment, segment_ids, *, chunk_q: int, block_c: int):

@@ -26,8 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.csa_attention.common import NEG_INF, dot_nt, entry_block_mask
-from pallas_kernels.csa_attention.pallas_gpu import check_pow2
+from pallas_kernels.attention_base.common import NEG_INF, dot_nt, entry_block_mask
+from pallas_kernels.attention_base.window_gpu import check_pow2
 from pallas_kernels.lightning_indexer.common import chunked_topk, indexer_layout, score_cost
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.csa_attention.common import NEG_INF, PAD_SEGMENT, admissible_mask, pad_axis
+from pallas_kernels.attention_base.common import NEG_INF, PAD_SEGMENT, admissible_mask, pad_axis
 
 DEFAULT_BLOCK_Q = 64
 

@@ -1,7 +1,7 @@
-"""Shared cases and brute-force anchors for the CSA / HCA / lightning-indexer tests.
+"""Shared cases and brute-force anchors for the sparse / dense attention and lightning-indexer tests.
 
 The anchors build the full [T, T + C] visibility mask with Python loops straight from the rules
-(window, admissibility, top-k membership) and run dense masked attention on it: slow, obvious,
+(window, admissibility, top-k membership) and run full masked attention on it: slow, obvious,
 and independent of the block logic of the references and kernels.
 """
 
@@ -81,7 +81,7 @@ def window_visible(seg, window, b, t, j) -> bool:
     return t - window < j <= t and seg[b, j] == seg[b, t]
 
 
-def csa_mask(seg, topk_idx, window, C) -> np.ndarray:
+def sparse_mask(seg, topk_idx, window, C) -> np.ndarray:
     """[B, T, T + C] visibility from the rules: window plus the selected entries."""
     B, T = seg.shape
     mask = np.zeros((B, T, T + C), bool)
@@ -95,7 +95,7 @@ def csa_mask(seg, topk_idx, window, C) -> np.ndarray:
     return mask
 
 
-def hca_mask(seg, eseg, ratio, window) -> np.ndarray:
+def dense_mask(seg, eseg, ratio, window) -> np.ndarray:
     """[B, T, T + C] visibility from the rules: window plus every admissible entry."""
     B, T = seg.shape
     C = eseg.shape[1]
@@ -109,7 +109,7 @@ def hca_mask(seg, eseg, ratio, window) -> np.ndarray:
     return mask
 
 
-def dense_masked_attention(q, kv, entries, sink, mask):
+def brute_force_attention(q, kv, entries, sink, mask):
     """Plain softmax-with-sink attention over keys concat(kv, entries) under a [B, T, T + C] mask."""
     keys = jnp.concatenate([kv, entries], axis=1).astype(jnp.float32)
     z = jnp.einsum("btnh,bsh->btns", q.astype(jnp.float32), keys) * q.shape[-1] ** -0.5

@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_v4 import quant
-from pallas_kernels.expert_matmul import BlockSizes, common, expert_matmul, resolve_impl
+from pallas_kernels import formats
+from pallas_kernels.dispatch import resolve_impl
+from pallas_kernels.expert_matmul import BlockSizes, common, expert_matmul
 from pallas_kernels.testing import assert_matches_reference
 from tests.conftest import TOLERANCES
 
@@ -33,13 +34,13 @@ def weights():
     """Float weights and their FP8 / MXFP4 forms in kernel layout [E, K, N], built from the official [E, N, K]."""
     rng = np.random.default_rng(0)
     official = (rng.standard_normal((E, N, K)) * 0.05).astype(np.float32)  # [E, out, in]
-    q8, s8 = quant.quantize_fp8_blocks(official)
-    p4, s4 = quant.quantize_mxfp4(official, axis=-1)
+    q8, s8 = formats.quantize_fp8_blocks(official)
+    p4, s4 = formats.quantize_mxfp4(official, axis=-1)
     t = lambda a: jnp.asarray(np.swapaxes(a, -1, -2))
     dense = {
         "float": official,
-        "fp8": quant.dequantize_fp8_blocks(q8, s8),
-        "mxfp4": quant.dequantize_mxfp4(p4, s4),
+        "fp8": formats.dequantize_fp8_blocks(q8, s8),
+        "mxfp4": formats.dequantize_mxfp4(p4, s4),
     }
     return {
         "float": (t(official), None, dense["float"]),
@@ -118,11 +119,13 @@ def test_work_items_cover_every_row_once():
 
 
 def test_impl_selection_never_falls_back_silently():
-    assert resolve_impl(None, platform="cpu") == "reference"
-    assert resolve_impl(None, platform="gpu") == "pallas_gpu"
-    assert resolve_impl(None, platform="tpu") == "pallas_tpu"
-    assert resolve_impl("pallas", interpret=True, platform="cpu") == "pallas_gpu"
-    assert resolve_impl("pallas_tpu", interpret=True, platform="gpu") == "pallas_tpu"
+    assert resolve_impl(None, platform="cpu")[0] == "reference"
+    assert resolve_impl(None, platform="gpu")[0] == "pallas_gpu"
+    assert resolve_impl(None, platform="tpu")[0] == "pallas_tpu"
+    assert resolve_impl("pallas_tpu", interpret=True, platform="gpu") == ("pallas_tpu", True)
+    # impl="pallas" names this platform's kernel; on CPU there is none, so interpreting it is ambiguous.
+    with pytest.raises(ValueError, match="ambiguous"):
+        resolve_impl("pallas", interpret=True, platform="cpu")
     for impl, platform in [("pallas", "cpu"), ("pallas_gpu", "cpu"), ("pallas_tpu", "gpu"), ("triton", "gpu")]:
         with pytest.raises(ValueError):
             resolve_impl(impl, platform=platform)

@@ -1,16 +1,16 @@
-# HCA attention, Pallas Triton style for NVIDIA GPUs (checked on CPU in interpret mode and by lowering to
+# Dense attention, Pallas Triton style for NVIDIA GPUs (checked on CPU in interpret mode and by lowering to
 # Triton IR for CUDA; not yet run on a GPU).
 #
 # Cost per query token t (N heads, head dim H, window W, admissible entries A(t) = (t + 1) // m):
 #   forward FLOPs  = 4 * N * H * (W + A(t));  backward FLOPs = 10 * N * H * (W + A(t))
 #   forward bytes  ~ 4 * N * H (q in, o out) + 2 * H * (W + A) / block_q (keys shared by a program's tokens)
-# Flash HCA (N=64, H=512, W=128, m=128) at T = 64K: mean A = 256 -> 50 MFLOP and ~0.13 MB per token,
+# Flash HCA layers (N=64, H=512, W=128, m=128) at T = 64K: mean A = 256 -> 50 MFLOP and ~0.13 MB per token,
 # ~380 FLOP/byte: compute-bound on H200 (ridge ~206 FLOP/byte at 989 TFLOP/s and 4.8 TB/s).
 # CSA's dense phase (m = 4) has A up to T / 4: quadratic FLOPs, strongly compute-bound.
-"""HCA attention: Pallas kernels in the Triton style (one program per query block, loops over keys).
+"""Dense attention: Pallas kernels in the Triton style (one program per query block, loops over keys).
 
-Rows (token t, head n) -> t * N + n as in CSA. A forward/dq program loops over its window keys
-(CSA's loop) and then over the entry blocks up to its last admissible entry. The entry gradient has
+Rows (token t, head n) -> t * N + n. A forward/dq program loops over its window keys
+(`attention_base.window_gpu`) and then over the entry blocks up to its last admissible entry. The entry gradient has
 one program per entry block looping over the queries from the first one that sees the block
 (deterministic, no atomics). Triton needs power-of-two tiles: N, H and the block sizes.
 """
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.csa_attention.common import (
+from pallas_kernels.attention_base.common import (
     WindowGeometry,
     attention_cost,
     dot_nn,
@@ -43,7 +43,7 @@ from pallas_kernels.csa_attention.common import (
     softmax_grads,
     to_rows,
 )
-from pallas_kernels.csa_attention.pallas_gpu import (
+from pallas_kernels.attention_base.window_gpu import (
     check_pow2,
     compiler_params,
     query_rows,
@@ -91,7 +91,7 @@ def _entry_loop(g: WindowGeometry, b, t0, ratio, C, block_e, q, t, q_seg, ent_re
     return lax.fori_loop(0, lax.div(n_adm + block_e - 1, block_e), body, carry)
 
 
-def _hca_fwd_kernel(
+def _dense_fwd_kernel(
     q_ref,
     qpos_ref,
     qseg_ref,
@@ -121,7 +121,7 @@ def _hca_fwd_kernel(
     lse_ref[b, rows, :] = m + jnp.log(l)
 
 
-def _hca_dq_kernel(
+def _dense_dq_kernel(
     q_ref,
     do_ref,
     lse_ref,
@@ -155,7 +155,7 @@ def _hca_dq_kernel(
     dq_ref[b, rows, :] = dq.astype(dq_ref.dtype)
 
 
-def _hca_dent_kernel(
+def _dense_dent_kernel(
     ent_ref,
     eseg_ref,
     q_ref,
@@ -227,13 +227,13 @@ def _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs
     C = entries.shape[1]
     g, Ta, a = _layout(q, kv, entries, entry_segment, segment_ids, window, bs)
     o_rows, lse = pl.pallas_call(
-        functools.partial(_hca_fwd_kernel, g=g, ratio=ratio, C=C, block_e=bs.block_e),
+        functools.partial(_dense_fwd_kernel, g=g, ratio=ratio, C=C, block_e=bs.block_e),
         grid=(B, g.nq),
         out_shape=[jax.ShapeDtypeStruct(a["q_rows"].shape, q.dtype), jax.ShapeDtypeStruct((B, Ta * N, 1), jnp.float32)],
         compiler_params=compiler_params(bs),
         cost_estimate=_cost(g, C, ratio, q.dtype.itemsize, backward=False),
         interpret=interpret,
-        name="hca_fwd_gpu",
+        name="dense_fwd_gpu",
     )(a["q_rows"], a["qpos"], a["qseg"], a["kv_p"], a["kseg"], sink_rows(sink, g.block_q), a["ent"], a["eseg"])
     valid = (jnp.arange(Ta * N) < g.Tp * N)[None, :, None]
     o_rows = jnp.where(valid, o_rows, 0)
@@ -250,48 +250,48 @@ def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
     delta = jnp.sum(do_rows.astype(jnp.float32) * o_rows.astype(jnp.float32), axis=-1, keepdims=True)
     itemsize = o_rows.dtype.itemsize
     dq_rows = pl.pallas_call(
-        functools.partial(_hca_dq_kernel, g=g, ratio=ratio, C=C, block_e=bs.block_e),
+        functools.partial(_dense_dq_kernel, g=g, ratio=ratio, C=C, block_e=bs.block_e),
         grid=(B, g.nq),
         out_shape=jax.ShapeDtypeStruct(a["q_rows"].shape, a["q_rows"].dtype),
         compiler_params=compiler_params(bs),
         cost_estimate=_cost(g, C, ratio, itemsize, backward=True),
         interpret=interpret,
-        name="hca_dq_gpu",
+        name="dense_dq_gpu",
     )(a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"], a["eseg"])
     dkv = window_dkv(
         g, bs, a["kv_p"], a["kseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], interpret=interpret
     )
     dent = pl.pallas_call(
-        functools.partial(_hca_dent_kernel, g=g, ratio=ratio, block_e=bs.block_e),
+        functools.partial(_dense_dent_kernel, g=g, ratio=ratio, block_e=bs.block_e),
         grid=(B, a["ent"].shape[1] // bs.block_e),
         out_shape=jax.ShapeDtypeStruct(a["ent"].shape, entries.dtype),
         compiler_params=compiler_params(bs),
         cost_estimate=_cost(g, C, ratio, itemsize, backward=True),
         interpret=interpret,
-        name="hca_dentries_gpu",
+        name="dense_dentries_gpu",
     )(a["ent"], a["eseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"])
     dq = dq_rows.reshape(B, Ta, N, H)[:, :T]
     return dq, dkv[:, :T], dent[:, :C], sink_grad(sink, lse, delta, N)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _hca(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret):
+def _dense(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret):
     return _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)[0]
 
 
-def _hca_fwd(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret):
+def _dense_fwd(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret):
     return _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)
 
 
-def _hca_bwd(ratio, window, bs, interpret, res, d_out):
+def _dense_bwd(ratio, window, bs, interpret, res, d_out):
     dq, dkv, dent, dsink = _backward(ratio, window, bs, interpret, res, d_out)
     return dq, dkv, dent, None, dsink, None
 
 
-_hca.defvjp(_hca_fwd, _hca_bwd)
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def hca_attention(
+def dense_attention(
     q: jax.Array,
     kv: jax.Array,
     entries: jax.Array,
@@ -304,10 +304,11 @@ def hca_attention(
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """HCA attention with Triton-style Pallas kernels; same contract as `reference.hca_attention`.
+    """Dense attention with Triton-style Pallas kernels; same contract as `reference.dense_attention`.
 
     Shapes:
       q [B, T, N, H], kv [B, T, H], entries [B, C, H], entry_segment [B, C] int32, sink [N],
       segment_ids [B, T] int32 -> [B, T, N, H].
     """
-    return _hca(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, block_sizes or BlockSizes(), interpret)
+    bs = block_sizes or BlockSizes()
+    return _dense(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)

@@ -1,32 +1,20 @@
-"""Heavily compressed attention (HCA): sliding window plus every admissible compressed entry.
+"""Dense attention: sliding window plus EVERY admissible compressed entry (no selection).
 
-`hca_attention(q, kv, entries, entry_segment, sink, segment_ids, *, ratio, window=128, impl=None)` also
-serves CSA's dense phase (ratio 4). `hca_attention_and_entry_mass` (reference only) also returns the
-head-summed attention mass per entry, the KL target of the lightning indexer's warm-up.
+`dense_attention(q, kv, entries, entry_segment, sink, segment_ids, *, ratio, window=128, impl=None)` serves
+HCA layers (ratio 128), CSA's dense phase (ratio 4) and sliding-window layers (no entries: C = 0).
+`dense_attention_and_entry_mass` (reference only) also returns the head-summed attention mass per entry, the
+KL target of the lightning indexer's warm-up. Contract: docs/kernels.md.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.csa_attention.common import (
-    ENTRY_AXES,
-    ENTRY_SEG_AXES,
-    KV_AXES,
-    Q_AXES,
-    SINK_AXES,
-    TOKEN_AXES,
-    Impl,
-    check_attention_inputs,
-    pick_block_sizes,
-    resolve_impl,
-    shard_over_mesh,
-)
-from pallas_kernels.hca_attention import pallas_gpu, pallas_tpu, reference
-from pallas_kernels.hca_attention.reference import hca_attention_and_entry_mass
+from pallas_kernels.attention_base.common import check_attention_inputs
+from pallas_kernels.dispatch import Impl, check_block_sizes, resolve_impl
+from pallas_kernels.dense_attention import pallas_gpu, pallas_tpu, reference
+from pallas_kernels.dense_attention.reference import dense_attention_and_entry_mass
 
 
 def _check_entry_segment(entry_segment, entries):
@@ -37,7 +25,7 @@ def _check_entry_segment(entry_segment, entries):
         )
 
 
-def hca_attention(
+def dense_attention(
     q: jax.Array,
     kv: jax.Array,
     entries: jax.Array,
@@ -54,6 +42,9 @@ def hca_attention(
     """One softmax (with per-head sink) over the sliding window and every admissible compressed entry.
 
     Entry c is admissible for query t iff (c + 1) * ratio - 1 <= t and entry_segment[c] == segment_ids[t].
+    Runs on what it is given: under a mesh, call it per shard (the model's attention layer wraps it in
+    `shard_map`); positions and entry indices are local to the arrays passed. Inputs are float (bfloat16 or
+    float32); scores and softmax run in float32. See docs/kernels.md.
 
     Args:
       q: queries, already normed and rotated.
@@ -79,18 +70,12 @@ def hca_attention(
     _check_entry_segment(entry_segment, entries)
     which, interp = resolve_impl(impl, interpret)
     if which == "reference":
-        return reference.hca_attention(q, kv, entries, entry_segment, sink, segment_ids, ratio=ratio, window=window)
+        return reference.dense_attention(q, kv, entries, entry_segment, sink, segment_ids, ratio=ratio, window=window)
     module = pallas_gpu if which == "pallas_gpu" else pallas_tpu
-    kernel = functools.partial(
-        module.hca_attention,
-        ratio=ratio,
-        window=window,
-        block_sizes=pick_block_sizes(module, block_sizes),
-        interpret=interp,
+    return module.dense_attention(
+        q, kv, entries, entry_segment, sink, segment_ids, ratio=ratio, window=window,
+        block_sizes=check_block_sizes(module, block_sizes), interpret=interp,
     )
-    args = (q, kv, entries, entry_segment, sink, segment_ids)
-    axes = (Q_AXES, KV_AXES, ENTRY_AXES, ENTRY_SEG_AXES, SINK_AXES, TOKEN_AXES)
-    return shard_over_mesh(kernel, args, axes, Q_AXES, q.shape)
 
 
-__all__ = ["hca_attention", "hca_attention_and_entry_mass"]
+__all__ = ["dense_attention", "dense_attention_and_entry_mass"]

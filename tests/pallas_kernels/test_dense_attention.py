@@ -1,4 +1,4 @@
-"""HCA attention: reference (and its entry-mass helper) vs a brute-force dense masked anchor, and both
+"""Dense attention: reference (and its entry-mass helper) vs a brute-force full-mask anchor, and both
 Pallas styles (interpret mode) vs the reference, in values and gradients w.r.t. q, kv, entries and sink."""
 
 from __future__ import annotations
@@ -10,14 +10,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.hca_attention import hca_attention, hca_attention_and_entry_mass, pallas_gpu, pallas_tpu, reference
+from pallas_kernels.dense_attention import (
+    dense_attention,
+    dense_attention_and_entry_mass,
+    pallas_gpu,
+    pallas_tpu,
+    reference,
+)
 from tests.conftest import TOLERANCES
 from tests.pallas_kernels.attention_cases import (
     Case,
     attention_inputs,
     compare,
-    dense_masked_attention,
-    hca_mask,
+    brute_force_attention,
+    dense_mask,
     matches_reference,
 )
 
@@ -25,7 +31,7 @@ CASES = {
     # CSA's dense phase: ratio 4, C = 11 entries over two 8-entry blocks; T = 44 is not a multiple of the
     # 16-token blocks; row 0 packs three documents (entries straddling two get segment -1) and padding.
     "packed": Case(T=44, window=16, ratio=4, topk=0, layouts=((10, 21, 9), (44,))),
-    # Shorter than the window and than one HCA window: C = 0, so this is pure sliding-window attention.
+    # Shorter than the window and than one compressed window: C = 0, so this is pure sliding-window attention.
     "short": Case(T=12, window=16, ratio=16, topk=0, layouts=((5, 7),)),
 }
 # Reference-only anchor cases (cheap to compile): another ratio, and a window longer than the documents.
@@ -50,39 +56,39 @@ def problem(name: str):
 def attention_fn(name: str, impl: str):
     case = {**CASES, **ANCHOR_ONLY}[name]
     if impl == "reference":
-        return functools.partial(reference.hca_attention, ratio=case.ratio, window=case.window)
+        return functools.partial(reference.dense_attention, ratio=case.ratio, window=case.window)
     return functools.partial(
-        hca_attention, ratio=case.ratio, window=case.window, impl=impl, block_sizes=BLOCKS[impl], interpret=True
+        dense_attention, ratio=case.ratio, window=case.window, impl=impl, block_sizes=BLOCKS[impl], interpret=True
     )
 
 
 @pytest.mark.parametrize("name", sorted({**CASES, **ANCHOR_ONLY}))
 def test_reference_matches_brute_force(name):
-    """The anchor: dense attention under a [T, T + C] mask built by loops straight from the rules."""
+    """The anchor: full masked attention under a [T, T + C] mask built by loops straight from the rules."""
     case, args = problem(name)
-    mask = hca_mask(np.asarray(args[5]), np.asarray(args[3]), case.ratio, case.window)
+    mask = dense_mask(np.asarray(args[5]), np.asarray(args[3]), case.ratio, case.window)
 
-    def dense(q, kv, entries, entry_segment, sink, seg):
-        return dense_masked_attention(q, kv, entries, sink, mask)[0]
+    def brute_force(q, kv, entries, entry_segment, sink, seg):
+        return brute_force_attention(q, kv, entries, sink, mask)[0]
 
     matches_reference(
         attention_fn(name, "reference"),
-        dense,
+        brute_force,
         args,
         TOLERANCES["kernel_f32"],
         argnums=DIFF_ARGS,
-        name=f"hca reference vs dense {name}",
+        name=f"dense reference vs brute force {name}",
     )
 
 
 def test_entry_mass_matches_brute_force():
     case, args = problem("packed")
     q, kv, entries, entry_segment, sink, seg = args
-    mask = hca_mask(np.asarray(seg), np.asarray(entry_segment), case.ratio, case.window)
-    out, mass = jax.jit(functools.partial(hca_attention_and_entry_mass, ratio=case.ratio, window=case.window))(*args)
-    want_out, p = dense_masked_attention(q, kv, entries, sink, mask)
+    mask = dense_mask(np.asarray(seg), np.asarray(entry_segment), case.ratio, case.window)
+    out, mass = jax.jit(functools.partial(dense_attention_and_entry_mass, ratio=case.ratio, window=case.window))(*args)
+    want_out, p = brute_force_attention(q, kv, entries, sink, mask)
     tol = TOLERANCES["kernel_f32"]
-    compare("hca output next to the mass", out, want_out, tol)
+    compare("dense output next to the mass", out, want_out, tol)
     compare("entry mass", mass, p[..., case.T :].sum(axis=2), tol)
     assert mass.shape == (case.B, case.T, case.C)
     assert np.all(np.asarray(mass)[~mask[..., case.T :]] == 0.0), "non-admissible entries must get zero mass"
@@ -98,7 +104,7 @@ def test_pallas_matches_reference(name, impl):
         args,
         TOLERANCES["kernel_f32"],
         argnums=DIFF_ARGS,
-        name=f"hca {impl} {name}",
+        name=f"dense {impl} {name}",
     )
 
 
@@ -106,13 +112,13 @@ def test_bad_requests_raise_value_error():
     case, args = problem("short")
     q, kv, entries, entry_segment, sink, seg = args
     with pytest.raises(ValueError, match="interpret"):
-        hca_attention(*args, ratio=case.ratio, impl="pallas_tpu")
+        dense_attention(*args, ratio=case.ratio, impl="pallas_tpu")
     with pytest.raises(ValueError, match="entry_segment"):
-        hca_attention(q, kv, entries, entry_segment[:, None], sink, seg, ratio=case.ratio)
+        dense_attention(q, kv, entries, entry_segment[:, None], sink, seg, ratio=case.ratio)
     with pytest.raises(ValueError, match="ratio"):
-        hca_attention(*args, ratio=0)
+        dense_attention(*args, ratio=0)
     with pytest.raises(ValueError, match="sink"):
-        hca_attention(q, kv, entries, entry_segment, sink[:1], seg, ratio=case.ratio)
+        dense_attention(q, kv, entries, entry_segment, sink[:1], seg, ratio=case.ratio)
 
 
 @pytest.mark.parametrize("platform,module", [("cuda", pallas_gpu), ("tpu", pallas_tpu)])
@@ -133,10 +139,10 @@ def test_kernels_lower_for_their_backend(platform, module):
 
     def fwd_bwd(q, kv, entries, entry_segment, sink, seg):
         def f(q, kv, entries, sink):
-            return module.hca_attention(q, kv, entries, entry_segment, sink, seg, ratio=ratio)
+            return module.dense_attention(q, kv, entries, entry_segment, sink, seg, ratio=ratio)
 
         out, vjp = jax.vjp(f, q, kv, entries, sink)
         return out, vjp(out)
 
     text = jax.jit(fwd_bwd).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
-    assert "hca_fwd" in text and "hca_dq" in text and "hca_dentries" in text and "window_dkv" in text
+    assert "dense_fwd" in text and "dense_dq" in text and "dense_dentries" in text and "window_dkv" in text

@@ -1,18 +1,18 @@
-# HCA attention, Pallas Mosaic-TPU style (checked on CPU in interpret mode only; no TPU was available).
+# Dense attention, Pallas Mosaic-TPU style (checked on CPU in interpret mode only; no TPU was available).
 #
 # Cost per query token t (N heads, head dim H, window W, admissible entries A(t) = (t + 1) // m):
 #   forward FLOPs  = 4 * N * H * (W + A(t));  backward FLOPs = 10 * N * H * (W + A(t))
 #   forward bytes  ~ 4 * N * H (q in, o out); keys and entries are shared by the block_q queries of a block
 #                    (2 * H * (W + A) / block_q per token)
-# Flash HCA (N=64, H=512, W=128, m=128) at T = 64K: mean A = 256, so 50 MFLOP and ~0.13 MB per token
+# Flash HCA layers (N=64, H=512, W=128, m=128) at T = 64K: mean A = 256, so 50 MFLOP and ~0.13 MB per token
 # -> ~380 FLOP/byte: compute-bound on H200 (ridge ~206 FLOP/byte at 989 TFLOP/s, 4.8 TB/s).
 # CSA's dense phase (m = 4) has A up to T / 4 and is even more compute-bound (quadratic FLOPs).
-"""HCA attention: Pallas kernels in the Mosaic-TPU style (grid over key blocks, VMEM scratch carries).
+"""Dense attention: Pallas kernels in the Mosaic-TPU style (grid over key blocks, VMEM scratch carries).
 
-Rows (token t, head n) -> t * N + n as in CSA. Kernels:
+Rows (token t, head n) -> t * N + n. Kernels:
 * forward and dq: grid (B, query blocks, window key blocks + entry blocks); entry blocks past the
   last admissible entry of a query block are skipped (their DMA index is clamped, so no copy);
-* window dkv: CSA's kernel;
+* window dkv: `attention_base.window_tpu`;
 * entry gradient: grid (B, entry blocks, query blocks from the first query that sees the block).
 """
 
@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.csa_attention.common import (
+from pallas_kernels.attention_base.common import (
     WindowGeometry,
     attention_cost,
     dot_nn,
@@ -45,7 +45,7 @@ from pallas_kernels.csa_attention.common import (
     softmax_grads,
     to_rows,
 )
-from pallas_kernels.csa_attention.pallas_tpu import (
+from pallas_kernels.attention_base.window_tpu import (
     window_dkv,
     window_dq_step,
     window_fwd_step,
@@ -99,7 +99,7 @@ class EntryGeometry:
         return jnp.minimum(self.first_q(eb) + j, self.nq_de - 1)
 
 
-def _hca_fwd_kernel(
+def _dense_fwd_kernel(
     q_ref,
     qpos_ref,
     qseg_ref,
@@ -146,7 +146,7 @@ def _hca_fwd_kernel(
         lse_ref[...] = m_sc[...] + jnp.log(l_sc[...])
 
 
-def _hca_dq_kernel(
+def _dense_dq_kernel(
     q_ref,
     do_ref,
     lse_ref,
@@ -187,7 +187,7 @@ def _hca_dq_kernel(
         dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
 
 
-def _hca_dent_kernel(
+def _dense_dent_kernel(
     ent_ref,
     eseg_ref,
     q_ref,
@@ -288,7 +288,7 @@ def _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs
     sp = _specs(g, e, H)
     R = g.block_q * N
     o_rows, lse = pl.pallas_call(
-        functools.partial(_hca_fwd_kernel, g=g, e=e, n_steps=n_steps),
+        functools.partial(_dense_fwd_kernel, g=g, e=e, n_steps=n_steps),
         grid=(B, g.nq, n_steps),
         in_specs=[sp["rows_h"], sp["qpos"], sp["rows_1"], sp["kv"], sp["kseg"], sp["ent"], sp["eseg"], sp["sink"]],
         out_specs=[sp["rows_h"], sp["rows_1"]],
@@ -304,7 +304,7 @@ def _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=_cost(g, e, q.dtype.itemsize, backward=False),
         interpret=interpret,
-        name="hca_fwd_tpu",
+        name="dense_fwd_tpu",
     )(a["q_rows"], a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"], a["eseg"], sink_rows(sink, g.block_q))
     return o_rows.reshape(B, g.Tp, N, H)[:, :T], (a, entries, o_rows, lse, sink)
 
@@ -319,7 +319,7 @@ def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
     sp = _specs(g, e, H)
     R = g.block_q * N
     dq_rows = pl.pallas_call(
-        functools.partial(_hca_dq_kernel, g=g, e=e, n_steps=n_steps),
+        functools.partial(_dense_dq_kernel, g=g, e=e, n_steps=n_steps),
         grid=(B, g.nq, n_steps),
         in_specs=[
             sp["rows_h"],
@@ -339,7 +339,7 @@ def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=_cost(g, e, o_rows.dtype.itemsize, backward=True),
         interpret=interpret,
-        name="hca_dq_tpu",
+        name="dense_dq_tpu",
     )(a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"], a["eseg"])
     dkv = window_dkv(
         g, a["kv_p"], a["kseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], interpret=interpret
@@ -347,7 +347,7 @@ def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
     Rd = g.block_q_dkv * N
     qmap = lambda b, eb, j: (b, e.q_block(eb, j), 0)
     dent = pl.pallas_call(
-        functools.partial(_hca_dent_kernel, scale=g.scale, e=e),
+        functools.partial(_dense_dent_kernel, scale=g.scale, e=e),
         grid=(B, e.Cp // e.block_e, e.nq_de),
         in_specs=[
             pl.BlockSpec((None, e.block_e, H), lambda b, eb, j: (b, eb, 0)),
@@ -365,30 +365,30 @@ def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=_cost(g, e, o_rows.dtype.itemsize, backward=True),
         interpret=interpret,
-        name="hca_dentries_tpu",
+        name="dense_dentries_tpu",
     )(a["ent"], a["eseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"])
     dq = dq_rows.reshape(B, g.Tp, N, H)[:, :T]
     return dq, dkv[:, :T], dent[:, : e.C], sink_grad(sink, lse, delta, N)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _hca(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret):
+def _dense(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret):
     return _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)[0]
 
 
-def _hca_fwd(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret):
+def _dense_fwd(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret):
     return _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)
 
 
-def _hca_bwd(ratio, window, bs, interpret, res, d_out):
+def _dense_bwd(ratio, window, bs, interpret, res, d_out):
     dq, dkv, dent, dsink = _backward(ratio, window, bs, interpret, res, d_out)
     return dq, dkv, dent, None, dsink, None
 
 
-_hca.defvjp(_hca_fwd, _hca_bwd)
+_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def hca_attention(
+def dense_attention(
     q: jax.Array,
     kv: jax.Array,
     entries: jax.Array,
@@ -401,10 +401,11 @@ def hca_attention(
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """HCA attention with Mosaic-TPU Pallas kernels; same contract as `reference.hca_attention`.
+    """Dense attention with Mosaic-TPU Pallas kernels; same contract as `reference.dense_attention`.
 
     Shapes:
       q [B, T, N, H], kv [B, T, H], entries [B, C, H], entry_segment [B, C] int32, sink [N],
       segment_ids [B, T] int32 -> [B, T, N, H].
     """
-    return _hca(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, block_sizes or BlockSizes(), interpret)
+    bs = block_sizes or BlockSizes()
+    return _dense(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)

@@ -1,4 +1,4 @@
-"""CSA attention: reference vs a brute-force dense masked anchor, and both Pallas styles (interpret mode)
+"""Sparse attention: reference vs a brute-force full-mask anchor, and both Pallas styles (interpret mode)
 vs the reference, in values and gradients w.r.t. q, kv, entries and sink."""
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh
 
-from pallas_kernels.csa_attention import csa_attention, pallas_gpu, pallas_tpu, reference
+from deepseek_v4 import attention
+from pallas_kernels.sparse_attention import pallas_gpu, pallas_tpu, reference, sparse_attention
 from tests.conftest import TOLERANCES
 from tests.pallas_kernels.attention_cases import (
     Case,
     attention_inputs,
     compare,
-    csa_mask,
-    dense_masked_attention,
+    sparse_mask,
+    brute_force_attention,
     matches_reference,
     random_topk,
 )
@@ -51,26 +52,26 @@ def attention_fn(name: str, impl: str):
     """One function object per (case, impl), so the shared checker compiles each once."""
     case = CASES[name]
     if impl == "reference":
-        return functools.partial(reference.csa_attention, window=case.window)
-    return functools.partial(csa_attention, window=case.window, impl=impl, block_sizes=BLOCKS[impl], interpret=True)
+        return functools.partial(reference.sparse_attention, window=case.window)
+    return functools.partial(sparse_attention, window=case.window, impl=impl, block_sizes=BLOCKS[impl], interpret=True)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_reference_matches_brute_force(name):
-    """The anchor: dense attention under a [T, T + C] mask built by loops straight from the rules."""
+    """The anchor: full masked attention under a [T, T + C] mask built by loops straight from the rules."""
     case, args = problem(name)
-    mask = csa_mask(np.asarray(args[5]), np.asarray(args[3]), case.window, case.C)
+    mask = sparse_mask(np.asarray(args[5]), np.asarray(args[3]), case.window, case.C)
 
-    def dense(q, kv, entries, topk, sink, seg):
-        return dense_masked_attention(q, kv, entries, sink, mask)[0]
+    def brute_force(q, kv, entries, topk, sink, seg):
+        return brute_force_attention(q, kv, entries, sink, mask)[0]
 
     matches_reference(
         attention_fn(name, "reference"),
-        dense,
+        brute_force,
         args,
         TOLERANCES["kernel_f32"],
         argnums=DIFF_ARGS,
-        name=f"csa reference vs dense {name}",
+        name=f"sparse reference vs brute force {name}",
     )
 
 
@@ -84,13 +85,14 @@ def test_pallas_matches_reference(name, impl):
         args,
         TOLERANCES["kernel_f32"],
         argnums=DIFF_ARGS,
-        name=f"csa {impl} {name}",
+        name=f"sparse {impl} {name}",
     )
 
 
 def test_pallas_under_a_mesh_matches_reference():
-    """On a (data=2, tensor=2) mesh the kernel runs per shard under shard_map (batch over data, heads over
-    tensor); kv/entries gradients are summed over the head shards and the sink's over the batch shards."""
+    """On a (data=2, tensor=2) mesh the attention layer's `per_shard` runs the kernel per shard under shard_map
+    (batch over data, heads over tensor); kv/entries gradients are summed over the head shards and the sink's
+    over the batch shards."""
     _, args = problem("packed")
     q, kv, entries, topk, sink, seg = args
     mesh = Mesh(
@@ -101,8 +103,11 @@ def test_pallas_under_a_mesh_matches_reference():
     ct = jnp.asarray(np.random.default_rng(3).standard_normal(q.shape), jnp.float32)
 
     def value_and_grads(impl, **kw):
+        kernel = functools.partial(sparse_attention, window=CASES["packed"].window, impl=impl, **kw)
+
         def f(q, kv, entries, sink):
-            return csa_attention(q, kv, entries, topk, sink, seg, window=CASES["packed"].window, impl=impl, **kw)
+            return attention.per_shard(kernel, (q, kv, entries, topk, sink, seg), attention.SPARSE_ARG_AXES,
+                                       attention.Q_AXES, q.shape)
 
         @jax.jit
         def run(*diff):
@@ -117,14 +122,14 @@ def test_pallas_under_a_mesh_matches_reference():
         assert "shard_map" in str(jax.make_jaxpr(sharded)(q, kv, entries, sink))
         got = sharded(q, kv, entries, sink)
     tol = TOLERANCES["kernel_f32"]
-    compare("csa pallas_gpu on a 2x2 mesh, value", got[0], want[0], tol)
+    compare("sparse pallas_gpu on a 2x2 mesh, value", got[0], want[0], tol)
     for label, g, w in zip(("q", "kv", "entries", "sink"), got[1], want[1], strict=True):
-        compare(f"csa pallas_gpu on a 2x2 mesh, d{label}", g, w, tol, scale_by_max=True)
+        compare(f"sparse pallas_gpu on a 2x2 mesh, d{label}", g, w, tol, scale_by_max=True)
 
 
 def test_default_impl_on_cpu_is_the_reference():
     _, args = problem("short")
-    default = functools.partial(csa_attention, window=CASES["short"].window)
+    default = functools.partial(sparse_attention, window=CASES["short"].window)
     assert str(jax.make_jaxpr(default)(*args)) == str(jax.make_jaxpr(attention_fn("short", "reference"))(*args))
 
 
@@ -132,19 +137,19 @@ def test_bad_requests_raise_value_error():
     _, args = problem("short")
     q, kv, entries, topk, sink, seg = args
     with pytest.raises(ValueError, match="interpret"):
-        csa_attention(*args, impl="pallas")
+        sparse_attention(*args, impl="pallas")
     with pytest.raises(ValueError, match="impl must be"):
-        csa_attention(*args, impl="cuda")
+        sparse_attention(*args, impl="cuda")
     with pytest.raises(ValueError, match="ambiguous"):
-        csa_attention(*args, impl="pallas", interpret=True)
+        sparse_attention(*args, impl="pallas", interpret=True)
     with pytest.raises(ValueError, match="block_sizes"):
-        csa_attention(*args, impl="pallas_gpu", interpret=True, block_sizes=BLOCKS["pallas_tpu"])
+        sparse_attention(*args, impl="pallas_gpu", interpret=True, block_sizes=BLOCKS["pallas_tpu"])
     with pytest.raises(ValueError, match="kv must be"):
-        csa_attention(q, kv[:, :-1], entries, topk, sink, seg)
+        sparse_attention(q, kv[:, :-1], entries, topk, sink, seg)
     with pytest.raises(ValueError, match="topk_idx"):
-        csa_attention(q, kv, entries, topk.astype(jnp.float32), sink, seg)
+        sparse_attention(q, kv, entries, topk.astype(jnp.float32), sink, seg)
     with pytest.raises(ValueError, match="power-of-two"):
-        csa_attention(*args, impl="pallas_gpu", interpret=True, block_sizes=pallas_gpu.BlockSizes(block_kv=24))
+        sparse_attention(*args, impl="pallas_gpu", interpret=True, block_sizes=pallas_gpu.BlockSizes(block_kv=24))
 
 
 @pytest.mark.parametrize("platform,module", [("cuda", pallas_gpu), ("tpu", pallas_tpu)])
@@ -163,8 +168,8 @@ def test_kernels_lower_for_their_backend(platform, module):
     )
 
     def fwd_bwd(q, kv, entries, topk, sink, seg):
-        out, vjp = jax.vjp(lambda *d: module.csa_attention(d[0], d[1], d[2], topk, d[3], seg), q, kv, entries, sink)
+        out, vjp = jax.vjp(lambda *d: module.sparse_attention(d[0], d[1], d[2], topk, d[3], seg), q, kv, entries, sink)
         return out, vjp(out)
 
     text = jax.jit(fwd_bwd).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
-    assert "csa_fwd" in text and "csa_dq" in text and "window_dkv" in text
+    assert "sparse_fwd" in text and "sparse_dq" in text and "window_dkv" in text

@@ -1,4 +1,4 @@
-# CSA attention, Pallas Mosaic-TPU style (checked on CPU in interpret mode only; no TPU was available).
+# Sparse attention, Pallas Mosaic-TPU style (checked on CPU in interpret mode only; no TPU was available).
 #
 # Cost per query token (N heads, head dim H, window W, K selected entries, 2-byte dtype):
 #   forward FLOPs   = 4 * N * H * (W + K)                      (QK^T and PV)
@@ -12,14 +12,14 @@
 # gradient is a sequential read-modify-write of the same rows (the dq kernel runs its grid in
 # order), which makes the backward DMA-latency bound. Both are the obvious next optimisation
 # (double-buffer the next query's rows; sort slots by entry to batch the writes).
-"""CSA attention: Pallas kernels in the Mosaic-TPU style (grid over key blocks, VMEM scratch carries).
+"""Sparse attention: Pallas kernels in the Mosaic-TPU style (grid over key blocks, VMEM scratch carries).
 
 Layout: queries become rows (token t, head n) -> t * N + n, so all N heads of a token share one
 matmul against the single shared K=V head. Kernels:
 * forward: grid (B, query blocks, window key blocks + top-k chunks); the window steps use BlockSpec
   key blocks, the top-k steps gather each query's selected entries row by row with DMAs from HBM;
 * dq: same grid; also accumulates the entry gradient by read-modify-write DMAs into HBM;
-* window dkv: grid (B, key blocks, query blocks that see them) - shared with HCA.
+* window dkv: grid (B, key blocks, query blocks that see them), `attention_base.window_tpu`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.csa_attention.common import (
+from pallas_kernels.attention_base.common import (
     WindowGeometry,
     attention_cost,
     dot_nn,
@@ -48,8 +48,8 @@ from pallas_kernels.csa_attention.common import (
     sink_rows,
     softmax_grads,
     to_rows,
-    window_block_mask,
 )
+from pallas_kernels.attention_base.window_tpu import window_dkv, window_dq_step, window_fwd_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,109 +72,7 @@ class BlockSizes:
 
 
 # ----------------------------------------------------------------------------------------------
-# Window pieces, shared with HCA.
-
-
-def window_fwd_step(g: WindowGeometry, i, j, q_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, m_sc, l_sc, acc_sc):
-    """Grid step j < n_window_steps of a forward kernel: one window key block for query block i."""
-    kb = g.first_kv(i) + j
-
-    @pl.when((j < g.n_window_steps) & (kb <= g.last_kv(i)))
-    def _():
-        k = kv_ref[...]
-        s = dot_nt(q_ref[...], k) * g.scale
-        k_pos = kb * g.block_kv + lax.broadcasted_iota(jnp.int32, (1, g.block_kv), 1)
-        mask = window_block_mask(qpos_ref[...], k_pos, qseg_ref[...], kseg_ref[...], g.window)
-        m, l, acc = online_softmax_step(m_sc[...], l_sc[...], acc_sc[...], s, mask, k)
-        m_sc[...] = m
-        l_sc[...] = l
-        acc_sc[...] = acc
-
-
-def window_dq_step(
-    g: WindowGeometry, i, j, q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, dq_sc
-):
-    """Grid step j < n_window_steps of a dq kernel: one window key block for query block i."""
-    kb = g.first_kv(i) + j
-
-    @pl.when((j < g.n_window_steps) & (kb <= g.last_kv(i)))
-    def _():
-        k = kv_ref[...]
-        s = dot_nt(q_ref[...], k) * g.scale
-        k_pos = kb * g.block_kv + lax.broadcasted_iota(jnp.int32, (1, g.block_kv), 1)
-        mask = window_block_mask(qpos_ref[...], k_pos, qseg_ref[...], kseg_ref[...], g.window)
-        _, ds = softmax_grads(s, mask, lse_ref[...], dot_nt(do_ref[...], k), delta_ref[...])
-        dq_sc[...] += g.scale * dot_nn(ds.astype(k.dtype), k)
-
-
-def _window_dkv_kernel(kv_ref, kseg_ref, q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, dkv_ref, acc_sc, *, g):
-    kb, j = pl.program_id(1), pl.program_id(2)
-
-    @pl.when(j == 0)
-    def _():
-        acc_sc[...] = jnp.zeros_like(acc_sc)
-
-    @pl.when(g.first_q(kb) + j <= g.last_q(kb))
-    def _():
-        k = kv_ref[...]
-        q = q_ref[...]
-        do = do_ref[...]
-        s = dot_nt(q, k) * g.scale
-        k_pos = kb * g.block_kv_dkv + lax.broadcasted_iota(jnp.int32, (1, g.block_kv_dkv), 1)
-        mask = window_block_mask(qpos_ref[...], k_pos, qseg_ref[...], kseg_ref[...], g.window)
-        p, ds = softmax_grads(s, mask, lse_ref[...], dot_nt(do, k), delta_ref[...])
-        acc_sc[...] += g.scale * dot_tn(ds.astype(q.dtype), q) + dot_tn(p.astype(do.dtype), do)
-
-    @pl.when(j == g.n_dkv_steps - 1)
-    def _():
-        dkv_ref[...] = acc_sc[...].astype(dkv_ref.dtype)
-
-
-def window_dkv(g: WindowGeometry, kv_p, kseg, q_rows, do_rows, lse, delta, qpos, qseg, *, interpret: bool):
-    """Gradient of the window keys/values (key-major, deterministic).
-
-    Shapes:
-      kv_p [B, Tp, H], kseg [B, 1, Tp], q_rows/do_rows [B, Tp*N, H], lse/delta [B, Tp*N, 1] f32,
-      qpos [Tp*N, 1], qseg [B, Tp*N, 1] -> dkv [B, Tp, H] (dtype of kv).
-    """
-    B, Tp, H = kv_p.shape
-    bk, R = g.block_kv_dkv, g.block_q_dkv * g.N
-    qmap = lambda b, kb, j: (b, g.q_block_dkv(kb, j), 0)
-    flops, trans, nbytes = attention_cost(
-        batch=B,
-        tokens=Tp,
-        heads=g.N,
-        head_dim=H,
-        keys_per_query=g.window,
-        itemsize=q_rows.dtype.itemsize,
-        key_bytes=2 * kv_p.size * kv_p.dtype.itemsize,
-        backward=True,
-    )
-    return pl.pallas_call(
-        functools.partial(_window_dkv_kernel, g=g),
-        grid=(B, Tp // bk, g.n_dkv_steps),
-        in_specs=[
-            pl.BlockSpec((None, bk, H), lambda b, kb, j: (b, kb, 0)),
-            pl.BlockSpec((None, 1, bk), lambda b, kb, j: (b, 0, kb)),
-            pl.BlockSpec((None, R, H), qmap),
-            pl.BlockSpec((None, R, H), qmap),
-            pl.BlockSpec((None, R, 1), qmap),
-            pl.BlockSpec((None, R, 1), qmap),
-            pl.BlockSpec((R, 1), lambda b, kb, j: (g.q_block_dkv(kb, j), 0)),
-            pl.BlockSpec((None, R, 1), qmap),
-        ],
-        out_specs=pl.BlockSpec((None, bk, H), lambda b, kb, j: (b, kb, 0)),
-        out_shape=jax.ShapeDtypeStruct(kv_p.shape, kv_p.dtype),
-        scratch_shapes=[pltpu.VMEM((bk, H), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        cost_estimate=pl.CostEstimate(flops=flops, transcendentals=trans, bytes_accessed=nbytes),
-        interpret=interpret,
-        name="window_dkv_tpu",
-    )(kv_p, kseg, q_rows, do_rows, lse, delta, qpos, qseg)
-
-
-# ----------------------------------------------------------------------------------------------
-# CSA: forward and dq kernels.
+# Sparse attention: forward and dq kernels.
 
 
 def _gather_rows(ent_hbm, b, idx_smem, r, buf, sem, n):
@@ -193,7 +91,7 @@ def _gather_rows(ent_hbm, b, idx_smem, r, buf, sem, n):
     lax.fori_loop(0, n, wait, 0)
 
 
-def _csa_fwd_kernel(
+def _sparse_fwd_kernel(
     idx_smem,
     idx_vmem,
     q_ref,
@@ -248,7 +146,7 @@ def _csa_fwd_kernel(
         lse_ref[...] = m_sc[...] + jnp.log(l_sc[...])
 
 
-def _csa_dq_kernel(
+def _sparse_dq_kernel(
     idx_smem,
     idx_vmem,
     q_ref,
@@ -384,7 +282,7 @@ def _forward(q, kv, entries, topk_idx, sink, segment_ids, window, bs: BlockSizes
     sp = _specs(g, bs.block_k, H)
     R = g.block_q * N
     o_rows, lse = pl.pallas_call(
-        functools.partial(_csa_fwd_kernel, g=g, n_steps=n_steps, block_k=bs.block_k),
+        functools.partial(_sparse_fwd_kernel, g=g, n_steps=n_steps, block_k=bs.block_k),
         grid=(B, g.nq, n_steps),
         in_specs=[
             sp["idx_smem"],
@@ -412,7 +310,7 @@ def _forward(q, kv, entries, topk_idx, sink, segment_ids, window, bs: BlockSizes
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=_cost(g, a["idx"].shape[-1], q.dtype.itemsize, backward=False),
         interpret=interpret,
-        name="csa_fwd_tpu",
+        name="sparse_fwd_tpu",
     )(a["idx"], a["idx"], a["q_rows"], a["qpos"], a["qseg"], a["kv_p"], a["kseg"], sink_rows(sink, g.block_q), a["ent"])
     out = o_rows.reshape(B, g.Tp, N, H)[:, :T]
     return out, (a, entries, topk_idx, o_rows, lse, sink)
@@ -429,7 +327,7 @@ def _backward(window, bs: BlockSizes, interpret: bool, res, d_out):
     sp = _specs(g, bs.block_k, H)
     R = g.block_q * N
     dq_rows, dent = pl.pallas_call(
-        functools.partial(_csa_dq_kernel, g=g, n_steps=n_steps, block_k=bs.block_k),
+        functools.partial(_sparse_dq_kernel, g=g, n_steps=n_steps, block_k=bs.block_k),
         grid=(B, g.nq, n_steps),
         in_specs=[
             sp["idx_smem"],
@@ -462,7 +360,7 @@ def _backward(window, bs: BlockSizes, interpret: bool, res, d_out):
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary", "arbitrary", "arbitrary")),
         cost_estimate=_cost(g, a["idx"].shape[-1], o_rows.dtype.itemsize, backward=True),
         interpret=interpret,
-        name="csa_dq_tpu",
+        name="sparse_dq_tpu",
     )(
         a["idx"],
         a["idx"],
@@ -486,23 +384,23 @@ def _backward(window, bs: BlockSizes, interpret: bool, res, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _csa(q, kv, entries, topk_idx, sink, segment_ids, window, bs, interpret):
+def _sparse(q, kv, entries, topk_idx, sink, segment_ids, window, bs, interpret):
     return _forward(q, kv, entries, topk_idx, sink, segment_ids, window, bs, interpret)[0]
 
 
-def _csa_fwd(q, kv, entries, topk_idx, sink, segment_ids, window, bs, interpret):
+def _sparse_fwd(q, kv, entries, topk_idx, sink, segment_ids, window, bs, interpret):
     return _forward(q, kv, entries, topk_idx, sink, segment_ids, window, bs, interpret)
 
 
-def _csa_bwd(window, bs, interpret, res, d_out):
+def _sparse_bwd(window, bs, interpret, res, d_out):
     dq, dkv, dent, dsink = _backward(window, bs, interpret, res, d_out)
     return dq, dkv, dent, None, dsink, None
 
 
-_csa.defvjp(_csa_fwd, _csa_bwd)
+_sparse.defvjp(_sparse_fwd, _sparse_bwd)
 
 
-def csa_attention(
+def sparse_attention(
     q: jax.Array,
     kv: jax.Array,
     entries: jax.Array,
@@ -514,10 +412,10 @@ def csa_attention(
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """CSA attention with Mosaic-TPU Pallas kernels; same contract as `reference.csa_attention`.
+    """Sparse attention with Mosaic-TPU Pallas kernels; same contract as `reference.sparse_attention`.
 
     Shapes:
       q [B, T, N, H], kv [B, T, H], entries [B, C, H], topk_idx [B, T, K] int32, sink [N],
       segment_ids [B, T] int32 -> [B, T, N, H].
     """
-    return _csa(q, kv, entries, topk_idx, sink, segment_ids, window, block_sizes or BlockSizes(), interpret)
+    return _sparse(q, kv, entries, topk_idx, sink, segment_ids, window, block_sizes or BlockSizes(), interpret)

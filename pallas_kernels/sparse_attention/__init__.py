@@ -1,32 +1,21 @@
-"""Compressed sparse attention (CSA): sliding window plus the lightning indexer's top-k compressed entries.
+"""Sparse attention: sliding window plus the top-k selected compressed entries (CSA layers' sparse phase).
 
-`csa_attention(q, kv, entries, topk_idx, sink, segment_ids, *, window=128, impl=None)`; the pure-JAX
-spec is `reference.csa_attention`, the kernels are `pallas_gpu` (Triton) and `pallas_tpu` (Mosaic TPU).
+`sparse_attention(q, kv, entries, topk_idx, sink, segment_ids, *, window=128, impl=None)`; the pure-JAX
+spec is `reference.sparse_attention`, the kernels are `pallas_gpu` (Triton) and `pallas_tpu` (Mosaic TPU).
+The selection `topk_idx` comes from `pallas_kernels.lightning_indexer`. Contract: docs/kernels.md.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.csa_attention import pallas_gpu, pallas_tpu, reference
-from pallas_kernels.csa_attention.common import (
-    ENTRY_AXES,
-    KV_AXES,
-    Q_AXES,
-    SINK_AXES,
-    TOKEN_AXES,
-    Impl,
-    check_attention_inputs,
-    pick_block_sizes,
-    resolve_impl,
-    shard_over_mesh,
-)
+from pallas_kernels.attention_base.common import check_attention_inputs
+from pallas_kernels.dispatch import Impl, check_block_sizes, resolve_impl
+from pallas_kernels.sparse_attention import pallas_gpu, pallas_tpu, reference
 
 
-def csa_attention(
+def sparse_attention(
     q: jax.Array,
     kv: jax.Array,
     entries: jax.Array,
@@ -40,6 +29,10 @@ def csa_attention(
     interpret: bool | None = None,
 ) -> jax.Array:
     """One softmax (with per-head sink) over the sliding window and the selected compressed entries.
+
+    Runs on what it is given: under a mesh, call it per shard (the model's attention layer wraps it in
+    `shard_map`); positions, windows and entry indices are local to the arrays passed. Inputs are float
+    (bfloat16 or float32); scores and softmax run in float32. See docs/kernels.md.
 
     Args:
       q: queries, already normed and rotated.
@@ -69,14 +62,12 @@ def csa_attention(
         )
     which, interp = resolve_impl(impl, interpret)
     if which == "reference":
-        return reference.csa_attention(q, kv, entries, topk_idx, sink, segment_ids, window=window)
+        return reference.sparse_attention(q, kv, entries, topk_idx, sink, segment_ids, window=window)
     module = pallas_gpu if which == "pallas_gpu" else pallas_tpu
-    kernel = functools.partial(
-        module.csa_attention, window=window, block_sizes=pick_block_sizes(module, block_sizes), interpret=interp
+    return module.sparse_attention(
+        q, kv, entries, topk_idx, sink, segment_ids, window=window,
+        block_sizes=check_block_sizes(module, block_sizes), interpret=interp,
     )
-    args = (q, kv, entries, topk_idx, sink, segment_ids)
-    axes = (Q_AXES, KV_AXES, ENTRY_AXES, TOKEN_AXES + (None,), SINK_AXES, TOKEN_AXES)
-    return shard_over_mesh(kernel, args, axes, Q_AXES, q.shape)
 
 
-__all__ = ["csa_attention"]
+__all__ = ["sparse_attention"]

@@ -1,81 +1,30 @@
-"""Pieces shared by the CSA, HCA and lightning-indexer packages.
+"""Masking rules and helpers shared by the dense attention, sparse attention and lightning-indexer kernels.
 
 * Reference helpers: the sliding-window key blocks and the softmax with an attention sink.
 * Kernel helpers: token padding, the "rows" layout (query t, head n) -> row t * N + n, online-softmax
-  steps and masks written with plain `jnp` so that the Mosaic-TPU and the Triton kernels share them.
-* `resolve_impl`: the implementation dispatch of every package entry point.
+  steps and masks written with plain `jnp` so that the Mosaic-TPU and the Triton kernels share them;
+  `WindowGeometry`, the static block ranges of the sliding window.
 
-Masking rules (ARCHITECTURE.md section 2, with per-document masking of packed rows):
+Masking rules (docs/kernels.md; packed rows are masked per document, docs/packing.md):
 * window: key j is visible to query t iff t - window < j <= t and segment[j] == segment[t];
 * compressed entry c (pooling tokens c*m .. c*m + m - 1) is admissible for query t iff
   (c + 1) * m - 1 <= t and entry_segment[c] == segment[t] (entry_segment is -1 for an entry whose
   window straddles two documents, so it never matches).
+Positions are local: t and j index the arrays the kernel is given.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sharding import rules
-
-Impl = Literal["reference", "pallas", "pallas_gpu", "pallas_tpu"] | None
 NEG_INF = float("-inf")
 # Segment id given to padded tokens: never equal to a real segment (real ids are >= 0).
 PAD_SEGMENT = -2
-
-
-# ----------------------------------------------------------------------------------------------
-# Implementation dispatch.
-
-
-def resolve_impl(impl: Impl, interpret: bool | None) -> tuple[str, bool]:
-    """Picks the implementation a package entry point runs.
-
-    Args:
-      impl: "reference", "pallas" (the Pallas kernel of this platform), "pallas_gpu" (Triton
-        style), "pallas_tpu" (Mosaic-TPU style), or None (best available: Pallas on GPU/TPU, the
-        reference on CPU).
-      interpret: run a Pallas kernel in interpret mode; None = only where the platform needs it
-        (never: on CPU an explicit Pallas request must pass interpret=True).
-
-    Returns:
-      ("reference" | "pallas_gpu" | "pallas_tpu", interpret flag).
-
-    Raises:
-      ValueError: the request cannot run on this platform (never falls back silently).
-    """
-    platform = jax.default_backend()
-    native = {"gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "pallas_gpu", "tpu": "pallas_tpu"}.get(platform)
-    if impl is None:
-        return (native, bool(interpret)) if native else ("reference", False)
-    if impl == "reference":
-        return "reference", False
-    if impl not in ("pallas", "pallas_gpu", "pallas_tpu"):
-        raise ValueError(f"impl must be 'reference', 'pallas', 'pallas_gpu', 'pallas_tpu' or None, got {impl!r}")
-    if interpret:
-        if impl == "pallas":
-            if native is None:
-                raise ValueError(
-                    "impl='pallas' with interpret=True on CPU is ambiguous: pass impl='pallas_gpu' or impl='pallas_tpu'"
-                )
-            return native, True
-        return impl, True
-    if native is None:
-        raise ValueError(
-            f"impl={impl!r} cannot run on the {platform!r} backend: Pallas runs on CPU only in "
-            "interpret mode (pass interpret=True)"
-        )
-    if impl != "pallas" and impl != native:
-        raise ValueError(
-            f"impl={impl!r} cannot run natively on the {platform!r} backend (use {native!r} or interpret=True)"
-        )
-    return native, False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,44 +313,3 @@ def check_attention_inputs(q, kv, entries, sink, segment_ids, *, window: int, ra
         raise ValueError(f"window must be >= 1, got {window}")
     if ratio is not None and ratio < 1:
         raise ValueError(f"ratio must be >= 1, got {ratio}")
-
-
-def pick_block_sizes(module, block_sizes):
-    """Checks that `block_sizes` belongs to the chosen kernel module (each backend has its own class)."""
-    if block_sizes is not None and not isinstance(block_sizes, module.BlockSizes):
-        raise ValueError(
-            f"block_sizes must be {module.__name__}.BlockSizes for this implementation, "
-            f"got {type(block_sizes).__module__}.{type(block_sizes).__name__}"
-        )
-    return block_sizes
-
-
-# Logical axes (sharding/rules.py) of the kernel arguments: batch-sharded, query heads split over "tensor".
-Q_AXES = ("batch", "seq", "heads", "head_dim")
-KV_AXES = ("batch", "seq", "head_dim")
-ENTRY_AXES = ("batch", "kv_seq", "head_dim")
-TOKEN_AXES = ("batch", "seq")
-ENTRY_SEG_AXES = ("batch", "kv_seq")
-SINK_AXES = ("heads",)
-
-
-def shard_over_mesh(fn, args, in_axes, out_axes, out_shape):
-    """Runs `fn(*args)` under `jax.shard_map` over the active mesh, with specs from sharding/rules.py.
-
-    Without an active mesh (`jax.set_mesh`) or with a single device this is `fn(*args)`. The kernel sees
-    local shards only; replicated inputs' gradients are summed over the axes their specs leave out
-    (shard_map's transpose with check_vma=False, which Pallas calls need).
-
-    Args:
-      fn: the kernel wrapper, taking `args` positionally and returning one array.
-      args: the arrays.
-      in_axes: one tuple of logical axis names per argument.
-      out_axes: logical axis names of the output.
-      out_shape: the (global) output shape.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return fn(*args)
-    in_specs = tuple(rules.spec(ax, "activation", shape=a.shape, mesh=mesh) for a, ax in zip(args, in_axes))
-    out_spec = rules.spec(out_axes, "activation", shape=out_shape, mesh=mesh)
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)

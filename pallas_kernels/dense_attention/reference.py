@@ -1,9 +1,10 @@
-"""Heavily compressed attention (HCA), pure JAX: the specification of the Pallas kernels.
+"""Dense attention, pure JAX: the specification of the Pallas kernels.
 
 Each query attends, in one softmax with a per-head sink, to its sliding window of raw keys and to
 every admissible compressed entry: entry c (pooling tokens c*m .. c*m + m - 1) is admissible for
-query t iff (c + 1) * m - 1 <= t and entry_segment[c] == segment_ids[t]. The same function serves
-CSA's dense phase (ratio 4, every admissible entry, no top-k), so any ratio works.
+query t iff (c + 1) * m - 1 <= t and entry_segment[c] == segment_ids[t]. It serves HCA layers, CSA's
+dense phase (ratio 4, every admissible entry, no top-k) and sliding-window layers (C = 0), so any ratio
+works.
 
 Memory: queries are processed in blocks of max(window, 64) against the previous and the current
 key block and all C entries; a block's state is rematerialised in the backward pass.
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.csa_attention.common import (
+from pallas_kernels.attention_base.common import (
     PAD_SEGMENT,
     admissible_mask,
     pad_axis,
@@ -26,7 +27,7 @@ from pallas_kernels.csa_attention.common import (
 )
 
 
-def _hca(q, kv, entries, entry_segment, sink, segment_ids, *, ratio: int, window: int, with_mass: bool):
+def _dense(q, kv, entries, entry_segment, sink, segment_ids, *, ratio: int, window: int, with_mass: bool):
     B, T, N, H = q.shape
     scale = H**-0.5
     block = reference_query_block(window)
@@ -65,7 +66,7 @@ def _hca(q, kv, entries, entry_segment, sink, segment_ids, *, ratio: int, window
     return res.swapaxes(0, 1).reshape(B, Tp, N, H)[:, :T]
 
 
-def hca_attention(
+def dense_attention(
     q: jax.Array,
     kv: jax.Array,
     entries: jax.Array,
@@ -95,10 +96,10 @@ def hca_attention(
       q [B, T, N, H], kv [B, T, H], entries [B, C, H], entry_segment [B, C] int32, sink [N],
       segment_ids [B, T] int32 -> [B, T, N, H].
     """
-    return _hca(q, kv, entries, entry_segment, sink, segment_ids, ratio=ratio, window=window, with_mass=False)
+    return _dense(q, kv, entries, entry_segment, sink, segment_ids, ratio=ratio, window=window, with_mass=False)
 
 
-def hca_attention_and_entry_mass(
+def dense_attention_and_entry_mass(
     q: jax.Array,
     kv: jax.Array,
     entries: jax.Array,
@@ -109,7 +110,7 @@ def hca_attention_and_entry_mass(
     ratio: int,
     window: int = 128,
 ) -> tuple[jax.Array, jax.Array]:
-    """`hca_attention` plus the probability mass each query puts on each compressed entry.
+    """`dense_attention` plus the probability mass each query puts on each compressed entry.
 
     The mass is summed over heads (so it lies in [0, N]); it is the target of the lightning
     indexer's KL loss in CSA's dense phase (normalise it over C, and stop its gradient, at the
@@ -117,6 +118,6 @@ def hca_attention_and_entry_mass(
     for the short sequences of the indexer warm-up.
 
     Shapes:
-      as `hca_attention`; returns (out [B, T, N, H], mass [B, T, C] float32).
+      as `dense_attention`; returns (out [B, T, N, H], mass [B, T, C] float32).
     """
-    return _hca(q, kv, entries, entry_segment, sink, segment_ids, ratio=ratio, window=window, with_mass=True)
+    return _dense(q, kv, entries, entry_segment, sink, segment_ids, ratio=ratio, window=window, with_mass=True)

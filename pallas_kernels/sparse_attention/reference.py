@@ -1,4 +1,4 @@
-"""Compressed sparse attention (CSA), pure JAX: the specification of the Pallas kernels.
+"""Sparse attention, pure JAX: the specification of the Pallas kernels.
 
 Each query attends, in one softmax with a per-head sink, to
 * its sliding window of raw keys: t - window < j <= t, same segment (the single shared K=V head `kv`);
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.csa_attention.common import (
+from pallas_kernels.attention_base.common import (
     PAD_SEGMENT,
     pad_axis,
     reference_query_block,
@@ -25,7 +25,7 @@ from pallas_kernels.csa_attention.common import (
 )
 
 
-def csa_attention(
+def sparse_attention(
     q: jax.Array,
     kv: jax.Array,
     entries: jax.Array,
