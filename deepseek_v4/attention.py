@@ -1,6 +1,6 @@
 """V4 attention: the shared backbone (sliding window + sink + grouped output) with CSA and HCA extensions.
 
-ARCHITECTURE.md section 2. The heavy math (window + compressed attention, the lightning indexer) lives in
+docs/model.md, "Attention". The heavy math (window + compressed attention, the lightning indexer) lives in
 `pallas_kernels`; this module computes their inputs (queries, the shared K=V head, compressed entries,
 indexer queries and keys) and the output projection.
 

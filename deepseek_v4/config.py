@@ -1,6 +1,6 @@
 """The model configuration: one frozen, flat dataclass, presets by name, JSON round trip.
 
-Field names follow the published DeepSeek-V4 `config.json` where one exists (ARCHITECTURE.md section 1.1).
+Field names follow the published DeepSeek-V4 `config.json` where one exists (docs/model.md, "Configuration").
 `compress_ratios` lists one entry per layer plus one per MTP layer: 0 = sliding window only,
 `csa_ratio` = compressed sparse attention (CSA), `hca_ratio` = heavily compressed attention (HCA).
 """
@@ -72,7 +72,7 @@ class Config:
     # backward (scanned units, the unrolled prefix layers and the MTP block alike; only the residual streams
     # entering each one are kept).
     remat_policy: str = "none"
-    # Low-precision training (TRAINING.md section 5): "none"; "fp8" = FP8 e4m3 emulation of every FP8 GEMM of the
+    # Low-precision training (docs/training.md): "none"; "fp8" = FP8 e4m3 emulation of every FP8 GEMM of the
     # release (128x128 weight blocks, 1x128 activation tiles); "fp4" = "fp8" plus MXFP4 QAT of the routed experts
     # and of the indexer's query/key path (for continued training / post-training).
     quant: str = "none"

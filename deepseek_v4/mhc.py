@@ -3,7 +3,7 @@
 Each block has two mHC sites (before attention and before the MoE). A site computes, per token and from the
 streams themselves, a collapse vector `pre` [R], an expansion vector `post` [R] and a doubly-stochastic mixing
 matrix `comb` [R, R] (Sinkhorn-Knopp projection), then the block output y updates the streams as
-X' = comb^T X + post (x) y (ARCHITECTURE.md section 3; the transpose matters, comb is not symmetric).
+X' = comb^T X + post (x) y (docs/model.md, mHC; the transpose matters, comb is not symmetric).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
     MTP (depth 1): streams + embedding of the next token -> one sliding-window block -> its own collapse + norm
            -> the shared head, predicting the token two positions ahead.
 
-Each layer: mHC site -> attention -> mHC update -> mHC site -> MoE -> mHC update (ARCHITECTURE.md sections 2-5).
+Each layer: mHC site -> attention -> mHC update -> mHC site -> MoE -> mHC update (docs/model.md, "Layer plan").
 
 Dimension letters (einsum strings) and logical axis names (parameter metadata `logical_axes`):
     B batch, T/S length, D model ("embed"), Q query latent ("q_lora"), N heads ("heads"), H head dim ("head_dim"),

@@ -1,7 +1,7 @@
 """Rotary position embedding as V4 uses it: interleaved pairs on the trailing `rope_dim` channels of a head.
 
 Sliding-only layers (and the MTP block) use plain RoPE with `rope_theta`; CSA/HCA layers use
-`compress_rope_theta` with YaRN frequency correction and no magnitude (mscale) factor (ARCHITECTURE.md 1.2).
+`compress_rope_theta` with YaRN frequency correction and no magnitude (mscale) factor (docs/model.md, RoPE).
 """
 
 from __future__ import annotations

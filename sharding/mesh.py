@@ -12,8 +12,8 @@ Axis types: every axis is `AxisType.Auto`. The model is written without `out_sha
 einsums, so Explicit axes would make every contraction over a sharded dimension an error ("Contracting dimensions
 are sharded and it is ambiguous how the output should be sharded"). With Auto axes GSPMD propagates shardings from
 the parameters and the few `rules.constrain` calls on activations, `with_sharding_constraint` works, flax builds
-modules under the mesh, and expert dispatch uses `jax.shard_map` where layout matters. This is the documented
-fallback of house-style rule 9, decided here for the whole project.
+modules under the mesh, and expert dispatch uses `jax.shard_map` where layout matters. This choice is made here
+for the whole project (docs/sharding.md, "Axis types").
 """
 
 from __future__ import annotations

@@ -156,7 +156,7 @@ def exports(imported, tmp_path_factory):
 
 
 def test_storage_classes_follow_the_release_table():
-    """ARCHITECTURE.md section 6: which tensor is FP8 / MXFP4 / BF16 / FP32 / I64 in the fp4 (instruct) layout."""
+    """Which tensor is FP8 / MXFP4 / BF16 / FP32 / I64 in the fp4 (instruct) layout (docs/checkpoints.md)."""
     storage = {p.name: p.storage for p in export.plan(CFG, "fp4")}
     want = {
         "embed.weight": "bf16", "head.weight": "bf16", "norm.weight": "bf16", "hc_head_fn": "f32",
