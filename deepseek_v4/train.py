@@ -56,8 +56,7 @@ class TrainSettings:
     schedule: str = _setting("wsd", "LR schedule: wsd = warmup, constant, cosine decay over the last "
                              "decay_fraction of the run; cosine = warmup then cosine decay; constant = warmup then "
                              "constant.", choices=("wsd", "cosine", "constant"))
-    warmup_steps: int | None = _setting(None, "Linear warmup steps (None: 10% of steps, resolved when the settings "
-                                        "are built).")
+    warmup_steps: int | None = _setting(None, "Linear warmup steps (unset / None: 10% of steps).")
     decay_fraction: float = _setting(0.2, "wsd: fraction of steps spent decaying.")
     final_lr_fraction: float = _setting(0.1, "The LR decays to learning_rate * final_lr_fraction.")
     optimizer: str = _setting("muon", "muon: Muon for hidden and expert matrices, AdamW for embedding, head, norms, "
@@ -361,7 +360,8 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, cfg: Config,
-               tx: optax.GradientTransformation, s: TrainSettings, sparse: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, s: TrainSettings,
+               sparse: bool) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch (see the module docstring).
 
     Args:

@@ -43,6 +43,7 @@ FLAGS = flags.FLAGS
 flag_gen.define_config_flags()
 flag_gen.define_settings_flags(train.TrainSettings)
 flag_gen.define_settings_flags(run_lib.RunSettings)
+flags.adopt_module_key_flags(flag_gen)  # --help lists them
 
 
 def _fail(msg: str) -> None:

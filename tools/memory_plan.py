@@ -65,6 +65,7 @@ config_flags.define_config_flags(default_preset="flash")
 config_flags.define_settings_flags(RunSettings, names=("mesh", "batch_size", "seq_len"),
                                    defaults={"batch_size": None, "seq_len": 4096})
 config_flags.define_settings_flags(train.TrainSettings, names=("optimizer", "loss_chunk", "loss_impl"))
+flags.adopt_module_key_flags(config_flags)  # --help lists them
 flags.DEFINE_integer("devices", None, "Device count (needed when --mesh has a -1; default: the mesh's product).")
 flags.DEFINE_float("capacity_factor", None, "MoE capacity factor (unset: dropless).")
 flags.DEFINE_bool("recommend", False, "Find the fewest chips of each kind and a mesh for --config.")
