@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -153,7 +154,7 @@ class Run:
     def complete(self) -> bool:
         return self.start >= self.settings.steps
 
-    @property
+    @functools.cached_property
     def batch_sharding(self) -> jax.sharding.NamedSharding:
         return rules.named_sharding(("batch", "seq"), self.mesh, "activation")
 
