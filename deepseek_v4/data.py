@@ -17,7 +17,8 @@ Data flow (one process):
    which flushes all its bins whenever one piece does not fit (experiments/LOG.md).
 5. Batches of `batch_size` rows (per process), in the shared batch format: int32 [B, T] `tokens`,
    `targets`, `segment_ids` (1, 2, ... per piece within a row; 0 = padding) and `positions`. A finite run
-   (`num_epochs`) pads its last batch with padding rows.
+   (`num_epochs`) pads its last batch with padding rows. (The format allows an optional float32 [B, T]
+   `loss_weights`, each token's weight in the loss, see `train.train_step`; pretraining batches leave it out.)
 6. Optional multi-process prefetch (`num_workers` > 0): each worker runs steps 4-5 on a slice of the
    stream. Grain workers read absl flags, so the program must run under `absl.app.run` (or have parsed
    its flags); `num_workers=0` works everywhere.

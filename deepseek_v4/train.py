@@ -13,7 +13,7 @@ One step, for a global batch [B, T] split into `grad_accum` microbatches [B/A, T
      state and biases keep their old values) and is counted in `skipped`.
 
 Loss = CE + w_mtp * CE_mtp + w_bal * balance + w_idx * indexer_KL, with w_mtp = 0.3, dropping to 0.1 once
-the learning rate starts to decay (TRAINING.md section 4), w_bal = 1e-4, indexer KL gradients reaching only
+the learning rate starts to decay (docs/training.md), w_bal = 1e-4, indexer KL gradients reaching only
 the indexer (the model applies the stop-gradients).
 
 `nnx.split` happens once, when the state is built; the step works on the split pytrees and merges the model
@@ -39,33 +39,50 @@ from deepseek_v4.config import Config
 from sharding import rules
 
 
+def _setting(default: Any, help_text: str, **metadata: Any) -> Any:
+    """A settings field whose default and description live here (the entry points generate flags from them)."""
+    return dataclasses.field(default=default, metadata={"help": help_text, **metadata})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    """Hyper-parameters of the training loop (not of the model); saved with every checkpoint."""
+    """Hyper-parameters of the training loop (not of the model); saved with every checkpoint.
 
-    steps: int = 1000
-    learning_rate: float = 3e-3
-    schedule: str = "wsd"  # "wsd" (warmup, constant, cosine decay at the end), "cosine", "constant"
-    warmup_steps: int = 50
-    decay_fraction: float = 0.2  # wsd: share of `steps` spent decaying
-    final_lr_fraction: float = 0.1  # the LR ends at learning_rate * final_lr_fraction
-    optimizer: str = "muon"  # "muon" (Muon for matrices, AdamW for the rest; V4) or "adamw"
-    weight_decay: float = 0.1
-    adam_b1: float = 0.9
-    adam_b2: float = 0.95
-    adam_eps: float = 1e-20
-    clip_norm: float = 1.0  # global gradient-norm clip; 0 disables
-    grad_accum: int = 1
-    mtp_weight: float = 0.3
-    mtp_weight_after_decay: float = 0.1
-    balance_weight: float = 1e-4
-    indexer_weight: float = 1.0
-    bias_speed: float = 1e-3
-    sparse_attention_after: int = 0  # steps of dense attention (indexer warm-up) before CSA goes sparse
-    loss_chunk: int = loss_lib.DEFAULT_CHUNK
-    loss_impl: str = "remat"  # "remat" (recompute chunk logits in the backward) or "fused" (gradients in the forward)
+    The defaults are those of the CPU `nano` run (`python -m experiments.pretrain` with no flags).
+    """
+
+    steps: int = _setting(40, "Total optimizer steps of the run (a resumed run continues up to it).")
+    learning_rate: float = _setting(3e-3, "Peak learning rate.")
+    schedule: str = _setting("wsd", "LR schedule: wsd = warmup, constant, cosine decay over the last "
+                             "decay_fraction of the run; cosine = warmup then cosine decay; constant = warmup then "
+                             "constant.", choices=("wsd", "cosine", "constant"))
+    warmup_steps: int | None = _setting(None, "Linear warmup steps (unset / None: 10% of steps).")
+    decay_fraction: float = _setting(0.2, "wsd: fraction of steps spent decaying.")
+    final_lr_fraction: float = _setting(0.1, "The LR decays to learning_rate * final_lr_fraction.")
+    optimizer: str = _setting("muon", "muon: Muon for hidden and expert matrices, AdamW for embedding, head, norms, "
+                              "mHC biases (V4); adamw: AdamW everywhere.", choices=("muon", "adamw"))
+    weight_decay: float = _setting(0.1, "Decoupled weight decay, applied to every trainable parameter.")
+    adam_b1: float = _setting(0.9, "AdamW beta1.")
+    adam_b2: float = _setting(0.95, "AdamW beta2.")
+    adam_eps: float = _setting(1e-20, "AdamW epsilon.")
+    clip_norm: float = _setting(1.0, "Global gradient-norm clip (0 disables).")
+    grad_accum: int = _setting(1, "Microbatches per step (the batch size must be divisible by it).")
+    mtp_weight: float = _setting(0.3, "MTP loss weight until the LR starts to decay.")
+    mtp_weight_after_decay: float = _setting(0.1, "MTP loss weight from the start of the LR decay.")
+    balance_weight: float = _setting(1e-4, "Sequence-wise balance loss weight.")
+    indexer_weight: float = _setting(1.0, "Weight of the lightning indexer's KL loss (0: no indexer training).")
+    bias_speed: float = _setting(1e-3, "Aux-loss-free balancing bias update speed (sign rule).")
+    sparse_attention_after: int = _setting(0, "Steps of dense attention (CSA over all visible compressed entries; "
+                                           "the indexer learns from the KL) before CSA layers switch to top-k "
+                                           "sparse attention.")
+    loss_chunk: int = _setting(loss_lib.DEFAULT_CHUNK, "Tokens per chunk of head logits in the cross entropy.")
+    loss_impl: str = _setting("remat", "Cross entropy gradients: fused = computed in the forward pass (3 head "
+                              "matmuls per chunk, holds a head-sized gradient); remat = recomputed in the backward "
+                              "(4 matmuls, less memory).", choices=loss_lib.IMPLS)
 
     def __post_init__(self):
+        if self.warmup_steps is None:  # the one place the default warmup is resolved
+            object.__setattr__(self, "warmup_steps", max(1, self.steps // 10) if self.steps > 1 else 0)
         validate_settings(self)
 
     @property
@@ -266,25 +283,54 @@ def plan_state(build_model: Callable[[], nnx.Module], s: TrainSettings, mesh: ja
 # ---- the step -----------------------------------------------------------------------------------------
 
 
+def token_weights(batch: dict[str, jax.Array]) -> jax.Array:
+    """Per-token weight of the main cross entropy: `loss_weights` where the batch has it, else 1, and 0 on padding.
+
+    Shapes:
+      batch [B, T] entries -> [B, T] float32.
+    """
+    mask = loss_lib.token_mask(batch["segment_ids"])
+    if "loss_weights" not in batch:
+        return mask
+    return jnp.where(mask > 0, batch["loss_weights"].astype(jnp.float32), 0.0)
+
+
+def mtp_token_weights(batch: dict[str, jax.Array], depth: int) -> tuple[jax.Array, jax.Array]:
+    """Targets and per-token weights of the MTP module at `depth`: the prediction at t is of targets[t + depth],
+    so it takes that target's loss weight (`loss_lib.mtp_targets` gives the targets and the document mask).
+
+    Shapes:
+      batch [B, T] entries -> (targets [B, T] int32, weights [B, T] float32).
+    """
+    shifted, valid = loss_lib.mtp_targets(batch["targets"], batch["segment_ids"], depth)
+    if "loss_weights" not in batch:
+        return shifted, valid
+    w = batch["loss_weights"].astype(jnp.float32)
+    k = min(depth, w.shape[1])
+    w = jnp.concatenate([w[:, k:], jnp.zeros((w.shape[0], k), w.dtype)], axis=1)
+    return shifted, jnp.where(valid > 0, w, 0.0)
+
+
 def _batch_counts(batch: dict[str, jax.Array], mtp_depth: int) -> dict[str, jax.Array]:
-    """Tokens that carry a loss in the whole batch (main and per MTP depth), at least 1."""
-    seg, targets = batch["segment_ids"], batch["targets"]
-    main = jnp.maximum(jnp.sum(loss_lib.token_mask(seg)), 1.0)
-    mtp = [jnp.maximum(jnp.sum(loss_lib.mtp_targets(targets, seg, k)[1]), 1.0) for k in range(1, mtp_depth + 1)]
+    """Tokens that carry a loss (nonzero weight) in the whole batch, main and per MTP depth, at least 1."""
+    def count(weights):
+        return jnp.maximum(jnp.sum((weights != 0).astype(jnp.float32)), 1.0)
+
+    main = count(token_weights(batch))
+    mtp = [count(mtp_token_weights(batch, k)[1]) for k in range(1, mtp_depth + 1)]
     return {"tokens": main, "mtp": mtp}
 
 
-def _microbatch_loss(params, extras, micro, counts, *, graphdef, s: TrainSettings, sparse: bool, mtp_weight,
-                     multiplier):
+def _microbatch_loss(params, extras, micro, counts, *, graphdef, s: TrainSettings, sparse: bool, mtp_weight):
     model = nnx.merge(graphdef, params, extras)
     tokens, seg, pos, targets = micro["tokens"], micro["segment_ids"], micro["positions"], micro["targets"]
     out = model.forward_train(tokens, seg, pos, sparse_attention=sparse, indexer_loss=s.indexer_weight > 0)
     head = model.head[...]
-    ce = loss_lib.chunked_cross_entropy(out.hidden, head, targets, loss_lib.token_mask(seg), chunk_size=s.loss_chunk,
-                                        impl=s.loss_impl) / counts["tokens"] * multiplier
+    ce = loss_lib.chunked_cross_entropy(out.hidden, head, targets, token_weights(micro), chunk_size=s.loss_chunk,
+                                        impl=s.loss_impl) / counts["tokens"]
     mtp = jnp.zeros((), jnp.float32)
     for k, hidden in enumerate(out.mtp_hidden, start=1):
-        t_k, w_k = loss_lib.mtp_targets(targets, seg, k)
+        t_k, w_k = mtp_token_weights(micro, k)
         mtp += loss_lib.chunked_cross_entropy(hidden, head, t_k, w_k, chunk_size=s.loss_chunk,
                                               impl=s.loss_impl) / counts["mtp"][k - 1]
     mtp = mtp / max(len(out.mtp_hidden), 1)
@@ -313,15 +359,17 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], multiplier: jax.Array, *, graphdef: nnx.GraphDef,
-               cfg: Config, tx: optax.GradientTransformation, s: TrainSettings,
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, cfg: Config,
+               tx: optax.GradientTransformation, s: TrainSettings,
                sparse: bool) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch (see the module docstring).
 
     Args:
       state: the train state (donated by `make_train_step`).
       batch: `tokens`, `targets`, `segment_ids`, `positions`, each [B, T] int32; B divisible by grad_accum.
-      multiplier: [] float32 the main cross entropy is multiplied by; 1.0 except in tests that inject a NaN.
+        Optional `loss_weights` [B, T] float32 scales each token's cross entropy (main and MTP; 0 leaves a token
+        out, e.g. a prompt); each loss is a mean over the tokens of nonzero weight. A non-finite weight makes the
+        loss non-finite, and the step is skipped.
 
     Returns:
       The new state and a dict of scalar / small metrics (on device).
@@ -333,8 +381,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], multiplier: jax.A
     count = state.step - state.skipped  # the optimizer's own step count (skipped steps do not advance it)
     mtp_weight = jnp.where(count >= s.decay_start, s.mtp_weight_after_decay, s.mtp_weight)
     counts = _batch_counts(batch, cfg.num_nextn_predict_layers)
-    loss_fn = functools.partial(_microbatch_loss, graphdef=graphdef, s=s, sparse=sparse, mtp_weight=mtp_weight,
-                                multiplier=multiplier)
+    loss_fn = functools.partial(_microbatch_loss, graphdef=graphdef, s=s, sparse=sparse, mtp_weight=mtp_weight)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     a = s.grad_accum
     if a == 1:
@@ -398,7 +445,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], multiplier: jax.A
 
 def make_train_step(graphdef: nnx.GraphDef, cfg: Config, tx: optax.GradientTransformation, s: TrainSettings,
                     *, sparse: bool) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """`train_step` jitted with the state donated: `step(state, batch, multiplier) -> (state, metrics)`."""
+    """`train_step` jitted with the state donated: `step(state, batch) -> (state, metrics)`."""
     fn = functools.partial(train_step, graphdef=graphdef, cfg=cfg, tx=tx, s=s, sparse=sparse)
     return jax.jit(fn, donate_argnums=(0,))
 

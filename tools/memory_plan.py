@@ -3,6 +3,10 @@
     python -m tools.memory_plan --config=flash --mesh=fsdp=32,expert=64 --batch_size=2048 --seq_len=4096
     python -m tools.memory_plan --config=pro --recommend --seq_len=4096
 
+The model, run and training flags are those of `experiments.pretrain` (`--config` and every Config field,
+`--mesh --batch_size --seq_len --optimizer --loss_chunk --loss_impl`), with a large run's defaults: flash,
+4096-token sequences, and --batch_size unset = one sequence per data shard.
+
 Everything comes from abstract shapes (`nnx.eval_shape`) and `sharding/rules.py`: nothing is allocated, so flash
 and pro plan on a laptop, for any mesh size (the mesh is abstract too).
 
@@ -48,26 +52,23 @@ from absl import app, flags
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType
 
-from deepseek_v4 import DeepseekV4, get_config, optim
+from deepseek_v4 import DeepseekV4, optim, train
 from deepseek_v4.config import Config
 from deepseek_v4.model import layer_plan
 from deepseek_v4.params import path_str
+from experiments import flags as config_flags
+from experiments.run import RunSettings
 from sharding import mesh as mesh_lib
 from sharding import rules
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "flash", "Preset: flash, pro, tiny, nano.")
-flags.DEFINE_string("mesh", "", "Mesh, e.g. fsdp=16,expert=8; -1 fills --devices.")
+config_flags.define_config_flags(default_preset="flash")
+config_flags.define_settings_flags(RunSettings, names=("mesh", "batch_size", "seq_len"),
+                                   defaults={"batch_size": None, "seq_len": 4096})
+config_flags.define_settings_flags(train.TrainSettings, names=("optimizer", "loss_chunk", "loss_impl"))
+flags.adopt_module_key_flags(config_flags)  # --help lists them
 flags.DEFINE_integer("devices", None, "Device count (needed when --mesh has a -1; default: the mesh's product).")
-flags.DEFINE_integer("batch_size", None, "Global batch in sequences per microbatch (default: one per device).")
-flags.DEFINE_integer("seq_len", 4096, "Tokens per sequence.")
-flags.DEFINE_enum("optimizer", "muon", ["muon", "adamw"], "Optimizer (muon = the V4 Muon/AdamW split).")
 flags.DEFINE_float("capacity_factor", None, "MoE capacity factor (unset: dropless).")
-flags.DEFINE_integer("loss_chunk", 1024, "Tokens per chunk of logits in the cross entropy.")
-flags.DEFINE_enum("loss_impl", "remat", ["remat", "fused"], "The cross entropy's gradient implementation.")
-flags.DEFINE_string("dtype", None, "Override the preset's compute dtype (float32, bfloat16).")
-flags.DEFINE_string("param_dtype", None, "Override the preset's parameter dtype (float32, bfloat16).")
-flags.DEFINE_string("remat_policy", None, "Override the preset's remat policy (none, full).")
 flags.DEFINE_bool("recommend", False, "Find the fewest chips of each kind and a mesh for --config.")
 
 
@@ -304,16 +305,11 @@ def format_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-def _config_from_flags() -> Config:
-    overrides = {k: getattr(FLAGS, k) for k in ("dtype", "param_dtype", "remat_policy") if getattr(FLAGS, k)}
-    return get_config(FLAGS.config, **overrides)
-
-
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
     try:
-        cfg = _config_from_flags()
+        cfg = config_flags.config_from_flags()
         variables = model_variables(cfg)
         kwargs = dict(optimizer=FLAGS.optimizer, capacity_factor=FLAGS.capacity_factor, loss_chunk=FLAGS.loss_chunk,
                       loss_impl=FLAGS.loss_impl, variables=variables)

@@ -105,8 +105,8 @@ class _Toyrun:
     def state(self):
         return train.init_state(_Toy(nnx.Rngs(0)), self.tx, seed=0)[1]
 
-    def step(self, state, batch, multiplier=1.0):
-        return self.fn(state, jax.tree.map(jnp.asarray, batch), jnp.float32(multiplier))
+    def step(self, state, batch):
+        return self.fn(state, jax.tree.map(jnp.asarray, batch))
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,10 @@ def test_grad_accum_matches_one_big_batch(toy):
 def test_non_finite_loss_skips_the_update(toy):
     state = toy.state()
     before = _leaves(state)
-    new, m = toy.step(state, _batch(), multiplier=np.nan)
+    poisoned = _batch()
+    poisoned["loss_weights"] = np.ones(poisoned["tokens"].shape, np.float32)
+    poisoned["loss_weights"][2, 5] = np.nan  # one token's loss weight: the loss is NaN
+    new, m = toy.step(state, poisoned)
     assert not bool(m["update_ok"])
     assert int(new.skipped) == 1 and int(new.step) == 1
     after = _leaves(new)
@@ -146,6 +149,24 @@ def test_non_finite_loss_skips_the_update(toy):
     assert bool(m2["update_ok"]) and int(newer.skipped) == 1
     assert float(m2["lr"]) == float(m["lr"])
     assert any(not np.array_equal(a, b) for a, b in zip(after, _leaves(newer)))
+
+
+def test_loss_weights_scale_each_token(toy):
+    ones = _batch()
+    ones["loss_weights"] = np.ones(ones["tokens"].shape, np.float32)
+    _, plain = toy.step(toy.state(), _batch())
+    _, weighted = toy.step(toy.state(), ones)
+    for key in ("loss", "mtp_loss", "tokens"):
+        assert float(weighted[key]) == float(plain[key]), key
+    # Weight 0 on row 3 takes it out of both cross entropies, exactly like padding would (rows do not interact).
+    dropped = {**ones, "loss_weights": ones["loss_weights"].copy()}
+    dropped["loss_weights"][3] = 0.0
+    padded = _batch()
+    padded["segment_ids"][3] = 0
+    _, m_dropped = toy.step(toy.state(), dropped)
+    _, m_padded = toy.step(toy.state(), padded)
+    for key in ("loss", "mtp_loss", "tokens"):
+        np.testing.assert_allclose(float(m_dropped[key]), float(m_padded[key]), rtol=1e-6, err_msg=key)
 
 
 def test_router_bias_follows_the_sign_rule_outside_the_optimizer(toy):

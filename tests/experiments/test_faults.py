@@ -272,6 +272,7 @@ def test_different_architecture_is_a_one_line_error(runs):
     p = runs["mismatch"].result()
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    assert p.stderr == lines[0] + "\n" and "Traceback" not in p.stderr  # nothing after it: Orbax closed in time
     assert "hidden_size (checkpoint 64, now 32)" in lines[0] and "sliding_window (checkpoint 16, now 8)" in lines[0]
     assert "vocab_size" not in lines[0]
 

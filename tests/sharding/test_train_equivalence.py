@@ -88,7 +88,7 @@ def run(mesh) -> tuple[list[dict], dict, dict]:
         bs = rules.named_sharding(("batch", "seq"), mesh, shape=(B, T))
         out = []
         for batch in batches(cfg.vocab_size):
-            state, m = step(state, jax.device_put(batch, bs), np.float32(1.0))
+            state, m = step(state, jax.device_put(batch, bs))
             out.append(jax.device_get({k: m[k] for k in ("loss", "mtp_loss", "grad_norm", "balance_loss")}))
         final = leaves(state.params)
     return out, initial, final

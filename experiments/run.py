@@ -1,0 +1,476 @@
+"""One training run, shared by the entry points: settings -> `setup` -> `train_loop` -> close.
+
+`setup` starts JAX (multi-process if asked), opens the checkpointer, builds the mesh, restores the newest good
+checkpoint or creates a fresh state, opens the data source and the metrics writer, and returns a `Run`. The `Run`
+owns what must be released (the Orbax checkpoint manager, waited for, and the metrics files): use it as a context
+manager, so they are closed on every exit path, errors and `sys.exit` included. `train_loop` takes steps until
+`steps`, a stop signal or too many non-finite steps, logging and saving as it goes.
+
+Pretraining passes the packed-corpus data source and `train.make_train_step`; another phase (SFT, RL) passes its
+own data source (batches may carry per-token `loss_weights`) and step builder and reuses the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from deepseek_v4 import DeepseekV4, data, metrics, train
+from deepseek_v4 import checkpoint as ckpt_lib
+from deepseek_v4.config import Config
+from sharding import mesh as mesh_lib
+from sharding import rules
+
+
+def _setting(default: Any, help_text: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help_text})
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """How a run is executed and recorded (not what it optimizes: that is `train.TrainSettings`).
+
+    The fields are the entry points' flags (so messages name them as flags); the defaults are those of the CPU
+    `nano` run.
+    """
+
+    workdir: str | None = _setting(None, "Run directory (checkpoints, metrics). Default: runs/<config>.")
+    batch_size: int = _setting(8, "Global batch size in rows (sequences) per step.")
+    seq_len: int = _setting(128, "Tokens per row.")
+    seed: int = _setting(0, "Seed of the model init and the data order.")
+    mesh: str = _setting("", "Device mesh, e.g. data=2,expert=4 (default: data over all devices).")
+    save_every: int = _setting(50, "Steps between checkpoints (one is also written at the end).")
+    keep_checkpoints: int = _setting(3, "How many of the newest checkpoints to keep.")
+    log_every: int = _setting(5, "Steps between metric records.")
+    max_bad_steps: int = _setting(5, "Stop after this many consecutive steps with non-finite loss/gradients.")
+    peak_flops: float | None = _setting(None, "Peak FLOP/s per device for MFU (default: vendor table, measured on "
+                                        "CPU).")
+    data: str = _setting("shakespeare", "'shakespeare' (the embedded corpus), 'synthetic' (a learnable token "
+                         "pattern, no tokenizer), or comma-separated directories written by tools.prepare_data.")
+    data_weights: tuple[float, ...] | None = _setting(None, "Token share per --data directory (default: by size).")
+    data_cache: str = _setting("~/.cache/deepseek_v4_jax", "Where the embedded corpus is prepared.")
+    data_workers: int = _setting(0, "grain prefetch processes (0: in-process).")
+    compilation_cache: str = _setting("~/.cache/deepseek_v4_jax/xla", "Persistent XLA compilation cache directory "
+                                      "('' disables).")
+    plot: bool = _setting(True, "At the end of the run, draw <workdir>/metrics.png (tools.plot_metrics).")
+    tensorboard: bool = _setting(True, "Also write TensorBoard event files to <workdir>/tensorboard.")
+    progress: bool | None = _setting(None, "Progress bar (default: when stderr is a terminal; else log lines).")
+    coordinator_address: str | None = _setting(None, "Multi-process: host:port of process 0.")
+    num_processes: int | None = _setting(None, "Multi-process: number of processes.")
+    process_id: int | None = _setting(None, "Multi-process: this process's index.")
+    distributed_auto: bool = _setting(False, "Multi-process: read the cluster from the environment (TPU, SLURM, "
+                                      "...).")
+    debug_nan_at_steps: tuple[int, ...] = _setting((), "Testing only: make the loss NaN at these steps (their "
+                                                   "batches carry NaN loss weights).")
+
+    def __post_init__(self):
+        for name in ("batch_size", "seq_len", "save_every", "keep_checkpoints", "log_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.peak_flops is not None and not self.peak_flops > 0:
+            raise ValueError(f"--peak_flops must be positive, got {self.peak_flops}")
+
+    def check_with(self, s: train.TrainSettings) -> None:
+        """Raise a one-line ValueError if these settings cannot run `s`."""
+        if self.batch_size % s.grad_accum:
+            raise ValueError(f"--batch_size ({self.batch_size}) must be divisible by --grad_accum ({s.grad_accum})")
+
+
+class UserError(Exception):
+    """A mistake in the settings or the run directory: the entry point prints it as one line and exits 2."""
+
+
+@contextlib.contextmanager
+def _as_user_error(*kinds: type[BaseException]):
+    try:
+        yield
+    except kinds as e:
+        raise UserError(str(e)) from None
+
+
+class StopSignal:
+    """SIGTERM / SIGINT handler: the loop finishes its step, saves and exits; a second signal aborts."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signal = signum
+        print(f"\nreceived {signal.Signals(signum).name}: finishing the current step, saving, exiting",
+              file=sys.stderr, flush=True)
+
+
+# A data source: (process_index, process_count) -> an iterator of this process's host batches with
+# get_state() / set_state() (the state is checkpointed with the model).
+DataSource = Callable[[int, int], Iterator[dict[str, np.ndarray]]]
+# A step builder with `train.make_train_step`'s signature.
+StepBuilder = Callable[..., Callable[[train.TrainState, dict[str, jax.Array]], tuple[train.TrainState, dict]]]
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training loop needs; made by `setup`. A context manager: leaving it closes the checkpointer
+    (after its saves finish) and the metrics writer."""
+
+    cfg: Config
+    settings: train.TrainSettings
+    opts: RunSettings
+    workdir: str
+    mesh: jax.sharding.Mesh
+    plan: train.StatePlan
+    state: train.TrainState
+    start: int  # the step the state is at
+    resumed: bool
+    checkpointer: ckpt_lib.Checkpointer
+    primary: bool  # process 0: prints, writes metrics
+    make_step: StepBuilder
+    resources: contextlib.ExitStack
+    data: Iterator[dict[str, np.ndarray]] | None = None  # None when the run is already complete
+    writer: metrics.MetricsWriter | None = None
+    peak_flops: float = 0.0
+    last_saved: int | None = None
+    _steps: dict[bool, Callable] = dataclasses.field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.start >= self.settings.steps
+
+    @functools.cached_property
+    def batch_sharding(self) -> jax.sharding.NamedSharding:
+        return rules.named_sharding(("batch", "seq"), self.mesh, "activation")
+
+    def compiles(self, step: int) -> bool:
+        """Whether calling the step function for `step` compiles it (the first step of each attention mode)."""
+        return train.sparse_at(self.settings, step) not in self._steps
+
+    def step_fn(self, step: int) -> Callable:
+        """The jitted step for `step` (dense attention during the indexer warm-up, sparse after)."""
+        sparse = train.sparse_at(self.settings, step)
+        if sparse not in self._steps:
+            self._steps[sparse] = self.make_step(self.plan.graphdef, self.cfg, self.plan.tx, self.settings,
+                                                 sparse=sparse)
+        return self._steps[sparse]
+
+    def save(self, step: int) -> None:
+        self.checkpointer.save(step, self.state, config=self.cfg, data_state=self.data.get_state(),
+                               meta={"settings": self.settings.to_dict(), "mesh": dict(self.mesh.shape)})
+        self.last_saved = step
+
+    def close(self) -> None:
+        self.resources.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, workdir: str, model_name: str,
+          data_source: DataSource, make_step: StepBuilder = train.make_train_step,
+          build_model: Callable[[], nnx.Module] | None = None) -> Run:
+    """Start JAX, open the run directory, restore or create the state, open the data and the metrics writer.
+
+    Args:
+      workdir: the run directory (checkpoints/, metrics.jsonl, tensorboard/, config.json).
+      model_name: how the model is named in the log (the preset).
+      data_source: makes this process's batch iterator (not called when the run is already complete).
+      make_step: builds the jitted step (`train.make_train_step`'s signature).
+      build_model: constructs the model (default: `DeepseekV4(cfg)` seeded with `opts.seed`).
+
+    Raises:
+      UserError: bad settings, a run directory of another model, no usable checkpoint, data that cannot resume.
+        Whatever was opened before is closed.
+    """
+    with _as_user_error(ValueError):
+        opts.check_with(settings)
+        mesh_lib.init_distributed(opts.coordinator_address, opts.num_processes, opts.process_id,
+                                  auto=opts.distributed_auto)
+    if opts.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(opts.compilation_cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if build_model is None:
+        def build_model():
+            return DeepseekV4(cfg, rngs=nnx.Rngs(opts.seed))
+
+    with contextlib.ExitStack() as resources:
+        ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=opts.keep_checkpoints)
+        resources.callback(ckpt.close)
+        with _as_user_error(ValueError):
+            changed = ckpt.check_config(cfg)
+            mesh = mesh_lib.make_mesh(opts.mesh or None)
+            _check_batch_layout(opts, settings, mesh)
+        primary = jax.process_index() == 0
+        if primary:
+            os.makedirs(workdir, exist_ok=True)
+            _write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+        with jax.set_mesh(mesh):
+            plan = train.plan_state(build_model, settings, mesh)
+            with _as_user_error(ckpt_lib.ConfigMismatchError, ckpt_lib.NoUsableCheckpointError):
+                restored = ckpt.restore(plan.target, config=cfg)
+            if restored is None:
+                _, state = train.create_state(build_model, plan.tx, opts.seed, plan.shardings, graphdef=plan.graphdef)
+            else:
+                state = restored.state
+        run = Run(cfg=cfg, settings=settings, opts=opts, workdir=workdir, mesh=mesh, plan=plan, state=state,
+                  start=restored.step if restored else 0, resumed=restored is not None, checkpointer=ckpt,
+                  primary=primary, make_step=make_step, resources=resources,
+                  last_saved=restored.step if restored else None)
+        if primary:
+            print(mesh_lib.describe(mesh), flush=True)
+            print(rules.summary(plan.abstract.params, mesh), flush=True)
+            n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(plan.abstract.params))
+            print(f"model {model_name}: {n_params:,} parameters; workdir {workdir}", flush=True)
+        if not run.complete:
+            run.data = data_source(jax.process_index(), jax.process_count())
+            if restored is not None and restored.data_state is not None:
+                with _as_user_error(ValueError):
+                    run.data.set_state(restored.data_state)
+            if primary:
+                print(f"resuming from step {run.start}" if run.resumed else "starting from scratch", flush=True)
+                if run.resumed and changed:
+                    print("resuming under other execution settings: " + "; ".join(changed), flush=True)
+                run.writer = metrics.MetricsWriter(workdir, resume_step=run.start if run.resumed else None,
+                                                   tensorboard=opts.tensorboard)
+                resources.callback(run.writer.close)
+            run.peak_flops, source = ((opts.peak_flops, "--peak_flops") if opts.peak_flops is not None
+                                      else metrics.default_peak_flops())
+            if primary:
+                print(f"MFU against {run.peak_flops / 1e12:.3g} TFLOP/s per device ({source}), {mesh.size} "
+                      "device(s)", flush=True)
+        run.resources = resources.pop_all()  # from here on the Run closes them
+    return run
+
+
+def _check_batch_layout(opts: RunSettings, s: train.TrainSettings, mesh: jax.sharding.Mesh) -> None:
+    dp = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    micro = opts.batch_size // s.grad_accum
+    if micro % dp:
+        raise ValueError(f"the microbatch (batch_size / grad_accum = {micro}) must be divisible by the "
+                         f"data-parallel mesh size ({dp})")
+    if opts.batch_size % jax.process_count():
+        raise ValueError(f"--batch_size ({opts.batch_size}) must be divisible by the process count "
+                         f"({jax.process_count()})")
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How `train_loop` ended."""
+
+    step: int  # steps taken in total
+    bad_streak: int  # consecutive skipped (non-finite) steps at the end
+    failed: bool  # stopped by --max_bad_steps (nothing saved after the last good checkpoint)
+    stopped_by: int | None  # the signal that stopped it, if any
+
+
+def with_nan_loss_weights(batch: dict[str, np.ndarray], poisoned: bool) -> dict[str, np.ndarray]:
+    """The batch with `loss_weights` (its own, or ones) multiplied by NaN if `poisoned`: its step's loss is NaN.
+
+    Every batch of a run with --debug_nan_at_steps goes through here, so all of them carry the field and the step
+    compiles once.
+    """
+    weights = batch.get("loss_weights", np.ones(batch["tokens"].shape, np.float32))
+    return {**batch, "loss_weights": weights * np.float32(np.nan if poisoned else 1.0)}
+
+
+class _BadSteps:
+    """Counts consecutive skipped updates and reports each one."""
+
+    def __init__(self, limit: int):
+        self.limit, self.streak = limit, 0
+
+    def check(self, step: int, m: dict[str, Any]) -> bool:
+        """Look at a finished step's metrics; True once `limit` skipped steps happened in a row."""
+        self.streak = 0 if bool(m["update_ok"]) else self.streak + 1
+        if self.streak:
+            print(f"step {step}: non-finite loss or gradients, update skipped ({self.streak} in a row)",
+                  file=sys.stderr, flush=True)
+        return self.streak >= self.limit
+
+
+class _Window:
+    """The step metrics since the last record, and the wall time of the steps that did not compile."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.metrics: list[dict[str, Any]] = []
+        self.timed_steps, self.t0 = 0, time.perf_counter()
+
+    def add(self, m: dict[str, Any], compiled_now: bool) -> None:
+        self.metrics.append(m)
+        if compiled_now:  # keep compilation out of the throughput numbers
+            jax.block_until_ready(m)
+            self.timed_steps, self.t0 = 0, time.perf_counter()
+        else:
+            self.timed_steps += 1
+
+    def exclude(self, seconds: float) -> None:
+        self.t0 += seconds
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def train_loop(run: Run, stop: StopSignal) -> Outcome:
+    """Take steps from `run.start` to `run.settings.steps`; log every `log_every`, save every `save_every` and at
+    the end. A stop signal ends it after the current step (saved). A non-finite step changes nothing and is
+    counted; `max_bad_steps` in a row end it without saving. A step's `update_ok` is read one step late, so the
+    host never waits for the device (except at a record or a save)."""
+    opts, steps = run.opts, run.settings.steps
+    nan_steps = set(opts.debug_nan_at_steps)
+    bad, window = _BadSteps(opts.max_bad_steps), _Window()
+    progress = _Progress(run.start, steps, run.primary, opts.progress)
+    step, failed = run.start, False
+    pending = None  # (step, metrics) of the last step whose `update_ok` has not been looked at yet
+    try:
+        with jax.set_mesh(run.mesh):
+            while step < steps:
+                host = next(run.data)
+                if nan_steps:
+                    host = with_nan_loss_weights(host, step + 1 in nan_steps)
+                batch = data.to_global(host, run.batch_sharding)
+                compiles = run.compiles(step)
+                run.state, m = run.step_fn(step)(run.state, batch)
+                step += 1
+                window.add(m, compiled_now=compiles)
+                if pending is not None and bad.check(*pending):  # done by now: no pipeline stall
+                    failed = True
+                    break
+                pending = (step, m)
+                log_now = step % opts.log_every == 0 or step == steps
+                save_now = step % opts.save_every == 0 or step == steps or stop.signal is not None
+                if log_now or save_now:
+                    pending = None
+                    if bad.check(step, m):
+                        failed = True
+                        break
+                if log_now:
+                    rec = summarise(run, window, step)
+                    if run.writer:
+                        run.writer.write(step, rec)
+                    progress.log(step, rec)
+                    window.reset()
+                progress.advance(step)
+                if save_now:
+                    t_save = time.perf_counter()
+                    run.save(step)
+                    window.exclude(time.perf_counter() - t_save)  # the blocking part of a save is not step time
+                if stop.signal is not None:
+                    break
+            if not failed and stop.signal is not None and run.last_saved != step:
+                run.save(step)
+    finally:
+        progress.close()
+    return Outcome(step=step, bad_streak=bad.streak, failed=failed, stopped_by=stop.signal)
+
+
+def summarise(run: Run, window: _Window, step: int) -> dict[str, Any]:
+    """One metrics record from the steps since the last one (losses averaged over steps that updated)."""
+    host = jax.device_get(window.metrics)
+    good = [m for m in host if bool(m["update_ok"])] or host
+    rec: dict[str, Any] = {}
+    for key in ("loss", "mtp_loss", "total_loss", "balance_loss", "indexer_loss", "indexer_recall", "grad_norm"):
+        rec[key] = float(np.mean([m[key] for m in good]))
+    last = host[-1]
+    rec["lr"] = float(last["lr"])
+    rec["mtp_weight"] = float(last["mtp_weight"])
+    rec["skipped_steps"] = int(last["skipped"])
+    rec["dropped_tokens"] = float(np.sum([m["dropped_tokens"] for m in host]))
+    rec["expert_load_max_over_mean"] = np.max([m["expert_load_max_over_mean"] for m in host], axis=0).tolist()
+    rec["hash_expert_load_max_over_mean"] = np.max([m["hash_expert_load_max_over_mean"] for m in host],
+                                                   axis=0).tolist()
+    rec["sparse_attention"] = train.sparse_at(run.settings, step - 1)
+    tokens_per_step = run.opts.batch_size * run.opts.seq_len
+    rec["nonpad_fraction"] = float(np.sum([m["tokens"] for m in host]) / (tokens_per_step * len(host)))
+    if window.timed_steps:
+        rec["tokens_per_s"] = tokens_per_step * window.timed_steps / max(window.seconds, 1e-9)
+        flops = metrics.train_flops_per_token(run.cfg, run.opts.seq_len, sparse_attention=rec["sparse_attention"])
+        rec["mfu"] = rec["tokens_per_s"] * flops / (run.peak_flops * run.mesh.size)
+    rec["tokens_seen"] = step * tokens_per_step
+    return rec
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class _Progress:
+    """A tqdm bar on a terminal, otherwise one log line per record (both with rate and ETA)."""
+
+    def __init__(self, start: int, total: int, primary: bool, bar: bool | None):
+        self.primary, self.total, self.start = primary, total, start
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if primary and (bar if bar is not None else sys.stderr.isatty()):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def log(self, step: int, rec: dict[str, Any]) -> None:
+        if not self.primary:
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(step - self.start, 1) * (self.total - step)
+        speed = (f"{rec['tokens_per_s']:.0f} tok/s mfu {100 * rec['mfu']:.2f}%" if "tokens_per_s" in rec
+                 else "compiling")
+        line = (f"step {step}/{self.total} loss {rec['loss']:.4f} mtp {rec['mtp_loss']:.4f} "
+                f"grad_norm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} {speed} eta {_fmt_time(eta)}")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_curves(workdir: str) -> None:
+    """Draw <workdir>/metrics.png with tools.plot_metrics (its own process: matplotlib stays out of the trainer)."""
+    p = subprocess.run([sys.executable, "-m", "tools.plot_metrics", workdir], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if p.returncode == 0:
+        print(f"curves: {os.path.join(workdir, 'metrics.png')}", flush=True)
+    else:
+        lines = (p.stderr or p.stdout).strip().splitlines()
+        print(f"warning: could not draw the curves: {lines[-1] if lines else p.returncode}", flush=True)
