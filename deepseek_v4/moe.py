@@ -89,6 +89,23 @@ def routed_experts_grouped(x: jax.Array, idx: jax.Array, weights: jax.Array, w1:
     return jnp.zeros_like(x).at[token].add(ys)
 
 
+def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
+                   mask: jax.Array, cfg: Config, act_quant=None) -> tuple[jax.Array, jax.Array]:
+    """The routed-expert sum of one MoE layer with the implementation `cfg.moe_impl` selects.
+
+    Shapes: x [N, D], idx/weights [N, K], w1/w3 [E, D, F], w2 [E, F, D], mask [N] bool (False = padding token)
+      -> y [N, D], dropped [] int32.
+    """
+    if sharding.expert_parallel.expert_parallelism() > 1:
+        # Expert parallelism: all-to-all dispatch over the mesh's expert axis (dropless). Padding tokens
+        # (segment 0) take no expert slot and travel nowhere: their routed output is 0 (they carry no loss).
+        live = jnp.where(mask[:, None], idx, -1)
+        return sharding.routed_experts(x, live, weights, w1, w3, w2, swiglu_limit=cfg.swiglu_limit,
+                                       act_quant=act_quant)
+    routed = routed_experts_grouped if cfg.moe_impl == "grouped" else routed_experts_reference
+    return routed(x, idx, weights, w1, w3, w2, cfg.swiglu_limit, act_quant), jnp.zeros((), jnp.int32)
+
+
 def default_hash_table(cfg: Config, layer: int) -> jax.Array:
     """A deterministic token -> K distinct experts table for hash-routed layers trained from scratch.
 
@@ -179,16 +196,7 @@ class MoE(nnx.Module):
         with jax.named_scope("moe/experts"):
             ex = self.experts
             w1, w3, w2 = (layers.qweight(w[...], cfg, expert=True).astype(dt) for w in (ex.w1, ex.w3, ex.w2))
-            dropped = jnp.zeros((), jnp.int32)
-            if sharding.expert_parallel.expert_parallelism() > 1:
-                # Expert parallelism: all-to-all dispatch over the mesh's expert axis (dropless). Padding tokens
-                # (segment 0) take no expert slot and travel nowhere: their routed output is 0 (they carry no loss).
-                live = jnp.where(mask.reshape(-1, 1), idx, -1)
-                y, dropped = sharding.routed_experts(xq, live, weights, w1, w3, w2, swiglu_limit=cfg.swiglu_limit,
-                                                     act_quant=aq)
-            else:
-                routed = routed_experts_grouped if cfg.moe_impl == "grouped" else routed_experts_reference
-                y = routed(xq, idx, weights, w1, w3, w2, cfg.swiglu_limit, aq)
+            y, dropped = routed_experts(xq, idx, weights, w1, w3, w2, mask.reshape(-1), cfg, aq)
         if cfg.n_shared_experts:
             sh = self.shared
             w1, w3, w2 = (layers.qweight(w[...], cfg).astype(dt) for w in (sh.w1, sh.w3, sh.w2))
