@@ -25,7 +25,7 @@ Modes (static shapes in both):
     routing, and the work grows only with the actual imbalance, in steps of a quarter of the balanced load (a
     random router's busiest expert at ~1.2x the mean costs one quarter-size round, not a second full one; every
     token on the same experts costs 4 (E/K - 1) overflow rounds). The backward pass (a custom VJP) replays the
-    rounds, recomputing each round's expert activations instead of storing them.
+    overflow rounds, recomputing their expert activations instead of storing them; round 0's are kept.
   - capacity (`capacity_factor=c`): one round with C = ceil(c * Tl * K / E) (at most Tl); assignments of rank
     >= C are dropped (they contribute zero) and counted.
 `dropped` is the exact global number of dropped (token, k) assignments, summed over all devices.
@@ -157,11 +157,12 @@ def dropless_rounds(ex: _Exchange, busiest: jax.Array) -> jax.Array:
     return 1 + (jnp.maximum(busiest - ex.cap, 0) + small - 1) // small
 
 
-def _rounds(ex: _Exchange, n_rounds, fn):
+def _rounds(ex: _Exchange, n_rounds, fn, first=None):
     """fn(ex, 0) + fn(small, C) + fn(small, C + Cs) + ... (n_rounds terms; small = `overflow_exchange(ex)` with
-    Cs slots) for a pytree-valued fn; round 0 always runs (it is all zeros when there is nothing to send) and gives
-    the loop carry its exact type, including its varying mesh axes."""
-    first = fn(ex, 0)
+    Cs slots) for a pytree-valued fn; `first` replaces fn(ex, 0) when given. Round 0 always runs (it is all zeros
+    when there is nothing to send) and gives the loop carry its exact type, including its varying mesh axes."""
+    if first is None:
+        first = fn(ex, 0)
     small = overflow_exchange(ex)
     step = lambda j, acc: jax.tree.map(jnp.add, acc, fn(small, ex.cap + (j - 1) * small.cap))  # noqa: E731
     return jax.lax.fori_loop(1, jnp.maximum(n_rounds, 1), step, first)
@@ -169,22 +170,25 @@ def _rounds(ex: _Exchange, n_rounds, fn):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _dropless(ex: _Exchange, x, gate, w1, w3, w2, key, rank, n_rounds):
-    """Sum over rounds of `ex`; the VJP replays the rounds instead of storing their activations."""
+    """Sum over rounds of `ex`. The VJP keeps the activations of round 0 (the balanced load, the bulk of the work)
+    and replays the overflow rounds instead of storing theirs (their number is known only at run time)."""
     return _rounds(ex, n_rounds, lambda e, off: e(x, gate, w1, w3, w2, key, rank, off))
 
 
 def _dropless_fwd(ex, x, gate, w1, w3, w2, key, rank, n_rounds):
-    return _dropless(ex, x, gate, w1, w3, w2, key, rank, n_rounds), (x, gate, w1, w3, w2, key, rank, n_rounds)
+    y0, pull0 = jax.vjp(lambda *a: ex(*a, key, rank, 0), x, gate, w1, w3, w2)
+    y = _rounds(ex, n_rounds, lambda e, off: e(x, gate, w1, w3, w2, key, rank, off), first=y0)
+    return y, (pull0, x, gate, w1, w3, w2, key, rank, n_rounds)
 
 
 def _dropless_bwd(ex, res, dy):
-    x, gate, w1, w3, w2, key, rank, n_rounds = res
+    pull0, x, gate, w1, w3, w2, key, rank, n_rounds = res
 
     def one(e, off):
         _, pull = jax.vjp(lambda *a: e(*a, key, rank, off), x, gate, w1, w3, w2)
         return pull(dy)
 
-    return tuple(_rounds(ex, n_rounds, one)) + (None, None, None)
+    return tuple(_rounds(ex, n_rounds, one, first=tuple(pull0(dy)))) + (None, None, None)
 
 
 _dropless.defvjp(_dropless_fwd, _dropless_bwd)
