@@ -1,8 +1,9 @@
 """Mixture of experts: sqrt-softplus router (learned or hash-routed), clamped-SwiGLU experts, shared expert.
 
-ARCHITECTURE.md section 4. Selection uses `scores + router_bias` (the aux-loss-free balancing bias, learned
-layers only); the gating weights are the unbiased scores of the selected experts, normalised to sum to one and
-multiplied by `routed_scaling_factor`. Hash layers select a fixed set of experts per token id (`tid2eid`).
+See docs/model.md (mixture of experts). Selection uses `scores + router_bias` (the aux-loss-free balancing
+bias, learned layers only); the gating weights are the unbiased scores of the selected experts, normalised to
+sum to one and multiplied by `routed_scaling_factor`. Hash layers select a fixed set of experts per token id
+(`tid2eid`).
 """
 
 from __future__ import annotations
@@ -93,21 +94,19 @@ def routed_experts_grouped(x: jax.Array, idx: jax.Array, weights: jax.Array, w1:
     sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)  # [E]
     scale = weights.reshape(-1)[order][:, None]
     # The gating weight scales the hidden activation (before w2), as in the reference.
-    quant = (lambda h: h * scale.astype(h.dtype)) if act_quant is None else (
+    hidden_hook = (lambda h: h * scale.astype(h.dtype)) if act_quant is None else (
         lambda h: act_quant(h) * scale.astype(h.dtype))
-    ys = expert_ffn(x[token], w1, w3, w2, limit, quant, group_sizes=sizes)  # [N*K, D], grouped by expert
+    ys = expert_ffn(x[token], w1, w3, w2, limit, hidden_hook, group_sizes=sizes)  # [N*K, D], grouped by expert
     return jnp.zeros_like(x).at[token].add(ys)
-
-
-MOE_IMPLS = ("padded", "grouped", "dense")
 
 
 def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
                    mask: jax.Array, cfg: Config, act_quant=None) -> tuple[jax.Array, jax.Array]:
     """The routed-expert sum of one MoE layer with the implementation `cfg.moe_impl` selects.
 
-    "padded": tokens sorted by expert into [E, C, D] buffers, C = the balanced load T*K/E, in as many rounds as
-    the busiest expert needs (dropless; `sharding.routed_experts`, the expert-parallel path on a mesh);
+    "padded": tokens sorted by expert into [E, C, D] buffers, C = the balanced load T*K/E, then quarter-size
+    overflow rounds as the busiest expert needs (dropless; `sharding.routed_experts`, also the expert-parallel
+    path on a mesh);
     "grouped": ragged groups and the grouped expert matmul; "dense": every expert on every token. All three run
     `sharding.expert_parallel.expert_ffn`. Padding tokens (mask False) take no expert slot on the padded path:
     their routed output is 0 (they carry no loss).

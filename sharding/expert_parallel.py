@@ -222,9 +222,9 @@ def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array
                    act_quant: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
     """y[t] = sum_k expert_weight[t, k] * expert_{expert_idx[t, k]}(x[t]), expert-parallel over the mesh.
 
-    One expert is the clamped SwiGLU `silu(min(x w1, l)) * clip(x w3, -l, l) @ w2` (DeepSeek-V4 MoE, section 4
-    of ARCHITECTURE.md). The mesh is `mesh`, else the one entered with `jax.set_mesh`; without either, the same
-    grouped computation runs on one device. Experts are split over "expert" when E divides by its size (else the
+    One expert is the clamped SwiGLU `silu(min(x w1, l)) * clip(x w3, -l, l) @ w2` (DeepSeek-V4 MoE, see
+    docs/model.md). The mesh is `mesh`, else the one entered with `jax.set_mesh`; without either, the same
+    padded computation runs on one device. Experts are split over "expert" when E divides by its size (else the
     expert axis acts as plain data parallelism here), F over "tensor" when it divides.
 
     Args:
