@@ -73,7 +73,7 @@ def config_and_batch(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[confi
 
 
 def random_batch(cfg: config_lib.Config, b: int, t: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """One packed-free batch of random tokens: tokens, targets (shifted), segment_ids (all 1), positions."""
+    """One unpacked batch of random tokens: tokens, targets (shifted), segment_ids (all 1), positions."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(2, cfg.vocab_size, (b, t + 1)).astype(np.int32)
     return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((b, t), np.int32),
