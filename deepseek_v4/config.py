@@ -76,9 +76,12 @@ class Config:
     # release (128x128 weight blocks, 1x128 activation tiles); "fp4" = "fp8" plus MXFP4 QAT of the routed experts
     # and of the indexer's query/key path (for continued training / post-training).
     quant: str = "none"
-    # Routed-expert computation: "dense" evaluates every expert on every token (exact, fastest on CPU for few
-    # experts); "grouped" sorts tokens by expert and runs the grouped expert matmul kernel (Pallas on GPU/TPU).
-    moe_impl: str = "dense"
+    # Routed-expert computation (deepseek_v4/moe.py:routed_experts), the one default for every preset and platform:
+    # "padded" sorts tokens by expert into [E, T*K/E, D] buffers and runs batched matmuls in as many rounds as the
+    # busiest expert needs (dropless; the expert-parallel path on a mesh, the only one that splits experts;
+    # fastest measured on CPU); "grouped" runs the ragged grouped expert matmul (Pallas on GPU/TPU, no padding);
+    # "dense" evaluates every expert on every token (E/K times the work).
+    moe_impl: str = "padded"
 
     def __post_init__(self):
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
@@ -181,15 +184,15 @@ def validate(c: Config) -> None:
         _fail(f"quant must be 'none', 'fp8' or 'fp4', got {c.quant!r}")
     if c.quant == "fp4" and (c.hidden_size % 32 or c.moe_intermediate_size % 32 or c.index_head_dim % 32):
         _fail("quant='fp4' needs hidden_size, moe_intermediate_size and index_head_dim divisible by 32 (MXFP4 blocks)")
-    if c.moe_impl not in ("dense", "grouped"):
-        _fail(f"moe_impl must be 'dense' or 'grouped', got {c.moe_impl!r}")
+    if c.moe_impl not in ("padded", "grouped", "dense"):
+        _fail(f"moe_impl must be 'padded', 'grouped' or 'dense', got {c.moe_impl!r}")
     if c.remat_policy not in ("none", "full"):
         _fail(f"remat_policy must be 'none' or 'full', got {c.remat_policy!r}")
     if c.rms_norm_eps <= 0 or c.hc_eps <= 0:
         _fail("rms_norm_eps and hc_eps must be positive")
 
 
-FLASH = Config(dtype="bfloat16", param_dtype="float32", remat_policy="full", moe_impl="grouped")
+FLASH = Config(dtype="bfloat16", param_dtype="float32", remat_policy="full")
 
 PRO = Config(
     hidden_size=7168,
@@ -204,7 +207,6 @@ PRO = Config(
     routed_scaling_factor=2.5,
     dtype="bfloat16",
     remat_policy="full",
-    moe_impl="grouped",
 )
 
 # Every layer kind (sliding, CSA, HCA), hash-routed and learned-routed MoE, MTP; HCA ratio 16 so a

@@ -1,8 +1,9 @@
 """Mixture of experts: sqrt-softplus router (learned or hash-routed), clamped-SwiGLU experts, shared expert.
 
-ARCHITECTURE.md section 4. Selection uses `scores + router_bias` (the aux-loss-free balancing bias, learned
-layers only); the gating weights are the unbiased scores of the selected experts, normalised to sum to one and
-multiplied by `routed_scaling_factor`. Hash layers select a fixed set of experts per token id (`tid2eid`).
+See docs/model.md (mixture of experts). Selection uses `scores + router_bias` (the aux-loss-free balancing
+bias, learned layers only); the gating weights are the unbiased scores of the selected experts, normalised to
+sum to one and multiplied by `routed_scaling_factor`. Hash layers select a fixed set of experts per token id
+(`tid2eid`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from flax import nnx
 import sharding
 from deepseek_v4 import layers
 from deepseek_v4.config import Config
-from pallas_kernels.expert_matmul import expert_matmul
+from sharding.expert_parallel import expert_ffn
 
 
 def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit: float, act_quant=None) -> jax.Array:
@@ -51,9 +52,9 @@ def route(x: jax.Array, gate: jax.Array, bias: jax.Array | None, hash_idx: jax.A
 
 def routed_experts_reference(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array,
                              w2: jax.Array, limit: float, act_quant=None) -> jax.Array:
-    """Sum over each token's selected experts of weight * expert(x), computed densely over all experts.
+    """The readable spec of the routed sum: sum over each token's selected experts of weight * expert(x).
 
-    Readable and exact; costs E/K times the routed FLOPs, which is fine for small expert counts on CPU.
+    Written out densely over all experts (E/K times the routed FLOPs); the model's paths are tested against it.
     Shapes: x [N, D], idx/weights [N, K], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
     """
     num_experts = w1.shape[0]
@@ -66,10 +67,23 @@ def routed_experts_reference(x: jax.Array, idx: jax.Array, weights: jax.Array, w
     return jnp.einsum("nef,efd->nd", h * combine.astype(x.dtype)[..., None], w2)  # weights before w2 (reference)
 
 
+def routed_experts_dense(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array,
+                         w2: jax.Array, limit: float, act_quant=None) -> jax.Array:
+    """`moe_impl="dense"`: every expert on every token (`expert_ffn` on [E, N, D]), then the weighted sum.
+
+    E/K times the routed FLOPs; kept for comparison and tiny expert counts.
+    Shapes: x [N, D], idx/weights [N, K], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
+    """
+    num_experts = w1.shape[0]
+    combine = jnp.sum(jax.nn.one_hot(idx, num_experts, dtype=jnp.float32) * weights[..., None], axis=1)  # [N, E]
+    ye = expert_ffn(jnp.broadcast_to(x, (num_experts,) + x.shape), w1, w3, w2, limit, act_quant)  # [E, N, D]
+    return jnp.einsum("ne,end->nd", combine.astype(x.dtype), ye)
+
+
 def routed_experts_grouped(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array,
                            w2: jax.Array, limit: float, act_quant=None) -> jax.Array:
-    """The same sum as `routed_experts_reference`, computed only for the selected (token, expert) pairs: tokens
-    are sorted by expert and multiplied with the grouped expert matmul (Pallas on GPU/TPU, ragged_dot on CPU).
+    """`moe_impl="grouped"`: only the selected (token, expert) pairs, as ragged groups: tokens are sorted by
+    expert and `expert_ffn` runs the grouped expert matmul (Pallas on GPU/TPU, ragged_dot elsewhere).
 
     Shapes: x [N, D], idx/weights [N, K], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
     """
@@ -78,15 +92,39 @@ def routed_experts_grouped(x: jax.Array, idx: jax.Array, weights: jax.Array, w1:
     order = jnp.argsort(flat)
     token = order // k
     sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)  # [E]
-    xs = x[token]  # [N*K, D], grouped by expert
-    gate = jnp.minimum(expert_matmul(xs, w1, sizes), limit)
-    up = jnp.clip(expert_matmul(xs, w3, sizes), -limit, limit)
-    h = jax.nn.silu(gate) * up
-    if act_quant is not None:
-        h = act_quant(h)
-    h = h * weights.reshape(-1)[order][:, None].astype(h.dtype)
-    ys = expert_matmul(h, w2, sizes)  # [N*K, D]
+    scale = weights.reshape(-1)[order][:, None]
+    # The gating weight scales the hidden activation (before w2), as in the reference.
+    hidden_hook = (lambda h: h * scale.astype(h.dtype)) if act_quant is None else (
+        lambda h: act_quant(h) * scale.astype(h.dtype))
+    ys = expert_ffn(x[token], w1, w3, w2, limit, hidden_hook, group_sizes=sizes)  # [N*K, D], grouped by expert
     return jnp.zeros_like(x).at[token].add(ys)
+
+
+def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
+                   mask: jax.Array, cfg: Config, act_quant=None) -> tuple[jax.Array, jax.Array]:
+    """The routed-expert sum of one MoE layer with the implementation `cfg.moe_impl` selects.
+
+    "padded": tokens sorted by expert into [E, C, D] buffers, C = the balanced load T*K/E, then quarter-size
+    overflow rounds as the busiest expert needs (dropless; `sharding.routed_experts`, also the expert-parallel
+    path on a mesh);
+    "grouped": ragged groups and the grouped expert matmul; "dense": every expert on every token. All three run
+    `sharding.expert_parallel.expert_ffn`. Padding tokens (mask False) take no expert slot on the padded path:
+    their routed output is 0 (they carry no loss).
+
+    Raises:
+      ValueError: "grouped" or "dense" on a mesh that splits the experts (only "padded" dispatches over it).
+
+    Shapes: x [N, D], idx/weights [N, K], w1/w3 [E, D, F], w2 [E, F, D], mask [N] bool -> y [N, D], dropped [].
+    """
+    if cfg.moe_impl == "padded":
+        live = jnp.where(mask[:, None], idx, -1)
+        return sharding.routed_experts(x, live, weights, w1, w3, w2, swiglu_limit=cfg.swiglu_limit,
+                                       act_quant=act_quant)
+    if sharding.expert_parallel.expert_parallelism() > 1:
+        raise ValueError(f"moe_impl={cfg.moe_impl!r} cannot split experts over the mesh's expert axis; use "
+                         "moe_impl='padded' (the expert-parallel dispatch)")
+    routed = {"grouped": routed_experts_grouped, "dense": routed_experts_dense}[cfg.moe_impl]
+    return routed(x, idx, weights, w1, w3, w2, cfg.swiglu_limit, act_quant), jnp.zeros((), jnp.int32)
 
 
 def default_hash_table(cfg: Config, layer: int) -> jax.Array:
@@ -180,16 +218,7 @@ class MoE(nnx.Module):
             ex = self.experts
             w1, w3, w2 = (layers.qweight(getattr(ex, w)[...], cfg, f"ffn.experts.{w}").astype(dt)
                           for w in ("w1", "w3", "w2"))
-            dropped = jnp.zeros((), jnp.int32)
-            if sharding.expert_parallel.expert_parallelism() > 1:
-                # Expert parallelism: all-to-all dispatch over the mesh's expert axis (dropless). Padding tokens
-                # (segment 0) take no expert slot and travel nowhere: their routed output is 0 (they carry no loss).
-                live = jnp.where(mask.reshape(-1, 1), idx, -1)
-                y, dropped = sharding.routed_experts(xq, live, weights, w1, w3, w2, swiglu_limit=cfg.swiglu_limit,
-                                                     act_quant=aq)
-            else:
-                routed = routed_experts_grouped if cfg.moe_impl == "grouped" else routed_experts_reference
-                y = routed(xq, idx, weights, w1, w3, w2, cfg.swiglu_limit, aq)
+            y, dropped = routed_experts(xq, idx, weights, w1, w3, w2, mask.reshape(-1), cfg, aq)
         if cfg.n_shared_experts:
             sh = self.shared
             w1, w3, w2 = (layers.qweight(getattr(sh, w)[...], cfg, f"ffn.shared.{w}").astype(dt)

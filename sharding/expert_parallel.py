@@ -19,11 +19,13 @@ pass), one all-reduce of [Tl, D] over "tensor" when F is split.
 
 Modes (static shapes in both):
   - dropless (default, `capacity_factor=None`): C = ceil(Tl * K / E), the balanced load, and the exchange runs
-    in rounds: round j carries the assignments of rank [j*C, (j+1)*C). The number of rounds is the busiest
-    (device, expert) pair's load over C, agreed on by all devices (a pmax), so nothing is ever dropped, buffers
-    stay at E*C*D = Tl*K*D elements whatever the routing, and the work grows only with the actual imbalance (one
-    or two rounds for a balanced router, E/K rounds if every token picks the same experts). The backward pass
-    (a custom VJP) replays the rounds, recomputing each round's expert activations instead of storing them.
+    in rounds: round 0 carries the assignments of rank [0, C), each later (overflow) round the next
+    Cs = ceil(C / 4) ranks. The number of rounds follows the busiest (device, expert) pair's load, agreed on by
+    all devices (a pmax), so nothing is ever dropped, buffers stay at E*C*D = Tl*K*D elements whatever the
+    routing, and the work grows only with the actual imbalance, in steps of a quarter of the balanced load (a
+    random router's busiest expert at ~1.2x the mean costs one quarter-size round, not a second full one; every
+    token on the same experts costs 4 (E/K - 1) overflow rounds). The backward pass (a custom VJP) replays the
+    overflow rounds, recomputing their expert activations instead of storing them; round 0's are kept.
   - capacity (`capacity_factor=c`): one round with C = ceil(c * Tl * K / E) (at most Tl); assignments of rank
     >= C are dropped (they contribute zero) and counted.
 `dropped` is the exact global number of dropped (token, k) assignments, summed over all devices.
@@ -40,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.expert_matmul import expert_matmul
 from sharding import rules
 
 
@@ -62,18 +65,28 @@ def expert_parallelism(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | Non
 
 
 def expert_ffn(xe: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit: float,
-               act_quant: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
-    """Clamped SwiGLU of each local expert on its buffer: silu(min(x w1, l)) * clip(x w3, -l, l) @ w2.
+               act_quant: Callable[[jax.Array], jax.Array] | None = None,
+               group_sizes: jax.Array | None = None) -> jax.Array:
+    """Clamped SwiGLU of each expert on its rows: silu(min(x w1, l)) * clip(x w3, -l, l) @ w2.
 
-    `act_quant` (e.g. FP8 fake quantisation for QAT) is applied to the hidden activation before w2.
-    Shapes: xe [E, M, D], w1/w3 [E, D, F], w2 [E, F, D] -> [E, M, D].
+    The one expert FFN of every routed-expert path (padded, grouped, dense, expert-parallel). Two layouts:
+      - padded buffers (`group_sizes` None): xe [E, M, D], one batched matmul per weight -> [E, M, D];
+      - sorted rows (`group_sizes` [E] int32): xe [M, D] holds tokens sorted by expert, expert e owning the next
+        group_sizes[e] rows; the grouped expert matmul (`pallas_kernels.expert_matmul`: Pallas on GPU/TPU,
+        ragged_dot elsewhere) -> [M, D], rows beyond sum(group_sizes) zero.
+    `act_quant` (e.g. FP8 fake quantisation for QAT) is applied to the hidden activation before w2; it must act
+    per row. Weights: w1/w3 [E, D, F], w2 [E, F, D].
     """
-    gate = jnp.minimum(jnp.einsum("emd,edf->emf", xe, w1), limit)  # [E, M, F]
-    up = jnp.clip(jnp.einsum("emd,edf->emf", xe, w3), -limit, limit)
+    if group_sizes is None:
+        matmul = lambda a, w: jnp.einsum("emd,edf->emf", a, w)  # noqa: E731
+    else:
+        matmul = lambda a, w: expert_matmul(a, w, group_sizes)  # noqa: E731
+    gate = jnp.minimum(matmul(xe, w1), limit)
+    up = jnp.clip(matmul(xe, w3), -limit, limit)
     h = jax.nn.silu(gate) * up
     if act_quant is not None:
         h = act_quant(h)
-    return jnp.einsum("emf,efd->emd", h, w2)  # [E, M, D]
+    return matmul(h, w2)
 
 
 def _ranks(expert_idx: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
@@ -129,32 +142,53 @@ class _Exchange:
             return jnp.sum((rows.astype(jnp.float32) * g[:, None]).reshape(k, tl, d), axis=0)  # [Tl, D]
 
 
-def _rounds(ex: _Exchange, n_rounds, fn):
-    """fn(0) + fn(C) + ... + fn((n_rounds - 1) * C) for a pytree-valued fn; round 0 always runs (it is all zeros
+OVERFLOW_ROUND_DIVISOR = 4  # overflow rounds carry C / 4 slots per (device, expert): a little imbalance costs little
+
+
+def overflow_exchange(ex: _Exchange) -> _Exchange:
+    """The exchange of the dropless rounds after the first: ceil(C / OVERFLOW_ROUND_DIVISOR) slots."""
+    return dataclasses.replace(ex, cap=max(1, -(-ex.cap // OVERFLOW_ROUND_DIVISOR)))
+
+
+def dropless_rounds(ex: _Exchange, busiest: jax.Array) -> jax.Array:
+    """Rounds needed when the busiest (device, expert) pair holds `busiest` assignments: the first round's C
+    slots, then overflow rounds of ceil(C / OVERFLOW_ROUND_DIVISOR)."""
+    small = overflow_exchange(ex).cap
+    return 1 + (jnp.maximum(busiest - ex.cap, 0) + small - 1) // small
+
+
+def _rounds(ex: _Exchange, n_rounds, fn, first=None):
+    """fn(ex, 0) + fn(small, C) + fn(small, C + Cs) + ... (n_rounds terms; small = `overflow_exchange(ex)` with
+    Cs slots) for a pytree-valued fn; `first` replaces fn(ex, 0) when given. Round 0 always runs (it is all zeros
     when there is nothing to send) and gives the loop carry its exact type, including its varying mesh axes."""
-    first = fn(0)
-    step = lambda j, acc: jax.tree.map(jnp.add, acc, fn(j * ex.cap))  # noqa: E731
+    if first is None:
+        first = fn(ex, 0)
+    small = overflow_exchange(ex)
+    step = lambda j, acc: jax.tree.map(jnp.add, acc, fn(small, ex.cap + (j - 1) * small.cap))  # noqa: E731
     return jax.lax.fori_loop(1, jnp.maximum(n_rounds, 1), step, first)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _dropless(ex: _Exchange, x, gate, w1, w3, w2, key, rank, n_rounds):
-    """Sum over rounds of `ex`; the VJP replays the rounds instead of storing their activations."""
-    return _rounds(ex, n_rounds, lambda off: ex(x, gate, w1, w3, w2, key, rank, off))
+    """Sum over rounds of `ex`. The VJP keeps the activations of round 0 (the balanced load, the bulk of the work)
+    and replays the overflow rounds instead of storing theirs (their number is known only at run time)."""
+    return _rounds(ex, n_rounds, lambda e, off: e(x, gate, w1, w3, w2, key, rank, off))
 
 
 def _dropless_fwd(ex, x, gate, w1, w3, w2, key, rank, n_rounds):
-    return _dropless(ex, x, gate, w1, w3, w2, key, rank, n_rounds), (x, gate, w1, w3, w2, key, rank, n_rounds)
+    y0, pull0 = jax.vjp(lambda *a: ex(*a, key, rank, 0), x, gate, w1, w3, w2)
+    y = _rounds(ex, n_rounds, lambda e, off: e(x, gate, w1, w3, w2, key, rank, off), first=y0)
+    return y, (pull0, x, gate, w1, w3, w2, key, rank, n_rounds)
 
 
 def _dropless_bwd(ex, res, dy):
-    x, gate, w1, w3, w2, key, rank, n_rounds = res
+    pull0, x, gate, w1, w3, w2, key, rank, n_rounds = res
 
-    def one(off):
-        _, pull = jax.vjp(lambda *a: ex(*a, key, rank, off), x, gate, w1, w3, w2)
+    def one(e, off):
+        _, pull = jax.vjp(lambda *a: e(*a, key, rank, off), x, gate, w1, w3, w2)
         return pull(dy)
 
-    return tuple(_rounds(ex, n_rounds, one)) + (None, None, None)
+    return tuple(_rounds(ex, n_rounds, one, first=tuple(pull0(dy)))) + (None, None, None)
 
 
 _dropless.defvjp(_dropless_fwd, _dropless_bwd)
@@ -169,7 +203,7 @@ def _local(x, expert_idx, expert_weight, w1, w3, w2, *, ex: _Exchange, dropless:
         busiest = jnp.max(jnp.where(valid, rank + 1, 0))
         if token_axes:
             busiest = jax.lax.pmax(busiest, token_axes)
-        n_rounds = (busiest + ex.cap - 1) // ex.cap
+        n_rounds = dropless_rounds(ex, busiest)
         y = _dropless(ex, x, gate, w1, w3, w2, key, rank, n_rounds)
         dropped = jnp.zeros((), jnp.int32)
     else:
@@ -188,9 +222,9 @@ def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array
                    act_quant: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
     """y[t] = sum_k expert_weight[t, k] * expert_{expert_idx[t, k]}(x[t]), expert-parallel over the mesh.
 
-    One expert is the clamped SwiGLU `silu(min(x w1, l)) * clip(x w3, -l, l) @ w2` (DeepSeek-V4 MoE, section 4
-    of ARCHITECTURE.md). The mesh is `mesh`, else the one entered with `jax.set_mesh`; without either, the same
-    grouped computation runs on one device. Experts are split over "expert" when E divides by its size (else the
+    One expert is the clamped SwiGLU `silu(min(x w1, l)) * clip(x w3, -l, l) @ w2` (DeepSeek-V4 MoE, see
+    docs/model.md). The mesh is `mesh`, else the one entered with `jax.set_mesh`; without either, the same
+    padded computation runs on one device. Experts are split over "expert" when E divides by its size (else the
     expert axis acts as plain data parallelism here), F over "tensor" when it divides.
 
     Args:

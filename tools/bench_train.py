@@ -1,6 +1,10 @@
 r"""Train-step throughput: ours (JAX) against transformers' torch DeepseekV4ForCausalLM, same config, same run.
 
-  python -m tools.bench_train --config=nano --batch_size=4 --seq_len=256
+  python -m tools.bench_train --shape=nano          # the nano preset, batch 4 x 256
+  python -m tools.bench_train --shape=mid --nolog   # a trunk-bound V4 shape, batch 4 x 512
+  python -m tools.bench_train --config=tiny --batch_size=2 --seq_len=64 --steps=1 --warmup=0
+
+`--shape` presets live in `tools.bench_shapes`; explicit config and batch flags override them.
 
 Both sides run fwd + bwd + AdamW (+ global-norm clipping) on the same random batch, from the same weights
 (our model exported with `interop.to_hf` and loaded by transformers). transformers has no MTP module, so by
@@ -26,12 +30,10 @@ from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
 
-from deepseek_v4 import DeepseekV4, interop, metrics, train
-from experiments import flags as config_flags
+from deepseek_v4 import DeepseekV4, interop, metrics
+from tools import bench_shapes
 
-config_flags.define_config_flags()
-flags.DEFINE_integer("batch_size", 4, "Rows per step.")
-flags.DEFINE_integer("seq_len", 256, "Tokens per row.")
+bench_shapes.define_flags()
 flags.DEFINE_integer("steps", 5, "Timed steps per side (after --warmup untimed ones).")
 flags.DEFINE_integer("warmup", 2, "Untimed steps per side (compilation, allocator warm-up).")
 flags.DEFINE_bool("mtp", False, "Keep the MTP module on our side (transformers has none).")
@@ -42,45 +44,7 @@ flags.DEFINE_string("log_path", os.path.join(os.path.dirname(os.path.dirname(os.
                                              "experiments", "LOG.md"), "Where results are appended.")
 FLAGS = flags.FLAGS
 
-LR = 1e-4
-
-
-def _batch(cfg, b, t, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(2, cfg.vocab_size, (b, t + 1)).astype(np.int32)
-    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((b, t), np.int32),
-            "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
-
-
-def _time(fn, warmup: int, steps: int) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), times
-
-
-def bench_ours(model, cfg, batch, warmup, steps):
-    s = train.TrainSettings(steps=1000, warmup_steps=0, learning_rate=LR, optimizer="adamw", schedule="constant",
-                            weight_decay=0.0, clip_norm=1.0)
-    tx = train.make_optimizer(s)
-    graphdef, state = train.init_state(model, tx, seed=0)
-    fn = train.make_train_step(graphdef, cfg, tx, s, sparse=True)
-    batch = jax.tree.map(jnp.asarray, batch)
-    box = {"state": state, "loss": []}
-
-    def step():
-        box["state"], m = fn(box["state"], batch)
-        box["loss"].append(float(m["loss"]))  # float() waits for the step
-
-    t0 = time.perf_counter()
-    step()
-    compile_s = time.perf_counter() - t0
-    median, times = _time(step, max(warmup - 1, 0), steps)
-    return {"median_s": median, "times": times, "compile_s": compile_s, "first_loss": box["loss"][0]}
+LR = bench_shapes.LR
 
 
 def bench_torch(model, batch, warmup, steps):
@@ -111,7 +75,7 @@ def bench_torch(model, batch, warmup, steps):
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0
-    median, times = _time(step, max(warmup - 1, 0), steps)
+    median, times = bench_shapes.time_calls(step, max(warmup - 1, 0), steps)
     return {"median_s": median, "times": times, "compile_s": first, "first_loss": losses[0],
             "threads": torch.get_num_threads()}
 
@@ -130,16 +94,13 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
     absl_logging.set_verbosity(absl_logging.WARNING)
     try:
-        cfg = config_flags.config_from_flags()
+        cfg, b, t, shape_name = bench_shapes.config_and_batch()
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if not FLAGS.mtp and cfg.num_nextn_predict_layers:
-        cfg = cfg.replace(num_nextn_predict_layers=0, compress_ratios=cfg.layer_ratios)
-    b, t = FLAGS.batch_size, FLAGS.seq_len
     tokens = b * t
     device = jax.devices()[0]
-    print(f"device: {device.device_kind} ({jax.device_count()} device(s)); config {FLAGS.config}"
+    print(f"device: {device.device_kind} ({jax.device_count()} device(s)); {shape_name}"
           f"{'' if FLAGS.mtp else ' without MTP'}; batch {b} x {t}", flush=True)
 
     size = FLAGS.matmul_size
@@ -149,9 +110,9 @@ def main(argv: list[str]) -> None:
     print(f"model FLOPs per token (train): {flops_tok / 1e6:.1f} M", flush=True)
 
     model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
-    batch = _batch(cfg, b, t)
+    batch = bench_shapes.random_batch(cfg, b, t)
     results = {}
-    ours = bench_ours(model, cfg, batch, FLAGS.warmup, FLAGS.steps)
+    ours = bench_shapes.bench_train_step(model, cfg, batch, FLAGS.warmup, FLAGS.steps)
     results["ours (JAX)"] = ours
     if FLAGS.torch:
         # A fresh model with the same seed: our step donated (and so consumed) the first one's arrays.
@@ -180,7 +141,7 @@ def main(argv: list[str]) -> None:
     date = datetime.date.today().isoformat()
     section = (f"\n## {date} train-step benchmark: ours vs transformers (commit {_commit()})\n\n"
                f"`python -m tools.bench_train {' '.join(sys.argv[1:])}` on {device.device_kind}"
-               f" ({os.cpu_count()} CPU cores visible); config {FLAGS.config}{'' if FLAGS.mtp else ' without MTP'},"
+               f" ({os.cpu_count()} CPU cores visible); {shape_name}{'' if FLAGS.mtp else ' without MTP'},"
                f" f32, batch {b} x {t}, fwd + bwd + AdamW + clipping, median of {FLAGS.steps} steps after "
                f"{FLAGS.warmup} warm-up. Measured f32 matmul peak {peak / 1e9:.1f} GFLOP/s; "
                f"{flops_tok / 1e6:.1f} MFLOP per token.\n\n{table}\n\n" + "\n".join(f"- {s}" for s in summary) + "\n")

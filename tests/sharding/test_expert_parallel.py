@@ -1,5 +1,6 @@
 """Expert-parallel MoE (shard_map + all_to_all) against a plain single-device reference: values, gradients, drops."""
 
+import functools
 import math
 
 import jax
@@ -104,7 +105,7 @@ def test_single_device_path_without_mesh(inputs):
 
 def test_skewed_routing_and_ragged_token_count_stay_dropless():
     # 30 tokens on 8 shards (padded inside), all of them routed to experts 3 and 5: the worst case, which the
-    # dropless mode serves in E/K = 4 rounds of the balanced capacity.
+    # dropless mode serves in one round of the balanced capacity and 4 (E/K - 1) quarter-size overflow rounds.
     args = make_inputs(t=30, skew=True)
     x, idx, w, w1, w3, w2 = args
     got = grads_and_values(mesh_lib.make_mesh("data=2,expert=4"))(x, w, w1, w3, w2, idx)
@@ -157,20 +158,22 @@ def test_padding_tokens_take_no_expert_slot_in_the_moe_layer():
     from deepseek_v4 import get_config
     from deepseek_v4.moe import MoE, swiglu
 
-    cfg = get_config("tiny")
-    moe = MoE(cfg, layer=3, hash_layer=False, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(moe)
+    cfg = get_config("tiny")  # moe_impl="padded", the expert-parallel dispatch
+    dense_cfg = cfg.replace(moe_impl="dense")  # every expert on every token, padding included
+    graphdef, state = nnx.split(MoE(cfg, layer=3, hash_layer=False, rngs=nnx.Rngs(0)))
+    dense_graphdef, _ = nnx.split(MoE(dense_cfg, layer=3, hash_layer=False, rngs=nnx.Rngs(0)))
     b, t = 4, 8
     x = jax.random.normal(jax.random.key(1), (b, t, cfg.hidden_size))
     tokens = jnp.zeros((b, t), jnp.int32)
     mask = jnp.ones((b, t), bool).at[1, 5:].set(False).at[3].set(False)  # padding: a row tail and a whole row
 
-    def run(state, x, m):
+    def run(state, x, m, graphdef=graphdef):
         y, stats = nnx.merge(graphdef, state)(x, tokens, m)
         return y, stats.expert_counts
 
-    one_y, one_counts = jax.jit(run)(state, x, mask)  # one device: the dense reference MoE
-    ref_none, _ = jax.jit(run)(state, x, jnp.zeros_like(mask))
+    dense = jax.jit(functools.partial(run, graphdef=dense_graphdef))
+    one_y, one_counts = dense(state, x, mask)  # one device: the dense MoE
+    ref_none, _ = dense(state, x, jnp.zeros_like(mask))
     with jax.set_mesh(mesh_lib.make_mesh("data=2,expert=4")):
         ep_y, ep_counts = jax.jit(run)(state, x, mask)  # expert-parallel all-to-all
         ep_none, _ = jax.jit(run)(state, x, jnp.zeros_like(mask))
@@ -180,7 +183,7 @@ def test_padding_tokens_take_no_expert_slot_in_the_moe_layer():
     np.testing.assert_array_equal(np.asarray(ep_counts), np.asarray(one_counts))
     assert int(np.sum(ep_counts)) == int(live.sum()) * cfg.num_experts_per_tok
     # All padding: the expert-parallel layer dispatches nothing, so only the shared expert's output is left; the
-    # reference MoE still evaluates the routed experts for padding (whose outputs no loss reads).
+    # dense MoE still evaluates the routed experts for padding (whose outputs no loss reads).
     shared = nnx.merge(graphdef, state).shared
     want = swiglu(x.reshape(-1, cfg.hidden_size), shared.w1[...], shared.w3[...], shared.w2[...], cfg.swiglu_limit,
                   None).reshape(x.shape)

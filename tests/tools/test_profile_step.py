@@ -1,0 +1,37 @@
+"""tools.profile_step: on a cut-down tiny config the table has every component row with positive times."""
+
+import os
+import re
+import subprocess
+import sys
+
+from tests.conftest import CODEGEN_FLAGS
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROWS = ("embedding", "mHC weights (incl. Sinkhorn)", "mHC collapse", "mHC update", "attention sliding",
+        "attention csa", "attention hca", "MoE router (learned)", "MoE routed experts", "of which expert FFN alone",
+        "MoE shared expert", "head + loss", "optimizer (AdamW + clip)", "sum of rows", "measured whole train step")
+
+
+def test_table_has_every_row_with_positive_times():
+    env = dict(os.environ, XLA_FLAGS=CODEGEN_FLAGS, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "tools.profile_step", "--config=tiny", "--vocab_size=512", "--batch_size=1",
+           "--seq_len=32", "--calls=1", "--steps=1"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| component")]
+    for name in ROWS:
+        row = next((ln for ln in lines if name in ln), None)
+        assert row is not None, f"no row {name!r} in\n{p.stdout}"
+        cells = row.split("|")
+        if name in ("sum of rows", "measured whole train step"):
+            assert float(cells[7]) > 0, row  # total ms
+        else:
+            assert float(cells[4]) > 0, row  # fwd+bwd ms of one call
+    assert re.search(r"MFU \d+\.\d% of the measured peak", p.stdout), p.stdout
+
+
+def test_shape_and_config_together_are_refused():
+    cmd = [sys.executable, "-m", "tools.profile_step", "--shape=mid", "--config=tiny"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "give --shape or --config, not both" in p.stderr, p.stderr[-2000:]

@@ -1,0 +1,118 @@
+"""Benchmark shapes shared by `tools.bench_train` and `tools.profile_step`: `--shape` presets and the whole step.
+
+A shape is a config preset plus field overrides plus a batch (rows x tokens). Explicit config flags and
+`--batch_size` / `--seq_len` override the shape; `--config` names the base preset when no `--shape` is given.
+
+  nano: the nano preset, batch 4 x 256 (embedding/head-bound: the real vocabulary dominates).
+  mid:  a V4-shaped model whose trunk carries the FLOPs (D 512, 8 layers of every kind, 32 experts top-4),
+        batch 4 x 512.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from deepseek_v4 import config as config_lib
+from deepseek_v4 import train
+from experiments import flags as config_flags
+
+SHAPES: dict[str, tuple[str, dict, int, int]] = {
+    "nano": ("nano", {}, 4, 256),
+    "mid": ("nano", dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, head_dim=128,
+                         qk_rope_head_dim=32, q_lora_rank=256, o_groups=4, o_lora_rank=256,
+                         compress_ratios=(0, 0, 4, 128, 4, 128, 4, 128, 0), csa_ratio=4, hca_ratio=128,
+                         sliding_window=128, index_n_heads=8, index_head_dim=64, index_topk=128,
+                         n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=512, num_hash_layers=2,
+                         max_position_embeddings=4096, original_max_position_embeddings=1024,
+                         rope_scaling_factor=4.0), 4, 512),
+}
+
+LR = 1e-4
+
+
+def define_flags() -> None:
+    """`--shape`, `--batch_size`, `--seq_len` and the config flags (`--config` plus one per field)."""
+    config_flags.define_config_flags()
+    flags.DEFINE_enum("shape", None, list(SHAPES), "Benchmark shape (config + batch); default: --config with "
+                      "batch 4 x 256. Explicit config and batch flags override it.")
+    flags.DEFINE_integer("batch_size", None, "Rows per step (default: the shape's, else 4).")
+    flags.DEFINE_integer("seq_len", None, "Tokens per row (default: the shape's, else 256).")
+
+
+def config_and_batch(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[config_lib.Config, int, int, str]:
+    """(config, batch rows, tokens per row, a name) from the flags; MTP is dropped unless `mtp` says otherwise.
+
+    Raises:
+      ValueError: a bad value, or both --shape and --config given.
+    """
+    shape = flag_values["shape"].value
+    overrides = config_flags.config_overrides(flag_values)
+    if shape is not None:
+        if flag_values[config_flags.CONFIG_FLAG].present:
+            raise ValueError("give --shape or --config, not both (field flags override a shape)")
+        base, shape_overrides, b, t = SHAPES[shape]
+        cfg = config_lib.get_config(base, **{**shape_overrides, **overrides})
+        name = f"shape {shape}"
+    else:
+        cfg = config_flags.config_from_flags(flag_values)
+        b, t = 4, 256
+        name = f"config {flag_values[config_flags.CONFIG_FLAG].value}"
+    b = flag_values["batch_size"].value or b
+    t = flag_values["seq_len"].value or t
+    if b < 1 or t < 1:
+        raise ValueError(f"--batch_size and --seq_len must be >= 1, got {b} and {t}")
+    keep_mtp = "mtp" in flag_values and flag_values["mtp"].value
+    if not keep_mtp and cfg.num_nextn_predict_layers:
+        cfg = cfg.replace(num_nextn_predict_layers=0, compress_ratios=cfg.layer_ratios)
+    return cfg, b, t, name
+
+
+def random_batch(cfg: config_lib.Config, b: int, t: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """One unpacked batch of random tokens: tokens, targets (shifted), segment_ids (all 1), positions."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, cfg.vocab_size, (b, t + 1)).astype(np.int32)
+    return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((b, t), np.int32),
+            "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+
+
+def bench_settings() -> train.TrainSettings:
+    """AdamW at a constant LR with global-norm clipping: the step transformers' side also runs."""
+    return train.TrainSettings(steps=1000, warmup_steps=0, learning_rate=LR, optimizer="adamw",
+                               schedule="constant", weight_decay=0.0, clip_norm=1.0)
+
+
+def time_calls(fn, warmup: int, steps: int) -> tuple[float, list[float]]:
+    """Median wall time of `steps` calls of `fn` (which must wait for its result) after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), times
+
+
+def bench_train_step(model, cfg: config_lib.Config, batch, warmup: int, steps: int) -> dict:
+    """Our jitted train step (fwd + bwd + AdamW + clip) on `batch`: median seconds, times, first-call seconds."""
+    s = bench_settings()
+    tx = train.make_optimizer(s)
+    graphdef, state = train.init_state(model, tx, seed=0)
+    fn = train.make_train_step(graphdef, cfg, tx, s, sparse=True)
+    batch = jax.tree.map(jnp.asarray, batch)
+    box = {"state": state, "loss": []}
+
+    def step():
+        box["state"], m = fn(box["state"], batch)
+        box["loss"].append(float(m["loss"]))  # float() waits for the step
+
+    t0 = time.perf_counter()
+    step()
+    compile_s = time.perf_counter() - t0
+    median, times = time_calls(step, max(warmup - 1, 0), steps)
+    return {"median_s": median, "times": times, "compile_s": compile_s, "first_loss": box["loss"][0]}
