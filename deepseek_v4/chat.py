@@ -188,7 +188,7 @@ def _render(messages: list[dict[str, Any]], mode: str, drop_thinking: bool) -> l
     drop = drop_thinking and not any(m.get("tools") for m in msgs)
     last_user = max((i for i, m in enumerate(msgs) if m["role"] == "user"), default=-1)
     out: list[tuple[str, str]] = [(BOS, _PROMPT)]
-    if thinking and mode == "think-max" and msgs:
+    if mode == "think-max":
         out.append((THINK_MAX_PREFIX, _PROMPT))  # before the first message, whatever its role
     for i, m in enumerate(msgs):
         role = m["role"]
@@ -345,8 +345,8 @@ _PARAMETER = re.compile(r' name="(.*?)" string="(true|false)">(.*?)<', re.DOTALL
 
 def _parse_tool_calls(text: str, pos: int) -> tuple[int, list[dict[str, Any]]]:
     """Parse a DSML tool-call block starting just after `\\n\\n<｜DSML｜tool_calls`; return (position, calls)."""
-    invoke, invoke_end, parameter, parameter_end = f"<{DSML}invoke", f"</{DSML}invoke", f"<{DSML}parameter", \
-        f"/{DSML}parameter"
+    invoke, invoke_end = f"<{DSML}invoke", f"</{DSML}invoke"
+    parameter, parameter_end = f"<{DSML}parameter", f"/{DSML}parameter"
     calls = []
     while True:
         pos, between, stop = _read_until(text, pos, (invoke, _TOOL_CALLS_END))
