@@ -130,7 +130,8 @@ def v4_indexer_key_bytes(cfg: Config) -> int:
 
 def v32_latent_bytes(c: MlaDsaConfig) -> int:
     """One V3.2 MLA cache row: FP8 latent + float32 scale per 128 + BF16 rope key (656 B)."""
-    return c.kv_lora_rank * FP8_E4M3_BYTES + math.ceil(c.kv_lora_rank / 128) * FP32_BYTES + c.qk_rope_head_dim * BF16_BYTES
+    scales = math.ceil(c.kv_lora_rank / 128) * FP32_BYTES
+    return c.kv_lora_rank * FP8_E4M3_BYTES + scales + c.qk_rope_head_dim * BF16_BYTES
 
 
 def v32_indexer_key_bytes(c: MlaDsaConfig) -> int:

@@ -26,7 +26,8 @@ TOOLS_BLOCK = (
     "## Tools\n\nYou have access to a set of tools to help answer the user's question. You can invoke tools by "
     'writing a "<｜DSML｜tool_calls>" block like the following:\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke '
     'name="$TOOL_NAME">\n<｜DSML｜parameter name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE'
-    '</｜DSML｜parameter>\n...\n</｜DSML｜invoke>\n<｜DSML｜invoke name="$TOOL_NAME2">\n...\n</｜DSML｜invoke>\n'
+    '</｜DSML｜parameter>\n...\n</｜DSML｜invoke>\n<｜DSML｜invoke name="$TOOL_NAME2">\n...\n'
+    '</｜DSML｜invoke>\n'
     "</｜DSML｜tool_calls>\n\nString parameters should be specified as is and set `string=\"true\"`. For all other "
     "types (numbers, booleans, arrays, objects), pass the value in JSON format and set `string=\"false\"`.\n\n"
     "If thinking_mode is enabled (triggered by <think>), you MUST output your complete reasoning inside "
@@ -179,7 +180,8 @@ def test_parse_reads_back_what_encode_writes():
         (call,) = msg["tool_calls"]
         assert call["function"]["name"] == "get_weather"
         assert json.loads(call["function"]["arguments"]) == {"location": "Beijing", "days": 3}
-    no_args = "\n\n<" + D + "tool_calls>\n<" + D + 'invoke name="f">\n\n</' + D + "invoke>\n</" + D + "tool_calls>" + EOS
+    no_args = ("\n\n<" + D + "tool_calls>\n<" + D + 'invoke name="f">\n\n</' + D + "invoke>\n</" + D + "tool_calls>"
+               + EOS)
     assert chat.parse(no_args)["tool_calls"] == [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]
 
 
