@@ -44,7 +44,7 @@ MAX_PREFIX = (
     "to ensure absolutely no assumption is left unchecked.\n\n"
 )
 
-TWO_TURNS = [  # the release's multi-turn example without tools (its tests/test_input_2.json)
+TWO_TURNS = [  # the multi-turn example without tools of the release's encoder tests
     SYSTEM,
     {"role": "user", "content": "Hello"},
     {"role": "assistant", "reasoning_content": "The user said hello, I should greet back.",
@@ -74,7 +74,7 @@ VECTORS = [
       EOS, USER, "What is the capital of France?", ASSISTANT, "</think>"]),
     # README "Interleaved Thinking Mode": without tools, drop_thinking strips the reasoning of assistant turns
     # before the last user message (those turns look like chat-mode turns), the last turn keeps
-    # "<think>{reasoning}</think>{response}<EOS>" (= the release's tests/test_output_2.txt).
+    # "<think>{reasoning}</think>{response}<EOS>" (the expected text of that release test).
     ("think_high_drops_earlier_reasoning", TWO_TURNS, "think-high",
      [BOS, "You are a helpful assistant.", USER, "Hello", ASSISTANT, "</think>", "Hi there! How can I help you?",
       EOS, USER, "What is the capital of France?", ASSISTANT, "<think>",
