@@ -25,8 +25,8 @@ from flax import nnx
 
 from deepseek_v4 import layers, quant, rope
 from deepseek_v4.config import Config
-from pallas_kernels.dense_attention import dense_attention, entry_mass_by_query_block
-from pallas_kernels.lightning_indexer import block_scores, lightning_indexer, selected_indexer_scores
+from pallas_kernels.dense_attention import dense_attention, dense_attention_and_entry_mass, entry_mass_by_query_block
+from pallas_kernels.lightning_indexer import block_scores, indexer_scores, lightning_indexer, selected_indexer_scores
 from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_and_selected_mass
 from sharding import rules
 
@@ -98,6 +98,9 @@ class Context:
     positions: jax.Array
     sparse_attention: bool = True
     indexer_loss: bool = False  # compute the indexer's KL loss and recall (training only)
+    # Sparse phase with the earlier objective: KL against the dense entry mass, [B, T, C] tensors (quadratic
+    # memory). Only the long-context benchmark's baseline sets it (tools/bench_long_context.py).
+    dense_target_in_sparse_phase: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,9 +347,18 @@ class Attention(nnx.Module):
             loss, recall = dense_indexer_kl(q, kv, entries, slots, sink, seg, q_idx, k_idx, w_idx, topk,
                                             ratio=self.ratio, window=cfg.sliding_window)
             return o, loss, recall
-        if not ctx.indexer_loss:
+        if not ctx.indexer_loss or ctx.dense_target_in_sparse_phase:
             kernel = functools.partial(sparse_attention, window=cfg.sliding_window, **_KERNEL_OPTIONS)
-            return per_shard(kernel, (q, kv, entries, topk, sink, seg), SPARSE_ARG_AXES, Q_AXES, q.shape), zero, zero
+            o = per_shard(kernel, (q, kv, entries, topk, sink, seg), SPARSE_ARG_AXES, Q_AXES, q.shape)
+            if not ctx.indexer_loss:
+                return o, zero, zero
+            _, mass = dense_attention_and_entry_mass(q, kv, entries, slots.segment, sink, seg, ratio=self.ratio,
+                                                     window=cfg.sliding_window, entry_end=slots.end)
+            scores = indexer_scores(q_idx, k_idx, w_idx, slots.segment, seg, ratio=self.ratio, entry_end=slots.end)
+            kl, target, has = _kl_terms(mass, scores, jnp.isfinite(scores))
+            picked = jnp.sum(jnp.take_along_axis(target, jnp.maximum(topk, 0), -1) * (topk >= 0), -1)
+            n = jnp.maximum(jnp.sum(has), 1)
+            return o, jnp.sum(jnp.where(has, kl, 0.0)) / n, jnp.sum(jnp.where(has, picked, 0.0)) / n
         kernel = functools.partial(sparse_attention_and_selected_mass, window=cfg.sliding_window, **_KERNEL_OPTIONS)
         o, mass = per_shard(kernel, (q, kv, entries, topk, sink, seg), SPARSE_ARG_AXES, [Q_AXES, SELECTED_AXES],
                             [q.shape, topk.shape])
