@@ -1,7 +1,8 @@
 """Seconds per train step and peak memory of a CSA/HCA model from 4K to 64K tokens, per CSA phase.
 
     python -m tools.bench_long_context [--seq_lens=4096,8192,16384,32768,65536] [--phases=sparse,warmup,baseline]
-        [--max_gib=16] [--steps=2] [--json]
+        [--max_gib=16] [--steps=2] [--json] [--plot=experiments/plots/long_context.png]
+    python -m tools.bench_long_context --rows=ROWS.jsonl --plot=PNG   (scaling and plot of a --json output)
 
 Phases (docs/training.md):
 - `sparse`: top-k CSA attention, everything trains, the indexer's KL on each query's selected entries
@@ -11,8 +12,8 @@ Phases (docs/training.md):
   mass and index scores), what a training step computed before.
 
 The model: batch 1, hidden 128, 2 mHC streams, 4 layers (CSA, HCA, CSA, HCA; sliding-window MTP), window 128,
-CSA m=4 top-64, HCA m=128, 4 indexer heads of 32, vocabulary 8192, AdamW, synthetic tokens, float32: small
-enough that a 64K-token sparse step fits in 12 GiB (activation memory is about 0.1 MB per token). Every (phase, length) runs in its own process: it
+CSA m=4 top-64, HCA m=128, 4 indexer heads of 32, vocabulary 8192, AdamW, synthetic tokens, float32 (a
+sparse step holds about 0.33 MB per token on CPU). Every (phase, length) runs in its own process: it
 compiles the step from abstract shapes and reads XLA's compiled peak (arguments + outputs + temporaries); if that
 estimate exceeds --max_gib the run is skipped before anything is allocated, and the output says so. Otherwise it
 allocates the model and optimizer state, runs one step to warm up and --steps timed steps, and reports the median
@@ -43,6 +44,8 @@ _PHASES = flags.DEFINE_list("phases", list(PHASES), f"phases to time, from {','.
 _STEPS = flags.DEFINE_integer("steps", 2, "timed train steps after the warm-up step (median reported)")
 _MAX_GIB = flags.DEFINE_float("max_gib", 16.0, "skip a run whose compiled peak exceeds this many GiB")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object per line")
+_PLOT = flags.DEFINE_string("plot", "", "write a PNG of seconds and memory against T here ('' = none)")
+_ROWS = flags.DEFINE_string("rows", "", "plot these JSON lines (an earlier --json output) instead of measuring")
 _CHILD = flags.DEFINE_string("child", "", "internal: 'phase:seq_len' measured in this process")
 
 
@@ -146,8 +149,47 @@ def scaling(rows: list[dict]) -> list[str]:
     return lines
 
 
+def plot(rows: list[dict], path: str) -> None:
+    """Log-log seconds per step and compiled peak against T, one line per phase, linear and quadratic guides."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = ((axes[0], "seconds", "seconds per train step"), (axes[1], "peak_bytes", "compiled peak, GiB"))
+    for ax, key, label in panels:
+        for phase in dict.fromkeys(r["phase"] for r in rows):
+            done = sorted((r for r in rows if r["phase"] == phase and r["seconds"]), key=lambda r: r["seq_len"])
+            if not done:
+                continue
+            xs = [r["seq_len"] for r in done]
+            ys = [r[key] / (2**30 if key == "peak_bytes" else 1) for r in done]
+            ax.plot(xs, ys, "o-", label=phase)
+            if phase == "sparse":
+                for power, style in ((1, ":"), (2, "--")):
+                    ax.plot(xs, [ys[0] * (x / xs[0]) ** power for x in xs], "k" + style, lw=0.8,
+                            label="linear" if power == 1 else "quadratic")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens per sequence")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def main(argv):
     del argv
+    if _ROWS.value:
+        with open(_ROWS.value, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.startswith("{")]
+        print("\n".join(scaling(rows)))
+        if _PLOT.value:
+            plot(rows, _PLOT.value)
+        return
     if _CHILD.value:
         phase, T = _CHILD.value.split(":")
         print(json.dumps(measure(phase, int(T))), flush=True)
@@ -173,6 +215,8 @@ def main(argv):
                       f"resident peak {gib(row['peak_rss_bytes'])}", flush=True)
     if not _JSON.value:
         print("\n".join(scaling(rows)))
+    if _PLOT.value:
+        plot(rows, _PLOT.value)
 
 
 if __name__ == "__main__":
