@@ -341,7 +341,10 @@ class Attention(nnx.Module):
 
         args = tuple(jax.lax.stop_gradient(a) for a in (q_idx, k_idx, w_idx)) + (slots.segment, slots.end, seg)
         topk_shape = q_idx.shape[:2] + (min(cfg.index_topk, k_idx.shape[1]),)
-        topk = per_shard(select, args, INDEXER_ARG_AXES, SELECTED_AXES, topk_shape)
+        # Under jax.checkpoint, JAX's partial evaluation for the gradient cannot hoist the top-k's per-block
+        # admissibility masks out of the layer scan as one stacked [T, C] residual (they depend only on the row's
+        # layout); nothing is recomputed, the top-k has no gradient.
+        topk = jax.checkpoint(lambda *a: per_shard(select, a, INDEXER_ARG_AXES, SELECTED_AXES, topk_shape))(*args)
         if not ctx.sparse_attention:  # dense attention, the indexer trained on the dense distribution
             o = self.dense_core(q, kv, entries, slots, seg)
             loss, recall = dense_indexer_kl(q, kv, entries, slots, sink, seg, q_idx, k_idx, w_idx, topk,

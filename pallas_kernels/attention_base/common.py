@@ -130,6 +130,14 @@ def check_entry_end(entry_end, entry_segment) -> None:
         )
 
 
+def tie_to(layout, *floats):
+    """`layout` (integer arrays: positions, segments, entry keys) tied to the block's float inputs by
+    `lax.optimization_barrier`, so that under `jax.checkpoint` the masks built from it are recomputed in the
+    backward pass like the rest of the block instead of being saved per block (a stack of [Q, C] masks over the
+    query blocks would be a [T, C] tensor)."""
+    return lax.optimization_barrier((layout, floats))[0]
+
+
 def sink_softmax(logits: jax.Array, mask: jax.Array, sink: jax.Array) -> jax.Array:
     """Softmax whose denominator also holds exp(sink[n]) (a key with a logit and no value).
 

@@ -24,6 +24,7 @@ from pallas_kernels.attention_base.common import (
     reference_query_block,
     row_aligned_entry_end,
     sink_softmax,
+    tie_to,
     window_keys,
     window_mask,
 )
@@ -45,13 +46,14 @@ def _dense(q, kv, entries, entry_segment, sink, segment_ids, *, ratio: int, wind
         entry_end = row_aligned_entry_end(entry_segment, ratio)
     entry_segment, entry_end = entry_segment.astype(jnp.int32), entry_end.astype(jnp.int32)
 
-    def probabilities(q_i, keys_i, kpos_i, kseg_i, qpos_i, qseg_i):
+    def probabilities(q_i, keys_i, kpos_i, kseg_i, qpos_i, qseg_i, tied=()):
+        qpos_i, qseg_i, e_seg, e_end = tie_to((qpos_i, qseg_i, entry_segment, entry_end), q_i, keys_i, *tied)
         z_win = jnp.einsum("bqnh,bkh->bqnk", q_i, keys_i, preferred_element_type=jnp.float32)
         z_ent = jnp.einsum("bqnh,bch->bqnc", q_i, entries, preferred_element_type=jnp.float32)
         mask = jnp.concatenate(
             [
                 window_mask(qpos_i, qseg_i, kpos_i, kseg_i, window),
-                admissible_mask(qpos_i, qseg_i, entry_segment, entry_end),
+                admissible_mask(qpos_i, qseg_i, e_seg, e_end),
             ],
             axis=-1,
         )
@@ -63,7 +65,7 @@ def _dense(q, kv, entries, entry_segment, sink, segment_ids, *, ratio: int, wind
         args = tuple(pad_axis(a, 1, Tp).reshape(B, nb, block, *a.shape[2:]).swapaxes(0, 1) for a in block_args)
 
         def reduce_block(xs_i):
-            _, p_ent = probabilities(*xs_i[:6])
+            _, p_ent = probabilities(*xs_i[:6], tied=xs_i[6:])
             return block_fn(jnp.sum(p_ent, axis=2), xs_i[4], xs_i[5], *xs_i[6:])
 
         res = lax.map(jax.checkpoint(reduce_block), xs + args)

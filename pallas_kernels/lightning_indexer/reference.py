@@ -21,6 +21,7 @@ from pallas_kernels.attention_base.common import (
     admissible_mask,
     pad_axis,
     row_aligned_entry_end,
+    tie_to,
 )
 
 DEFAULT_BLOCK_Q = 64
@@ -177,4 +178,6 @@ def block_scores(q_i, w_i, q_pos, q_seg, k_idx, entry_segment, entry_end) -> jax
       q_i [B, Q, NI, HI], w_i [B, Q, NI], q_pos [Q], q_seg [B, Q], k_idx [B, C, HI], entry_segment /
       entry_end [B, C] int32 -> [B, Q, C] float32 (-inf where not admissible).
     """
-    return _block_scores(q_i, w_i, q_pos, q_seg, k_idx, entry_segment.astype(jnp.int32), entry_end.astype(jnp.int32))
+    layout = (q_pos, q_seg, entry_segment.astype(jnp.int32), entry_end.astype(jnp.int32))
+    q_pos, q_seg, entry_segment, entry_end = tie_to(layout, q_i, w_i, k_idx)  # recomputed, not saved per block
+    return _block_scores(q_i, w_i, q_pos, q_seg, k_idx, entry_segment, entry_end)

@@ -96,3 +96,50 @@ def test_dense_kl_by_query_blocks_equals_the_dense_formula():
     gd = jax.grad(lambda *x: dense(*x)[0], argnums=(0, 1, 2))(*args)
     for x, y in zip(gb, gd):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+def _shapes_in_train_step(**kw):
+    """Every intermediate shape of the jaxpr of a training step's gradient (tiny, T = 1600: CSA C = 400)."""
+    from flax import nnx
+
+    from deepseek_v4 import DeepseekV4, get_config
+
+    model = DeepseekV4(get_config("tiny"), rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tokens = jnp.zeros((1, 1600), jnp.int32)
+
+    def loss(p):
+        out = nnx.merge(graphdef, p, rest).forward_train(tokens, indexer_loss=True, **kw)
+        return jnp.sum(out.hidden) + out.indexer_loss
+
+    shapes = set()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+            for sub in jax.core.jaxprs_in_params(eqn.params) if hasattr(jax.core, "jaxprs_in_params") else []:
+                walk(sub)
+            for p in eqn.params.values():
+                inner = getattr(p, "jaxpr", p)
+                if hasattr(inner, "eqns"):
+                    walk(inner)
+                elif isinstance(p, (tuple, list)):
+                    for q in p:
+                        q = getattr(q, "jaxpr", q)
+                        if hasattr(q, "eqns"):
+                            walk(q)
+
+    walk(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    return shapes
+
+
+def test_no_query_by_entry_tensor_in_a_sparse_training_step():
+    """Forward and backward of a sparse-phase step with the indexer loss hold no tensor with a C = 400 axis and
+    T * C or more elements (T = 1600; also no stack of per-block [Q, C] pieces); the earlier dense-mass objective
+    does (so the check can see one)."""
+    def has_t_by_c(shapes):
+        return [s for s in shapes if 400 in s and np.prod(s) >= 1600 * 400]
+
+    assert has_t_by_c(_shapes_in_train_step()) == []
+    assert has_t_by_c(_shapes_in_train_step(dense_target_in_sparse_phase=True))
+    assert has_t_by_c(_shapes_in_train_step(sparse_attention=False)) == []  # the warm-up's dense KL, by blocks
