@@ -43,6 +43,9 @@ _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "8192", "16384", "32768", "65
 _PHASES = flags.DEFINE_list("phases", list(PHASES), f"phases to time, from {','.join(PHASES)}")
 _STEPS = flags.DEFINE_integer("steps", 2, "timed train steps after the warm-up step (median reported)")
 _MAX_GIB = flags.DEFINE_float("max_gib", 16.0, "skip a run whose compiled peak exceeds this many GiB")
+_MODEL = flags.DEFINE_enum("model", "bench", ["bench", "tiny"], "bench: the model described above; tiny: the "
+                           "6-layer `tiny` preset (hidden 64, 3 CSA layers, top-8)")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "report the compiled peak only (nothing is allocated)")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object per line")
 _PLOT = flags.DEFINE_string("plot", "", "write a PNG of seconds and memory against T here ('' = none)")
 _ROWS = flags.DEFINE_string("rows", "", "plot these JSON lines (an earlier --json output) instead of measuring")
@@ -52,6 +55,8 @@ _CHILD = flags.DEFINE_string("child", "", "internal: 'phase:seq_len' measured in
 def bench_config():
     from deepseek_v4 import get_config
 
+    if _MODEL.value == "tiny":
+        return get_config("tiny", vocab_size=8192)
     return get_config(
         "tiny", hidden_size=128, hc_mult=2, num_hidden_layers=4, compress_ratios=(4, 128, 4, 128, 0), hca_ratio=128,
         sliding_window=128, index_topk=64, index_n_heads=4, index_head_dim=32, head_dim=64, q_lora_rank=64,
@@ -106,6 +111,8 @@ def measure(phase: str, T: int) -> dict:
     row = {"seq_len": T, "phase": phase, "seconds": None, "peak_bytes": peak, "peak_rss_bytes": None}
     if peak > _MAX_GIB.value * 2**30:
         return dict(row, skipped=f"compiled peak {peak / 2**30:.1f} GiB > --max_gib={_MAX_GIB.value:g}")
+    if _COMPILE_ONLY.value:
+        return dict(row, skipped="--compile_only")
     model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
     _, trained, frozen = nnx.split(model, trained_filter, ...)
     opt_state = tx.init(trained)
@@ -125,7 +132,7 @@ def measure(phase: str, T: int) -> dict:
 
 def _run_child(phase: str, T: int) -> dict:
     cmd = [sys.executable, "-m", "tools.bench_long_context", f"--child={phase}:{T}", f"--max_gib={_MAX_GIB.value}",
-           f"--steps={_STEPS.value}"]
+           f"--steps={_STEPS.value}", f"--model={_MODEL.value}", f"--compile_only={_COMPILE_ONLY.value}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):

@@ -89,11 +89,12 @@ def sparse_attention_and_selected_mass(
     block-by-block pass over the gathered entries (with the reference implementation both come from one
     pass). The mass is the indexer's selected-set KL target: the caller stops its gradient. Linear memory.
     """
-    out = sparse_attention(q, kv, entries, topk_idx, sink, segment_ids, window=window, impl=impl,
-                           block_sizes=block_sizes, interpret=interpret)
     which, _ = resolve_impl(impl, interpret)
     if which == "reference":
+        check_attention_inputs(q, kv, entries, sink, segment_ids, window=window)
         return reference.sparse_attention_and_selected_mass(q, kv, entries, topk_idx, sink, segment_ids, window=window)
+    out = sparse_attention(q, kv, entries, topk_idx, sink, segment_ids, window=window, impl=impl,
+                           block_sizes=block_sizes, interpret=interpret)
     _, mass = reference.sparse_attention_and_selected_mass(
         *(jax.lax.stop_gradient(a) for a in (q, kv, entries)), topk_idx, jax.lax.stop_gradient(sink), segment_ids,
         window=window,
