@@ -172,7 +172,12 @@ def plot(rows: list[dict], path: str) -> None:
                 continue
             xs = [r["seq_len"] for r in done]
             ys = [r[key] / (2**30 if key == "peak_bytes" else 1) for r in done]
-            ax.plot(xs, ys, "o-", label=phase)
+            line, = ax.plot(xs, ys, "o-", label=phase)
+            skipped = [r for r in rows if r["phase"] == phase and not r["seconds"] and r["peak_bytes"]]
+            if key == "peak_bytes" and skipped:  # runs skipped by their compiled estimate: open markers
+                ax.plot([xs[-1]] + [r["seq_len"] for r in skipped],
+                        [ys[-1]] + [r["peak_bytes"] / 2**30 for r in skipped], "o--", mfc="none",
+                        color=line.get_color(), label=f"{phase}, compiled estimate (not run)")
             if phase == "sparse":
                 for power, style in ((1, ":"), (2, "--")):
                     ax.plot(xs, [ys[0] * (x / xs[0]) ** power for x in xs], "k" + style, lw=0.8,
