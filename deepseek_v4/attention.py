@@ -27,7 +27,7 @@ from deepseek_v4 import layers, quant, rope
 from deepseek_v4.config import Config
 from pallas_kernels.dense_attention import dense_attention, dense_attention_and_entry_mass, entry_mass_by_query_block
 from pallas_kernels.lightning_indexer import block_scores, indexer_scores, lightning_indexer, selected_indexer_scores
-from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_and_selected_mass
+from pallas_kernels.sparse_attention import selected_entry_mass, sparse_attention
 from sharding import rules
 
 # Logical axes (sharding/rules.py) of the kernel arguments: batch over the data axes, query heads over "tensor".
@@ -350,11 +350,11 @@ class Attention(nnx.Module):
             loss, recall = dense_indexer_kl(q, kv, entries, slots, sink, seg, q_idx, k_idx, w_idx, topk,
                                             ratio=self.ratio, window=cfg.sliding_window)
             return o, loss, recall
-        if not ctx.indexer_loss or ctx.dense_target_in_sparse_phase:
-            kernel = functools.partial(sparse_attention, window=cfg.sliding_window, **_KERNEL_OPTIONS)
-            o = per_shard(kernel, (q, kv, entries, topk, sink, seg), SPARSE_ARG_AXES, Q_AXES, q.shape)
-            if not ctx.indexer_loss:
-                return o, zero, zero
+        kernel = functools.partial(sparse_attention, window=cfg.sliding_window, **_KERNEL_OPTIONS)
+        o = per_shard(kernel, (q, kv, entries, topk, sink, seg), SPARSE_ARG_AXES, Q_AXES, q.shape)
+        if not ctx.indexer_loss:
+            return o, zero, zero
+        if ctx.dense_target_in_sparse_phase:
             _, mass = dense_attention_and_entry_mass(q, kv, entries, slots.segment, sink, seg, ratio=self.ratio,
                                                      window=cfg.sliding_window, entry_end=slots.end)
             scores = indexer_scores(q_idx, k_idx, w_idx, slots.segment, seg, ratio=self.ratio, entry_end=slots.end)
@@ -362,10 +362,10 @@ class Attention(nnx.Module):
             picked = jnp.sum(jnp.take_along_axis(target, jnp.maximum(topk, 0), -1) * (topk >= 0), -1)
             n = jnp.maximum(jnp.sum(has), 1)
             return o, jnp.sum(jnp.where(has, kl, 0.0)) / n, jnp.sum(jnp.where(has, picked, 0.0)) / n
-        kernel = functools.partial(sparse_attention_and_selected_mass, window=cfg.sliding_window, **_KERNEL_OPTIONS)
-        o, mass = per_shard(kernel, (q, kv, entries, topk, sink, seg), SPARSE_ARG_AXES, [Q_AXES, SELECTED_AXES],
-                            [q.shape, topk.shape])
-        scores = selected_indexer_scores(q_idx, k_idx, w_idx, topk)  # [B, T, K], pure JAX: XLA partitions it
+        # The KL's inputs, [B, T, K], in pure JAX on the global arrays: XLA partitions them (the mass sums over
+        # every head, so it must not run per head shard).
+        mass = selected_entry_mass(q, kv, entries, topk, sink, seg, window=cfg.sliding_window)
+        scores = selected_indexer_scores(q_idx, k_idx, w_idx, topk)
         loss, recall = selected_set_kl(mass, scores, topk)
         return o, loss, recall
 

@@ -102,4 +102,26 @@ def sparse_attention_and_selected_mass(
     return out, mass
 
 
-__all__ = ["sparse_attention", "sparse_attention_and_selected_mass"]
+def selected_entry_mass(
+    q: jax.Array,
+    kv: jax.Array,
+    entries: jax.Array,
+    topk_idx: jax.Array,
+    sink: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    window: int = 128,
+) -> jax.Array:
+    """The head-summed probability mass on each selected entry, [B, T, K] float32, without gradient.
+
+    Pure JAX (the reference's block-by-block forward pass over the gathered entries, its output unused): call it on
+    global arrays and XLA partitions it, heads included (the sum over heads is then a cross-shard reduction, which
+    a per-shard kernel call would miss). Linear memory.
+    """
+    check_attention_inputs(q, kv, entries, sink, segment_ids, window=window)
+    args = (jax.lax.stop_gradient(a) for a in (q, kv, entries))
+    return reference.sparse_attention_and_selected_mass(*args, topk_idx, jax.lax.stop_gradient(sink), segment_ids,
+                                                        window=window)[1]
+
+
+__all__ = ["selected_entry_mass", "sparse_attention", "sparse_attention_and_selected_mass"]

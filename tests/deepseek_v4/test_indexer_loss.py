@@ -8,7 +8,7 @@ import numpy as np
 from deepseek_v4 import attention
 from pallas_kernels.dense_attention import dense_attention_and_entry_mass
 from pallas_kernels.lightning_indexer import indexer_scores, lightning_indexer, selected_indexer_scores
-from pallas_kernels.sparse_attention import sparse_attention_and_selected_mass
+from pallas_kernels.sparse_attention import selected_entry_mass, sparse_attention_and_selected_mass
 from tests.pallas_kernels.attention_cases import brute_force_attention, sparse_mask
 
 B, T, N, H, NI, HI, RATIO, WINDOW, TOPK = 2, 37, 3, 16, 2, 8, 4, 8, 3
@@ -63,6 +63,8 @@ def test_selected_set_kl_matches_brute_force_from_dense_tensors():
     valid = np.asarray(topk) >= 0
     sel_mass = np.where(valid, np.take_along_axis(dense_mass, sel, -1), 0.0)
     np.testing.assert_allclose(np.asarray(mass), sel_mass, atol=1e-6)
+    alone = selected_entry_mass(a["q"], a["kv"], a["entries"], topk, a["sink"], jnp.asarray(seg), window=WINDOW)
+    np.testing.assert_array_equal(np.asarray(alone), np.asarray(mass))  # the model's call: the same pass
     want = _kl_brute(sel_mass, np.take_along_axis(dense_scores, sel, -1), valid)
     np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-6)
     assert 0.0 <= float(recall) <= 1.0 + 1e-6
