@@ -2,15 +2,20 @@
 
 docs/model.md, "Attention". The heavy math (window + compressed attention, the lightning indexer) lives in
 `pallas_kernels`; this module computes their inputs (queries, the shared K=V head, compressed entries,
-indexer queries and keys) and the output projection.
+indexer queries and keys), the indexer's KL objective and the output projection. The pieces are functions
+(`entry_slots`, `compress`, `Attention.queries` / `key_value` / `compressed_entries` / `core` / `output`) so
+that an inference cache can reuse them.
 
-Packed sequences (our extension; the reference has no packing): windows never cross a document; compressed
-windows are aligned to the row, an entry is usable only if its own m tokens lie in one document, and for CSA the
-overlapping slots that fall in another document get zero weight, so no entry pools tokens of two documents.
+Packed sequences (docs/packing.md): windows never cross a document, and each document is compressed from its
+own first token: its entry j pools its tokens [j*m, (j+1)*m) (CSA: plus the previous window of the same
+document), is visible to that document's queries from its last token on, and never to another document; a
+tail shorter than m gives no entry. Entries sit in slots of a [B, ceil(T/m)] array, slot c holding the entry
+whose last token is in rows [c*m, (c+1)*m) (at most one: entries of a row end at least m rows apart).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -20,9 +25,9 @@ from flax import nnx
 
 from deepseek_v4 import layers, quant, rope
 from deepseek_v4.config import Config
-from pallas_kernels.dense_attention import dense_attention, dense_attention_and_entry_mass
-from pallas_kernels.lightning_indexer import indexer_scores, lightning_indexer
-from pallas_kernels.sparse_attention import sparse_attention
+from pallas_kernels.dense_attention import dense_attention, dense_attention_and_entry_mass, entry_mass_by_query_block
+from pallas_kernels.lightning_indexer import block_scores, indexer_scores, lightning_indexer, selected_indexer_scores
+from pallas_kernels.sparse_attention import selected_entry_mass, sparse_attention
 from sharding import rules
 
 # Logical axes (sharding/rules.py) of the kernel arguments: batch over the data axes, query heads over "tensor".
@@ -30,10 +35,28 @@ Q_AXES = ("batch", "seq", "heads", "head_dim")
 TOKEN_AXES = ("batch", "seq")
 ENTRY_AXES = ("batch", "kv_seq", "head_dim")
 ENTRY_SEG_AXES = ("batch", "kv_seq")
-DENSE_ARG_AXES = (Q_AXES, ("batch", "seq", "head_dim"), ENTRY_AXES, ENTRY_SEG_AXES, ("heads",), TOKEN_AXES)
-SPARSE_ARG_AXES = (Q_AXES, ("batch", "seq", "head_dim"), ENTRY_AXES, TOKEN_AXES + (None,), ("heads",), TOKEN_AXES)
+SELECTED_AXES = TOKEN_AXES + (None,)
+DENSE_ARG_AXES = (Q_AXES, ("batch", "seq", "head_dim"), ENTRY_AXES, ENTRY_SEG_AXES, ENTRY_SEG_AXES, ("heads",),
+                  TOKEN_AXES)
+SPARSE_ARG_AXES = (Q_AXES, ("batch", "seq", "head_dim"), ENTRY_AXES, SELECTED_AXES, ("heads",), TOKEN_AXES)
 # The indexer score sums over indexer heads, so only the batch is split (heads stay whole on each shard).
-INDEXER_ARG_AXES = (TOKEN_AXES + (None, None), ENTRY_AXES, TOKEN_AXES + (None,), ENTRY_SEG_AXES, TOKEN_AXES)
+INDEXER_ARG_AXES = (TOKEN_AXES + (None, None), ENTRY_AXES, SELECTED_AXES, ENTRY_SEG_AXES, ENTRY_SEG_AXES, TOKEN_AXES)
+
+
+_KERNEL_OPTIONS: dict = {}
+
+
+@contextlib.contextmanager
+def kernel_implementation(impl: str | None, interpret: bool | None = None):
+    """Within the block, layers traced call the attention and indexer kernels with this `impl` / `interpret`
+    (docs/kernels.md, "Implementation dispatch"); default: the platform's best. Takes effect at trace time."""
+    saved = dict(_KERNEL_OPTIONS)
+    _KERNEL_OPTIONS.update(impl=impl, interpret=interpret)
+    try:
+        yield
+    finally:
+        _KERNEL_OPTIONS.clear()
+        _KERNEL_OPTIONS.update(saved)
 
 
 def per_shard(kernel, args, in_axes, out_axes, out_shape):
@@ -44,59 +67,115 @@ def per_shard(kernel, args, in_axes, out_axes, out_shape):
     over that axis (shard_map's transpose with check_vma=False, which Pallas calls need).
 
     Args:
-      kernel: a kernel entry point with its static arguments bound, taking `args` positionally, one output.
+      kernel: a kernel entry point with its static arguments bound, taking `args` positionally.
       args: the (global) arrays.
       in_axes: one tuple of logical axis names per argument.
-      out_axes: logical axis names of the output.
-      out_shape: the (global) output shape.
+      out_axes: logical axis names of the output, or a list of them (one per output) for a tuple of outputs.
+      out_shape: the (global) output shape, or a list of them.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return kernel(*args)
     in_specs = tuple(rules.spec(ax, "activation", shape=a.shape, mesh=mesh) for a, ax in zip(args, in_axes))
-    out_spec = rules.spec(out_axes, "activation", shape=out_shape, mesh=mesh)
+    if isinstance(out_axes, list):
+        out_spec = tuple(rules.spec(ax, "activation", shape=sh, mesh=mesh) for ax, sh in zip(out_axes, out_shape))
+    else:
+        out_spec = rules.spec(out_axes, "activation", shape=out_shape, mesh=mesh)
     return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """Per-forward inputs every layer needs.  Shapes: all [B, T] int32."""
+    """Per-forward inputs every layer needs.  Shapes: all [B, T] int32.
+
+    CSA's phase (docs/training.md): `sparse_attention` False = every admissible entry (dense training and the
+    indexer warm-up), True = the indexer's top-k. `indexer_loss` computes the indexer's KL and recall: against
+    the dense entry distribution when dense, on the selected entries when sparse.
+    """
 
     tokens: jax.Array
     segment_ids: jax.Array
     positions: jax.Array
-    sparse_attention: bool = True  # False: CSA attends to every admissible entry (the dense warm-up phase)
+    sparse_attention: bool = True
     indexer_loss: bool = False  # compute the indexer's KL loss and recall (training only)
+    # Sparse phase with the earlier objective: KL against the dense entry mass, [B, T, C] tensors (quadratic
+    # memory). Only the long-context benchmark's baseline sets it (tools/bench_long_context.py).
+    dense_target_in_sparse_phase: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class EntrySlots:
+    """Where the compressed entries of a row come from (docs/packing.md).  Shapes: all [B, C] int32.
+
+    end: row of the entry's last token (c*m <= end < (c+1)*m); segment: its document, -1 = empty slot;
+    start: row of its first token (end - m + 1, clipped to 0 for empty slots), whose position rotates it;
+    has_previous: bool, the document holds a whole window before this one (CSA's overlap slots).
+    """
+
+    end: jax.Array
+    segment: jax.Array
+    start: jax.Array
+    has_previous: jax.Array
+
+
+def document_offsets(segment_ids: jax.Array) -> jax.Array:
+    """Row index minus the row where its run of equal segment ids starts: [B, T] -> [B, T] int32."""
+    t = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    first = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return t - jax.lax.cummax(jnp.where(first, t, 0), axis=1)
+
+
+def entry_slots(segment_ids: jax.Array, ratio: int) -> EntrySlots:
+    """Per-document compression windows of a packed row, in C = ceil(T / ratio) slots.
+
+    A document's entry j ends at its token (j+1)*m - 1; a tail shorter than m ends no entry. Padding (segment 0)
+    is compressed like one more document, visible only to padding. T >= 1 always gives C >= 1.
+    """
+    b, t = segment_ids.shape
+    c = -(-t // ratio)
+    offsets = document_offsets(segment_ids)
+    ends_here = (offsets + 1) % ratio == 0  # [B, T]
+    ends_here = jnp.pad(ends_here, ((0, 0), (0, c * ratio - t))).reshape(b, c, ratio)
+    has = jnp.any(ends_here, axis=-1)
+    end = jnp.arange(c, dtype=jnp.int32) * ratio + jnp.argmax(ends_here, axis=-1).astype(jnp.int32)
+    end = jnp.where(has, end, jnp.arange(c, dtype=jnp.int32) * ratio + ratio - 1)
+    last = jnp.minimum(end, t - 1)
+    seg = jnp.take_along_axis(segment_ids, last, axis=1)
+    has_previous = has & (jnp.take_along_axis(offsets, last, axis=1) >= 2 * ratio - 1)
+    return EntrySlots(end=end, segment=jnp.where(has, seg, -1).astype(jnp.int32),
+                      start=jnp.maximum(end - ratio + 1, 0), has_previous=has_previous)
 
 
 def compress(x: jax.Array, wkv: jax.Array, wgate: jax.Array, ape: jax.Array, norm_scale: jax.Array,
-             segment_ids: jax.Array, ratio: int, overlap: bool, eps: float) -> tuple[jax.Array, jax.Array]:
-    """Token-level compressor: gated, per-channel softmax pooling of each window of `ratio` tokens.
+             slots: EntrySlots, ratio: int, overlap: bool, eps: float) -> jax.Array:
+    """Token-level compressor: gated, per-channel softmax pooling of each entry's window of `ratio` tokens.
 
     With `overlap` (CSA and its indexer) every token carries 2*c features: the first half is its contribution
-    to the next window's entry, the second half to its own window's entry; entry i pools 2*ratio slots.
-    Shapes: x [B, T, D]; wkv/wgate [D, w*c] (w = 2 with overlap, else 1); ape [ratio, w*c]
-      -> entries [B, C, c] float32 (normed, not rotated), entry_segment [B, C] int32 (-1 = spans documents).
+    to the next window's entry, the second half to its own window's entry; an entry pools 2*ratio slots, the
+    previous window's only if it lies in the same document (else weight 0, as for a document's first entry).
+    Shapes: x [B, T, D]; wkv/wgate [D, w*c] (w = 2 with overlap, else 1); ape [ratio, w*c]; slots [B, C]
+      -> entries [B, C, c] float32 (normed, not rotated; empty slots hold finite values nothing sees).
     """
     b, t, _ = x.shape
-    c = t // ratio
-    usable = c * ratio
-    xs = x[:, :usable]
-    kv = (xs @ wkv).astype(jnp.float32).reshape(b, c, ratio, -1)  # [B, C, m, w*c]
-    gate = (xs @ wgate).astype(jnp.float32).reshape(b, c, ratio, -1) + ape.astype(jnp.float32)
-    seg = segment_ids[:, :usable].reshape(b, c, ratio)
-    same = jnp.all(seg == seg[..., :1], axis=-1)
-    entry_segment = jnp.where(same, seg[..., 0], -1).astype(jnp.int32)
+    c = slots.end.shape[1]
+    kv = (x @ wkv).astype(jnp.float32)  # [B, T, w*c]
+    gate = (x @ wgate).astype(jnp.float32)
+    rows = slots.start[..., None] + jnp.arange(ratio, dtype=jnp.int32)  # [B, C, m]
+
+    def gather(a, r):  # a [B, T, F], r [B, C, m] -> [B, C, m, F]
+        idx = jnp.clip(r, 0, t - 1).reshape(b, c * ratio, 1)
+        return jnp.take_along_axis(a, idx, axis=1).reshape(b, c, ratio, a.shape[-1])
+
+    own_kv, own_gate = gather(kv, rows), gather(gate, rows) + ape.astype(jnp.float32)
     if overlap:
         width = kv.shape[-1] // 2
-        prev_kv = jnp.pad(kv[:, :-1, :, :width], ((0, 0), (1, 0), (0, 0), (0, 0)))
-        prev_gate = jnp.pad(gate[:, :-1, :, :width], ((0, 0), (1, 0), (0, 0), (0, 0)), constant_values=-jnp.inf)
-        prev_seg = jnp.pad(seg[:, :-1], ((0, 0), (1, 0), (0, 0)), constant_values=-1)
-        prev_gate = jnp.where((prev_seg == seg[..., :1])[..., None], prev_gate, -jnp.inf)
-        kv = jnp.concatenate([prev_kv, kv[..., width:]], axis=2)  # [B, C, 2m, c]
-        gate = jnp.concatenate([prev_gate, gate[..., width:]], axis=2)
-    pooled = jnp.sum(kv * jax.nn.softmax(gate, axis=2), axis=2)  # [B, C, c]
-    return layers.rms_norm(pooled, norm_scale, eps), entry_segment
+        prev_kv = gather(kv[..., :width], rows - ratio)
+        prev_gate = gather(gate[..., :width], rows - ratio) + ape[:, :width].astype(jnp.float32)
+        prev_gate = jnp.where(slots.has_previous[..., None, None], prev_gate, -jnp.inf)
+        own_kv = jnp.concatenate([prev_kv, own_kv[..., width:]], axis=2)  # [B, C, 2m, c]
+        own_gate = jnp.concatenate([prev_gate, own_gate[..., width:]], axis=2)
+    pooled = jnp.sum(own_kv * jax.nn.softmax(own_gate, axis=2), axis=2)  # [B, C, c]
+    return layers.rms_norm(pooled, norm_scale, eps)
 
 
 class Compressor(nnx.Module):
@@ -110,9 +189,10 @@ class Compressor(nnx.Module):
         self.ape = layers.const_param((ratio, w), (None, "compress_dim"), 0.0)
         self.norm = layers.RMSNorm(width, cfg.rms_norm_eps, norm_axis)
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, slots: EntrySlots) -> jax.Array:
+        """Shapes: x [B, T, D], slots [B, C] -> entries [B, C, width] float32 (normed, not rotated)."""
         return compress(x, self.wkv[...].astype(x.dtype), self.wgate[...].astype(x.dtype), self.ape[...],
-                        self.norm.scale[...], segment_ids, self.ratio, self.overlap, self.eps)
+                        self.norm.scale[...], slots, self.ratio, self.overlap, self.eps)
 
 
 class Indexer(nnx.Module):
@@ -149,109 +229,193 @@ class Attention(nnx.Module):
         if self.kind == "csa":
             self.indexer = Indexer(cfg, rngs)
 
+    # ------------------------------------------------------------------ projections (reusable pieces)
+
+    def rope_tables(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return rope.rope_angles(positions, rope.inv_frequencies(self.cfg, self.kind != "sliding"))
+
+    def queries(self, x: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
+        """Shapes: x [B, T, D] -> c_q [B, T, Q] (the low-rank query, also the indexer's input), q [B, T, N, H]."""
+        cfg, dt = self.cfg, x.dtype
+        xq = layers.qact(x, cfg)
+        c_q = self.q_norm(xq @ layers.qweight(self.wq_a[...], cfg, "attn.wq_a").astype(dt)).astype(dt)
+        wq_b = layers.qweight(self.wq_b[...], cfg, "attn.wq_b").astype(dt)
+        q = jnp.einsum("btq,qnh->btnh", layers.qact(c_q, cfg), wq_b)
+        return c_q, rope.apply_rope(layers.rms_norm(q, None, cfg.rms_norm_eps).astype(dt), cos, sin)
+
+    def key_value(self, x: jax.Array, cos, sin) -> jax.Array:
+        """Shapes: x [B, T, D] -> kv [B, T, H] (the single key = value head, rotated)."""
+        cfg, dt = self.cfg, x.dtype
+        kv = self.kv_norm(layers.qact(x, cfg) @ layers.qweight(self.wkv[...], cfg, "attn.wkv").astype(dt)).astype(dt)
+        return rope.apply_rope(kv, cos, sin)
+
+    def compressed_entries(self, x: jax.Array, slots: EntrySlots, positions: jax.Array) -> jax.Array:
+        """Shapes: x [B, T, D], slots [B, C], positions [B, T] -> entries [B, C, H] (rotated, x's dtype)."""
+        entry_pos = jnp.take_along_axis(positions, slots.start, axis=1)
+        e_cos, e_sin = self.rope_tables(entry_pos)
+        return rope.apply_rope(self.compressor(x, slots), e_cos, e_sin).astype(x.dtype)
+
+    def indexer_inputs(self, x: jax.Array, c_q: jax.Array, slots: EntrySlots, positions: jax.Array, cos, sin):
+        """The lightning indexer's queries [B, T, NI, HI], keys [B, C, HI] and head weights [B, T, NI].
+
+        Its inputs are detached from the main model: the indexer learns only from its own KL loss.
+        """
+        cfg, idx = self.cfg, self.indexer
+        xi, cqi = jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q)
+        e_cos, e_sin = self.rope_tables(jnp.take_along_axis(positions, slots.start, axis=1))
+        k_idx = rope.apply_rope(idx.compressor(xi, slots), e_cos, e_sin)  # [B, C, HI]
+        wq_b = layers.qweight(idx.wq_b[...], cfg, "attn.indexer.wq_b").astype(cqi.dtype)
+        q_idx = rope.apply_rope(jnp.einsum("btq,qnh->btnh", layers.qact(cqi, cfg), wq_b), cos, sin)
+        w_idx = xi @ idx.weights_proj[...].astype(xi.dtype)  # [B, T, NI]
+        if cfg.quant == "fp4":  # QAT of the indexer's query/key path (the release stores its keys in MXFP4)
+            q_idx, k_idx = quant.fake_quant_mxfp4(q_idx), quant.fake_quant_mxfp4(k_idx)
+        return q_idx, k_idx, w_idx
+
+    def output(self, o: jax.Array, cos, sin) -> jax.Array:
+        """Shapes: o [B, T, N, H] (attention output, rotated) -> [B, T, D]."""
+        cfg = self.cfg
+        dt = o.dtype
+        o = rope.apply_rope(o, cos, sin, inverse=True)
+        b, t = o.shape[:2]
+        o = o.reshape(b, t, cfg.o_groups, -1)  # [B, T, G, N*H/G]
+        wo_a = layers.qweight(self.wo_a[...], cfg, "attn.wo_a").astype(dt)
+        o = jnp.einsum("btgi,gio->btgo", layers.qact(o, cfg), wo_a).reshape(b, t, -1)  # [B, T, G*O]
+        return layers.qact(o, cfg) @ layers.qweight(self.wo_b[...], cfg, "attn.wo_b").astype(dt)
+
+    def dense_core(self, q, kv, entries, slots: EntrySlots | None, segment_ids) -> jax.Array:
+        """Window + every admissible entry (sliding layers: no entries). Shapes: -> [B, T, N, H]."""
+        cfg = self.cfg
+        if slots is None:
+            entries = jnp.zeros((q.shape[0], 0, cfg.head_dim), q.dtype)
+            slots = EntrySlots(*(jnp.zeros((q.shape[0], 0), jnp.int32) for _ in range(3)),
+                               jnp.zeros((q.shape[0], 0), bool))
+        ratio = self.ratio or cfg.csa_ratio
+
+        def kernel(q, kv, entries, entry_seg, entry_end, sink, seg):
+            return dense_attention(q, kv, entries, entry_seg, sink, seg, ratio=ratio, window=cfg.sliding_window,
+                                   entry_end=entry_end, **_KERNEL_OPTIONS)
+
+        args = (q, kv, entries, slots.segment, slots.end, self.attn_sink[...], segment_ids)
+        return per_shard(kernel, args, DENSE_ARG_AXES, Q_AXES, q.shape)
+
+    # ------------------------------------------------------------------ the layer
+
     def __call__(self, x: jax.Array, ctx: Context) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Shapes: x [B, T, D] (normed) -> out [B, T, D], indexer_loss [], indexer_recall []."""
         cfg = self.cfg
-        dt = layers.dtype_of(cfg.dtype)
-        x = x.astype(dt)
-        compressed = self.kind != "sliding"
-        inv_freq = rope.inv_frequencies(cfg, compressed)
-        cos, sin = rope.rope_angles(ctx.positions, inv_freq)
+        x = x.astype(layers.dtype_of(cfg.dtype))
+        cos, sin = self.rope_tables(ctx.positions)
         seg = ctx.segment_ids
         with jax.named_scope("attn/qkv"):
-            xq = layers.qact(x, cfg)
-            c_q = self.q_norm(xq @ layers.qweight(self.wq_a[...], cfg, "attn.wq_a").astype(dt)).astype(dt)  # [B, T, Q]
-            wq_b = layers.qweight(self.wq_b[...], cfg, "attn.wq_b").astype(dt)
-            q = jnp.einsum("btq,qnh->btnh", layers.qact(c_q, cfg), wq_b)  # [B, T, N, H]
-            q = rope.apply_rope(layers.rms_norm(q, None, cfg.rms_norm_eps).astype(dt), cos, sin)
-            kv = self.kv_norm(xq @ layers.qweight(self.wkv[...], cfg, "attn.wkv").astype(dt)).astype(dt)
-            kv = rope.apply_rope(kv, cos, sin)  # [B, T, H]
+            c_q, q = self.queries(x, cos, sin)
+            kv = self.key_value(x, cos, sin)
         zero = jnp.zeros((), jnp.float32)
         loss, recall = zero, zero
-        sink = self.attn_sink[...]
-        if not compressed:
-            empty = jnp.zeros((x.shape[0], 0, cfg.head_dim), dt)
-            empty_seg = jnp.zeros((x.shape[0], 0), jnp.int32)
-            dense = functools.partial(dense_attention, ratio=cfg.csa_ratio, window=cfg.sliding_window)
-            o = per_shard(dense, (q, kv, empty, empty_seg, sink, seg), DENSE_ARG_AXES, Q_AXES, q.shape)
+        if self.kind == "sliding":
+            o = self.dense_core(q, kv, None, None, seg)
         else:
             with jax.named_scope("attn/compress"):
-                entries, entry_seg = self.compressor(x, seg)
-                entry_pos = ctx.positions[:, :: self.ratio][:, : entries.shape[1]]
-                e_cos, e_sin = rope.rope_angles(entry_pos, inv_freq)
-                entries = rope.apply_rope(entries, e_cos, e_sin).astype(dt)  # [B, C, H]
+                slots = entry_slots(seg, self.ratio)
+                entries = self.compressed_entries(x, slots, ctx.positions)
             if self.kind == "hca":
-                dense = functools.partial(dense_attention, ratio=self.ratio, window=cfg.sliding_window)
-                o = per_shard(dense, (q, kv, entries, entry_seg, sink, seg), DENSE_ARG_AXES, Q_AXES, q.shape)
+                o = self.dense_core(q, kv, entries, slots, seg)
             else:
-                o, loss, recall = self._csa(x, c_q, q, kv, entries, entry_seg, entry_pos, cos, sin, ctx)
+                o, loss, recall = self._csa(x, c_q, q, kv, entries, slots, cos, sin, ctx)
         with jax.named_scope("attn/out"):
-            o = rope.apply_rope(o, cos, sin, inverse=True)  # [B, T, N, H]
-            b, t = o.shape[:2]
-            o = o.reshape(b, t, cfg.o_groups, -1)  # [B, T, G, N*H/G]
-            wo_a = layers.qweight(self.wo_a[...], cfg, "attn.wo_a").astype(dt)
-            o = jnp.einsum("btgi,gio->btgo", layers.qact(o, cfg), wo_a).reshape(b, t, -1)  # [B, T, G*O]
-            out = layers.qact(o, cfg) @ layers.qweight(self.wo_b[...], cfg, "attn.wo_b").astype(dt)  # [B, T, D]
+            out = self.output(o, cos, sin)
         return out, loss, recall
 
-    def _csa(self, x, c_q, q, kv, entries, entry_seg, entry_pos, cos, sin, ctx: Context):
-        cfg, idx = self.cfg, self.indexer
+    def _csa(self, x, c_q, q, kv, entries, slots: EntrySlots, cos, sin, ctx: Context):
+        cfg = self.cfg
         seg = ctx.segment_ids
-        inv_freq = rope.inv_frequencies(cfg, True)
+        sink = self.attn_sink[...]
         with jax.named_scope("attn/indexer"):
-            # The indexer learns only from its own KL loss, so its inputs are detached from the main model.
-            xi, cqi = jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q)
-            k_idx, _ = idx.compressor(xi, seg)
-            e_cos, e_sin = rope.rope_angles(entry_pos, inv_freq)
-            k_idx = rope.apply_rope(k_idx, e_cos, e_sin)  # [B, C, HI]
-            wq_b = layers.qweight(idx.wq_b[...], cfg, "attn.indexer.wq_b").astype(cqi.dtype)
-            q_idx = rope.apply_rope(jnp.einsum("btq,qnh->btnh", layers.qact(cqi, cfg), wq_b), cos, sin)
-            w_idx = xi @ idx.weights_proj[...].astype(xi.dtype)  # [B, T, NI]
-            if cfg.quant == "fp4":  # QAT of the indexer's query/key path (the release stores its keys in MXFP4)
-                q_idx, k_idx = quant.fake_quant_mxfp4(q_idx), quant.fake_quant_mxfp4(k_idx)
+            q_idx, k_idx, w_idx = self.indexer_inputs(x, c_q, slots, ctx.positions, cos, sin)
         zero = jnp.zeros((), jnp.float32)
-        loss, recall = zero, zero
-        topk = None
-        if ctx.sparse_attention or ctx.indexer_loss:
-            indexer = functools.partial(lightning_indexer, ratio=self.ratio, topk=cfg.index_topk)
-            args = (jax.lax.stop_gradient(q_idx), jax.lax.stop_gradient(k_idx), jax.lax.stop_gradient(w_idx),
-                    entry_seg, seg)
-            topk_shape = q_idx.shape[:2] + (min(cfg.index_topk, k_idx.shape[1]),)
-            topk = per_shard(indexer, args, INDEXER_ARG_AXES, TOKEN_AXES + (None,), topk_shape)
-        mass = None
-        if ctx.sparse_attention:
-            sparse = functools.partial(sparse_attention, window=cfg.sliding_window)
-            o = per_shard(sparse, (q, kv, entries, topk, self.attn_sink[...], seg), SPARSE_ARG_AXES, Q_AXES, q.shape)
-        elif ctx.indexer_loss:  # reference only, pure JAX: XLA partitions it (its mass sums over the heads)
-            o, mass = dense_attention_and_entry_mass(q, kv, entries, entry_seg, self.attn_sink[...], seg,
-                                                     ratio=self.ratio, window=cfg.sliding_window)
-        else:
-            dense = functools.partial(dense_attention, ratio=self.ratio, window=cfg.sliding_window)
-            o = per_shard(dense, (q, kv, entries, entry_seg, self.attn_sink[...], seg), DENSE_ARG_AXES, Q_AXES, q.shape)
-        if ctx.indexer_loss:
-            if mass is None:  # sparse phase: the dense attention mass is computed only as the indexer's target
-                _, mass = dense_attention_and_entry_mass(q, kv, entries, entry_seg, self.attn_sink[...], seg,
-                                                         ratio=self.ratio, window=cfg.sliding_window)
-            loss, recall = self._indexer_kl(mass, q_idx, k_idx, w_idx, entry_seg, topk, seg)
+        if not (ctx.sparse_attention or ctx.indexer_loss):
+            return self.dense_core(q, kv, entries, slots, seg), zero, zero
+
+        def select(q_idx, k_idx, w_idx, entry_seg, entry_end, seg):
+            return lightning_indexer(q_idx, k_idx, w_idx, entry_seg, seg, ratio=self.ratio, topk=cfg.index_topk,
+                                     entry_end=entry_end, **_KERNEL_OPTIONS)
+
+        args = tuple(jax.lax.stop_gradient(a) for a in (q_idx, k_idx, w_idx)) + (slots.segment, slots.end, seg)
+        topk_shape = q_idx.shape[:2] + (min(cfg.index_topk, k_idx.shape[1]),)
+        # Under jax.checkpoint, JAX's partial evaluation for the gradient cannot hoist the top-k's per-block
+        # admissibility masks out of the layer scan as one stacked [T, C] residual (they depend only on the row's
+        # layout); nothing is recomputed, the top-k has no gradient.
+        topk = jax.checkpoint(lambda *a: per_shard(select, a, INDEXER_ARG_AXES, SELECTED_AXES, topk_shape))(*args)
+        if not ctx.sparse_attention:  # dense attention, the indexer trained on the dense distribution
+            o = self.dense_core(q, kv, entries, slots, seg)
+            loss, recall = dense_indexer_kl(q, kv, entries, slots, sink, seg, q_idx, k_idx, w_idx, topk,
+                                            ratio=self.ratio, window=cfg.sliding_window)
+            return o, loss, recall
+        kernel = functools.partial(sparse_attention, window=cfg.sliding_window, **_KERNEL_OPTIONS)
+        o = per_shard(kernel, (q, kv, entries, topk, sink, seg), SPARSE_ARG_AXES, Q_AXES, q.shape)
+        if not ctx.indexer_loss:
+            return o, zero, zero
+        if ctx.dense_target_in_sparse_phase:
+            _, mass = dense_attention_and_entry_mass(q, kv, entries, slots.segment, sink, seg, ratio=self.ratio,
+                                                     window=cfg.sliding_window, entry_end=slots.end)
+            scores = indexer_scores(q_idx, k_idx, w_idx, slots.segment, seg, ratio=self.ratio, entry_end=slots.end)
+            kl, target, has = _kl_terms(mass, scores, jnp.isfinite(scores))
+            picked = jnp.sum(jnp.take_along_axis(target, jnp.maximum(topk, 0), -1) * (topk >= 0), -1)
+            n = jnp.maximum(jnp.sum(has), 1)
+            return o, jnp.sum(jnp.where(has, kl, 0.0)) / n, jnp.sum(jnp.where(has, picked, 0.0)) / n
+        # The KL's inputs, [B, T, K], in pure JAX on the global arrays: XLA partitions them (the mass sums over
+        # every head, so it must not run per head shard).
+        mass = selected_entry_mass(q, kv, entries, topk, sink, seg, window=cfg.sliding_window)
+        scores = selected_indexer_scores(q_idx, k_idx, w_idx, topk)
+        loss, recall = selected_set_kl(mass, scores, topk)
         return o, loss, recall
 
-    def _indexer_kl(self, mass, q_idx, k_idx, w_idx, entry_seg, topk, seg):
-        """KL(main attention's entry distribution || indexer distribution), the target stop-gradiented.
 
-        The target is the attention probability mass each query puts on each admissible compressed entry,
-        summed over heads and L1-normalised (DeepSeek-V3.2's indexer objective). Recall = the target mass
-        covered by the indexer's top-k selection.
-        """
-        mass = jax.lax.stop_gradient(mass)  # [B, T, C]
-        total = jnp.sum(mass, axis=-1, keepdims=True)
-        has = total[..., 0] > 0  # queries with at least one admissible entry
-        target = mass / jnp.where(total > 0, total, 1.0)
-        scores = indexer_scores(q_idx, k_idx, w_idx, entry_seg, seg, ratio=self.ratio)  # [B, T, C]
-        admissible = jnp.isfinite(scores)
-        logp = jax.nn.log_softmax(jnp.where(admissible, scores, -1e30), axis=-1)
-        kl = jnp.sum(jnp.where(target > 0, target * (jnp.log(jnp.where(target > 0, target, 1.0)) - logp), 0.0), -1)
-        n = jnp.maximum(jnp.sum(has), 1)
-        loss = jnp.sum(jnp.where(has, kl, 0.0)) / n
-        picked = jnp.take_along_axis(target, jnp.maximum(topk, 0), axis=-1) * (topk >= 0)
-        recall = jnp.sum(jnp.where(has, jnp.sum(picked, -1), 0.0)) / n
-        return loss, recall
+def _kl_terms(mass, scores, valid):
+    """Per-query KL(normalised stop-gradient mass || softmax(scores)) over `valid` slots, and the target.
+
+    Shapes: mass, scores, valid [..., S] -> kl [...], target [..., S], has [...] (some target mass).
+    """
+    mass = jax.lax.stop_gradient(mass)
+    total = jnp.sum(mass, axis=-1, keepdims=True)
+    target = mass / jnp.where(total > 0, total, 1.0)
+    logp = jax.nn.log_softmax(jnp.where(valid, scores, -1e30), axis=-1)
+    kl = jnp.sum(jnp.where(target > 0, target * (jnp.log(jnp.where(target > 0, target, 1.0)) - logp), 0.0), -1)
+    return kl, target, total[..., 0] > 0
+
+
+def selected_set_kl(mass: jax.Array, scores: jax.Array, topk: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The sparse phase's indexer objective on each query's selected entries (DeepSeek-V3.2 / V4).
+
+    Target: the main attention's probability on the selected entries, summed over heads, renormalised over
+    them (stop-gradiented); prediction: the indexer's softmax over the same entries. Recall: the target mass
+    on the better half of the selection (the indexer's top ceil(K/2)): 1 = the indexer ranks what attention
+    uses first. Queries with no selected entry are left out of both means. docs/training.md.
+    Shapes: mass [B, T, K] float32, scores [B, T, K] (-inf on empty slots), topk [B, T, K] -> loss [], recall [].
+    """
+    kl, target, has = _kl_terms(mass, scores, topk >= 0)
+    n = jnp.maximum(jnp.sum(has), 1)
+    top_half = jnp.sum(target[..., : -(-target.shape[-1] // 2)], axis=-1)
+    return jnp.sum(jnp.where(has, kl, 0.0)) / n, jnp.sum(jnp.where(has, top_half, 0.0)) / n
+
+
+def dense_indexer_kl(q, kv, entries, slots: EntrySlots, sink, segment_ids, q_idx, k_idx, w_idx, topk, *,
+                     ratio: int, window: int) -> tuple[jax.Array, jax.Array]:
+    """The warm-up's indexer objective: KL(dense entry distribution || indexer softmax over admissible entries).
+
+    Target: the main attention's probability on every admissible entry, summed over heads, renormalised
+    (stop-gradiented). Recall: the target mass on the indexer's top-k. Computed one block of queries at a time
+    (memory O(T * block), never [B, T, C]); queries with no admissible entry are left out. docs/training.md.
+    """
+    q, kv, entries, sink = (jax.lax.stop_gradient(a) for a in (q, kv, entries, sink))
+
+    def block_fn(mass, q_pos, q_seg, q_idx_b, w_idx_b, topk_b):
+        scores = block_scores(q_idx_b, w_idx_b, q_pos, q_seg, k_idx, slots.segment, slots.end)
+        kl, target, has = _kl_terms(mass, scores, jnp.isfinite(scores))
+        picked = jnp.sum(jnp.take_along_axis(target, jnp.maximum(topk_b, 0), axis=-1) * (topk_b >= 0), axis=-1)
+        return kl, picked, has
+
+    kl, picked, has = entry_mass_by_query_block(
+        q, kv, entries, slots.segment, sink, segment_ids, ratio=ratio, window=window, entry_end=slots.end,
+        block_fn=block_fn, block_args=(q_idx, w_idx, topk))
+    n = jnp.maximum(jnp.sum(has), 1)
+    return jnp.sum(jnp.where(has, kl, 0.0)) / n, jnp.sum(jnp.where(has, picked, 0.0)) / n

@@ -174,14 +174,15 @@ class DeepseekV4(nnx.Module):
         return stack
 
     # ---- forward ---------------------------------------------------------------------------------
-    def _context(self, tokens, segment_ids, positions, sparse_attention, indexer_loss) -> attention.Context:
+    def _context(self, tokens, segment_ids, positions, sparse_attention, indexer_loss,
+                 dense_target_in_sparse_phase=False) -> attention.Context:
         tokens = jnp.asarray(tokens, jnp.int32)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         return attention.Context(tokens, jnp.asarray(segment_ids, jnp.int32), jnp.asarray(positions, jnp.int32),
-                                 sparse_attention, indexer_loss)
+                                 sparse_attention, indexer_loss, dense_target_in_sparse_phase)
 
     def _trunk(self, ctx: attention.Context):
         cfg = self.cfg
@@ -217,10 +218,15 @@ class DeepseekV4(nnx.Module):
 
     def forward_train(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                       positions: jax.Array | None = None, *, sparse_attention: bool = True,
-                      indexer_loss: bool = False) -> TrainOutputs:
-        """The training forward: hidden states for a chunked loss, MTP hidden states, routing and indexer stats."""
+                      indexer_loss: bool = False, dense_target_in_sparse_phase: bool = False) -> TrainOutputs:
+        """The training forward: hidden states for a chunked loss, MTP hidden states, routing and indexer stats.
+
+        `sparse_attention` / `indexer_loss` select CSA's phase (attention.Context, docs/training.md);
+        `dense_target_in_sparse_phase` is the benchmark baseline's earlier [B, T, C] objective.
+        """
         cfg = self.cfg
-        ctx = self._context(tokens, segment_ids, positions, sparse_attention, indexer_loss)
+        ctx = self._context(tokens, segment_ids, positions, sparse_attention, indexer_loss,
+                            dense_target_in_sparse_phase)
         x, emb, (stats, idx_loss, idx_recall) = self._trunk(ctx)
         hidden = self.norm(self.hc_head(x))
         mtp_hidden, mtp_stats, mtp_loss, mtp_recall = [], [], [], []

@@ -6,8 +6,9 @@ Kinds: sparse (CSA layers: window + top-k entries, ratio --csa_ratio), dense (HC
 admissible entry, ratio --hca_ratio), full_mask (forward, "_fwd") and with the backward ("_fwdbwd"), and
 indexer (scores + top-k, forward only). `full_mask` is the baseline measured in the same run: full
 [T, T + C] masked attention (window + the same selected entries as `sparse`, one softmax with sink), what a
-framework without a sparse kernel does. Its memory is quadratic, so it only runs where its compiled peak
-fits --full_mask_max_gib; skipped lengths are reported. Widths default to a CPU-sized model (N=2, H=64);
+framework without a sparse kernel does. Its memory is quadratic, so it only runs where it fits
+--full_mask_max_gib: first by an estimate made before anything is allocated or compiled, then by the compiled
+peak; skipped lengths are reported with the reason. Widths default to a CPU-sized model (N=2, H=64);
 window, ratios and top-k are V4-Flash's. The sparse kind's selected entries are spread evenly over each
 query's history (the selection pattern affects only gather locality; the indexer is timed separately).
 
@@ -130,6 +131,23 @@ def _with_backward(fn):
     return run
 
 
+def _with_backward_extra(fn):
+    """fn(q, kv, entries, sink, extra) -> out  becomes  (..., extra) -> (out, grads w.r.t. the first four)."""
+
+    def run(q, kv, entries, sink, extra):
+        out, vjp = jax.vjp(lambda *a: fn(*a, extra), q, kv, entries, sink)
+        return out, vjp(jnp.ones_like(out))
+
+    return run
+
+
+def full_mask_estimate(T: int) -> int:
+    """Bytes the full-mask baseline needs at least, before anything is allocated or compiled: the bool
+    [B, T, T + C] mask plus three float32 [B, T, N, T + C] score/probability tensors (forward or backward)."""
+    keys = T + T // _CSA_RATIO.value
+    return _BATCH.value * T * keys * (1 + 3 * 4 * _HEADS.value)
+
+
 def _case(kind: str, T: int):
     """(jitted function, args) for one measurement."""
     impl, interpret = _IMPL.value, _INTERPRET.value or None
@@ -148,9 +166,11 @@ def _case(kind: str, T: int):
                 interpret=interpret,
             )
             attn = lambda q, kv, e, s: fn(q, kv, e, sink=s)
-        else:
-            mask = full_mask(T, window, topk)
-            attn = lambda q, kv, e, s: full_mask_attention(q, kv, e, s, mask)
+        else:  # the mask is built inside the jitted function, so the compiled peak accounts for it
+            call = lambda q, kv, e, s, topk: full_mask_attention(q, kv, e, s, full_mask(T, window, topk))
+            if not kind.endswith("_fwd"):
+                call = _with_backward_extra(call)
+            return jax.jit(call), (x["q"], x["kv"], x["entries"], x["sink"], topk)
     elif base == "dense":
         x = _inputs(T, _HCA_RATIO.value)
         fn = functools.partial(
@@ -188,11 +208,16 @@ def _peak_bytes(compiled) -> int:
 
 
 def measure(kind: str, T: int) -> dict:
+    limit = _FULL_MASK_MAX_GIB.value * 2**30
+    if kind.startswith("full_mask") and full_mask_estimate(T) > limit:  # decided before allocating anything
+        need = full_mask_estimate(T)
+        return {"impl": _IMPL.value or "default", "kind": kind, "seq_len": T, "peak_bytes": need, "seconds": None,
+                "cpu_seconds": None, "skipped": f"estimated {need / 2**30:.1f} GiB > --full_mask_max_gib"}
     fn, args = _case(kind, T)
     compiled = fn.lower(*args).compile()
     peak = _peak_bytes(compiled)
     row = {"impl": _IMPL.value or "default", "kind": kind, "seq_len": T, "peak_bytes": peak}
-    if kind.startswith("full_mask") and peak > _FULL_MASK_MAX_GIB.value * 2**30:
+    if kind.startswith("full_mask") and peak > limit:
         return dict(row, seconds=None, cpu_seconds=None, skipped=f"needs {peak / 2**30:.1f} GiB")
     jax.block_until_ready(compiled(*args))  # warm-up
     wall, cpu = [], []

@@ -7,9 +7,10 @@
 
 Masking rules (docs/kernels.md; packed rows are masked per document, docs/packing.md):
 * window: key j is visible to query t iff t - window < j <= t and segment[j] == segment[t];
-* compressed entry c (pooling tokens c*m .. c*m + m - 1) is admissible for query t iff
-  (c + 1) * m - 1 <= t and entry_segment[c] == segment[t] (entry_segment is -1 for an entry whose
-  window straddles two documents, so it never matches).
+* compressed entry c is admissible for query t iff entry_end[c] <= t and entry_segment[c] == segment[t]:
+  entry_end[c] is the row of the last token the entry pools (default (c + 1) * m - 1, windows aligned to
+  the row), entry_segment[c] its document (-1 = an empty slot, never visible). Contract: entry_end[c] >=
+  c * m, so entry blocks past t // m are skipped without looking at them.
 Positions are local: t and j index the arrays the kernel is given.
 """
 
@@ -23,6 +24,8 @@ import jax.numpy as jnp
 from jax import lax
 
 NEG_INF = float("-inf")
+# entry_end of padded entry slots: after every query.
+NEVER = 2**30
 # Segment id given to padded tokens: never equal to a real segment (real ids are >= 0).
 PAD_SEGMENT = -2
 
@@ -88,15 +91,51 @@ def window_mask(q_pos: jax.Array, q_seg: jax.Array, k_pos: jax.Array, k_seg: jax
     return pos_ok[None] & (q_seg[:, :, None] == k_seg[:, None, :])
 
 
-def admissible_mask(q_pos: jax.Array, q_seg: jax.Array, entry_segment: jax.Array, ratio: int) -> jax.Array:
-    """Compressed-entry admissibility: (c + 1) * ratio - 1 <= t and entry_segment[c] == segment[t].
+def admissible_mask(q_pos: jax.Array, q_seg: jax.Array, entry_segment: jax.Array, entry_end: jax.Array) -> jax.Array:
+    """Compressed-entry admissibility: entry_end[c] <= t and entry_segment[c] == segment[t].
 
     Shapes:
-      q_pos [Q], q_seg [B, Q], entry_segment [B, C] -> [B, Q, C].
+      q_pos [Q], q_seg [B, Q], entry_segment [B, C], entry_end [B, C] -> [B, Q, C].
     """
-    c = jnp.arange(entry_segment.shape[1])
-    pos_ok = (c[None, :] + 1) * ratio - 1 <= q_pos[:, None]
-    return pos_ok[None] & (q_seg[:, :, None] == entry_segment[:, None, :])
+    pos_ok = entry_end[:, None, :] <= q_pos[None, :, None]
+    return pos_ok & (q_seg[:, :, None] == entry_segment[:, None, :])
+
+
+def row_aligned_entry_end(entry_segment: jax.Array, ratio: int) -> jax.Array:
+    """entry_end of windows aligned to the row: entry c pools rows c*m .. c*m + m - 1. [B, C] -> [B, C] int32."""
+    c = jnp.arange(entry_segment.shape[1], dtype=jnp.int32)
+    return jnp.broadcast_to((c + 1) * ratio - 1, entry_segment.shape)
+
+
+def entry_keys(entry_segment: jax.Array, entry_end: jax.Array | None, ratio: int) -> jax.Array:
+    """The kernels' per-entry mask keys: [B, 2, C] int32, row 0 = entry_segment, row 1 = entry_end."""
+    if entry_end is None:
+        entry_end = row_aligned_entry_end(entry_segment, ratio)
+    return jnp.stack([entry_segment.astype(jnp.int32), entry_end.astype(jnp.int32)], axis=1)
+
+
+def pad_entry_keys(keys: jax.Array, length: int) -> jax.Array:
+    """Pads [B, 2, C] entry keys to `length` slots that nothing sees (segment -1, end NEVER)."""
+    seg = pad_axis(keys[:, 0], 1, length, -1)
+    end = pad_axis(keys[:, 1], 1, length, NEVER)
+    return jnp.stack([seg, end], axis=1)
+
+
+def check_entry_end(entry_end, entry_segment) -> None:
+    if entry_end is not None and (
+        entry_end.shape != entry_segment.shape or not jnp.issubdtype(entry_end.dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"entry_end must be integer [B, C] = {entry_segment.shape}, got {entry_end.dtype}{entry_end.shape}"
+        )
+
+
+def tie_to(layout, *floats):
+    """`layout` (integer arrays: positions, segments, entry keys) tied to the block's float inputs by
+    `lax.optimization_barrier`, so that under `jax.checkpoint` the masks built from it are recomputed in the
+    backward pass like the rest of the block instead of being saved per block (a stack of [Q, C] masks over the
+    query blocks would be a [T, C] tensor)."""
+    return lax.optimization_barrier((layout, floats))[0]
 
 
 def sink_softmax(logits: jax.Array, mask: jax.Array, sink: jax.Array) -> jax.Array:
@@ -191,9 +230,14 @@ def window_block_mask(t, k_pos, q_seg, k_seg, window: int):
     return (k_pos <= t) & (k_pos > t - window) & (q_seg == k_seg)
 
 
-def entry_block_mask(t, c, q_seg, e_seg, ratio: int):
-    """Admissibility in a kernel: t query positions, c entry indices (broadcastable)."""
-    return ((c + 1) * ratio - 1 <= t) & (q_seg == e_seg)
+def entry_block_mask(t, q_seg, e_seg, e_end):
+    """Admissibility in a kernel: t query positions, e_seg / e_end the entries' keys (broadcastable)."""
+    return (e_end <= t) & (q_seg == e_seg)
+
+
+def candidate_entries(t, ratio: int):
+    """Number of entry slots that can be admissible for queries <= t (entry_end[c] >= c * ratio)."""
+    return lax.div(t, ratio) + 1
 
 
 def attention_cost(

@@ -31,10 +31,13 @@ from pallas_kernels.attention_base.common import (
     dot_nn,
     dot_nt,
     dot_tn,
+    candidate_entries,
     entry_block_mask,
+    entry_keys,
     key_segments,
     online_softmax_step,
     pad_axis,
+    pad_entry_keys,
     round_up,
     row_positions,
     row_segments,
@@ -77,15 +80,20 @@ class BlockSizes:
     num_stages: int = 2
 
 
+def _entry_keys(eseg_ref, b, e0, block_e):
+    """(entry_segment [1, block_e], entry_end [1, block_e]) of entries e0 .. e0 + block_e - 1."""
+    cols = pl.ds(e0, block_e)
+    return eseg_ref[b, pl.ds(0, 1), cols], eseg_ref[b, pl.ds(1, 1), cols]
+
+
 def _entry_loop(g: WindowGeometry, b, t0, ratio, C, block_e, q, t, q_seg, ent_ref, eseg_ref, step, carry):
     """Runs step(carry, s, mask, e) over the entry blocks admissible for tokens t0 .. t0 + block_q - 1."""
-    n_adm = jnp.minimum(lax.div(t0 + g.block_q, ratio), C)
+    n_adm = jnp.minimum(candidate_entries(t0 + g.block_q - 1, ratio), C)
 
     def body(eb, c):
         e0 = eb * block_e
         e = ent_ref[b, pl.ds(e0, block_e), :]
-        c_idx = e0 + jnp.arange(block_e, dtype=jnp.int32)[None, :]
-        mask = entry_block_mask(t, c_idx, q_seg, eseg_ref[b, :, pl.ds(e0, block_e)], ratio)
+        mask = entry_block_mask(t, q_seg, *_entry_keys(eseg_ref, b, e0, block_e))
         return step(c, dot_nt(q, e) * g.scale, mask, e)
 
     return lax.fori_loop(0, lax.div(n_adm + block_e - 1, block_e), body, carry)
@@ -174,15 +182,14 @@ def _dense_dent_kernel(
     bq = g.block_q_dkv
     e0 = eb * block_e
     e = ent_ref[b, pl.ds(e0, block_e), :]
-    e_seg = eseg_ref[b, :, pl.ds(e0, block_e)]
-    c_idx = e0 + jnp.arange(block_e, dtype=jnp.int32)[None, :]
-    first_t = (e0 + 1) * ratio - 1
+    e_seg, e_end = _entry_keys(eseg_ref, b, e0, block_e)
+    first_t = e0 * ratio  # entry_end[c] >= c * ratio
     n = lax.div(jnp.maximum(g.Tp - first_t, 0) + bq - 1, bq)
 
     def body(jj, acc):
         rows = pl.ds((first_t + jj * bq) * g.N, bq * g.N)
         q, do = q_ref[b, rows, :], do_ref[b, rows, :]
-        mask = entry_block_mask(qpos_ref[rows, :], c_idx, qseg_ref[b, rows, :], e_seg, ratio)
+        mask = entry_block_mask(qpos_ref[rows, :], qseg_ref[b, rows, :], e_seg, e_end)
         p, ds = softmax_grads(dot_nt(q, e) * g.scale, mask, lse_ref[b, rows, :], dot_nt(do, e), delta_ref[b, rows, :])
         return acc + g.scale * dot_tn(ds.astype(q.dtype), q) + dot_tn(p.astype(do.dtype), do)
 
@@ -205,7 +212,7 @@ def _cost(g: WindowGeometry, C: int, ratio: int, itemsize: int, backward: bool) 
     return pl.CostEstimate(flops=flops, transcendentals=trans, bytes_accessed=nbytes)
 
 
-def _layout(q, kv, entries, entry_segment, segment_ids, window, bs):
+def _layout(q, kv, entries, entry_keys, segment_ids, window, bs):
     B, T, N, H = q.shape
     g, Ta = window_geometry(B, T, N, H, window, bs)
     check_pow2(block_e=bs.block_e)
@@ -217,15 +224,15 @@ def _layout(q, kv, entries, entry_segment, segment_ids, window, bs):
         "kv_p": pad_axis(kv, 1, Ta),
         "kseg": key_segments(segment_ids, Ta),
         "ent": pad_axis(entries, 1, Cp),
-        "eseg": key_segments(pad_axis(entry_segment.astype(jnp.int32), 1, Cp, -1), Cp),
+        "eseg": pad_entry_keys(entry_keys, Cp),
     }
     return g, Ta, a
 
 
-def _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs: BlockSizes, interpret):
+def _forward(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs: BlockSizes, interpret):
     B, T, N, H = q.shape
     C = entries.shape[1]
-    g, Ta, a = _layout(q, kv, entries, entry_segment, segment_ids, window, bs)
+    g, Ta, a = _layout(q, kv, entries, entry_keys, segment_ids, window, bs)
     o_rows, lse = pl.pallas_call(
         functools.partial(_dense_fwd_kernel, g=g, ratio=ratio, C=C, block_e=bs.block_e),
         grid=(B, g.nq),
@@ -275,12 +282,12 @@ def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _dense(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret):
-    return _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)[0]
+def _dense(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs, interpret):
+    return _forward(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs, interpret)[0]
 
 
-def _dense_fwd(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret):
-    return _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)
+def _dense_fwd(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs, interpret):
+    return _forward(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs, interpret)
 
 
 def _dense_bwd(ratio, window, bs, interpret, res, d_out):
@@ -301,6 +308,7 @@ def dense_attention(
     *,
     ratio: int,
     window: int = 128,
+    entry_end: jax.Array | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -308,7 +316,8 @@ def dense_attention(
 
     Shapes:
       q [B, T, N, H], kv [B, T, H], entries [B, C, H], entry_segment [B, C] int32, sink [N],
-      segment_ids [B, T] int32 -> [B, T, N, H].
+      segment_ids [B, T] int32, entry_end [B, C] int32 -> [B, T, N, H].
     """
     bs = block_sizes or BlockSizes()
-    return _dense(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)
+    keys = entry_keys(entry_segment, entry_end, ratio)
+    return _dense(q, kv, entries, keys, sink, segment_ids, ratio, window, bs, interpret)

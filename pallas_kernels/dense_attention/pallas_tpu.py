@@ -33,7 +33,10 @@ from pallas_kernels.attention_base.common import (
     dot_nn,
     dot_nt,
     dot_tn,
+    candidate_entries,
     entry_block_mask,
+    entry_keys,
+    pad_entry_keys,
     key_segments,
     online_softmax_step,
     pad_axis,
@@ -85,15 +88,15 @@ class EntryGeometry:
 
     def n_admissible(self, i):
         """Entries admissible for the last query of query block i (and so for some query of the block)."""
-        return jnp.minimum(lax.div((i + 1) * self.block_q, self.ratio), self.C)
+        return jnp.minimum(candidate_entries((i + 1) * self.block_q - 1, self.ratio), self.C)
 
     def e_block(self, i, j_e):
         last = lax.div(jnp.maximum(self.n_admissible(i) - 1, 0), self.block_e)
         return jnp.clip(j_e, 0, last)
 
     def first_q(self, eb):
-        """First query block (of block_q_de) whose last query sees entry eb * block_e."""
-        return lax.div((eb * self.block_e + 1) * self.ratio - 1, self.block_q_de)
+        """First query block (of block_q_de) that may see entry eb * block_e (entry_end[c] >= c * ratio)."""
+        return lax.div(eb * self.block_e * self.ratio, self.block_q_de)
 
     def q_block(self, eb, j):
         return jnp.minimum(self.first_q(eb) + j, self.nq_de - 1)
@@ -133,8 +136,7 @@ def _dense_fwd_kernel(
     def _():
         ent = ent_ref[...]
         s = dot_nt(q_ref[...], ent) * g.scale
-        c = eb * e.block_e + lax.broadcasted_iota(jnp.int32, (1, e.block_e), 1)
-        mask = entry_block_mask(qpos_ref[...], c, qseg_ref[...], eseg_ref[...], e.ratio)
+        mask = entry_block_mask(qpos_ref[...], qseg_ref[...], eseg_ref[0:1, :], eseg_ref[1:2, :])
         m, l, acc = online_softmax_step(m_sc[...], l_sc[...], acc_sc[...], s, mask, ent)
         m_sc[...] = m
         l_sc[...] = l
@@ -177,8 +179,7 @@ def _dense_dq_kernel(
     def _():
         ent = ent_ref[...]
         s = dot_nt(q_ref[...], ent) * g.scale
-        c = eb * e.block_e + lax.broadcasted_iota(jnp.int32, (1, e.block_e), 1)
-        mask = entry_block_mask(qpos_ref[...], c, qseg_ref[...], eseg_ref[...], e.ratio)
+        mask = entry_block_mask(qpos_ref[...], qseg_ref[...], eseg_ref[0:1, :], eseg_ref[1:2, :])
         _, ds = softmax_grads(s, mask, lse_ref[...], dot_nt(do_ref[...], ent), delta_ref[...])
         dq_sc[...] += g.scale * dot_nn(ds.astype(ent.dtype), ent)
 
@@ -214,8 +215,7 @@ def _dense_dent_kernel(
         q = q_ref[...]
         do = do_ref[...]
         s = dot_nt(q, ent) * scale
-        c = eb * e.block_e + lax.broadcasted_iota(jnp.int32, (1, e.block_e), 1)
-        mask = entry_block_mask(qpos_ref[...], c, qseg_ref[...], eseg_ref[...], e.ratio)
+        mask = entry_block_mask(qpos_ref[...], qseg_ref[...], eseg_ref[0:1, :], eseg_ref[1:2, :])
         p, ds = softmax_grads(s, mask, lse_ref[...], dot_nt(do, ent), delta_ref[...])
         acc_sc[...] += scale * dot_tn(ds.astype(q.dtype), q) + dot_tn(p.astype(do.dtype), do)
 
@@ -251,7 +251,7 @@ def _specs(g: WindowGeometry, e: EntryGeometry, H: int):
         "kv": pl.BlockSpec((None, g.block_kv, H), lambda b, i, j: (b, g.kv_block(i, j), 0)),
         "kseg": pl.BlockSpec((None, 1, g.block_kv), lambda b, i, j: (b, 0, g.kv_block(i, j))),
         "ent": pl.BlockSpec((None, e.block_e, H), lambda b, i, j: (b, eblk(i, j), 0)),
-        "eseg": pl.BlockSpec((None, 1, e.block_e), lambda b, i, j: (b, 0, eblk(i, j))),
+        "eseg": pl.BlockSpec((None, 2, e.block_e), lambda b, i, j: (b, 0, eblk(i, j))),
         "sink": pl.BlockSpec((R, 1), lambda b, i, j: (0, 0)),
     }
 
@@ -272,7 +272,7 @@ def _cost(g: WindowGeometry, e: EntryGeometry, itemsize: int, backward: bool) ->
     return pl.CostEstimate(flops=flops, transcendentals=trans, bytes_accessed=nbytes)
 
 
-def _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs: BlockSizes, interpret):
+def _forward(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs: BlockSizes, interpret):
     B, T, N, H = q.shape
     g, e = _geometry(q.shape, entries.shape[1], ratio, window, bs)
     a = {
@@ -282,7 +282,7 @@ def _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs
         "kv_p": pad_axis(kv, 1, g.Tp),
         "kseg": key_segments(segment_ids, g.Tp),
         "ent": pad_axis(entries, 1, e.Cp),
-        "eseg": key_segments(pad_axis(entry_segment.astype(jnp.int32), 1, e.Cp, -1), e.Cp),
+        "eseg": pad_entry_keys(entry_keys, e.Cp),
     }
     n_steps = g.n_window_steps + e.Cp // e.block_e
     sp = _specs(g, e, H)
@@ -351,7 +351,7 @@ def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
         grid=(B, e.Cp // e.block_e, e.nq_de),
         in_specs=[
             pl.BlockSpec((None, e.block_e, H), lambda b, eb, j: (b, eb, 0)),
-            pl.BlockSpec((None, 1, e.block_e), lambda b, eb, j: (b, 0, eb)),
+            pl.BlockSpec((None, 2, e.block_e), lambda b, eb, j: (b, 0, eb)),
             pl.BlockSpec((None, Rd, H), qmap),
             pl.BlockSpec((None, Rd, H), qmap),
             pl.BlockSpec((None, Rd, 1), qmap),
@@ -372,12 +372,12 @@ def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _dense(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret):
-    return _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)[0]
+def _dense(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs, interpret):
+    return _forward(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs, interpret)[0]
 
 
-def _dense_fwd(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret):
-    return _forward(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)
+def _dense_fwd(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs, interpret):
+    return _forward(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs, interpret)
 
 
 def _dense_bwd(ratio, window, bs, interpret, res, d_out):
@@ -398,6 +398,7 @@ def dense_attention(
     *,
     ratio: int,
     window: int = 128,
+    entry_end: jax.Array | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -405,7 +406,8 @@ def dense_attention(
 
     Shapes:
       q [B, T, N, H], kv [B, T, H], entries [B, C, H], entry_segment [B, C] int32, sink [N],
-      segment_ids [B, T] int32 -> [B, T, N, H].
+      segment_ids [B, T] int32, entry_end [B, C] int32 -> [B, T, N, H].
     """
     bs = block_sizes or BlockSizes()
-    return _dense(q, kv, entries, entry_segment, sink, segment_ids, ratio, window, bs, interpret)
+    keys = entry_keys(entry_segment, entry_end, ratio)
+    return _dense(q, kv, entries, keys, sink, segment_ids, ratio, window, bs, interpret)

@@ -2,7 +2,9 @@
 
 `lightning_indexer(q_idx, k_idx, weights, entry_segment, segment_ids, *, ratio, topk, impl=None)`;
 `indexer_scores` (reference only, differentiable) returns the masked [B, T, C] scores for the
-indexer's KL loss on short sequences.
+indexer's KL loss on short sequences; `block_scores` the same for one block of queries (the dense KL by
+blocks); `selected_indexer_scores` (reference, differentiable) the scores of the selected entries only,
+[B, T, K] (the sparse phase's selected-set KL).
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.attention_base.common import check_entry_end
 from pallas_kernels.dispatch import Impl, check_block_sizes, resolve_impl
 from pallas_kernels.lightning_indexer import pallas_gpu, pallas_tpu, reference
-from pallas_kernels.lightning_indexer.reference import indexer_scores
+from pallas_kernels.lightning_indexer.reference import block_scores, indexer_scores, selected_indexer_scores
 
 
 def _check(q_idx, k_idx, weights, entry_segment, segment_ids, ratio, topk):
@@ -40,6 +43,7 @@ def lightning_indexer(
     *,
     ratio: int,
     topk: int,
+    entry_end: jax.Array | None = None,
     impl: Impl = None,
     block_sizes: pallas_gpu.BlockSizes | pallas_tpu.BlockSizes | None = None,
     interpret: bool | None = None,
@@ -47,7 +51,7 @@ def lightning_indexer(
     """Top-k admissible compressed entries per query, best first; -1 where fewer exist.
 
     score[t, c] = sum_h weights[t, h] * NI**-0.5 * relu(q_idx[t, h] . k_idx[c]) * HI**-0.5 (float32);
-    entry c is admissible for query t iff (c + 1) * ratio - 1 <= t and entry_segment[c] == segment_ids[t].
+    entry c is admissible for query t iff entry_end[c] <= t and entry_segment[c] == segment_ids[t].
     Runs on what it is given (per shard under a mesh; the score sums over indexer heads, so a shard must hold
     all NI heads). See docs/kernels.md.
 
@@ -55,10 +59,11 @@ def lightning_indexer(
       q_idx: indexer queries (rotated).
       k_idx: indexer keys, one per compressed entry (rotated).
       weights: per-query head weights (raw `weights_proj` output).
-      entry_segment: segment of entry c if its whole window lies in one segment, else -1.
+      entry_segment: document of entry c; -1 = an empty slot (never admissible).
       segment_ids: document ids (0 = padding).
       ratio: compression ratio m (tokens per entry).
       topk: entries kept per query; K = min(topk, C) (C = 0 gives K = 0).
+      entry_end: row of the last token entry c pools, >= c * ratio; None = (c + 1) * ratio - 1 (row-aligned).
       impl: "reference", "pallas", "pallas_gpu", "pallas_tpu", or None (Pallas on GPU/TPU, reference on CPU).
       block_sizes: tile sizes of the chosen kernel module (its own `BlockSizes` class).
       interpret: run the Pallas kernel in interpret mode (required for Pallas on CPU).
@@ -71,14 +76,16 @@ def lightning_indexer(
       segment_ids [B, T] -> [B, T, min(topk, C)].
     """
     _check(q_idx, k_idx, weights, entry_segment, segment_ids, ratio, topk)
+    check_entry_end(entry_end, entry_segment)
     which, interp = resolve_impl(impl, interpret)
     if which == "reference":
-        return reference.lightning_indexer(q_idx, k_idx, weights, entry_segment, segment_ids, ratio=ratio, topk=topk)
+        return reference.lightning_indexer(q_idx, k_idx, weights, entry_segment, segment_ids, ratio=ratio, topk=topk,
+                                           entry_end=entry_end)
     module = pallas_gpu if which == "pallas_gpu" else pallas_tpu
     return module.lightning_indexer(
-        q_idx, k_idx, weights, entry_segment, segment_ids, ratio=ratio, topk=topk,
+        q_idx, k_idx, weights, entry_segment, segment_ids, ratio=ratio, topk=topk, entry_end=entry_end,
         block_sizes=check_block_sizes(module, block_sizes), interpret=interp,
     )
 
 
-__all__ = ["indexer_scores", "lightning_indexer"]
+__all__ = ["block_scores", "indexer_scores", "lightning_indexer", "selected_indexer_scores"]

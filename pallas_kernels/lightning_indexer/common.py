@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.attention_base.common import NEG_INF, PAD_SEGMENT, pad_axis, round_up
+from pallas_kernels.attention_base.common import NEG_INF, PAD_SEGMENT, entry_keys, pad_axis, pad_entry_keys, round_up
 
 
-def indexer_layout(q_idx, k_idx, weights, entry_segment, segment_ids, *, chunk_q: int, block_c: int):
+def indexer_layout(q_idx, k_idx, weights, entry_segment, entry_end, segment_ids, *, ratio: int, chunk_q: int,
+                   block_c: int):
     """Pads and transposes the indexer inputs for the score kernels.
 
     The constant factors NI**-0.5 * HI**-0.5 are folded into the (float32) weights: relu(a x) = a relu(x).
@@ -24,7 +25,8 @@ def indexer_layout(q_idx, k_idx, weights, entry_segment, segment_ids, *, chunk_q
     Shapes:
       q_idx [B, T, NI, HI] -> q [B, NI, Tp, HI]; weights [B, T, NI] -> w [B, NI, Tp, 1] float32;
       segment_ids [B, T] -> qseg [B, Tp, 1]; k_idx [B, C, HI] -> k [B, Cp, HI];
-      entry_segment [B, C] -> eseg [B, 1, Cp] (padding -1). Tp = multiple of chunk_q, Cp of block_c.
+      entry_segment, entry_end [B, C] -> eseg [B, 2, Cp] (row 0 segment, padding -1; row 1 entry_end).
+      Tp = multiple of chunk_q, Cp of block_c.
     """
     _, T, NI, HI = q_idx.shape
     C = k_idx.shape[1]
@@ -36,7 +38,7 @@ def indexer_layout(q_idx, k_idx, weights, entry_segment, segment_ids, *, chunk_q
         "w": w.transpose(0, 2, 1)[..., None],
         "qseg": pad_axis(segment_ids.astype(jnp.int32), 1, Tp, PAD_SEGMENT)[..., None],
         "k": pad_axis(k_idx, 1, Cp),
-        "eseg": pad_axis(entry_segment.astype(jnp.int32), 1, Cp, -1)[:, None, :],
+        "eseg": pad_entry_keys(entry_keys(entry_segment, entry_end, ratio), Cp),
     }
 
 

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.attention_base.common import NEG_INF, dot_nt, entry_block_mask
+from pallas_kernels.attention_base.common import NEG_INF, candidate_entries, dot_nt, entry_block_mask
 from pallas_kernels.attention_base.window_gpu import check_pow2
 from pallas_kernels.lightning_indexer.common import chunked_topk, indexer_layout, score_cost
 
@@ -71,7 +71,7 @@ def _score_kernel(
     rows = pl.ds(local, block_q)
     t = t0 + jnp.arange(block_q, dtype=jnp.int32)[:, None]
     q_seg = qseg_ref[b, rows, :]
-    n_live = jnp.minimum(lax.div(lax.div(t0 + block_q, ratio) + block_c - 1, block_c), n_blocks)
+    n_live = jnp.minimum(lax.div(candidate_entries(t0 + block_q - 1, ratio) + block_c - 1, block_c), n_blocks)
 
     def scored(cb, carry):
         c0 = cb * block_c
@@ -81,8 +81,8 @@ def _score_kernel(
             return acc + w_ref[b, h, rows, :] * jnp.maximum(dot_nt(q_ref[b, h, rows, :], k), 0.0)
 
         acc = lax.fori_loop(0, n_heads, head, jnp.zeros((block_q, block_c), jnp.float32))
-        c_idx = c0 + jnp.arange(block_c, dtype=jnp.int32)[None, :]
-        mask = entry_block_mask(t, c_idx, q_seg, eseg_ref[b, :, pl.ds(c0, block_c)], ratio)
+        cols = pl.ds(c0, block_c)
+        mask = entry_block_mask(t, q_seg, eseg_ref[b, pl.ds(0, 1), cols], eseg_ref[b, pl.ds(1, 1), cols])
         o_ref[b, rows, pl.ds(c0, block_c)] = jnp.where(mask, acc, NEG_INF)
         return carry
 
@@ -120,6 +120,7 @@ def lightning_indexer(
     *,
     ratio: int,
     topk: int,
+    entry_end: jax.Array | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -138,6 +139,7 @@ def lightning_indexer(
     check_pow2(NI=q_idx.shape[2], HI=q_idx.shape[3], block_q=bs.block_q, block_c=bs.block_c)
     if bs.chunk_q % bs.block_q:
         raise ValueError(f"chunk_q ({bs.chunk_q}) must be a multiple of block_q ({bs.block_q})")
-    a = indexer_layout(q_idx, k_idx, weights, entry_segment, segment_ids, chunk_q=bs.chunk_q, block_c=bs.block_c)
+    a = indexer_layout(q_idx, k_idx, weights, entry_segment, entry_end, segment_ids, ratio=ratio, chunk_q=bs.chunk_q,
+                       block_c=bs.block_c)
     score = functools.partial(_score_chunk, ratio=ratio, bs=bs, interpret=interpret)
     return chunked_topk(score, a, T=T, C=C, K=K, chunk_q=bs.chunk_q)

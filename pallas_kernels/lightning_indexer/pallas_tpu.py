@@ -50,7 +50,7 @@ def _score_kernel(
 ):
     i, c = pl.program_id(1), pl.program_id(2)
     t0 = start_ref[0] + i * block_q
-    any_admissible = (c * block_c + 1) * ratio - 1 <= t0 + block_q - 1
+    any_admissible = c * block_c * ratio <= t0 + block_q - 1  # entry_end[c] >= c * ratio
 
     @pl.when(any_admissible)
     def _():
@@ -61,8 +61,7 @@ def _score_kernel(
 
         acc = lax.fori_loop(0, n_heads, head, jnp.zeros((block_q, block_c), jnp.float32))
         t = t0 + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0)
-        c_idx = c * block_c + lax.broadcasted_iota(jnp.int32, (1, block_c), 1)
-        mask = entry_block_mask(t, c_idx, qseg_ref[...], eseg_ref[...], ratio)
+        mask = entry_block_mask(t, qseg_ref[...], eseg_ref[0:1, :], eseg_ref[1:2, :])
         o_ref[...] = jnp.where(mask, acc, NEG_INF)
 
     @pl.when(jnp.logical_not(any_admissible))
@@ -85,7 +84,7 @@ def _score_chunk(start, q, w, qseg, k, eseg, *, ratio, bs: BlockSizes, interpret
                 pl.BlockSpec((None, NI, bq, 1), lambda b, i, c, s: (b, 0, i, 0)),
                 pl.BlockSpec((None, bq, 1), lambda b, i, c, s: (b, i, 0)),
                 pl.BlockSpec((None, bc, HI), lambda b, i, c, s: (b, c, 0)),
-                pl.BlockSpec((None, 1, bc), lambda b, i, c, s: (b, 0, c)),
+                pl.BlockSpec((None, 2, bc), lambda b, i, c, s: (b, 0, c)),
             ],
             out_specs=pl.BlockSpec((None, bq, bc), lambda b, i, c, s: (b, i, c)),
         ),
@@ -106,6 +105,7 @@ def lightning_indexer(
     *,
     ratio: int,
     topk: int,
+    entry_end: jax.Array | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -123,6 +123,7 @@ def lightning_indexer(
         return jnp.zeros((B, T, 0), jnp.int32)
     if bs.chunk_q % bs.block_q:
         raise ValueError(f"chunk_q ({bs.chunk_q}) must be a multiple of block_q ({bs.block_q})")
-    a = indexer_layout(q_idx, k_idx, weights, entry_segment, segment_ids, chunk_q=bs.chunk_q, block_c=bs.block_c)
+    a = indexer_layout(q_idx, k_idx, weights, entry_segment, entry_end, segment_ids, ratio=ratio, chunk_q=bs.chunk_q,
+                       block_c=bs.block_c)
     score = functools.partial(_score_chunk, ratio=ratio, bs=bs, interpret=interpret)
     return chunked_topk(score, a, T=T, C=C, K=K, chunk_q=bs.chunk_q)

@@ -70,4 +70,58 @@ def sparse_attention(
     )
 
 
-__all__ = ["sparse_attention"]
+def sparse_attention_and_selected_mass(
+    q: jax.Array,
+    kv: jax.Array,
+    entries: jax.Array,
+    topk_idx: jax.Array,
+    sink: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    window: int = 128,
+    impl: Impl = None,
+    block_sizes: pallas_gpu.BlockSizes | pallas_tpu.BlockSizes | None = None,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """`sparse_attention` and the head-summed probability mass on each selected entry, [B, T, K] float32.
+
+    The output (values and gradients) comes from the chosen implementation; the mass from the reference's
+    block-by-block pass over the gathered entries (with the reference implementation both come from one
+    pass). The mass is the indexer's selected-set KL target: the caller stops its gradient. Linear memory.
+    """
+    which, _ = resolve_impl(impl, interpret)
+    if which == "reference":
+        check_attention_inputs(q, kv, entries, sink, segment_ids, window=window)
+        return reference.sparse_attention_and_selected_mass(q, kv, entries, topk_idx, sink, segment_ids, window=window)
+    out = sparse_attention(q, kv, entries, topk_idx, sink, segment_ids, window=window, impl=impl,
+                           block_sizes=block_sizes, interpret=interpret)
+    _, mass = reference.sparse_attention_and_selected_mass(
+        *(jax.lax.stop_gradient(a) for a in (q, kv, entries)), topk_idx, jax.lax.stop_gradient(sink), segment_ids,
+        window=window,
+    )
+    return out, mass
+
+
+def selected_entry_mass(
+    q: jax.Array,
+    kv: jax.Array,
+    entries: jax.Array,
+    topk_idx: jax.Array,
+    sink: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    window: int = 128,
+) -> jax.Array:
+    """The head-summed probability mass on each selected entry, [B, T, K] float32, without gradient.
+
+    Pure JAX (the reference's block-by-block forward pass over the gathered entries, its output unused): call it on
+    global arrays and XLA partitions it, heads included (the sum over heads is then a cross-shard reduction, which
+    a per-shard kernel call would miss). Linear memory.
+    """
+    check_attention_inputs(q, kv, entries, sink, segment_ids, window=window)
+    args = (jax.lax.stop_gradient(a) for a in (q, kv, entries))
+    return reference.sparse_attention_and_selected_mass(*args, topk_idx, jax.lax.stop_gradient(sink), segment_ids,
+                                                        window=window)[1]
+
+
+__all__ = ["selected_entry_mass", "sparse_attention", "sparse_attention_and_selected_mass"]

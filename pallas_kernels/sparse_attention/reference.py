@@ -40,7 +40,7 @@ def sparse_attention(
     Args:
       q: queries, already normed and rotated.
       kv: the shared key/value head, already rotated (the same vector is key and value).
-      entries: compressed entries (entry c pools tokens c*m .. c*m + m - 1).
+      entries: compressed entries, one per slot.
       topk_idx: selected entries per query, -1 = empty slot; non-negative indices must be admissible
         for their query and distinct within a query (the lightning indexer guarantees both).
       sink: per-head sink logit (adds exp(sink) to the softmax denominator only).
@@ -54,6 +54,32 @@ def sparse_attention(
       q [B, T, N, H], kv [B, T, H], entries [B, C, H], topk_idx [B, T, K] int32, sink [N],
       segment_ids [B, T] int32 -> [B, T, N, H].
     """
+    return _sparse(q, kv, entries, topk_idx, sink, segment_ids, window=window, with_mass=False)
+
+
+def sparse_attention_and_selected_mass(
+    q: jax.Array,
+    kv: jax.Array,
+    entries: jax.Array,
+    topk_idx: jax.Array,
+    sink: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    window: int = 128,
+) -> tuple[jax.Array, jax.Array]:
+    """`sparse_attention` plus the probability mass each query puts on each of its selected entries.
+
+    mass[b, t, k] = sum_n p[b, t, n, topk_idx[b, t, k]] (in [0, N]; 0 for empty slots): the target of the
+    lightning indexer's selected-set KL loss (normalise over K and stop its gradient at the call site).
+    Linear memory: computed block by block from the gathered entries, like the output.
+
+    Shapes:
+      as `sparse_attention`; returns (out [B, T, N, H], mass [B, T, K] float32).
+    """
+    return _sparse(q, kv, entries, topk_idx, sink, segment_ids, window=window, with_mass=True)
+
+
+def _sparse(q, kv, entries, topk_idx, sink, segment_ids, *, window: int, with_mass: bool):
     B, T, N, H = q.shape
     K = topk_idx.shape[-1]
     scale = H**-0.5
@@ -84,7 +110,12 @@ def sparse_attention(
         p_win, p_sel = p[..., : 2 * block], p[..., 2 * block :]
         out = jnp.einsum("bqnk,bkh->bqnh", p_win, keys_i.astype(jnp.float32))
         out += jnp.einsum("bqnk,bqkh->bqnh", p_sel, selected.astype(jnp.float32))
+        if with_mass:
+            return out.astype(q.dtype), jnp.sum(p_sel, axis=2)
         return out.astype(q.dtype)
 
-    out = lax.map(jax.checkpoint(one_block), (q_blocks, keys, key_pos, key_seg, q_pos, q_seg, idx))
-    return out.swapaxes(0, 1).reshape(B, Tp, N, H)[:, :T]
+    res = lax.map(jax.checkpoint(one_block), (q_blocks, keys, key_pos, key_seg, q_pos, q_seg, idx))
+    if with_mass:
+        out, mass = res
+        return out.swapaxes(0, 1).reshape(B, Tp, N, H)[:, :T], mass.swapaxes(0, 1).reshape(B, Tp, K)[:, :T]
+    return res.swapaxes(0, 1).reshape(B, Tp, N, H)[:, :T]

@@ -1,0 +1,100 @@
+"""Per-document compression (docs/packing.md): every document of a packed row gets the logits, loss and gradients
+it gets alone, whatever its offset in the row, in the reference and the Pallas (interpret) attention paths; and
+inputs shorter than the compression ratios work."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deepseek_v4 import DeepseekV4, attention, get_config
+
+# Document lengths per row (none a multiple of 4 or 16, the tiny ratios); the rest of each row is padding.
+LAYOUTS = ((13, 6, 23), (30, 9))
+T = 47
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = get_config("tiny")
+    model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return cfg, graphdef, (params, rest)
+
+
+def _packed_batch(vocab):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, (len(LAYOUTS), T)).astype(np.int32)
+    seg = np.zeros((len(LAYOUTS), T), np.int32)
+    pos = np.zeros((len(LAYOUTS), T), np.int32)
+    targets = rng.integers(0, vocab, (len(LAYOUTS), T)).astype(np.int32)
+    for b, lengths in enumerate(LAYOUTS):
+        start = 0
+        for doc, n in enumerate(lengths, start=1):
+            seg[b, start:start + n] = doc
+            pos[b, start:start + n] = np.arange(n)
+            start += n
+    return tokens, seg, pos, targets
+
+
+def _doc_losses(graphdef, rest, params, tokens, seg, pos, targets):
+    """Cross entropy summed over the real tokens, and the logits."""
+    logits = nnx.merge(graphdef, params, rest)(tokens, seg, pos)
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+    return jnp.sum(jnp.where(seg > 0, ce, 0.0)), logits
+
+
+def _run(graphdef, state, tokens, seg, pos, targets, impl):
+    with attention.kernel_implementation(impl, interpret=None if impl == "reference" else True):
+        params, rest = state
+        fn = jax.jit(jax.value_and_grad(functools.partial(_doc_losses, graphdef, rest), has_aux=True))
+        return fn(params, tokens, seg, pos, targets)
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas_gpu", "pallas_tpu"])
+def test_packed_documents_equal_the_documents_alone(tiny, impl):
+    """Logits, loss and parameter gradients of each packed document equal those of the document run alone
+    (float32, < 1e-5): compression windows start at each document's first token, whatever its row offset."""
+    cfg, graphdef, state = tiny
+    tokens, seg, pos, targets = _packed_batch(cfg.vocab_size)
+    (loss, logits), grads = _run(graphdef, state, tokens, seg, pos, targets, impl)
+    want_loss, want_grads = 0.0, jax.tree.map(jnp.zeros_like, grads)
+    for b, lengths in enumerate(LAYOUTS):
+        start = 0
+        for n in lengths:
+            rows = slice(start, start + n)
+            one = lambda a: jnp.asarray(a[b:b + 1, rows])  # noqa: B023
+            (l_alone, lg_alone), g_alone = _run(graphdef, state, one(tokens), jnp.ones((1, n), jnp.int32),
+                                                one(pos), one(targets), impl)
+            np.testing.assert_allclose(np.asarray(logits[b:b + 1, rows]), np.asarray(lg_alone), atol=1e-5, rtol=0)
+            want_loss += l_alone
+            want_grads = jax.tree.map(jnp.add, want_grads, g_alone)
+            start += n
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want_grads))
+    err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)))
+    assert err <= 1e-5 * max(scale, 1.0), (err, scale)
+
+
+def test_entry_slots_follow_each_document():
+    """Entry j of a document ends at its token (j+1)*m - 1; a tail shorter than m gives no entry."""
+    seg = jnp.asarray([[1] * 6 + [2] * 9 + [0] * 2], jnp.int32)  # T = 17, m = 4: C = 5 slots
+    slots = attention.entry_slots(seg, 4)
+    ends = [int(e) for e, s in zip(slots.end[0], slots.segment[0]) if s >= 0]
+    segs = [int(s) for s in slots.segment[0] if s >= 0]
+    assert ends == [3, 9, 13] and segs == [1, 2, 2]  # doc 1: rows 0-3; doc 2 (from row 6): rows 6-9, 10-13
+    assert [bool(h) for h, s in zip(slots.has_previous[0], slots.segment[0]) if s >= 0] == [False, False, True]
+
+
+@pytest.mark.parametrize("length", [1, 3, 15])
+def test_inputs_shorter_than_the_largest_ratio(tiny, length):
+    cfg, graphdef, state = tiny
+    tokens = jnp.arange(length, dtype=jnp.int32)[None] % cfg.vocab_size
+    model = nnx.merge(graphdef, *state)
+    out = model(tokens)
+    assert out.shape == (1, length, cfg.vocab_size) and bool(jnp.all(jnp.isfinite(out)))
+    train = model.forward_train(tokens, indexer_loss=True)
+    assert bool(jnp.isfinite(train.indexer_loss))

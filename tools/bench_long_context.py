@@ -1,0 +1,236 @@
+"""Seconds per train step and peak memory of a CSA/HCA model from 4K to 64K tokens, per CSA phase.
+
+    python -m tools.bench_long_context [--seq_lens=4096,8192,16384,32768,65536] [--phases=sparse,warmup,baseline]
+        [--max_gib=16] [--steps=2] [--json] [--plot=experiments/plots/long_context.png]
+    python -m tools.bench_long_context --rows=ROWS.jsonl --plot=PNG   (scaling and plot of a --json output)
+
+Phases (docs/training.md):
+- `sparse`: top-k CSA attention, everything trains, the indexer's KL on each query's selected entries
+  (`[B, T, K]` tensors only);
+- `warmup`: dense CSA attention, only the indexer trains, on the dense KL computed by query blocks;
+- `baseline`: as `sparse`, but with the earlier objective: the KL against the dense entry mass (`[B, T, C]`
+  mass and index scores), what a training step computed before.
+
+The model: batch 1, hidden 128, 2 mHC streams, 4 layers (CSA, HCA, CSA, HCA; sliding-window MTP), window 128,
+CSA m=4 top-64, HCA m=128, 4 indexer heads of 32, vocabulary 8192, AdamW, synthetic tokens, float32 (a
+sparse step holds about 0.33 MB per token on CPU). Every (phase, length) runs in its own process: it
+compiles the step from abstract shapes and reads XLA's compiled peak (arguments + outputs + temporaries); if that
+estimate exceeds --max_gib the run is skipped before anything is allocated, and the output says so. Otherwise it
+allocates the model and optimizer state, runs one step to warm up and --steps timed steps, and reports the median
+seconds per step, the compiled peak (`peak_bytes`) and the process's peak resident memory (`peak_rss_bytes`,
+which includes the runtime's fixed ~1 GB). A process killed anyway (out of memory) is reported as failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from flax import nnx
+
+PHASES = ("sparse", "warmup", "baseline")
+
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "8192", "16384", "32768", "65536"], "sequence lengths T")
+_PHASES = flags.DEFINE_list("phases", list(PHASES), f"phases to time, from {','.join(PHASES)}")
+_STEPS = flags.DEFINE_integer("steps", 2, "timed train steps after the warm-up step (median reported)")
+_MAX_GIB = flags.DEFINE_float("max_gib", 16.0, "skip a run whose compiled peak exceeds this many GiB")
+_MODEL = flags.DEFINE_enum("model", "bench", ["bench", "tiny"], "bench: the model described above; tiny: the "
+                           "6-layer `tiny` preset (hidden 64, 3 CSA layers, top-8)")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "report the compiled peak only (nothing is allocated)")
+_JSON = flags.DEFINE_bool("json", False, "print one JSON object per line")
+_PLOT = flags.DEFINE_string("plot", "", "write a PNG of seconds and memory against T here ('' = none)")
+_ROWS = flags.DEFINE_string("rows", "", "plot these JSON lines (an earlier --json output) instead of measuring")
+_CHILD = flags.DEFINE_string("child", "", "internal: 'phase:seq_len' measured in this process")
+
+
+def bench_config():
+    from deepseek_v4 import get_config
+
+    if _MODEL.value == "tiny":
+        return get_config("tiny", vocab_size=8192)
+    return get_config(
+        "tiny", hidden_size=128, hc_mult=2, num_hidden_layers=4, compress_ratios=(4, 128, 4, 128, 0), hca_ratio=128,
+        sliding_window=128, index_topk=64, index_n_heads=4, index_head_dim=32, head_dim=64, q_lora_rank=64,
+        o_lora_rank=64, moe_intermediate_size=128, vocab_size=8192, num_hash_layers=1,
+        original_max_position_embeddings=4096, max_position_embeddings=1 << 20,
+    )
+
+
+def _train_step(graphdef, tx, phase: str, indexer_only: bool):
+    from deepseek_v4 import loss as loss_lib
+
+    sparse, baseline = phase != "warmup", phase == "baseline"
+
+    def loss_fn(trained, frozen, batch):
+        model = nnx.merge(graphdef, trained, frozen)
+        out = model.forward_train(batch["tokens"], sparse_attention=sparse, indexer_loss=True,
+                                  dense_target_in_sparse_phase=baseline)
+        if indexer_only:
+            return out.indexer_loss
+        weights = jnp.ones(batch["targets"].shape, jnp.float32)
+        ce = loss_lib.chunked_cross_entropy(out.hidden, model.head[...], batch["targets"], weights)
+        return ce / weights.size + out.indexer_loss
+
+    def step(trained, frozen, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(trained, frozen, batch)
+        updates, opt_state = tx.update(grads, opt_state, trained)
+        return optax.apply_updates(trained, updates), opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 2))
+
+
+def _is_indexer(path, _):
+    return any(getattr(k, "key", k) == "indexer" for k in path)
+
+
+def measure(phase: str, T: int) -> dict:
+    """One (phase, length) in this process: the row to report."""
+    from deepseek_v4 import DeepseekV4
+
+    cfg = bench_config()
+    indexer_only = phase == "warmup"
+    trained_filter = nnx.All(nnx.Param, _is_indexer) if indexer_only else nnx.Param
+    abstract = nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0)))
+    graphdef, trained, frozen = nnx.split(abstract, trained_filter, ...)  # frozen: everything else
+    tx = optax.adamw(1e-4)
+    opt_state = jax.eval_shape(tx.init, trained)
+    batch = {k: jax.ShapeDtypeStruct((1, T), jnp.int32) for k in ("tokens", "targets")}
+    step = _train_step(graphdef, tx, phase, indexer_only)
+    compiled = step.lower(trained, frozen, opt_state, batch).compile()
+    m = compiled.memory_analysis()
+    peak = int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    row = {"seq_len": T, "phase": phase, "seconds": None, "peak_bytes": peak, "peak_rss_bytes": None}
+    if peak > _MAX_GIB.value * 2**30:
+        return dict(row, skipped=f"compiled peak {peak / 2**30:.1f} GiB > --max_gib={_MAX_GIB.value:g}")
+    if _COMPILE_ONLY.value:
+        return dict(row, skipped="--compile_only")
+    model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
+    _, trained, frozen = nnx.split(model, trained_filter, ...)
+    opt_state = tx.init(trained)
+    rng = np.random.default_rng(0)
+    data = {k: jnp.asarray(rng.integers(0, cfg.vocab_size, (1, T)), jnp.int32) for k in ("tokens", "targets")}
+    trained, opt_state, loss = compiled(trained, frozen, opt_state, data)  # warm-up step
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(_STEPS.value):
+        t0 = time.perf_counter()
+        trained, opt_state, loss = compiled(trained, frozen, opt_state, data)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return dict(row, seconds=float(np.median(times)), peak_rss_bytes=int(rss), loss=float(loss))
+
+
+def _run_child(phase: str, T: int) -> dict:
+    cmd = [sys.executable, "-m", "tools.bench_long_context", f"--child={phase}:{T}", f"--max_gib={_MAX_GIB.value}",
+           f"--steps={_STEPS.value}", f"--model={_MODEL.value}", f"--compile_only={_COMPILE_ONLY.value}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    why = "killed (out of memory?)" if proc.returncode < 0 else f"exit {proc.returncode}"
+    tail = proc.stderr.strip().splitlines()[-1:] or [""]
+    return {"seq_len": T, "phase": phase, "seconds": None, "peak_bytes": None, "peak_rss_bytes": None,
+            "skipped": f"failed: {why} {tail[0][:200]}"}
+
+
+def scaling(rows: list[dict]) -> list[str]:
+    """Per phase and consecutive measured lengths: growth of time and memory per doubling of T."""
+    lines = []
+    for phase in dict.fromkeys(r["phase"] for r in rows):
+        done = sorted((r for r in rows if r["phase"] == phase and r["seconds"]), key=lambda r: r["seq_len"])
+        for lo, hi in zip(done, done[1:]):
+            doublings = np.log2(hi["seq_len"] / lo["seq_len"])
+            per = lambda k: (hi[k] / lo[k]) ** (1 / doublings)  # noqa: B023
+            lines.append(f"{phase} {lo['seq_len']} -> {hi['seq_len']}: per doubling time x{per('seconds'):.2f}, "
+                         f"compiled peak x{per('peak_bytes'):.2f}, resident peak x{per('peak_rss_bytes'):.2f}")
+    return lines
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Log-log seconds per step and compiled peak against T, one line per phase, linear and quadratic guides."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = ((axes[0], "seconds", "seconds per train step"), (axes[1], "peak_bytes", "compiled peak, GiB"))
+    for ax, key, label in panels:
+        for phase in dict.fromkeys(r["phase"] for r in rows):
+            done = sorted((r for r in rows if r["phase"] == phase and r["seconds"]), key=lambda r: r["seq_len"])
+            if not done:
+                continue
+            xs = [r["seq_len"] for r in done]
+            ys = [r[key] / (2**30 if key == "peak_bytes" else 1) for r in done]
+            line, = ax.plot(xs, ys, "o-", label=phase)
+            skipped = [r for r in rows if r["phase"] == phase and not r["seconds"] and r["peak_bytes"]]
+            if key == "peak_bytes" and skipped:  # runs skipped by their compiled estimate: open markers
+                ax.plot([xs[-1]] + [r["seq_len"] for r in skipped],
+                        [ys[-1]] + [r["peak_bytes"] / 2**30 for r in skipped], "o--", mfc="none",
+                        color=line.get_color(), label=f"{phase}, compiled estimate (not run)")
+            if phase == "sparse":
+                for power, style in ((1, ":"), (2, "--")):
+                    ax.plot(xs, [ys[0] * (x / xs[0]) ** power for x in xs], "k" + style, lw=0.8,
+                            label="linear" if power == 1 else "quadratic")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens per sequence")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv):
+    del argv
+    if _ROWS.value:
+        with open(_ROWS.value, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.startswith("{")]
+        print("\n".join(scaling(rows)))
+        if _PLOT.value:
+            plot(rows, _PLOT.value)
+        return
+    if _CHILD.value:
+        phase, T = _CHILD.value.split(":")
+        print(json.dumps(measure(phase, int(T))), flush=True)
+        return
+    bad = [p for p in _PHASES.value if p not in PHASES]
+    if bad:
+        raise SystemExit(f"unknown --phases {bad}; choose from {', '.join(PHASES)}")
+    try:
+        lens = [int(v) for v in _SEQ_LENS.value]
+    except ValueError as e:
+        raise SystemExit(f"--seq_lens must be integers: {e}") from None
+    rows = []
+    for phase in _PHASES.value:
+        for T in lens:
+            row = _run_child(phase, T)
+            rows.append(row)
+            if _JSON.value:
+                print(json.dumps(row), flush=True)
+            else:
+                gib = lambda b: f"{b / 2**30:6.2f} GiB" if b else "     -    "  # noqa: E731
+                what = f"{row['seconds']:8.2f} s" if row["seconds"] else f"skipped: {row.get('skipped')}"
+                print(f"{phase:>8} T={T:>6}: {what}  compiled peak {gib(row['peak_bytes'])}  "
+                      f"resident peak {gib(row['peak_rss_bytes'])}", flush=True)
+    if not _JSON.value:
+        print("\n".join(scaling(rows)))
+    if _PLOT.value:
+        plot(rows, _PLOT.value)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    app.run(main)
