@@ -54,6 +54,7 @@ def _run(graphdef, state, tokens, seg, pos, targets, impl):
         return fn(params, tokens, seg, pos, targets)
 
 
+@pytest.mark.slow  # three forward+backward compiles per path: 80-100 s each on 2 cores
 @pytest.mark.parametrize("impl", ["reference", "pallas_gpu", "pallas_tpu"])
 def test_packed_documents_equal_the_documents_alone(tiny, impl):
     """Logits, loss and parameter gradients of each packed document equal those of the document run alone

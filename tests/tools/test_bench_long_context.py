@@ -1,6 +1,7 @@
 """tools.bench_long_context and tools.bench_attention skip what would not fit by an estimate made before anything
 is allocated, and say so; the long-context benchmark reports one JSON object per line."""
 
+import pytest
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ def _run(args):
     return p.stdout
 
 
+@pytest.mark.slow  # runs train steps in subprocesses: ~30 s
 def test_long_context_skips_a_run_over_the_memory_limit_and_measures_one_under_it():
     out = _run(["tools.bench_long_context", "--seq_lens=256", "--phases=sparse", "--steps=1", "--max_gib=0.01",
                 "--json"])

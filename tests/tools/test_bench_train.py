@@ -1,5 +1,6 @@
 """tools.bench_train: one CI-sized step on each side (ours and, when installed, transformers) runs and reports."""
 
+import pytest
 import importlib.util
 import os
 import subprocess
@@ -10,6 +11,7 @@ from tests.conftest import CODEGEN_FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.slow  # compiles a train step and runs transformers: ~40 s
 def test_one_step_on_tiny():
     has_torch = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
     env = dict(os.environ, XLA_FLAGS=CODEGEN_FLAGS, JAX_PLATFORMS="cpu")

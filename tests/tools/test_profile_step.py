@@ -1,5 +1,6 @@
 """tools.profile_step: on a cut-down tiny config the table has every component row with positive times."""
 
+import pytest
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ ROWS = ("embedding", "mHC weights (incl. Sinkhorn)", "mHC collapse", "mHC update
         "MoE shared expert", "head + loss", "optimizer (AdamW + clip)", "sum of rows", "measured whole train step")
 
 
+@pytest.mark.slow  # compiles every component forward and backward: ~40 s
 def test_table_has_every_row_with_positive_times():
     env = dict(os.environ, XLA_FLAGS=CODEGEN_FLAGS, JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "tools.profile_step", "--config=tiny", "--vocab_size=512", "--batch_size=1",
