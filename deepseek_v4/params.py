@@ -33,34 +33,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
-# ---- paths ----------------------------------------------------------------------------------------------
+from sharding.paths import key_name, path_keys, path_str  # noqa: F401  (re-exported)
 
-
-def key_name(entry) -> str:
-    """One entry of a key path as text: a dict key, an attribute name, a sequence index, or the entry itself
-    (nnx flat-state paths hold plain strings and integers)."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def path_keys(path: Iterable) -> list[str]:
-    """Every entry of a key path as text, nothing dropped: the nested names a checkpoint stores on disk
-    (e.g. ["params", "stack", "blocks", "0", "attn", "wq_a", "value"])."""
-    return [key_name(k) for k in path]
-
-
-def path_str(path: Iterable) -> str:
-    """A key path (jax tree path or nnx flat-state path) as the dotted parameter path `stack.blocks.0.attn.wq_a`;
-    a trailing `value` (the array inside an `nnx.Variable`) is dropped."""
-    parts = path_keys(path)
-    if parts and parts[-1] == "value":
-        parts.pop()
-    return ".".join(parts)
-
+# ---- paths: one formatter for the whole project, in the sharding package (below the model) ----------------
 
 # ---- the vocabulary of the table ----------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from deepseek_v4.params import path_str
+from sharding.paths import path_str
 
 Kind = Literal["param", "activation"]
 MeshAxes = str | tuple[str, ...] | None
