@@ -16,6 +16,9 @@ Loss = CE + w_mtp * CE_mtp + w_bal * balance + w_idx * indexer_KL, with w_mtp = 
 the learning rate starts to decay (docs/training.md), w_bal = 1e-4, indexer KL gradients reaching only
 the indexer (the model applies the stop-gradients).
 
+The microbatch loss is pluggable (`LossFn`, default `next_token_loss`): SFT uses the default with per-token
+`loss_weights` (assistant tokens only); an RL objective passes its own and shares everything else.
+
 `nnx.split` happens once, when the state is built; the step works on the split pytrees and merges the model
 inside the jitted function. The state argument is donated.
 """
@@ -321,8 +324,19 @@ def _batch_counts(batch: dict[str, jax.Array], mtp_depth: int) -> dict[str, jax.
     return {"tokens": main, "mtp": mtp}
 
 
-def _microbatch_loss(params, extras, micro, counts, *, graphdef, s: TrainSettings, sparse: bool, mtp_weight):
-    model = nnx.merge(graphdef, params, extras)
+# A microbatch loss: (model, microbatch, counts, *, s, sparse, mtp_weight) -> (total, aux). `counts` are the
+# whole batch's loss-carrying token counts (`_batch_counts`), so summing microbatch losses gives the batch loss.
+# `aux` must hold the keys `next_token_loss` returns (the step and the loop read them); every further key is
+# summed over microbatches and reported in the step's metrics.
+LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+AUX_KEYS = ("loss", "mtp_loss", "balance_loss", "indexer_loss", "indexer_recall", "expert_counts",
+            "hash_expert_counts", "dropped_tokens")
+
+
+def next_token_loss(model: nnx.Module, micro: dict[str, jax.Array], counts: dict[str, Any], *, s: TrainSettings,
+                    sparse: bool, mtp_weight: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The pretraining (and SFT) loss of one microbatch: weighted next-token and MTP cross entropy, balance loss
+    and indexer KL (see the module docstring). The default `LossFn`."""
     tokens, seg, pos, targets = micro["tokens"], micro["segment_ids"], micro["positions"], micro["targets"]
     out = model.forward_train(tokens, seg, pos, sparse_attention=sparse, indexer_loss=s.indexer_weight > 0)
     head = model.head[...]
@@ -349,6 +363,12 @@ def _microbatch_loss(params, extras, micro, counts, *, graphdef, s: TrainSetting
     return total, aux
 
 
+def _microbatch_loss(params, extras, micro, counts, *, graphdef, loss_fn: LossFn, s: TrainSettings, sparse: bool,
+                     mtp_weight):
+    model = nnx.merge(graphdef, params, extras)
+    return loss_fn(model, micro, counts, s=s, sparse=sparse, mtp_weight=mtp_weight)
+
+
 def _load_ratio(counts: jax.Array) -> jax.Array:
     """Per layer, the busiest expert's load over the mean load. [L, E] -> [L]."""
     return jnp.max(counts, axis=-1) / jnp.maximum(jnp.mean(counts, axis=-1), 1e-9)
@@ -361,7 +381,7 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, cfg: Config,
                tx: optax.GradientTransformation, s: TrainSettings,
-               sparse: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+               sparse: bool, loss_fn: LossFn = next_token_loss) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch (see the module docstring).
 
     Args:
@@ -381,8 +401,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     count = state.step - state.skipped  # the optimizer's own step count (skipped steps do not advance it)
     mtp_weight = jnp.where(count >= s.decay_start, s.mtp_weight_after_decay, s.mtp_weight)
     counts = _batch_counts(batch, cfg.num_nextn_predict_layers)
-    loss_fn = functools.partial(_microbatch_loss, graphdef=graphdef, s=s, sparse=sparse, mtp_weight=mtp_weight)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    micro_loss = functools.partial(_microbatch_loss, graphdef=graphdef, loss_fn=loss_fn, s=s, sparse=sparse,
+                                   mtp_weight=mtp_weight)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     a = s.grad_accum
     if a == 1:
         (total, aux), grads = grad_fn(state.params, state.extras, batch, counts)
@@ -439,14 +460,20 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
         "expert_load_max_over_mean": _load_ratio(aux["expert_counts"]),
         "hash_expert_load_max_over_mean": _load_ratio(aux["hash_expert_counts"]),
         "dropped_tokens": aux["dropped_tokens"],  # (token, expert) pairs over capacity, all MoE layers
+        **{k: v for k, v in aux.items() if k not in AUX_KEYS},  # the loss's own metrics
     }
     return new_state, metrics
 
 
 def make_train_step(graphdef: nnx.GraphDef, cfg: Config, tx: optax.GradientTransformation, s: TrainSettings,
-                    *, sparse: bool) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """`train_step` jitted with the state donated: `step(state, batch) -> (state, metrics)`."""
-    fn = functools.partial(train_step, graphdef=graphdef, cfg=cfg, tx=tx, s=s, sparse=sparse)
+                    *, sparse: bool,
+                    loss_fn: LossFn = next_token_loss) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """`train_step` jitted with the state donated: `step(state, batch) -> (state, metrics)`.
+
+    `loss_fn` is the microbatch loss (`LossFn`); every phase (pretraining, SFT, RL) shares the rest of the step:
+    accumulation, clipping, the optimizer, the router-bias update and the non-finite guard.
+    """
+    fn = functools.partial(train_step, graphdef=graphdef, cfg=cfg, tx=tx, s=s, sparse=sparse, loss_fn=loss_fn)
     return jax.jit(fn, donate_argnums=(0,))
 
 
