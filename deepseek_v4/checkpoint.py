@@ -226,6 +226,11 @@ class Checkpointer:
         got = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return dict(got["config"])
 
+    def saved_meta(self, step: int) -> dict[str, Any]:
+        """The meta JSON stored with `step` (settings, mesh, fingerprint, ...)."""
+        got = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(got["meta"])
+
     def check_config(self, config: Config) -> list[str]:
         """Raise `ConfigMismatchError` if the newest readable checkpoint was written for another model.
 

@@ -26,7 +26,6 @@ an unreadable newest checkpoint is moved aside and the previous one is used.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 from absl import app, flags
@@ -89,22 +88,7 @@ def main(argv: list[str]) -> None:
                             data_source=pretrain_data(cfg, opts))
     except run_lib.UserError as e:
         _fail(str(e))
-    with run:  # closes the checkpointer (its saves finished) and the metrics writer on every exit path
-        if run.complete:
-            print(f"the run in {workdir} is complete at step {run.start} (--steps={settings.steps}); "
-                      "raise --steps to continue", flush=True)
-            return
-        outcome = run_lib.train_loop(run, stop)
-    if outcome.failed:
-        print(f"error: stopping: {outcome.bad_streak} consecutive steps had a non-finite loss or gradients (last: "
-              f"step {outcome.step}); the newest checkpoint is step {run.checkpointer.latest_step()}",
-              file=sys.stderr, flush=True)
-        sys.exit(1)
-    if run.primary:
-        why = f"stopped by {signal.Signals(outcome.stopped_by).name}" if outcome.stopped_by is not None else "done"
-        print(f"{why} at step {outcome.step}; checkpoint {run.checkpointer.latest_step()} in {workdir}", flush=True)
-        if opts.plot and outcome.stopped_by is None:
-            run_lib.plot_curves(workdir)
+    sys.exit(run_lib.train_and_report(run, stop))
 
 
 if __name__ == "__main__":

@@ -194,7 +194,8 @@ def _write_json(path: str, obj: Any) -> None:
 
 def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, workdir: str, model_name: str,
           data_source: DataSource, make_step: StepBuilder = train.make_train_step,
-          build_model: Callable[[], nnx.Module] | None = None) -> Run:
+          build_model: Callable[[], nnx.Module] | None = None,
+          initial_state: Callable[[train.StatePlan], train.TrainState] | None = None) -> Run:
     """Start JAX, open the run directory, restore or create the state, open the data and the metrics writer.
 
     Args:
@@ -203,6 +204,8 @@ def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, work
       data_source: makes this process's batch iterator (not called when the run is already complete).
       make_step: builds the jitted step (`train.make_train_step`'s signature).
       build_model: constructs the model (default: `DeepseekV4(cfg)` seeded with `opts.seed`).
+      initial_state: makes the state of a run that has no checkpoint yet, laid out by the plan (default: a new
+        model from `build_model`); a post-training phase passes one that loads pretrained weights.
 
     Raises:
       UserError: bad settings, a run directory of another model, no usable checkpoint, data that cannot resume.
@@ -234,7 +237,10 @@ def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, work
             plan = train.plan_state(build_model, settings, mesh)
             with _as_user_error(ckpt_lib.ConfigMismatchError, ckpt_lib.NoUsableCheckpointError):
                 restored = ckpt.restore(plan.target, config=cfg)
-            if restored is None:
+            if restored is None and initial_state is not None:
+                with _as_user_error(ValueError, ckpt_lib.ConfigMismatchError, ckpt_lib.NoUsableCheckpointError):
+                    state = initial_state(plan)
+            elif restored is None:
                 _, state = train.create_state(build_model, plan.tx, opts.seed, plan.shardings, graphdef=plan.graphdef)
             else:
                 state = restored.state
@@ -474,3 +480,29 @@ def plot_curves(workdir: str) -> None:
     else:
         lines = (p.stderr or p.stdout).strip().splitlines()
         print(f"warning: could not draw the curves: {lines[-1] if lines else p.returncode}", flush=True)
+
+
+def train_and_report(run: Run, stop: StopSignal) -> int:
+    """The end of every entry point: train `run` (closed on every exit path), print how it ended, draw the curves.
+
+    Returns the exit status: 0 (done, already complete, or stopped by a signal and saved), 1 (--max_bad_steps
+    consecutive non-finite steps).
+    """
+    with run:  # closes the checkpointer (its saves finished) and the metrics writer on every exit path
+        if run.complete:
+            print(f"the run in {run.workdir} is complete at step {run.start} (--steps={run.settings.steps}); "
+                  "raise --steps to continue", flush=True)
+            return 0
+        outcome = train_loop(run, stop)
+    if outcome.failed:
+        print(f"error: stopping: {outcome.bad_streak} consecutive steps had a non-finite loss or gradients (last: "
+              f"step {outcome.step}); the newest checkpoint is step {run.checkpointer.latest_step()}",
+              file=sys.stderr, flush=True)
+        return 1
+    if run.primary:
+        why = f"stopped by {signal.Signals(outcome.stopped_by).name}" if outcome.stopped_by is not None else "done"
+        print(f"{why} at step {outcome.step}; checkpoint {run.checkpointer.latest_step()} in {run.workdir}",
+              flush=True)
+        if run.opts.plot and outcome.stopped_by is None:
+            plot_curves(run.workdir)
+    return 0
