@@ -1,0 +1,144 @@
+"""GRPO and distillation math on small arrays (deepseek_v4/post_training_losses.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepseek_v4 import post_training_losses as ptl
+
+
+def test_group_advantages_subtract_the_mean_of_valid_samples():
+    rewards = jnp.array([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 1.0, 1.0], [5.0, 2.0, 9.0, 9.0], [3.0, 0.0, 0.0, 0.0]])
+    valid = jnp.array([[True] * 4, [True] * 4, [False] * 4, [True, True, False, False]])
+    adv, signal = ptl.group_advantages(rewards, valid)
+    np.testing.assert_allclose(adv[0], [0.5, -0.5, -0.5, 0.5])
+    np.testing.assert_array_equal(adv[1], 0.0)  # equal rewards: no signal
+    np.testing.assert_array_equal(adv[2], 0.0)  # empty group: no signal, no NaN
+    np.testing.assert_allclose(adv[3], [1.5, -1.5, 0.0, 0.0])  # invalid samples neither count nor get advantage
+    np.testing.assert_array_equal(signal, [True, False, False, True])
+
+
+def test_group_advantages_scaled_by_std_is_original_grpo():
+    rewards = jnp.array([[1.0, 0.0, 0.0, 1.0]])
+    adv, _ = ptl.group_advantages(rewards, jnp.ones_like(rewards, bool), scale_by_std=True)
+    np.testing.assert_allclose(adv[0], [1.0, -1.0, -1.0, 1.0], atol=1e-5)
+    assert np.all(np.isfinite(ptl.group_advantages(jnp.ones((1, 3)), jnp.ones((1, 3), bool), scale_by_std=True)[0]))
+
+
+def test_length_penalty_is_per_mode_and_saturates():
+    out = ptl.length_penalized_rewards(jnp.array([1.0, 1.0, 1.0, 0.0]), jnp.array([50, 50, 500, 10]),
+                                       jnp.array([0, 1, 1, 2]), coef=(0.2, 0.1, 0.0), max_len=(100, 200, 400))
+    np.testing.assert_allclose(out, [0.9, 0.975, 0.9, 0.0])
+    with pytest.raises(ValueError, match="one coefficient"):
+        ptl.length_penalized_rewards(jnp.ones(1), jnp.ones(1), jnp.zeros(1, int), coef=(0.1,), max_len=(0,))
+    with pytest.raises(ValueError, match="think-max"):
+        ptl.mode_length_settings({"non-think": (0.1, 10)}, ("non-think", "think-max"))
+
+
+def test_clipped_objective_clips_only_in_the_advantage_direction():
+    old = jnp.zeros((1, 4))
+    new = jnp.log(jnp.array([[0.5, 1.5, 0.5, 1.5]]))
+    adv = jnp.array([[1.0, 1.0, -1.0, -1.0]])
+    out = ptl.clipped_policy_objective(new, old, adv, eps_low=0.2, eps_high=0.2)
+    # A > 0: min(r, clip(r)) -> 0.5 and 1.2; A < 0: min(-r, -clip(r)) -> -0.8 and -1.5
+    np.testing.assert_allclose(out[0], [0.5, 1.2, -0.8, -1.5], rtol=1e-6)
+
+
+def test_unbiased_kl_is_exact_in_expectation_with_its_gradient():
+    """Summing the estimator over every token weighted by pi_old gives KL(pi || pi_ref), and its gradient."""
+    rng = np.random.default_rng(0)
+    logits, ref_logits, old_logits = (jnp.asarray(rng.normal(size=7), jnp.float32) for _ in range(3))
+    logp_old = jax.nn.log_softmax(old_logits)
+    logp_ref = jax.nn.log_softmax(ref_logits)
+
+    def expected(z):
+        logp = jax.nn.log_softmax(z)
+        return jnp.sum(jnp.exp(logp_old) * ptl.unbiased_kl(logp, logp_old, logp_ref))
+
+    def exact(z):
+        logp = jax.nn.log_softmax(z)
+        return jnp.sum(jnp.exp(logp) * (logp - logp_ref))
+
+    np.testing.assert_allclose(expected(logits), exact(logits), rtol=1e-5)
+    np.testing.assert_allclose(jax.grad(expected)(logits), jax.grad(exact)(logits), atol=1e-6)
+    assert float(jnp.min(ptl.unbiased_kl(logp_ref, logp_old, logp_ref))) == 0.0  # pi == pi_ref: 0
+
+
+def test_off_policy_mask_drops_only_stale_negative_sequences():
+    adv = jnp.array([-1.0, -1.0, 1.0, -1.0])
+    logp = jnp.log(jnp.full((4, 3), 0.5))
+    old = jnp.array([[0.0, 0.0, -9.0], [-0.6, -0.6, -0.6], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = jnp.array([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 1, 1]], jnp.float32)
+    # mean log(pi_old / pi): row 0 (masked tail ignored) 0.69 > 0.5 -> 0; row 1 0.09 -> kept; row 2 A > 0 -> kept
+    np.testing.assert_array_equal(ptl.off_policy_sequence_mask(adv, logp, old, mask, delta=0.5), [0, 1, 1, 0])
+
+
+def test_grpo_token_loss_masks_and_aggregates():
+    logp = jnp.log(jnp.array([[0.5, 0.5, 0.5], [0.2, 0.2, 0.2]]))
+    mask = jnp.array([[1, 1, 0], [1, 0, 0]], jnp.float32)
+    adv = jnp.array([1.0, -2.0])
+    loss = ptl.grpo_token_loss(logp, logp, logp, adv, mask, kl_weight=0.1)
+    np.testing.assert_allclose(loss, [[-1, -1, 0], [2, 0, 0]])  # on-policy, pi == pi_ref: -A on masked tokens
+    np.testing.assert_allclose(ptl.aggregate(loss, mask, "sequence_mean"), 0.5)
+    np.testing.assert_allclose(ptl.aggregate(loss, mask, "token_mean"), 0.0)
+    assert float(ptl.aggregate(loss, jnp.zeros_like(mask))) == 0.0
+    with pytest.raises(ValueError, match="aggregation"):
+        ptl.aggregate(loss, mask, "sum")
+    # The on-policy gradient of the loss is -A * grad log pi on each token.
+    g = jax.grad(lambda lp: ptl.aggregate(ptl.grpo_token_loss(lp, jax.lax.stop_gradient(lp), logp, adv, mask,
+                                                              kl_weight=0.0), mask, "token_mean"))(logp)
+    np.testing.assert_allclose(g, [[-1 / 3, -1 / 3, 0], [2 / 3, 0, 0]], rtol=1e-6)
+
+
+def test_kept_token_log_probs_renormalise_over_the_kept_set():
+    rng = np.random.default_rng(1)
+    hidden = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(4, 11)), jnp.float32)
+    kept = jnp.array([[2, 5, 7], [0, 1, 9], [4, 4, 3]])
+    kept_valid = jnp.array([[True, True, True], [True, True, True], [True, False, True]])
+    targets = jnp.array([5, 9, 3])
+    got = ptl.kept_token_log_probs(hidden, head, targets, kept, kept_valid)
+    logits = np.asarray(hidden @ head)
+    want = []
+    for i, ids in enumerate([[2, 5, 7], [0, 1, 9], [4, 3]]):
+        z = logits[i, ids]
+        want.append(logits[i, int(targets[i])] - np.log(np.sum(np.exp(z))))
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vocab,chunk", [(37, 8), (32, 32), (5, 64)])
+def test_chunked_reverse_kl_equals_dense_values_and_gradients(vocab, chunk):
+    rng = np.random.default_rng(vocab)
+    n, d, d_t = 6, 5, 3
+    s_hidden = jnp.asarray(rng.normal(size=(2, n // 2, d)), jnp.float32)
+    s_head = jnp.asarray(rng.normal(size=(d, vocab)), jnp.float32)
+    teachers = [(jnp.asarray(rng.normal(size=(2, n // 2, dt)), jnp.float32),
+                 jnp.asarray(rng.normal(size=(dt, vocab)) * 2, jnp.float32)) for dt in (d, d_t)]
+    weights = (0.7, 0.3)
+    mask = jnp.asarray([[1, 1, 0], [1, 0, 1]], jnp.float32)
+
+    def chunked(h, w, ts):
+        return ptl.chunked_reverse_kl(h, w, ts, weights, mask, vocab_chunk=chunk)
+
+    def dense(h, w, ts):
+        return ptl.reference_reverse_kl(h, w, ts, weights, mask)
+
+    np.testing.assert_allclose(chunked(s_hidden, s_head, teachers), dense(s_hidden, s_head, teachers), rtol=1e-5)
+    g_c = jax.grad(chunked, argnums=(0, 1, 2))(s_hidden, s_head, teachers)
+    g_d = jax.grad(dense, argnums=(0, 1, 2))(s_hidden, s_head, teachers)
+    for a, b in zip(jax.tree.leaves(g_c[:2]), jax.tree.leaves(g_d[:2])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for leaf in jax.tree.leaves(g_c[2]):  # teachers get no gradient
+        np.testing.assert_array_equal(leaf, 0.0)
+
+
+def test_chunked_reverse_kl_is_zero_for_the_student_itself_and_checks_teachers():
+    rng = np.random.default_rng(3)
+    h = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 10)), jnp.float32)
+    assert abs(float(ptl.chunked_reverse_kl(h, w, [(h, w)], [1.0], jnp.ones(4), vocab_chunk=3))) < 1e-6
+    with pytest.raises(ValueError, match="one weight per teacher"):
+        ptl.chunked_reverse_kl(h, w, [(h, w)], [1.0, 2.0], jnp.ones(4))
+    with pytest.raises(ValueError, match="vocabulary"):
+        ptl.chunked_reverse_kl(h, w, [(h, w[:, :5])], [1.0], jnp.ones(4))
