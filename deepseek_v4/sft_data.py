@@ -69,7 +69,7 @@ def check_turns(messages: Any) -> None:
     """
     if not isinstance(messages, list) or not messages:
         raise BadExample("messages must be a non-empty list")
-    expected, seen_turn = "user", False
+    expected, seen_turn = "user", False  # expected: user, assistant, tool, or tool_or_assistant
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         if role == "latest_reminder":
@@ -80,21 +80,18 @@ def check_turns(messages: Any) -> None:
             continue
         seen_turn = True
         if role == "tool":
-            if expected != "user" or i == 0 or messages[i - 1].get("role") not in ("tool", "assistant") or (
-                    messages[i - 1].get("role") == "assistant" and not messages[i - 1].get("tool_calls")):
+            if expected not in ("tool", "tool_or_assistant"):
                 raise BadExample(f"message {i}: a tool message must follow an assistant message with tool calls")
-            expected = "assistant_after_tool"
-            continue
-        if expected == "assistant_after_tool":
-            if role != "assistant":
-                raise BadExample(f"message {i}: tool results must be followed by an assistant message, got {role!r}")
-            expected = "user"
-            continue
-        if role != expected:
-            raise BadExample(f"message {i}: turns do not alternate (expected {expected}, got {role!r})")
-        expected = "assistant" if role == "user" else "user"
-        if role == "assistant" and m.get("tool_calls"):
-            expected = "tool"
+            expected = "tool_or_assistant"
+        elif role == "assistant" and expected in ("assistant", "tool_or_assistant"):
+            expected = "tool" if m.get("tool_calls") else "user"
+        elif role == "user" and expected == "user":
+            expected = "assistant"
+        elif expected == "tool":
+            raise BadExample(f"message {i}: tool calls must be followed by tool messages, got {role!r}")
+        else:
+            want = "assistant" if expected == "tool_or_assistant" else expected
+            raise BadExample(f"message {i}: turns do not alternate (expected {want}, got {role!r})")
     if expected == "tool":
         raise BadExample("the conversation ends with tool calls that have no results")
     if expected != "user":
@@ -114,9 +111,11 @@ def check_example(example: Any) -> tuple[list[dict[str, Any]], str]:
 
 
 def _reason(message: str) -> str:
-    """The kind of a skip message, for counting: its text before the first ':' or '(' (minus a 'message i' head)."""
+    """The kind of a skip message, for counting: its text without a 'message i' head and without the values."""
     head = message.split(": ", 1)[1] if message.startswith("message ") and ": " in message else message
-    return head.split(" (")[0].split(";")[0].split(": ")[0]
+    for cut in (" (", ";", ": ", " '", ", got"):
+        head = head.split(cut)[0]
+    return head
 
 
 def read_chat_jsonl(paths: Sequence[str], skipped: Skipped | None = None) -> tuple[list[dict[str, Any]], Skipped]:
