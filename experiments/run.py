@@ -259,7 +259,8 @@ def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, work
                 with _as_user_error(ValueError):
                     run.data.set_state(restored.data_state)
             if primary:
-                print(f"resuming from step {run.start}" if run.resumed else "starting from scratch", flush=True)
+                fresh = "starting from the given weights" if initial_state is not None else "starting from scratch"
+                print(f"resuming from step {run.start}" if run.resumed else fresh, flush=True)
                 if run.resumed and changed:
                     print("resuming under other execution settings: " + "; ".join(changed), flush=True)
                 run.writer = metrics.MetricsWriter(workdir, resume_step=run.start if run.resumed else None,
