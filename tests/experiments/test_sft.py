@@ -93,5 +93,7 @@ def test_bad_sft_input_is_a_one_line_error(tmp_path):
     p = _sft(f"--data={bad}", f"--workdir={tmp_path / 'w'}", *COMMON, expect=2)
     lines = p.stderr.strip().splitlines()
     assert lines[-1].startswith("error: no usable chat example: skipped 2 example(s)"), p.stderr
-    p = _sft("--init=a", "--hf_dir=b", *COMMON, expect=2)
-    assert p.stderr.strip().splitlines()[-1] == "error: give --init or --hf_dir, not both"
+    with pytest.raises(ValueError, match="not both"):
+        init_weights.init_config(init="a", hf_dir="b", preset="nano", overrides={})
+    with pytest.raises(ValueError, match="no checkpoints/ directory"):
+        init_weights.init_config(init=str(tmp_path), hf_dir=None, preset="nano", overrides={})
