@@ -201,3 +201,18 @@ def test_bad_settings_are_one_line_errors():
         train.TrainSettings(steps=10, warmup_steps=9, decay_fraction=0.5)
     with pytest.raises(ValueError, match="optimizer must be"):
         train.TrainSettings(optimizer="sgd")
+
+
+def test_a_plugged_in_loss_shares_the_step_and_reports_its_metrics(toy):
+    """`make_train_step(loss_fn=...)`: another phase's loss runs in the same step; its extra aux keys are logged."""
+    def doubled(model, micro, counts, **kw):
+        total, aux = train.next_token_loss(model, micro, counts, **kw)
+        return 2.0 * total, {**aux, "doubled_total": 2.0 * total}
+
+    plugged = train.make_train_step(toy.graphdef, get_config("tiny"), toy.tx, toy.s, sparse=True, loss_fn=doubled)
+    batch = jax.tree.map(jnp.asarray, _batch())
+    _, plain = toy.step(toy.state(), _batch())
+    _, m = plugged(toy.state(), batch)
+    np.testing.assert_allclose(m["doubled_total"], 2 * plain["total_loss"], rtol=1e-6)
+    np.testing.assert_allclose(m["grad_norm"], 2 * plain["grad_norm"], rtol=1e-5)
+    assert float(m["loss"]) == float(plain["loss"]) and bool(m["update_ok"])
