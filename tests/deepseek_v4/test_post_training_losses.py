@@ -107,7 +107,7 @@ def test_kept_token_log_probs_renormalise_over_the_kept_set():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-@pytest.mark.parametrize("vocab,chunk", [(37, 8), (32, 32), (5, 64)])
+@pytest.mark.parametrize("vocab,chunk", [(37, 8), (5, 64)])  # several chunks, the last one padded; one chunk
 def test_chunked_reverse_kl_equals_dense_values_and_gradients(vocab, chunk):
     rng = np.random.default_rng(vocab)
     n, d, d_t = 6, 5, 3
@@ -124,9 +124,9 @@ def test_chunked_reverse_kl_equals_dense_values_and_gradients(vocab, chunk):
     def dense(h, w, ts):
         return ptl.reference_reverse_kl(h, w, ts, weights, mask)
 
-    np.testing.assert_allclose(chunked(s_hidden, s_head, teachers), dense(s_hidden, s_head, teachers), rtol=1e-5)
-    g_c = jax.grad(chunked, argnums=(0, 1, 2))(s_hidden, s_head, teachers)
-    g_d = jax.grad(dense, argnums=(0, 1, 2))(s_hidden, s_head, teachers)
+    v_c, g_c = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1, 2)))(s_hidden, s_head, teachers)
+    v_d, g_d = jax.jit(jax.value_and_grad(dense, argnums=(0, 1, 2)))(s_hidden, s_head, teachers)
+    np.testing.assert_allclose(v_c, v_d, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(g_c[:2]), jax.tree.leaves(g_d[:2])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     for leaf in jax.tree.leaves(g_c[2]):  # teachers get no gradient
