@@ -12,7 +12,8 @@ GRPO with V3.2's stabilisers (docs/training.md, "Post-training"), per prompt a g
                   because the tokens were sampled from pi_old; its gradient is unbiased for KL(pi || pi_ref).
   OPSM            `off_policy_sequence_mask`: 0 for a sequence whose advantage is negative and whose mean
                   log(pi_old / pi) exceeds delta, else 1; it multiplies the policy term only.
-  loss            `grpo_token_loss` + `aggregate` (per-sequence mean then mean, or the token-level mean).
+  loss            `grpo_token_loss` + `aggregate` (per-sequence mean then mean, or the token-level mean); in the
+                  shared train step: `make_grpo_loss` (a `train.LossFn` over packed rollouts, token mean).
 
 On-policy distillation: `chunked_reverse_kl` = sum_i w_i KL(p_student || p_teacher_i) per position over the full
 vocabulary, from the last hidden states and the heads; the logits are rebuilt one vocabulary chunk at a time
@@ -26,7 +27,9 @@ completion's tokens), hidden [N, D] (any leading shape), heads [D, V].
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -251,3 +254,88 @@ def reference_reverse_kl(student_hidden: jax.Array, student_head: jax.Array, tea
         total = total + w * jnp.sum(kl * m) / jnp.maximum(jnp.sum(m), 1.0)
     return total
 
+
+
+# ---- per-token log-probabilities and the GRPO loss inside the shared train step ---------------------------------
+
+
+def token_log_probs(hidden: jax.Array, head: jax.Array, targets: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
+    """log softmax(hidden @ head)[target] per token, one chunk of [C, V] logits at a time (rematerialised in the
+    backward). Shapes: hidden [..., D], head [D, V], targets [...] -> [...] float32."""
+    d = hidden.shape[-1]
+    h = hidden.reshape(-1, d)
+    t = targets.reshape(-1).astype(jnp.int32)
+    n = h.shape[0]
+    c = max(1, min(chunk_size, n))
+    pad = (-n) % c
+    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, c, d)
+    t = jnp.pad(t, (0, pad)).reshape(-1, c)
+
+    @jax.checkpoint
+    def one(hc, tc):
+        logits = hc.astype(jnp.float32) @ head.astype(jnp.float32)  # [C, V]
+        return jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+
+    out = jax.lax.map(lambda xs: one(*xs), (h, t))
+    return out.reshape(-1)[:n].reshape(targets.shape)
+
+
+def _per_sequence_mean(x: jax.Array, weights: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """Each token gets the weighted mean of `x` over its (row, segment). [B, T] -> [B, T]."""
+    b, t = segment_ids.shape
+    ids = (jnp.arange(b)[:, None] * (t + 1) + segment_ids).reshape(-1)
+    sums = jax.ops.segment_sum((x * weights).reshape(-1), ids, num_segments=b * (t + 1))
+    counts = jax.ops.segment_sum(weights.reshape(-1), ids, num_segments=b * (t + 1))
+    return (sums / jnp.maximum(counts, 1.0))[ids].reshape(b, t)
+
+
+def grpo_loss(model: Any, micro: dict[str, jax.Array], counts: dict[str, Any], *, s: Any, sparse: bool,
+              mtp_weight: jax.Array, kl_weight: float, eps_low: float = 0.2, eps_high: float = 0.2,
+              opsm_delta: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The GRPO objective as a `train.LossFn` (bind the keywords with functools.partial): packed rollouts in the
+    batch format, one sequence per segment, plus per-token float32 fields:
+
+      loss_weights   1 on the completion's tokens (targets the policy sampled), 0 on the prompt and padding
+      advantages     the sequence's advantage on each of its tokens
+      old_log_probs  log pi_old of each target (the sampling engine's)
+      ref_log_probs  log pi_ref of each target (the reference model's)
+
+    The per-token loss (`grpo_token_loss`, OPSM per (row, segment)) is averaged over the completion tokens of the
+    whole batch (token mean: microbatches add up); balance and indexer terms as in pretraining, no MTP term.
+    """
+    del mtp_weight
+    out = model.forward_train(micro["tokens"], micro["segment_ids"], micro["positions"], sparse_attention=sparse,
+                              indexer_loss=s.indexer_weight > 0)
+    mask = jnp.where(micro["segment_ids"] != 0, micro["loss_weights"].astype(jnp.float32), 0.0)
+    logp = token_log_probs(out.hidden, model.head[...], micro["targets"], chunk_size=s.loss_chunk)
+    old, ref, adv = micro["old_log_probs"], micro["ref_log_probs"], micro["advantages"]
+    ratio = jnp.exp(logp - old)
+    policy = clipped_policy_objective(logp, old, adv, eps_low=eps_low, eps_high=eps_high)
+    if opsm_delta is not None:
+        drift = _per_sequence_mean(jax.lax.stop_gradient(old - logp), mask, micro["segment_ids"])
+        policy = policy * jnp.where((adv < 0) & (drift > opsm_delta), 0.0, 1.0)
+    kl = unbiased_kl(logp, old, ref)
+    per_token = (-policy + kl_weight * kl) * mask
+    pg = jnp.sum(per_token) / counts["tokens"]
+    a = s.grad_accum
+    total = pg + (s.balance_weight * out.balance_loss + s.indexer_weight * out.indexer_loss) / a
+    aux = {
+        "loss": pg,
+        "mtp_loss": jnp.zeros((), jnp.float32),
+        "balance_loss": out.balance_loss / a,
+        "indexer_loss": out.indexer_loss / a,
+        "indexer_recall": out.indexer_recall / a,
+        "expert_counts": out.expert_counts,
+        "hash_expert_counts": out.hash_expert_counts,
+        "dropped_tokens": out.dropped_tokens,
+        "kl": jnp.sum(kl * mask) / counts["tokens"],
+        "clipped_fraction": jnp.sum(((ratio < 1.0 - eps_low) | (ratio > 1.0 + eps_high)) * mask) / counts["tokens"],
+    }
+    return total, aux
+
+
+def make_grpo_loss(kl_weight: float, *, eps_low: float = 0.2, eps_high: float = 0.2,
+                   opsm_delta: float | None = None):
+    """`grpo_loss` with its hyper-parameters bound: pass it as `train.make_train_step(..., loss_fn=...)`."""
+    return functools.partial(grpo_loss, kl_weight=kl_weight, eps_low=eps_low, eps_high=eps_high,
+                             opsm_delta=opsm_delta)

@@ -4,8 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from deepseek_v4 import post_training_losses as ptl
+from deepseek_v4 import train
+from deepseek_v4.config import get_config
+from tests.deepseek_v4.test_train import _SETTINGS, _Toy, _batch
 
 
 def test_group_advantages_subtract_the_mean_of_valid_samples():
@@ -142,3 +146,56 @@ def test_chunked_reverse_kl_is_zero_for_the_student_itself_and_checks_teachers()
         ptl.chunked_reverse_kl(h, w, [(h, w)], [1.0, 2.0], jnp.ones(4))
     with pytest.raises(ValueError, match="vocabulary"):
         ptl.chunked_reverse_kl(h, w, [(h, w[:, :5])], [1.0], jnp.ones(4))
+
+
+def test_token_log_probs_equal_the_dense_log_softmax():
+    rng = np.random.default_rng(4)
+    hidden = jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(3, 9)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 9, (2, 5)))
+
+    def dense(h, w):
+        return jnp.take_along_axis(jax.nn.log_softmax(h @ w), targets[..., None], axis=-1)[..., 0]
+
+    got = jax.jit(lambda h, w: ptl.token_log_probs(h, w, targets, chunk_size=4))(hidden, head)
+    np.testing.assert_allclose(got, dense(hidden, head), rtol=1e-5)
+    g = jax.jit(jax.grad(lambda h, w: jnp.sum(ptl.token_log_probs(h, w, targets, chunk_size=4) ** 2),
+                         argnums=(0, 1)))(hidden, head)
+    g_d = jax.grad(lambda h, w: jnp.sum(dense(h, w) ** 2), argnums=(0, 1))(hidden, head)
+    for a, b in zip(g, g_d):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_per_sequence_mean_is_per_row_and_segment():
+    x = jnp.array([[1.0, 3.0, 5.0, 7.0], [2.0, 4.0, 6.0, 8.0]])
+    w = jnp.array([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 1.0]])
+    seg = jnp.array([[1, 1, 2, 0], [1, 1, 1, 1]])
+    np.testing.assert_allclose(ptl._per_sequence_mean(x, w, seg), [[2, 2, 5, 0], [16 / 3] * 4])
+
+
+@pytest.mark.slow  # compiles a (toy) train step: ~10 s alone, more on a busy machine
+def test_grpo_loss_in_the_shared_step_raises_good_and_lowers_bad_completions():
+    """One on-policy GRPO step through `train.make_train_step(loss_fn=...)` on the train-step test's toy model."""
+    s = train.TrainSettings(**{**_SETTINGS, "bias_speed": 0.0})
+    tx = train.make_optimizer(s)
+    graphdef, state = train.init_state(_Toy(nnx.Rngs(0)), tx, seed=0)
+    batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+
+    @jax.jit
+    def log_probs(params, extras):
+        model = nnx.merge(graphdef, params, extras)
+        out = model.forward_train(batch["tokens"], batch["segment_ids"], batch["positions"])
+        return ptl.token_log_probs(out.hidden, model.head[...], batch["targets"], chunk_size=16)
+
+    before = log_probs(state.params, state.extras)
+    adv = jnp.zeros_like(before).at[0].set(1.0).at[2].set(-1.0)
+    rollout = {**batch, "loss_weights": (batch["segment_ids"] != 0).astype(jnp.float32), "advantages": adv,
+               "old_log_probs": before, "ref_log_probs": before}
+    step = train.make_train_step(graphdef, get_config("tiny"), tx, s, sparse=True,
+                                 loss_fn=ptl.make_grpo_loss(0.1, opsm_delta=0.5))
+    new, m = step(state, rollout)
+    assert bool(m["update_ok"]) and float(m["kl"]) == 0.0 and float(m["clipped_fraction"]) == 0.0
+    np.testing.assert_allclose(m["loss"], -float(jnp.sum(adv * rollout["loss_weights"])) / float(m["tokens"]),
+                               rtol=1e-5)  # on-policy: r = 1, the loss is -mean(A)
+    after = log_probs(new.params, new.extras)
+    assert float(jnp.mean(after[0] - before[0])) > 0 > float(jnp.mean(after[2] - before[2]))
