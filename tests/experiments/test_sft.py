@@ -72,6 +72,24 @@ def test_init_keeps_the_weights_and_starts_a_fresh_optimizer(source):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # an export, then one state compile (~30 s on 2 cores)
+def test_hf_dir_init_loads_the_exported_weights(source, tmp_path):
+    from tools.export_safetensors import export_run
+
+    path, params = source
+    out = str(tmp_path / "export")
+    export_run(path, out, "bf16", progress=False)
+    cfg = init_weights.init_config(init=None, hf_dir=out, preset="nano", overrides={})
+    assert cfg == CFG
+    mesh = mesh_lib.make_mesh("data=1", jax.devices()[:1])
+    settings = train.TrainSettings()
+    with jax.set_mesh(mesh):
+        plan = train.plan_state(_build, settings, mesh)
+        state = init_weights.weights_loader(init=None, hf_dir=out, cfg=cfg, settings=settings, seed=0)(plan)
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, b, rtol=2**-8, atol=1e-6)  # bf16 storage: one rounding
+
+
 @pytest.mark.slow  # two SFT runs, one train-step compile each (~2-3 min on 2 cores)
 def test_sft_runs_from_a_checkpoint_and_resumes(source, tmp_path):
     path, _ = source
