@@ -19,12 +19,17 @@ from absl import app, flags
 
 from deepseek_v4 import chat, verifiable_tasks
 
-_OUTPUT = flags.DEFINE_string("output", None, "Output jsonl file.")
-_EXAMPLES = flags.DEFINE_integer("examples", 2000, "Number of dialogues.", lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the problems.")
-_TASKS = flags.DEFINE_list("tasks", list(verifiable_tasks.TASKS), "Tasks, taken in turn.")
-_MODES = flags.DEFINE_list("modes", list(chat.MODES), "Chat modes, taken in turn.")
-flags.mark_flags_as_required(["output"])
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so tests can import this module)."""
+    flags.DEFINE_string("output", None, "Output jsonl file.")
+    flags.DEFINE_integer("examples", 2000, "Number of dialogues.", lower_bound=1)
+    flags.DEFINE_integer("seed", 0, "Seed of the problems.")
+    flags.DEFINE_list("tasks", list(verifiable_tasks.TASKS), "Tasks, taken in turn.")
+    flags.DEFINE_list("modes", list(chat.MODES), "Chat modes, taken in turn.")
+    flags.mark_flags_as_required(["output"])
 
 
 def write_chat_set(path: str, examples: list[dict]) -> None:
@@ -40,13 +45,13 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
-        examples = verifiable_tasks.make_chat_set(_EXAMPLES.value, _SEED.value, tasks=_TASKS.value,
-                                                  modes=_MODES.value)
-        write_chat_set(_OUTPUT.value, examples)
+        examples = verifiable_tasks.make_chat_set(FLAGS.examples, FLAGS.seed, tasks=FLAGS.tasks, modes=FLAGS.modes)
+        write_chat_set(FLAGS.output, examples)
     except (ValueError, OSError) as e:
         sys.exit(f"make_chat_data: error: {e}")
-    print(f"wrote {len(examples)} dialogues to {_OUTPUT.value}")
+    print(f"wrote {len(examples)} dialogues to {FLAGS.output}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -168,3 +168,13 @@ def test_a_reward_function_that_raises_is_a_counted_skip():
     np.testing.assert_array_equal(got.valid, [True, False, False, True])
     np.testing.assert_array_equal(got.rewards, [1.0, 0.0, 0.0, 1.0])
     assert got.skipped == 2 and got.errors[0] == "sample 1: RuntimeError: judge"
+
+
+def test_the_written_chat_set_reads_back_as_training_data(tmp_path):
+    from tools.make_chat_data import write_chat_set
+
+    path = str(tmp_path / "chat.jsonl")
+    write_chat_set(path, verifiable_tasks.make_chat_set(6, seed=0))
+    examples, skipped = sft_data.read_chat_jsonl([path])
+    docs, skipped = sft_data.encode_examples(examples, 256, skipped=skipped)
+    assert len(docs) == 6 and skipped.total == 0
