@@ -7,6 +7,8 @@ The new run keeps the parameters and the model's other variables (router balanci
 a fresh optimizer, step 0 and the new run's seed; its own checkpoints then live in its own --workdir (a resumed
 post-training run restores those and never reads the source again). A source checkpoint written with another
 optimizer is read with that optimizer's layout (from the settings saved with it) and its optimizer state dropped.
+Reading the source follows the checkpointer's rules: an unreadable newest checkpoint there is moved aside and the
+previous one is used.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ manager, so they are closed on every exit path, errors and `sys.exit` included. 
 `steps`, a stop signal or too many non-finite steps, logging and saving as it goes.
 
 Pretraining passes the packed-corpus data source and `train.make_train_step`; another phase (SFT, RL) passes its
-own data source (batches may carry per-token `loss_weights`) and step builder and reuses the rest.
+own data source (batches may carry per-token `loss_weights`), step builder (e.g. `make_train_step` with another
+`loss_fn`) and `initial_state` (pretrained weights) and reuses the rest; `train_and_report` ends every entry point.
 """
 
 from __future__ import annotations
