@@ -32,10 +32,11 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
-from deepseek_v4 import data, train
+from deepseek_v4 import data, evaluation, train
 from deepseek_v4.config import Config
 from deepseek_v4.synthetic import SyntheticIterator
 from experiments import flags as flag_gen
+from experiments import held_out
 from experiments import run as run_lib
 
 FLAGS = flags.FLAGS
@@ -43,6 +44,7 @@ FLAGS = flags.FLAGS
 flag_gen.define_config_flags()
 flag_gen.define_settings_flags(train.TrainSettings)
 flag_gen.define_settings_flags(run_lib.RunSettings)
+flag_gen.define_settings_flags(evaluation.EvalSettings)
 flags.adopt_module_key_flags(flag_gen)  # --help lists them
 
 
@@ -79,6 +81,7 @@ def main(argv: list[str]) -> None:
         cfg = flag_gen.config_from_flags()
         settings = flag_gen.settings_from_flags(train.TrainSettings)
         opts = flag_gen.settings_from_flags(run_lib.RunSettings)
+        eval_settings = flag_gen.settings_from_flags(evaluation.EvalSettings)
     except ValueError as e:
         _fail(str(e))
     model_name = FLAGS[flag_gen.CONFIG_FLAG].value
@@ -94,6 +97,10 @@ def main(argv: list[str]) -> None:
             print(f"the run in {workdir} is complete at step {run.start} (--steps={settings.steps}); "
                       "raise --steps to continue", flush=True)
             return
+        try:
+            run.evaluator = held_out.for_run(run, eval_settings)
+        except ValueError as e:
+            _fail(str(e))
         outcome = run_lib.train_loop(run, stop)
     if outcome.failed:
         print(f"error: stopping: {outcome.bad_streak} consecutive steps had a non-finite loss or gradients (last: "

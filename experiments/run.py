@@ -148,6 +148,7 @@ class Run:
     writer: metrics.MetricsWriter | None = None
     peak_flops: float = 0.0
     last_saved: int | None = None
+    evaluator: Any = None  # a deepseek_v4.evaluation.Evaluator: held-out metrics join the records at its steps
     _steps: dict[bool, Callable] = dataclasses.field(default_factory=dict)
 
     @property
@@ -369,7 +370,8 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
                     failed = True
                     break
                 pending = (step, m)
-                log_now = step % opts.log_every == 0 or step == steps
+                eval_now = run.evaluator is not None and run.evaluator.settings.due(step, steps)
+                log_now = step % opts.log_every == 0 or step == steps or eval_now
                 save_now = step % opts.save_every == 0 or step == steps or stop.signal is not None
                 if log_now or save_now:
                     pending = None
@@ -377,7 +379,12 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
                         failed = True
                         break
                 if log_now:
-                    rec = summarise(run, window, step)
+                    held_out = {}
+                    if eval_now:  # the same held-out batches every time; the training data is not touched
+                        t_eval = time.perf_counter()
+                        held_out = run.evaluator(run.state, sparse=train.sparse_at(run.settings, step - 1))
+                        window.exclude(time.perf_counter() - t_eval)
+                    rec = {**summarise(run, window, step), **held_out}
                     if run.writer:
                         run.writer.write(step, rec)
                     progress.log(step, rec)
@@ -454,6 +461,9 @@ class _Progress:
                  else "compiling")
         line = (f"step {step}/{self.total} loss {rec['loss']:.4f} mtp {rec['mtp_loss']:.4f} "
                 f"grad_norm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} {speed} eta {_fmt_time(eta)}")
+        if "eval_loss" in rec:
+            line += f" | eval loss {rec['eval_loss']:.4f}" + (f" bpb {rec['eval_bits_per_byte']:.3f}"
+                                                              if "eval_bits_per_byte" in rec else "")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{rec['loss']:.3f}")
             self.bar.write(line)
