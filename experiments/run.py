@@ -31,6 +31,7 @@ from flax import nnx
 from deepseek_v4 import DeepseekV4, data, metrics, train
 from deepseek_v4 import checkpoint as ckpt_lib
 from deepseek_v4.config import Config
+from experiments import spikes
 from sharding import mesh as mesh_lib
 from sharding import rules
 
@@ -149,6 +150,7 @@ class Run:
     peak_flops: float = 0.0
     last_saved: int | None = None
     evaluator: Any = None  # a deepseek_v4.evaluation.Evaluator: held-out metrics join the records at its steps
+    spike_settings: Any = None  # experiments.spikes.SpikeSettings (None: no spike detection)
     _steps: dict[bool, Callable] = dataclasses.field(default_factory=dict)
 
     @property
@@ -311,7 +313,8 @@ class _BadSteps:
 
     def check(self, step: int, m: dict[str, Any]) -> bool:
         """Look at a finished step's metrics; True once `limit` skipped steps happened in a row."""
-        self.streak = 0 if bool(m["update_ok"]) else self.streak + 1
+        fine = bool(m["update_ok"]) or bool(m.get("loss_spike", False))  # a spike is reported by the spike guard
+        self.streak = 0 if fine else self.streak + 1
         if self.streak:
             print(f"step {step}: non-finite loss or gradients, update skipped ({self.streak} in a row)",
                   file=sys.stderr, flush=True)
@@ -351,6 +354,7 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
     host never waits for the device (except at a record or a save)."""
     opts, steps = run.opts, run.settings.steps
     nan_steps = set(opts.debug_nan_at_steps)
+    guard = spikes.SpikeGuard(run.spike_settings or spikes.SpikeSettings(), batches_read=run.start)
     bad, window = _BadSteps(opts.max_bad_steps), _Window()
     progress = _Progress(run.start, steps, run.primary, opts.progress)
     step, failed = run.start, False
@@ -358,17 +362,24 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
     try:
         with jax.set_mesh(run.mesh):
             while step < steps:
-                host = next(run.data)
+                host = guard.next_batch(run.data, step + 1)
                 if nan_steps:
                     host = with_nan_loss_weights(host, step + 1 in nan_steps)
                 batch = data.to_global(host, run.batch_sharding)
                 compiles = run.compiles(step)
-                run.state, m = run.step_fn(step)(run.state, batch)
+                limit = guard.limit()  # None without spike detection: the step's plain signature
+                run.state, m = run.step_fn(step)(run.state, batch, *(() if limit is None else (limit,)))
                 step += 1
                 window.add(m, compiled_now=compiles)
                 if pending is not None and bad.check(*pending):  # done by now: no pipeline stall
                     failed = True
                     break
+                if pending is not None and guard.observe(*pending):
+                    back = spikes.respond(run, guard, pending[0])
+                    if back is not None:
+                        step, pending = back, None
+                        window.reset()
+                        continue
                 pending = (step, m)
                 eval_now = run.evaluator is not None and run.evaluator.settings.due(step, steps)
                 log_now = step % opts.log_every == 0 or step == steps or eval_now
@@ -378,13 +389,19 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
                     if bad.check(step, m):
                         failed = True
                         break
+                    if guard.observe(step, m):  # checked before a save: no checkpoint holds a spike's aftermath
+                        back = spikes.respond(run, guard, step)
+                        if back is not None:
+                            step = back
+                            window.reset()
+                            continue
                 if log_now:
                     held_out = {}
                     if eval_now:  # the same held-out batches every time; the training data is not touched
                         t_eval = time.perf_counter()
                         held_out = run.evaluator(run.state, sparse=train.sparse_at(run.settings, step - 1))
                         window.exclude(time.perf_counter() - t_eval)
-                    rec = {**summarise(run, window, step), **held_out}
+                    rec = {**summarise(run, window, step), **guard.record(), **held_out}
                     if run.writer:
                         run.writer.write(step, rec)
                     progress.log(step, rec)
@@ -393,6 +410,7 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
                 if save_now:
                     t_save = time.perf_counter()
                     run.save(step)
+                    guard.saved(step)
                     window.exclude(time.perf_counter() - t_save)  # the blocking part of a save is not step time
                 if stop.signal is not None:
                     break
