@@ -18,6 +18,15 @@ HELD_OUT_SEED = 0  # the held-out order does not follow --seed: runs with other 
 SYNTHETIC_SEED_OFFSET = 1_000_003  # synthetic held-out rows: a seed no training run of a small --seed uses
 
 
+def check_data(ev: evaluation.EvalSettings) -> None:
+    """Raise a one-line ValueError if an `--eval_data` directory is not a prepared dataset (before any compile)."""
+    for d in (d for d in ev.eval_data.split(",") if d):
+        try:
+            data.open_dataset(d)
+        except ValueError as e:
+            raise ValueError(f"--eval_data: {e}") from None
+
+
 def held_out_batches(ev: evaluation.EvalSettings, *, train_data: str, seq_len: int, batch_size: int,
                      seed: int, vocab_size: int, data_cache: str) -> tuple[list[dict[str, np.ndarray]],
                                                                          np.ndarray | None]:

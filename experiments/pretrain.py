@@ -90,6 +90,7 @@ def main(argv: list[str]) -> None:
         opts = flag_gen.settings_from_flags(run_lib.RunSettings)
         eval_settings = flag_gen.settings_from_flags(evaluation.EvalSettings)
         spike_settings = flag_gen.settings_from_flags(spikes.SpikeSettings)
+        held_out.check_data(eval_settings)
     except ValueError as e:
         _fail(str(e))
     model_name = FLAGS[flag_gen.CONFIG_FLAG].value

@@ -400,7 +400,8 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
                     if eval_now:  # the same held-out batches every time; the training data is not touched
                         t_eval = time.perf_counter()
                         held_out = run.evaluator(run.state, sparse=train.sparse_at(run.settings, step - 1))
-                        window.exclude(time.perf_counter() - t_eval)
+                        held_out["eval_seconds"] = time.perf_counter() - t_eval
+                        window.exclude(held_out["eval_seconds"])
                     rec = {**summarise(run, window, step), **guard.record(), **held_out}
                     if run.writer:
                         run.writer.write(step, rec)
