@@ -48,11 +48,6 @@ def test_global_norm_clip_scales_the_gradient_inside_the_step():
     clipped_norm = np.sqrt(sum(np.sum(np.square(g.astype(np.float64))) for g in got.values()))
     np.testing.assert_allclose(clipped_norm, clip, rtol=1e-4)
 
-    loose = _Toyrun(clip_norm=norm * 4)  # a clip above the norm changes nothing
-    state_l, _ = loose.step(loose.state(), _batch())
-    for k, v in _first_moments(state_l.opt_state).items():
-        np.testing.assert_allclose(v / (1 - loose.s.adam_b1), raw[k], rtol=1e-5, atol=1e-9, err_msg=k)
-
 
 def _balance_by_formula(x, gate, bias, mask, k):
     """L_bal = sum_i f_i P_i per sequence, averaged over sequences, written out with loops (DeepSeek-V3 eq. 17-20
@@ -84,12 +79,15 @@ def test_balance_loss_is_the_sequence_wise_formula():
     x = jnp.asarray(rng.standard_normal((b, t, cfg.hidden_size)), jnp.float32)
     mask = np.ones((b, t), bool)
     mask[1, 6:] = False  # a sequence with padding: T counts its real tokens only
-    _, stats = moe(x, jnp.zeros((b, t), jnp.int32), jnp.asarray(mask))
+    graphdef, state = nnx.split(moe)
+    _, stats = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a))(state, x, jnp.zeros((b, t), jnp.int32),
+                                                                   jnp.asarray(mask))
     want = _balance_by_formula(x, moe.gate[...], moe.router_bias[...], mask, cfg.num_experts_per_tok)
     np.testing.assert_allclose(float(stats.balance_loss), want, rtol=1e-5)
     assert want > 0.5  # about 1 for a balanced router; clearly not a degenerate value
 
 
+@pytest.mark.slow  # compiles the tiny model's forward and gradient
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense_warmup", "sparse"])
 def test_indexer_loss_gradient_reaches_only_the_indexer(sparse):
     cfg = get_config("tiny", **SMALL)
