@@ -50,3 +50,16 @@ def test_injected_batches_carry_scaled_loss_weights():
 def test_bad_settings_are_one_line_errors(field, value, message):
     with pytest.raises(ValueError, match=message):
         spikes.SpikeSettings(**{field: value})
+
+
+def test_metrics_writer_rewinds_to_a_rollback_step(tmp_path):
+    from deepseek_v4.metrics import MetricsWriter, read_metrics
+
+    writer = MetricsWriter(str(tmp_path), tensorboard=False)
+    for step in range(1, 6):
+        writer.write(step, {"loss": float(step)})
+    writer.rewind(3)
+    writer.write(4, {"loss": 40.0})
+    writer.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path))] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    assert [r["step"] for r in read_metrics(str(tmp_path / "metrics_discarded.jsonl"))] == [4, 5]
