@@ -31,17 +31,22 @@ from experiments.run import RunSettings
 from sharding import mesh as mesh_lib
 from sharding import rules
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_DATA = flags.DEFINE_string("data", "", "Held-out data (see the module docstring).")
-_BATCHES = flags.DEFINE_integer("batches", evaluation.EvalSettings.eval_batches, "Held-out batches.", lower_bound=1)
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", RunSettings.batch_size, "Rows per batch.", lower_bound=1)
-_SEQ_LEN = flags.DEFINE_integer("seq_len", RunSettings.seq_len, "Tokens per row.", lower_bound=1)
-_SEED = flags.DEFINE_integer("seed", 0, "The run's --seed (only for --data=synthetic).")
-_MESH = flags.DEFINE_string("mesh", "", "Device mesh, e.g. fsdp=8 (default: data over all devices).")
-_DATA_CACHE = flags.DEFINE_string("data_cache", RunSettings.data_cache, "Where the embedded corpus is prepared.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
-flags.mark_flag_as_required("workdir")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so tests can import this module)."""
+    flags.DEFINE_string("workdir", None, "Run directory holding checkpoints/.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+    flags.DEFINE_string("data", "", "Held-out data (see the module docstring).")
+    flags.DEFINE_integer("batches", evaluation.EvalSettings.eval_batches, "Held-out batches.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", RunSettings.batch_size, "Rows per batch.", lower_bound=1)
+    flags.DEFINE_integer("seq_len", RunSettings.seq_len, "Tokens per row.", lower_bound=1)
+    flags.DEFINE_integer("seed", 0, "The run's --seed (only for --data=synthetic).")
+    flags.DEFINE_string("mesh", "", "Device mesh, e.g. fsdp=8 (default: data over all devices).")
+    flags.DEFINE_string("data_cache", RunSettings.data_cache, "Where the embedded corpus is prepared.")
+    flags.DEFINE_bool("json", False, "Print one JSON object.")
+    flags.mark_flag_as_required("workdir")
 
 
 def evaluate(workdir: str, *, step: int | None = None, data: str = "", batches: int = 2, batch_size: int = 8,
@@ -83,17 +88,17 @@ def evaluate(workdir: str, *, step: int | None = None, data: str = "", batches: 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
+    if not FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
-    workdir = os.path.abspath(os.path.expanduser(_WORKDIR.value))
+    workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
     try:
-        step, rec = evaluate(workdir, step=_STEP.value, data=_DATA.value, batches=_BATCHES.value,
-                             batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value, seed=_SEED.value,
-                             mesh=_MESH.value, data_cache=_DATA_CACHE.value)
+        step, rec = evaluate(workdir, step=FLAGS.step, data=FLAGS.data, batches=FLAGS.batches,
+                             batch_size=FLAGS.batch_size, seq_len=FLAGS.seq_len, seed=FLAGS.seed, mesh=FLAGS.mesh,
+                             data_cache=FLAGS.data_cache)
     except (ValueError, ckpt_lib.ConfigMismatchError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
-    if _JSON.value:
+    if FLAGS.json:
         print(json.dumps({"step": step, **rec}))
         return
     print(f"{workdir} step {step}:")
@@ -102,4 +107,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
