@@ -251,6 +251,23 @@ class Checkpointer:
             return _diff_configs(saved, config, execution=True)
         return []
 
+    def read(self, abstract_state: Any, step: int) -> Restored:
+        """Restore exactly `step` (no fallback, nothing moved aside: for tools that only read a run).
+
+        Raises:
+          ValueError: no such step, or its state does not match its saved fingerprint.
+        """
+        if step not in self.steps():
+            raise ValueError(f"no checkpoint step {step} in {self.directory} (steps: {self.steps()})")
+        got = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(to_nested(jax.tree.map(_as_target, abstract_state))),
+            meta=ocp.args.JsonRestore()))
+        state, meta = from_nested(got["state"], abstract_state), dict(got["meta"])
+        total, _ = fingerprint(state)
+        if not np.isclose(total, float(meta["fingerprint"]), rtol=_FINGERPRINT_RTOL, atol=0.0):
+            raise ValueError(f"checkpoint step {step} does not match its saved fingerprint")
+        return Restored(step=step, state=state, data_state=None, meta=meta)
+
     def restore(self, abstract_state: Any, *, config: Config | None = None) -> Restored | None:
         """Restore the newest good checkpoint into `abstract_state`'s structure, shapes, dtypes and shardings.
 

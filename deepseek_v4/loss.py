@@ -150,6 +150,25 @@ def chunked_cross_entropy(
     raise ValueError(f"unknown cross-entropy impl {impl!r}; choose one of {', '.join(IMPLS)}")
 
 
+def token_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, *,
+                        chunk_size: int = DEFAULT_CHUNK) -> jax.Array:
+    """Each token's `-log softmax(hidden @ head)[target]`, one chunk of logits at a time (no gradients needed:
+    evaluation uses it to split the loss by position).
+
+    Shapes:
+      hidden [..., D], head [D, V], targets [...] -> float32 [...]; per chunk logits [C, V].
+    """
+    h, t, _, n = _chunks(hidden, targets, jnp.zeros(targets.shape, jnp.float32), chunk_size)
+
+    def one(xs):
+        hc, tc = xs
+        logits = jnp.einsum("cd,dv->cv", hc.astype(jnp.float32), head.astype(jnp.float32))  # [C, V]
+        return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+
+    nll = jax.lax.map(one, (h, t))  # [N/C, C]
+    return nll.swapaxes(0, 1).reshape(-1)[:n].reshape(targets.shape)  # back to token order
+
+
 def reference_cross_entropy(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
     """The same sum computed with all logits at once (the spec `chunked_cross_entropy` is tested against)."""
     logits = jnp.einsum("...d,dv->...v", hidden.astype(jnp.float32), head.astype(jnp.float32))

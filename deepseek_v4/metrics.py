@@ -146,13 +146,23 @@ class MetricsWriter:
             self._drop_after(resume_step)
         elif os.path.exists(self.path):
             self._drop_after(-1)
+        self._workdir, self._tensorboard = workdir, tensorboard
+        self._open(resume_step)
+
+    def _open(self, resume_step: int | None) -> None:
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = None
-        if tensorboard:
+        if self._tensorboard:
             from tensorboardX import SummaryWriter
 
             purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge, flush_secs=30)
+            self._tb = SummaryWriter(os.path.join(self._workdir, "tensorboard"), purge_step=purge, flush_secs=30)
+
+    def rewind(self, step: int) -> None:
+        """Continue from `step` (a rollback): later records move to `metrics_discarded.jsonl`, as on resume."""
+        self.close()
+        self._drop_after(step)
+        self._open(step)
 
     def _drop_after(self, step: int) -> None:
         if not os.path.exists(self.path):

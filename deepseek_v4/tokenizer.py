@@ -79,6 +79,20 @@ class Tokenizer:
         """Text of `ids`; BOS/EOS are kept unless `skip_special_tokens`."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes of text each id stands for (0 for BOS, EOS and the other added tokens): the denominator of
+        bits per byte. The vocabulary is byte-level BPE, one character of a token's name per byte.
+
+        Shapes: -> [vocab_size] int32.
+        """
+        added = set(self._tok.get_added_tokens_decoder())
+        out = np.zeros(self.vocab_size, np.int32)
+        for i in range(min(self.vocab_size, self._tok.get_vocab_size(with_added_tokens=True))):
+            piece = self._tok.id_to_token(i)
+            if piece is not None and i not in added:
+                out[i] = len(piece)
+        return out
+
     def _with_bos_eos(self, ids: list[int]) -> np.ndarray:
         out = np.empty(len(ids) + 2, TOKEN_DTYPE)
         out[0], out[-1] = BOS_ID, EOS_ID

@@ -9,8 +9,9 @@ One step, for a global batch [B, T] split into `grad_accum` microbatches [B/A, T
      count of the *whole* batch, so the sum is the full-batch gradient);
   2. global-norm clipping, then the optimizer update (optax);
   3. the aux-loss-free balancing bias: sign rule on the expert loads of the whole batch, outside the optimizer;
-  4. if the loss, the gradient norm or the update is not finite, the step changes nothing (params, optimizer
-     state and biases keep their old values) and is counted in `skipped`.
+  4. if the loss, the gradient norm or the update is not finite, or the loss exceeds the caller's `loss_limit`
+     (a loss spike), the step changes nothing (params, optimizer state and biases keep their old values) and is
+     counted in `skipped`.
 
 Loss = CE + w_mtp * CE_mtp + w_bal * balance + w_idx * indexer_KL, with w_mtp = 0.3, dropping to 0.1 once
 the learning rate starts to decay (docs/training.md), w_bal = 1e-4, indexer KL gradients reaching only
@@ -379,8 +380,8 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, cfg: Config,
-               tx: optax.GradientTransformation, s: TrainSettings,
+def train_step(state: TrainState, batch: dict[str, jax.Array], loss_limit: jax.Array | None = None, *,
+               graphdef: nnx.GraphDef, cfg: Config, tx: optax.GradientTransformation, s: TrainSettings,
                sparse: bool, loss_fn: LossFn = next_token_loss) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch (see the module docstring).
 
@@ -390,6 +391,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
         Optional `loss_weights` [B, T] float32 scales each token's cross entropy (main and MTP; 0 leaves a token
         out, e.g. a prompt); each loss is a mean over the tokens of nonzero weight. A non-finite weight makes the
         loss non-finite, and the step is skipped.
+      loss_limit: optional [] float32; a step whose cross entropy exceeds it is a loss spike: skipped like a
+        non-finite step (nothing changes but the counters) and flagged in the metric `loss_spike`.
 
     Returns:
       The new state and a dict of scalar / small metrics (on device).
@@ -435,6 +438,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     _, _, extras = split_model(model)
 
     ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & _all_finite(updates) & _all_finite(extras)
+    spike = None if loss_limit is None else aux["loss"] > loss_limit
+    if spike is not None:
+        ok = ok & ~spike
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
     new_state = TrainState(
         step=state.step + 1,
@@ -462,13 +468,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
         "dropped_tokens": aux["dropped_tokens"],  # (token, expert) pairs over capacity, all MoE layers
         **{k: v for k, v in aux.items() if k not in AUX_KEYS},  # the loss's own metrics
     }
+    if spike is not None:
+        metrics["loss_spike"] = spike
     return new_state, metrics
 
 
 def make_train_step(graphdef: nnx.GraphDef, cfg: Config, tx: optax.GradientTransformation, s: TrainSettings,
                     *, sparse: bool,
                     loss_fn: LossFn = next_token_loss) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """`train_step` jitted with the state donated: `step(state, batch) -> (state, metrics)`.
+    """`train_step` jitted with the state donated: `step(state, batch[, loss_limit]) -> (state, metrics)`.
 
     `loss_fn` is the microbatch loss (`LossFn`); every phase (pretraining, SFT, RL) shares the rest of the step:
     accumulation, clipping, the optimizer, the router-bias update and the non-finite guard.

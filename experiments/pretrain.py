@@ -20,7 +20,13 @@ on a terminal).
 
 Faults: SIGTERM / SIGINT finish the current step, save and exit 0; a step with a non-finite loss or
 gradient changes nothing and is counted, and --max_bad_steps consecutive ones stop the run (exit 1);
-an unreadable newest checkpoint is moved aside and the previous one is used.
+an unreadable newest checkpoint is moved aside and the previous one is used. Loss spikes (experiments/spikes.py):
+--spike_response=skip drops a spiking step's update, rollback also returns to the newest checkpoint and skips the
+data up to the spike.
+
+Held-out evaluation (deepseek_v4/evaluation.py): every --eval_every steps and at the end, --eval_batches fixed
+batches of --eval_data (default: the embedded validation split) give eval_loss, eval_mtp_loss, eval_bits_per_byte
+and the loss by position bucket, in the same metrics record as the training losses.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
-from deepseek_v4 import data, train
+from deepseek_v4 import data, evaluation, train
 from deepseek_v4.config import Config
 from deepseek_v4.synthetic import SyntheticIterator
 from experiments import flags as flag_gen
+from experiments import held_out, spikes
 from experiments import run as run_lib
 
 FLAGS = flags.FLAGS
@@ -42,6 +49,8 @@ FLAGS = flags.FLAGS
 flag_gen.define_config_flags()
 flag_gen.define_settings_flags(train.TrainSettings)
 flag_gen.define_settings_flags(run_lib.RunSettings)
+flag_gen.define_settings_flags(evaluation.EvalSettings)
+flag_gen.define_settings_flags(spikes.SpikeSettings)
 flags.adopt_module_key_flags(flag_gen)  # --help lists them
 
 
@@ -78,6 +87,9 @@ def main(argv: list[str]) -> None:
         cfg = flag_gen.config_from_flags()
         settings = flag_gen.settings_from_flags(train.TrainSettings)
         opts = flag_gen.settings_from_flags(run_lib.RunSettings)
+        eval_settings = flag_gen.settings_from_flags(evaluation.EvalSettings)
+        spike_settings = flag_gen.settings_from_flags(spikes.SpikeSettings)
+        held_out.check_data(eval_settings)
     except ValueError as e:
         _fail(str(e))
     model_name = FLAGS[flag_gen.CONFIG_FLAG].value
@@ -88,7 +100,12 @@ def main(argv: list[str]) -> None:
                             data_source=pretrain_data(cfg, opts))
     except run_lib.UserError as e:
         _fail(str(e))
-    sys.exit(run_lib.train_and_report(run, stop))
+
+    def attach_evaluation(run: run_lib.Run) -> None:
+        run.evaluator = held_out.for_run(run, eval_settings)
+        run.spike_settings = spike_settings
+
+    sys.exit(run_lib.train_and_report(run, stop, prepare=attach_evaluation))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from flax import nnx
 from deepseek_v4 import DeepseekV4, data, metrics, train
 from deepseek_v4 import checkpoint as ckpt_lib
 from deepseek_v4.config import Config
+from experiments import spikes
 from sharding import mesh as mesh_lib
 from sharding import rules
 
@@ -149,6 +150,8 @@ class Run:
     writer: metrics.MetricsWriter | None = None
     peak_flops: float = 0.0
     last_saved: int | None = None
+    evaluator: Any = None  # a deepseek_v4.evaluation.Evaluator: held-out metrics join the records at its steps
+    spike_settings: Any = None  # experiments.spikes.SpikeSettings (None: no spike detection)
     _steps: dict[bool, Callable] = dataclasses.field(default_factory=dict)
 
     @property
@@ -318,7 +321,8 @@ class _BadSteps:
 
     def check(self, step: int, m: dict[str, Any]) -> bool:
         """Look at a finished step's metrics; True once `limit` skipped steps happened in a row."""
-        self.streak = 0 if bool(m["update_ok"]) else self.streak + 1
+        fine = bool(m["update_ok"]) or bool(m.get("loss_spike", False))  # a spike is reported by the spike guard
+        self.streak = 0 if fine else self.streak + 1
         if self.streak:
             print(f"step {step}: non-finite loss or gradients, update skipped ({self.streak} in a row)",
                   file=sys.stderr, flush=True)
@@ -358,6 +362,7 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
     host never waits for the device (except at a record or a save)."""
     opts, steps = run.opts, run.settings.steps
     nan_steps = set(opts.debug_nan_at_steps)
+    guard = spikes.SpikeGuard(run.spike_settings or spikes.SpikeSettings(), batches_read=run.start)
     bad, window = _BadSteps(opts.max_bad_steps), _Window()
     progress = _Progress(run.start, steps, run.primary, opts.progress)
     step, failed = run.start, False
@@ -365,27 +370,47 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
     try:
         with jax.set_mesh(run.mesh):
             while step < steps:
-                host = next(run.data)
+                host = guard.next_batch(run.data, step + 1)
                 if nan_steps:
                     host = with_nan_loss_weights(host, step + 1 in nan_steps)
                 batch = data.to_global(host, run.batch_sharding)
                 compiles = run.compiles(step)
-                run.state, m = run.step_fn(step)(run.state, batch)
+                limit = guard.limit()  # None without spike detection: the step's plain signature
+                run.state, m = run.step_fn(step)(run.state, batch, *(() if limit is None else (limit,)))
                 step += 1
                 window.add(m, compiled_now=compiles)
                 if pending is not None and bad.check(*pending):  # done by now: no pipeline stall
                     failed = True
                     break
+                if pending is not None and guard.observe(*pending):
+                    back = spikes.respond(run, guard, pending[0])
+                    if back is not None:
+                        step, pending = back, None
+                        window.reset()
+                        continue
                 pending = (step, m)
-                log_now = step % opts.log_every == 0 or step == steps
+                eval_now = run.evaluator is not None and run.evaluator.settings.due(step, steps)
+                log_now = step % opts.log_every == 0 or step == steps or eval_now
                 save_now = step % opts.save_every == 0 or step == steps or stop.signal is not None
                 if log_now or save_now:
                     pending = None
                     if bad.check(step, m):
                         failed = True
                         break
+                    if guard.observe(step, m):  # checked before a save: no checkpoint holds a spike's aftermath
+                        back = spikes.respond(run, guard, step)
+                        if back is not None:
+                            step = back
+                            window.reset()
+                            continue
                 if log_now:
-                    rec = summarise(run, window, step)
+                    held_out = {}
+                    if eval_now:  # the same held-out batches every time; the training data is not touched
+                        t_eval = time.perf_counter()
+                        held_out = run.evaluator(run.state, sparse=train.sparse_at(run.settings, step - 1))
+                        held_out["eval_seconds"] = time.perf_counter() - t_eval
+                        window.exclude(held_out["eval_seconds"])
+                    rec = {**summarise(run, window, step), **guard.record(), **held_out}
                     if run.writer:
                         run.writer.write(step, rec)
                     progress.log(step, rec)
@@ -394,6 +419,7 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
                 if save_now:
                     t_save = time.perf_counter()
                     run.save(step)
+                    guard.saved(step)
                     window.exclude(time.perf_counter() - t_save)  # the blocking part of a save is not step time
                 if stop.signal is not None:
                     break
@@ -462,6 +488,9 @@ class _Progress:
                  else "compiling")
         line = (f"step {step}/{self.total} loss {rec['loss']:.4f} mtp {rec['mtp_loss']:.4f} "
                 f"grad_norm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} {speed} eta {_fmt_time(eta)}")
+        if "eval_loss" in rec:
+            line += f" | eval loss {rec['eval_loss']:.4f}" + (f" bpb {rec['eval_bits_per_byte']:.3f}"
+                                                              if "eval_bits_per_byte" in rec else "")
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{rec['loss']:.3f}")
             self.bar.write(line)
@@ -484,17 +513,26 @@ def plot_curves(workdir: str) -> None:
         print(f"warning: could not draw the curves: {lines[-1] if lines else p.returncode}", flush=True)
 
 
-def train_and_report(run: Run, stop: StopSignal) -> int:
+def train_and_report(run: Run, stop: StopSignal, prepare: Callable[[Run], None] | None = None) -> int:
     """The end of every entry point: train `run` (closed on every exit path), print how it ended, draw the curves.
 
+    `prepare(run)`, if given, runs once the run is known to be incomplete (e.g. attaching the held-out
+    evaluator); a ValueError from it is a one-line error.
+
     Returns the exit status: 0 (done, already complete, or stopped by a signal and saved), 1 (--max_bad_steps
-    consecutive non-finite steps).
+    consecutive non-finite steps), 2 (`prepare` refused).
     """
     with run:  # closes the checkpointer (its saves finished) and the metrics writer on every exit path
         if run.complete:
             print(f"the run in {run.workdir} is complete at step {run.start} (--steps={run.settings.steps}); "
                   "raise --steps to continue", flush=True)
             return 0
+        if prepare is not None:
+            try:
+                prepare(run)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+                return 2
         outcome = train_loop(run, stop)
     if outcome.failed:
         print(f"error: stopping: {outcome.bad_streak} consecutive steps had a non-finite loss or gradients (last: "

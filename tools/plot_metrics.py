@@ -1,8 +1,9 @@
 r"""Draw the training curves of a run: `python -m tools.plot_metrics <workdir> [--out=curves.png]`.
 
 Reads `<workdir>/metrics.jsonl` and writes a PNG (default `<workdir>/metrics.png`) with one panel per metric:
-loss and MTP loss, gradient norm, learning rate, throughput and MFU, the indexer's KL and recall, and the
-busiest expert's load over the mean per MoE layer.
+loss and MTP loss (training and held-out), held-out bits per byte and loss by position bucket, gradient norm,
+learning rate, throughput and MFU, the indexer's KL and recall, the busiest expert's load over the mean per MoE
+layer, and the loss-spike counters.
 
 Several runs: `python -m tools.plot_metrics <workdir> <workdir> ... --out=compare.png` draws their loss and MTP loss
 curves over each other (one line per run, labelled by the workdir's name) and prints each run's last loss.
@@ -22,7 +23,10 @@ flags.DEFINE_float("smooth", 0.0, "Exponential moving average factor for the los
 FLAGS = flags.FLAGS
 
 PANELS = (
-    ("loss", ("loss", "mtp_loss"), "linear"),
+    ("loss", ("loss", "mtp_loss", "eval_loss", "eval_mtp_loss"), "linear"),
+    ("held-out bits per byte", ("eval_bits_per_byte",), "linear"),
+    ("held-out loss by position", ("eval_loss_pos_*",), "linear"),
+    ("loss spikes", ("loss_spikes", "spike_rollbacks"), "linear"),
     ("gradient norm", ("grad_norm",), "log"),
     ("learning rate", ("lr",), "linear"),
     ("tokens / s", ("tokens_per_s",), "linear"),
@@ -31,6 +35,17 @@ PANELS = (
     ("expert load max / mean", ("expert_load_max_over_mean",), "linear"),
     ("balance loss", ("balance_loss",), "linear"),
 )
+
+
+def _expand(keys: tuple[str, ...], records: list[dict]) -> tuple[str, ...]:
+    """`keys` with each `prefix*` replaced by the record keys that start with the prefix (in first-seen order)."""
+    out = []
+    for key in keys:
+        if key.endswith("*"):
+            out += [k for k in dict.fromkeys(k for r in records for k in r) if k.startswith(key[:-1])]
+        else:
+            out.append(key)
+    return tuple(out)
 
 
 def _ema(values: list[float], alpha: float) -> list[float]:
@@ -64,7 +79,8 @@ def _save(fig, out: str) -> str:
 def plot(records: list[dict], out: str, title: str = "", smooth: float = 0.0) -> str:
     """Write the curves of `records` (metrics.jsonl rows) to the PNG `out`; returns `out`."""
     plt = _pyplot()
-    panels = [p for p in PANELS if any(any(r.get(k) is not None for r in records) for k in p[1])]
+    panels = [(name, _expand(keys, records), scale) for name, keys, scale in PANELS]
+    panels = [p for p in panels if any(any(r.get(k) is not None for r in records) for k in p[1])]
     cols = 2
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(11, 3.2 * rows), squeeze=False)

@@ -346,3 +346,12 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert proc.returncode != 0
     want = f"export_safetensors: error: no checkpoints in {tmp_path}/none/checkpoints"
     assert proc.stderr.strip().splitlines() == [want]
+
+
+@pytest.mark.slow  # compiles the tiny model's forward
+def test_tools_evaluate_scores_imported_weights(imported):
+    from tools import evaluate
+
+    step, rec = evaluate.evaluate(imported[0], data="synthetic", batches=1, batch_size=8, seq_len=32)
+    assert step == 0 and np.isfinite(rec["eval_loss"]) and np.isfinite(rec["eval_mtp_loss"])
+    assert rec["eval_tokens"] == 8 * 32

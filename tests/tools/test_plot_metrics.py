@@ -29,3 +29,16 @@ def test_several_runs_in_one_png(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.strip() == "error: comparing several runs needs --out=PATH"
+
+
+def test_held_out_metrics_get_their_panels(tmp_path):
+    from tools import plot_metrics
+
+    records = [{"step": s, "loss": 9.0 - s, "mtp_loss": 9.5 - s} for s in range(1, 7)]
+    for r in records[1::2]:
+        r.update({"eval_loss": 9.2 - r["step"], "eval_bits_per_byte": 3.0, "eval_loss_pos_0-1K": 8.0,
+                  "eval_loss_pos_1K-4K": 7.5})
+    assert plot_metrics._expand(("eval_loss_pos_*",), records) == ("eval_loss_pos_0-1K", "eval_loss_pos_1K-4K")
+    out = plot_metrics.plot(records, str(tmp_path / "m.png"))
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
