@@ -49,7 +49,8 @@ _KERNEL_OPTIONS: dict = {}
 @contextlib.contextmanager
 def kernel_implementation(impl: str | None, interpret: bool | None = None):
     """Within the block, layers traced call the attention and indexer kernels with this `impl` / `interpret`
-    (docs/kernels.md, "Implementation dispatch"); default: the platform's best. Takes effect at trace time."""
+    (docs/kernels.md, "Implementation dispatch"), overriding `Config.attention_impl`. Takes effect at trace
+    time."""
     saved = dict(_KERNEL_OPTIONS)
     _KERNEL_OPTIONS.update(impl=impl, interpret=interpret)
     try:
@@ -57,6 +58,14 @@ def kernel_implementation(impl: str | None, interpret: bool | None = None):
     finally:
         _KERNEL_OPTIONS.clear()
         _KERNEL_OPTIONS.update(saved)
+
+
+def kernel_options(cfg: Config) -> dict:
+    """`impl` / `interpret` of the attention and indexer kernel calls: those of an enclosing
+    `kernel_implementation` block, else `cfg.attention_impl` ("auto" = None, the platform's best)."""
+    if _KERNEL_OPTIONS:
+        return dict(_KERNEL_OPTIONS)
+    return {"impl": None if cfg.attention_impl == "auto" else cfg.attention_impl, "interpret": None}
 
 
 def per_shard(kernel, args, in_axes, out_axes, out_shape):
@@ -293,7 +302,7 @@ class Attention(nnx.Module):
 
         def kernel(q, kv, entries, entry_seg, entry_end, sink, seg):
             return dense_attention(q, kv, entries, entry_seg, sink, seg, ratio=ratio, window=cfg.sliding_window,
-                                   entry_end=entry_end, **_KERNEL_OPTIONS)
+                                   entry_end=entry_end, **kernel_options(cfg))
 
         args = (q, kv, entries, slots.segment, slots.end, self.attn_sink[...], segment_ids)
         return per_shard(kernel, args, DENSE_ARG_AXES, Q_AXES, q.shape)
@@ -337,7 +346,7 @@ class Attention(nnx.Module):
 
         def select(q_idx, k_idx, w_idx, entry_seg, entry_end, seg):
             return lightning_indexer(q_idx, k_idx, w_idx, entry_seg, seg, ratio=self.ratio, topk=cfg.index_topk,
-                                     entry_end=entry_end, **_KERNEL_OPTIONS)
+                                     entry_end=entry_end, **kernel_options(cfg))
 
         args = tuple(jax.lax.stop_gradient(a) for a in (q_idx, k_idx, w_idx)) + (slots.segment, slots.end, seg)
         topk_shape = q_idx.shape[:2] + (min(cfg.index_topk, k_idx.shape[1]),)
@@ -350,7 +359,7 @@ class Attention(nnx.Module):
             loss, recall = dense_indexer_kl(q, kv, entries, slots, sink, seg, q_idx, k_idx, w_idx, topk,
                                             ratio=self.ratio, window=cfg.sliding_window)
             return o, loss, recall
-        kernel = functools.partial(sparse_attention, window=cfg.sliding_window, **_KERNEL_OPTIONS)
+        kernel = functools.partial(sparse_attention, window=cfg.sliding_window, **kernel_options(cfg))
         o = per_shard(kernel, (q, kv, entries, topk, sink, seg), SPARSE_ARG_AXES, Q_AXES, q.shape)
         if not ctx.indexer_loss:
             return o, zero, zero

@@ -82,6 +82,10 @@ class Config:
     # fastest measured on CPU); "grouped" runs the ragged grouped expert matmul (Pallas on GPU/TPU, no padding);
     # "dense" evaluates every expert on every token (E/K times the work).
     moe_impl: str = "padded"
+    # Attention and lightning-indexer kernels (pallas_kernels, docs/kernels.md): "auto" = the Pallas kernel of the
+    # platform on GPU/TPU, the pure-JAX reference on CPU; "reference" = the pure-JAX reference everywhere (the
+    # fallback when a kernel fails to compile); "pallas" = the platform's Pallas kernel (a CPU run raises).
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
@@ -186,6 +190,8 @@ def validate(c: Config) -> None:
         _fail("quant='fp4' needs hidden_size, moe_intermediate_size and index_head_dim divisible by 32 (MXFP4 blocks)")
     if c.moe_impl not in ("padded", "grouped", "dense"):
         _fail(f"moe_impl must be 'padded', 'grouped' or 'dense', got {c.moe_impl!r}")
+    if c.attention_impl not in ("auto", "reference", "pallas"):
+        _fail(f"attention_impl must be 'auto', 'reference' or 'pallas', got {c.attention_impl!r}")
     if c.remat_policy not in ("none", "full"):
         _fail(f"remat_policy must be 'none' or 'full', got {c.remat_policy!r}")
     if c.rms_norm_eps <= 0 or c.hc_eps <= 0:
