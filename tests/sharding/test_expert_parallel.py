@@ -54,10 +54,11 @@ def kept_reference(idx, shards, cap):
     return keep
 
 
-def grads_and_values(mesh, capacity_factor=None, act_quant=None):
+def grads_and_values(mesh, capacity_factor=None, act_quant=None, local_ffn="padded"):
     def loss(x, w, w1, w3, w2, idx):
         y, dropped = expert_parallel.routed_experts(x, idx, w, w1, w3, w2, swiglu_limit=LIMIT,
-                                                    capacity_factor=capacity_factor, mesh=mesh, act_quant=act_quant)
+                                                    capacity_factor=capacity_factor, mesh=mesh, act_quant=act_quant,
+                                                    local_ffn=local_ffn)
         return jnp.sum(jnp.sin(y)), (y, dropped)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
@@ -87,28 +88,31 @@ def check(got, want):
 
 @pytest.mark.parametrize("spec", ["expert=8", "data=2,expert=4", "data=2,fsdp=2,expert=2", "expert=4,tensor=2",
                                   "fsdp=8"])
-def test_dropless_matches_reference(spec, inputs):
+@pytest.mark.parametrize("local_ffn", ["padded", "grouped"])
+def test_dropless_matches_reference(spec, local_ffn, inputs):
     args, want = inputs
     x, idx, w, w1, w3, w2 = args
-    got = grads_and_values(mesh_lib.make_mesh(spec))(x, w, w1, w3, w2, idx)
+    got = grads_and_values(mesh_lib.make_mesh(spec), local_ffn=local_ffn)(x, w, w1, w3, w2, idx)
     assert int(got[0][1][1]) == 0
     check(got, want)
 
 
-def test_single_device_path_without_mesh(inputs):
+@pytest.mark.parametrize("local_ffn", ["padded", "grouped"])
+def test_single_device_path_without_mesh(local_ffn, inputs):
     args, want = inputs
     x, idx, w, w1, w3, w2 = args
-    got = grads_and_values(None)(x, w, w1, w3, w2, idx)
+    got = grads_and_values(None, local_ffn=local_ffn)(x, w, w1, w3, w2, idx)
     assert int(got[0][1][1]) == 0
     check(got, want)
 
 
-def test_skewed_routing_and_ragged_token_count_stay_dropless():
+@pytest.mark.parametrize("local_ffn", ["padded", "grouped"])
+def test_skewed_routing_and_ragged_token_count_stay_dropless(local_ffn):
     # 30 tokens on 8 shards (padded inside), all of them routed to experts 3 and 5: the worst case, which the
     # dropless mode serves in one round of the balanced capacity and 4 (E/K - 1) quarter-size overflow rounds.
     args = make_inputs(t=30, skew=True)
     x, idx, w, w1, w3, w2 = args
-    got = grads_and_values(mesh_lib.make_mesh("data=2,expert=4"))(x, w, w1, w3, w2, idx)
+    got = grads_and_values(mesh_lib.make_mesh("data=2,expert=4"), local_ffn=local_ffn)(x, w, w1, w3, w2, idx)
     assert got[0][1][0].shape == (30, D)
     assert int(got[0][1][1]) == 0
     check(got, reference_grads(*args))
