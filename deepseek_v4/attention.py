@@ -246,8 +246,7 @@ class Attention(nnx.Module):
     def queries(self, x: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
         """Shapes: x [B, T, D] -> c_q [B, T, Q] (the low-rank query, also the indexer's input), q [B, T, N, H]."""
         cfg, dt = self.cfg, x.dtype
-        xq = layers.qact(x, cfg)
-        c_q = self.q_norm(xq @ layers.qweight(self.wq_a[...], cfg, "attn.wq_a").astype(dt)).astype(dt)
+        c_q = self.q_norm(layers.qlinear(x, self.wq_a[...], cfg, "attn.wq_a")).astype(dt)
         wq_b = layers.qweight(self.wq_b[...], cfg, "attn.wq_b").astype(dt)
         q = jnp.einsum("btq,qnh->btnh", layers.qact(c_q, cfg), wq_b)
         return c_q, rope.apply_rope(layers.rms_norm(q, None, cfg.rms_norm_eps).astype(dt), cos, sin)
@@ -255,7 +254,7 @@ class Attention(nnx.Module):
     def key_value(self, x: jax.Array, cos, sin) -> jax.Array:
         """Shapes: x [B, T, D] -> kv [B, T, H] (the single key = value head, rotated)."""
         cfg, dt = self.cfg, x.dtype
-        kv = self.kv_norm(layers.qact(x, cfg) @ layers.qweight(self.wkv[...], cfg, "attn.wkv").astype(dt)).astype(dt)
+        kv = self.kv_norm(layers.qlinear(x, self.wkv[...], cfg, "attn.wkv")).astype(dt)
         return rope.apply_rope(kv, cos, sin)
 
     def compressed_entries(self, x: jax.Array, slots: EntrySlots, positions: jax.Array) -> jax.Array:
@@ -289,7 +288,7 @@ class Attention(nnx.Module):
         o = o.reshape(b, t, cfg.o_groups, -1)  # [B, T, G, N*H/G]
         wo_a = layers.qweight(self.wo_a[...], cfg, "attn.wo_a").astype(dt)
         o = jnp.einsum("btgi,gio->btgo", layers.qact(o, cfg), wo_a).reshape(b, t, -1)  # [B, T, G*O]
-        return layers.qact(o, cfg) @ layers.qweight(self.wo_b[...], cfg, "attn.wo_b").astype(dt)
+        return layers.qlinear(o, self.wo_b[...], cfg, "attn.wo_b")
 
     def dense_core(self, q, kv, entries, slots: EntrySlots | None, segment_ids) -> jax.Array:
         """Window + every admissible entry (sliding layers: no entries). Shapes: -> [B, T, N, H]."""
