@@ -154,6 +154,33 @@ def test_capacity_bounds_and_bad_inputs():
         expert_parallel.routed_experts(x, idx, w, w1, w3, w1, swiglu_limit=LIMIT)
     with pytest.raises(ValueError, match="must be \\[T=32, K\\]"):
         expert_parallel.routed_experts(x, idx[:4], w, w1, w3, w2, swiglu_limit=LIMIT)
+    with pytest.raises(ValueError, match="local_ffn must be 'padded' or 'grouped'"):
+        expert_parallel.routed_experts(x, idx, w, w1, w3, w2, swiglu_limit=LIMIT, local_ffn="ragged")
+    with pytest.raises(ValueError, match="needs local_ffn='grouped'"):
+        expert_parallel.routed_experts(x, idx, w, w1, w3, w2, swiglu_limit=LIMIT, weight_format="fp8")
+
+
+def test_grouped_shards_take_fp8_weights_in_stored_format():
+    """Under expert parallelism the grouped kernel gets E4M3 blocks + scales quantised from the master weights:
+    the same values (and straight-through gradients) as the padded path on fake-quantised weights."""
+    from deepseek_v4 import quant
+
+    x, idx, w, w1, w3, w2 = make_inputs()
+    mesh = mesh_lib.make_mesh("data=2,expert=4")
+
+    def run(local_ffn, weight_format, fake):
+        def loss(x, w1, w3, w2):
+            ws = [quant.fake_quant_fp8_blocks(a) for a in (w1, w3, w2)] if fake else [w1, w3, w2]
+            y, _ = expert_parallel.routed_experts(x, idx, w, *ws, swiglu_limit=LIMIT, mesh=mesh,
+                                                  local_ffn=local_ffn, weight_format=weight_format)
+            return jnp.sum(jnp.sin(y))
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(x, w1, w3, w2)
+
+    (v_got, g_got), (v_want, g_want) = run("grouped", "fp8", False), run("padded", "float", True)
+    np.testing.assert_allclose(v_got, v_want, rtol=TOL, atol=TOL)
+    for a, b in zip(g_got, g_want):
+        np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL)
 
 
 def test_padding_tokens_take_no_expert_slot_in_the_moe_layer():
