@@ -78,9 +78,10 @@ class Config:
     quant: str = "none"
     # Routed-expert computation (deepseek_v4/moe.py:routed_experts), the one default for every preset and platform:
     # "padded" sorts tokens by expert into [E, T*K/E, D] buffers and runs batched matmuls in as many rounds as the
-    # busiest expert needs (dropless; the expert-parallel path on a mesh, the only one that splits experts;
-    # fastest measured on CPU); "grouped" runs the ragged grouped expert matmul (Pallas on GPU/TPU, no padding);
-    # "dense" evaluates every expert on every token (E/K times the work).
+    # busiest expert needs (dropless; fastest measured on CPU); "grouped" runs the ragged grouped expert matmul
+    # (Pallas on GPU/TPU, no padding; stored FP8/MXFP4 expert weights under `quant`); both also run under expert
+    # parallelism (the all-to-all dispatch); "dense" evaluates every expert on every token (E/K times the work;
+    # raises on a mesh that splits the experts).
     moe_impl: str = "padded"
     # Attention and lightning-indexer kernels (pallas_kernels, docs/kernels.md): "auto" = the Pallas kernel of the
     # platform on GPU/TPU, the pure-JAX reference on CPU; "reference" = the pure-JAX reference everywhere (the
