@@ -14,7 +14,8 @@ On a GPU/TPU (`--size=full`, the default there; about 10 minutes on one H200):
      12 layers: 2 sliding then CSA/HCA pairs, 32 heads of 512, 32 experts top-6 of width 1024, index top-k 512),
      batch 4 x 4096, in bf16 and with `quant=fp8`, with MFU against the chip's bf16 peak.
 On CPU (`--size=small`, the default there) the same steps run at toy shapes with the Pallas kernels in interpret
-mode and a two-layer cut of the tiny config (the tests are skipped unless `--tests=yes`): CI proves the script works, not speed.
+mode and a two-layer cut of the tiny config (the tests are skipped unless `--tests=yes`): CI proves the script
+works, not speed.
 Everything goes to one JSON object (printed, and written to `--out`); a step that fails records its error and
 the script goes on.
 """

@@ -97,7 +97,8 @@ def test_dense_reference_matches_brute_force():
 @pytest.mark.parametrize("impl", sorted(BLOCKS))
 def test_dense_pallas_matches_reference(impl, interpret):
     *_, args, _ = problem()
-    matches_reference(dense_fn(impl, interpret(impl)), dense_fn("reference"), args, TOLERANCES["kernel_f32"], argnums=(0, 1, 2, 5),
+    matches_reference(dense_fn(impl, interpret(impl)), dense_fn("reference"), args, TOLERANCES["kernel_f32"],
+                      argnums=(0, 1, 2, 5),
                       name=f"dense {impl}, per-document entries")
 
 

@@ -70,7 +70,8 @@ def test_kernel_matches_reference(impl, fmt, groups, weights, lhs, interpret):
     w, s, _ = weights[fmt]
     gs = jnp.asarray(GROUPS[groups], jnp.int32)
     argnums = (0, 1) if fmt == "float" else (0,)  # quantised weights are constants
-    report = assert_matches_reference(_fn(impl, interpret(impl)), _fn("reference"), (lhs, w, gs, s), TOLERANCES["kernel_f32"],
+    report = assert_matches_reference(_fn(impl, interpret(impl)), _fn("reference"), (lhs, w, gs, s),
+                                      TOLERANCES["kernel_f32"],
                                       argnums=argnums, name=f"{impl}/{fmt}/{groups}")
     assert set(report) == {"value"} | {f"grad[{i}]" for i in argnums}
 
@@ -92,7 +93,8 @@ def test_reference_is_dequantise_then_per_row_matmul(fmt, groups, weights, lhs):
 def test_bf16_tokens_with_fp8_weights(weights, lhs, interpret):
     w, s, _ = weights["fp8"]
     gs = jnp.asarray(GROUPS["mixed_with_empty_and_unused_rows"], jnp.int32)
-    assert_matches_reference(_fn("pallas_gpu", interpret("pallas_gpu")), _fn("reference"), (lhs.astype(jnp.bfloat16), w, gs, s),
+    assert_matches_reference(_fn("pallas_gpu", interpret("pallas_gpu")), _fn("reference"),
+                             (lhs.astype(jnp.bfloat16), w, gs, s),
                              TOLERANCES["kernel_bf16"], name="pallas_gpu/fp8/bf16")
 
 

@@ -60,7 +60,8 @@ def indexer_fn(name: str, impl: str, interpret: bool = False):
         fn = functools.partial(reference.lightning_indexer, ratio=case.ratio, topk=case.topk, block_q=8)
     else:
         fn = functools.partial(
-            lightning_indexer, ratio=case.ratio, topk=case.topk, impl=impl, block_sizes=BLOCKS[impl], interpret=interpret
+            lightning_indexer, ratio=case.ratio, topk=case.topk, impl=impl, block_sizes=BLOCKS[impl],
+            interpret=interpret,
         )
     return jax.jit(fn).lower(*args).compile(FAST_COMPILE)
 
