@@ -86,8 +86,8 @@ def qact(x: jax.Array, cfg: Config) -> jax.Array:
 def qlinear(x: jax.Array, w: jax.Array, cfg: Config, param: str) -> jax.Array:
     """`qact(x) @ qweight(w).astype(x.dtype)` for a 2-D FP8-class weight w [in, out] (layout "matrix").
 
-    Under `quant` on a GPU the forward is a real FP8 x FP8 GEMM with float32 accumulation and the same scales
-    (`fp8_gemm.fp8_linear`; its backward is the emulation's); elsewhere the emulation. Shapes: x [..., in] ->
+    Under `quant` on a GPU the forward is a real FP8 x FP8 GEMM with float32 accumulation and the same scales,
+    and so are its Dgrad and Wgrad (`fp8_gemm.fp8_linear`); elsewhere the emulation. Shapes: x [..., in] ->
     [..., out] in x's dtype.
     """
     if cfg.quant != "none" and fp8_gemm.native() and params.quantised(param).fp8_layout == "matrix" and w.ndim == 2:
