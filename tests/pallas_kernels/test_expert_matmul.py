@@ -134,6 +134,8 @@ def test_impl_selection_never_falls_back_silently():
             resolve_impl(impl, platform=platform)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="asserts the CPU dispatch rule (impl='pallas' without "
+                    "interpret raises); on a GPU/TPU it names the native kernel")
 def test_bad_inputs_raise_value_error(weights, lhs):
     w8, s8, _ = weights["fp8"]
     w4, s4, _ = weights["mxfp4"]

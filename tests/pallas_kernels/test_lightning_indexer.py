@@ -139,7 +139,7 @@ def test_pallas_matches_reference(name, impl, interpret):
 
 
 @pytest.mark.parametrize("impl", ["reference", "pallas_gpu", "pallas_tpu"])
-def test_no_entries_gives_empty_topk(impl):
+def test_no_entries_gives_empty_topk(impl, interpret):
     B, T, NI, HI = 1, 3, 2, 8  # T < ratio: C = 0
     args = (
         jnp.ones((B, T, NI, HI)),
@@ -148,10 +148,12 @@ def test_no_entries_gives_empty_topk(impl):
         jnp.zeros((B, 0), jnp.int32),
         jnp.ones((B, T), jnp.int32),
     )
-    out = lightning_indexer(*args, ratio=4, topk=8, impl=impl, interpret=impl != "reference")
+    out = lightning_indexer(*args, ratio=4, topk=8, impl=impl, interpret=interpret(impl))
     assert out.shape == (B, T, 0) and out.dtype == jnp.int32
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="asserts the CPU dispatch rule (impl='pallas' without "
+                    "interpret raises); on a GPU/TPU it names the native kernel")
 def test_bad_requests_raise_value_error():
     _, args, _ = problem("short")
     q, k, w, eseg, seg = args

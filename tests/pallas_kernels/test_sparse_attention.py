@@ -134,6 +134,8 @@ def test_default_impl_on_cpu_is_the_reference():
     assert str(jax.make_jaxpr(default)(*args)) == str(jax.make_jaxpr(attention_fn("short", "reference"))(*args))
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="asserts the CPU dispatch rule (impl='pallas' without "
+                    "interpret raises); on a GPU/TPU it names the native kernel")
 def test_bad_requests_raise_value_error():
     _, args = problem("short")
     q, kv, entries, topk, sink, seg = args
