@@ -281,6 +281,23 @@ def train_steps(small: bool, steps: int) -> list[dict]:
     return rows
 
 
+GOALS = {  # measured value -> target, on one H200 at the full sizes
+    "csa_sparse_attention fwd+bwd: reference / kernel": 3.0,
+    "expert_matmul: bf16 / fp8 time": 1.5,
+    "train step MFU (bf16)": 0.40,
+}
+
+
+def goals(result: dict) -> dict:
+    """Each goal's measured value, target and whether it is met (None where it was not measured)."""
+    values = dict(result["speedups"])
+    values.update({f"train step MFU ({'bf16' if r['quant'] == 'none' else r['quant']})": r["mfu"]
+                   for r in result["train_step"] if "mfu" in r})
+    return {name: {"value": values.get(name), "target": target,
+                   "met": None if values.get(name) is None else values[name] >= target}
+            for name, target in GOALS.items()}
+
+
 def kernel_tests(timeout_s: int = 300) -> dict:
     """The kernel tests; on a GPU (TPU) the other platform's kernel style is deselected (it would only be
     interpreted there, slowly)."""
@@ -316,6 +333,7 @@ def run(size: str = "auto", tests: str = "auto", iters: int | None = None, train
     result["kernels"] = kernel_benchmarks(sizes, iters)
     result["speedups"] = speedups(result["kernels"])
     result["train_step"] = train_steps(small, train)
+    result["goals"] = goals(result)
     result["total_s"] = time.perf_counter() - t0
     return result
 

@@ -18,6 +18,10 @@ def test_speedups_and_rates_arithmetic():
             {"case": "linear fp8 (fp8_gemm) [xla]", "seconds": 1.0}, {"case": "linear bf16 [xla]", "seconds": 1.5}]
     assert device_check.speedups(rows) == {"csa_sparse_attention fwd+bwd: reference / kernel": 3.0,
                                            "expert_matmul: bf16 / fp8 time": 1.5, "linear: bf16 / fp8 time": 1.5}
+    got = device_check.goals({"speedups": device_check.speedups(rows),
+                              "train_step": [{"quant": "none", "mfu": 0.5}, {"quant": "fp8", "error": "x"}]})
+    assert got["csa_sparse_attention fwd+bwd: reference / kernel"] == {"value": 3.0, "target": 3.0, "met": True}
+    assert got["expert_matmul: bf16 / fp8 time"]["met"] is True and got["train step MFU (bf16)"]["met"] is True
     r = device_check._rates(2.0, 4e12, 1e9, "bf16")
     assert r["tflops"] == 2.0 and r["gbps"] == 0.5
 
