@@ -157,7 +157,6 @@ class _Exchange:
             g = jnp.where(take, gate, 0.0).astype(jnp.float32)
             return jnp.sum((rows.astype(jnp.float32) * g[:, None]).reshape(k, tl, d), axis=0)  # [Tl, D]
 
-
     def _grouped_ffn(self, xe, sent, w1, w3, w2):
         """`local_ffn="grouped"`: the filled rows of the received buffer as ragged groups of the local experts.
 
