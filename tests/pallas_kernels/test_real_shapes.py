@@ -19,6 +19,7 @@ from pallas_kernels.lightning_indexer import pallas_gpu as indexer_gpu
 from pallas_kernels.lightning_indexer import pallas_tpu as indexer_tpu
 from pallas_kernels.sparse_attention import pallas_gpu as sparse_gpu
 from pallas_kernels.sparse_attention import pallas_tpu as sparse_tpu
+from tests.conftest import TOLERANCES
 
 SD = jax.ShapeDtypeStruct
 BF16 = jnp.bfloat16
@@ -146,3 +147,30 @@ def test_budget_shapes_are_the_presets():
                 shape.local_experts * 8) == (
             c.num_attention_heads, c.head_dim, c.sliding_window, c.csa_ratio, c.hca_ratio, c.index_topk,
             c.index_n_heads, c.index_head_dim, c.hidden_size, c.moe_intermediate_size, c.n_routed_experts)
+
+
+@pytest.mark.slow
+def test_flash_width_default_blocks_compute_the_reference_values(interpret):
+    """The blocks `budgets` picks at 64 heads of 512 (TPU: 16 queries per step; GPU: 8 warps, one stage) give the
+    reference's forward values, run by the kernels' own logic (interpreted on CPU) on 128 tokens."""
+    from pallas_kernels.dense_attention import dense_attention
+    from pallas_kernels.sparse_attention import sparse_attention
+
+    t, n, h, ratio = 128, budgets.FLASH.heads, budgets.FLASH.head_dim, 4
+    c = t // ratio
+    k = jax.random.split(jax.random.key(0), 4)
+    q, kv = jax.random.normal(k[0], (1, t, n, h)), jax.random.normal(k[1], (1, t, h))
+    entries = jax.random.normal(k[2], (1, c, h))
+    sink, seg, eseg = jnp.zeros((n,)), jnp.ones((1, t), jnp.int32), jnp.ones((1, c), jnp.int32)
+    visible = jnp.maximum((jnp.arange(t) + 1) // ratio, 1)[:, None]
+    topk = (jax.random.randint(k[3], (1, t, 16), 0, 1 << 20) % visible).astype(jnp.int32)
+    dense_ref = dense_attention(q, kv, entries, eseg, sink, seg, ratio=ratio, impl="reference")
+    sparse_ref = sparse_attention(q, kv, entries, topk, sink, seg, impl="reference")
+    for impl in ("pallas_gpu", "pallas_tpu"):
+        dense = jax.jit(lambda *a: dense_attention(*a, ratio=ratio, impl=impl, interpret=interpret(impl)))(
+            q, kv, entries, eseg, sink, seg)
+        sparse = jax.jit(lambda *a: sparse_attention(*a, impl=impl, interpret=interpret(impl)))(
+            q, kv, entries, topk, sink, seg)
+        for got, want in ((dense, dense_ref), (sparse, sparse_ref)):
+            assert float(jnp.max(jnp.abs(got - want))) <= TOLERANCES["kernel_f32"] * max(1.0, float(
+                jnp.max(jnp.abs(want))))
