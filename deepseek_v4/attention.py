@@ -49,7 +49,8 @@ _KERNEL_OPTIONS: dict = {}
 @contextlib.contextmanager
 def kernel_implementation(impl: str | None, interpret: bool | None = None):
     """Within the block, layers traced call the attention and indexer kernels with this `impl` / `interpret`
-    (docs/kernels.md, "Implementation dispatch"); default: the platform's best. Takes effect at trace time."""
+    (docs/kernels.md, "Implementation dispatch"), overriding `Config.attention_impl`. Takes effect at trace
+    time."""
     saved = dict(_KERNEL_OPTIONS)
     _KERNEL_OPTIONS.update(impl=impl, interpret=interpret)
     try:
@@ -57,6 +58,14 @@ def kernel_implementation(impl: str | None, interpret: bool | None = None):
     finally:
         _KERNEL_OPTIONS.clear()
         _KERNEL_OPTIONS.update(saved)
+
+
+def kernel_options(cfg: Config) -> dict:
+    """`impl` / `interpret` of the attention and indexer kernel calls: those of an enclosing
+    `kernel_implementation` block, else `cfg.attention_impl` ("auto" = None, the platform's best)."""
+    if _KERNEL_OPTIONS:
+        return dict(_KERNEL_OPTIONS)
+    return {"impl": None if cfg.attention_impl == "auto" else cfg.attention_impl, "interpret": None}
 
 
 def per_shard(kernel, args, in_axes, out_axes, out_shape):
@@ -237,8 +246,7 @@ class Attention(nnx.Module):
     def queries(self, x: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
         """Shapes: x [B, T, D] -> c_q [B, T, Q] (the low-rank query, also the indexer's input), q [B, T, N, H]."""
         cfg, dt = self.cfg, x.dtype
-        xq = layers.qact(x, cfg)
-        c_q = self.q_norm(xq @ layers.qweight(self.wq_a[...], cfg, "attn.wq_a").astype(dt)).astype(dt)
+        c_q = self.q_norm(layers.qlinear(x, self.wq_a[...], cfg, "attn.wq_a")).astype(dt)
         wq_b = layers.qweight(self.wq_b[...], cfg, "attn.wq_b").astype(dt)
         q = jnp.einsum("btq,qnh->btnh", layers.qact(c_q, cfg), wq_b)
         return c_q, rope.apply_rope(layers.rms_norm(q, None, cfg.rms_norm_eps).astype(dt), cos, sin)
@@ -246,7 +254,7 @@ class Attention(nnx.Module):
     def key_value(self, x: jax.Array, cos, sin) -> jax.Array:
         """Shapes: x [B, T, D] -> kv [B, T, H] (the single key = value head, rotated)."""
         cfg, dt = self.cfg, x.dtype
-        kv = self.kv_norm(layers.qact(x, cfg) @ layers.qweight(self.wkv[...], cfg, "attn.wkv").astype(dt)).astype(dt)
+        kv = self.kv_norm(layers.qlinear(x, self.wkv[...], cfg, "attn.wkv")).astype(dt)
         return rope.apply_rope(kv, cos, sin)
 
     def compressed_entries(self, x: jax.Array, slots: EntrySlots, positions: jax.Array) -> jax.Array:
@@ -280,7 +288,7 @@ class Attention(nnx.Module):
         o = o.reshape(b, t, cfg.o_groups, -1)  # [B, T, G, N*H/G]
         wo_a = layers.qweight(self.wo_a[...], cfg, "attn.wo_a").astype(dt)
         o = jnp.einsum("btgi,gio->btgo", layers.qact(o, cfg), wo_a).reshape(b, t, -1)  # [B, T, G*O]
-        return layers.qact(o, cfg) @ layers.qweight(self.wo_b[...], cfg, "attn.wo_b").astype(dt)
+        return layers.qlinear(o, self.wo_b[...], cfg, "attn.wo_b")
 
     def dense_core(self, q, kv, entries, slots: EntrySlots | None, segment_ids) -> jax.Array:
         """Window + every admissible entry (sliding layers: no entries). Shapes: -> [B, T, N, H]."""
@@ -293,7 +301,7 @@ class Attention(nnx.Module):
 
         def kernel(q, kv, entries, entry_seg, entry_end, sink, seg):
             return dense_attention(q, kv, entries, entry_seg, sink, seg, ratio=ratio, window=cfg.sliding_window,
-                                   entry_end=entry_end, **_KERNEL_OPTIONS)
+                                   entry_end=entry_end, **kernel_options(cfg))
 
         args = (q, kv, entries, slots.segment, slots.end, self.attn_sink[...], segment_ids)
         return per_shard(kernel, args, DENSE_ARG_AXES, Q_AXES, q.shape)
@@ -337,7 +345,7 @@ class Attention(nnx.Module):
 
         def select(q_idx, k_idx, w_idx, entry_seg, entry_end, seg):
             return lightning_indexer(q_idx, k_idx, w_idx, entry_seg, seg, ratio=self.ratio, topk=cfg.index_topk,
-                                     entry_end=entry_end, **_KERNEL_OPTIONS)
+                                     entry_end=entry_end, **kernel_options(cfg))
 
         args = tuple(jax.lax.stop_gradient(a) for a in (q_idx, k_idx, w_idx)) + (slots.segment, slots.end, seg)
         topk_shape = q_idx.shape[:2] + (min(cfg.index_topk, k_idx.shape[1]),)
@@ -350,7 +358,7 @@ class Attention(nnx.Module):
             loss, recall = dense_indexer_kl(q, kv, entries, slots, sink, seg, q_idx, k_idx, w_idx, topk,
                                             ratio=self.ratio, window=cfg.sliding_window)
             return o, loss, recall
-        kernel = functools.partial(sparse_attention, window=cfg.sliding_window, **_KERNEL_OPTIONS)
+        kernel = functools.partial(sparse_attention, window=cfg.sliding_window, **kernel_options(cfg))
         o = per_shard(kernel, (q, kv, entries, topk, sink, seg), SPARSE_ARG_AXES, Q_AXES, q.shape)
         if not ctx.indexer_loss:
             return o, zero, zero

@@ -128,7 +128,7 @@ class Restored:
 
 # Config fields that change how the same model is computed, not what it is: a run may resume under other values
 # (e.g. continue a bf16-trained model with FP4 QAT, or turn on rematerialisation to fit a longer sequence).
-EXECUTION_FIELDS = ("dtype", "remat_policy", "quant", "moe_impl")
+EXECUTION_FIELDS = ("dtype", "remat_policy", "quant", "moe_impl", "attention_impl")
 
 
 def _diff_configs(saved: dict[str, Any], current: Config, *, execution: bool = False) -> list[str]:

@@ -78,10 +78,15 @@ class Config:
     quant: str = "none"
     # Routed-expert computation (deepseek_v4/moe.py:routed_experts), the one default for every preset and platform:
     # "padded" sorts tokens by expert into [E, T*K/E, D] buffers and runs batched matmuls in as many rounds as the
-    # busiest expert needs (dropless; the expert-parallel path on a mesh, the only one that splits experts;
-    # fastest measured on CPU); "grouped" runs the ragged grouped expert matmul (Pallas on GPU/TPU, no padding);
-    # "dense" evaluates every expert on every token (E/K times the work).
+    # busiest expert needs (dropless; fastest measured on CPU); "grouped" runs the ragged grouped expert matmul
+    # (Pallas on GPU/TPU, no padding; stored FP8/MXFP4 expert weights under `quant`); both also run under expert
+    # parallelism (the all-to-all dispatch); "dense" evaluates every expert on every token (E/K times the work;
+    # raises on a mesh that splits the experts).
     moe_impl: str = "padded"
+    # Attention and lightning-indexer kernels (pallas_kernels, docs/kernels.md): "auto" = the Pallas kernel of the
+    # platform on GPU/TPU, the pure-JAX reference on CPU; "reference" = the pure-JAX reference everywhere (the
+    # fallback when a kernel fails to compile); "pallas" = the platform's Pallas kernel (a CPU run raises).
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
@@ -186,6 +191,8 @@ def validate(c: Config) -> None:
         _fail("quant='fp4' needs hidden_size, moe_intermediate_size and index_head_dim divisible by 32 (MXFP4 blocks)")
     if c.moe_impl not in ("padded", "grouped", "dense"):
         _fail(f"moe_impl must be 'padded', 'grouped' or 'dense', got {c.moe_impl!r}")
+    if c.attention_impl not in ("auto", "reference", "pallas"):
+        _fail(f"attention_impl must be 'auto', 'reference' or 'pallas', got {c.attention_impl!r}")
     if c.remat_policy not in ("none", "full"):
         _fail(f"remat_policy must be 'none' or 'full', got {c.remat_policy!r}")
     if c.rms_norm_eps <= 0 or c.hc_eps <= 0:

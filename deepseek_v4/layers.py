@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_v4 import params, quant
+from deepseek_v4 import fp8_gemm, params, quant
 from deepseek_v4.config import Config
 
 
@@ -81,3 +81,15 @@ def qweight(w: jax.Array, cfg: Config, param: str) -> jax.Array:
 def qact(x: jax.Array, cfg: Config) -> jax.Array:
     """An activation entering an FP8 GEMM: 1x128 tiles along the contraction (last) axis under `cfg.quant`."""
     return x if cfg.quant == "none" else quant.fake_quant_act_fp8(x)
+
+
+def qlinear(x: jax.Array, w: jax.Array, cfg: Config, param: str) -> jax.Array:
+    """`qact(x) @ qweight(w).astype(x.dtype)` for a 2-D FP8-class weight w [in, out] (layout "matrix").
+
+    Under `quant` on a GPU the forward is a real FP8 x FP8 GEMM with float32 accumulation and the same scales,
+    and so are its Dgrad and Wgrad (`fp8_gemm.fp8_linear`); elsewhere the emulation. Shapes: x [..., in] ->
+    [..., out] in x's dtype.
+    """
+    if cfg.quant != "none" and fp8_gemm.native() and params.quantised(param).fp8_layout == "matrix" and w.ndim == 2:
+        return fp8_gemm.fp8_linear(x, w)
+    return qact(x, cfg) @ qweight(w, cfg, param).astype(x.dtype)

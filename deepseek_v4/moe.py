@@ -81,7 +81,7 @@ def routed_experts_dense(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: j
 
 
 def routed_experts_grouped(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array,
-                           w2: jax.Array, limit: float, act_quant=None) -> jax.Array:
+                           w2: jax.Array, limit: float, act_quant=None, weight_format: str = "float") -> jax.Array:
     """`moe_impl="grouped"`: only the selected (token, expert) pairs, as ragged groups: tokens are sorted by
     expert and `expert_ffn` runs the grouped expert matmul (Pallas on GPU/TPU, ragged_dot elsewhere).
 
@@ -96,8 +96,18 @@ def routed_experts_grouped(x: jax.Array, idx: jax.Array, weights: jax.Array, w1:
     # The gating weight scales the hidden activation (before w2), as in the reference.
     hidden_hook = (lambda h: h * scale.astype(h.dtype)) if act_quant is None else (
         lambda h: act_quant(h) * scale.astype(h.dtype))
-    ys = expert_ffn(x[token], w1, w3, w2, limit, hidden_hook, group_sizes=sizes)  # [N*K, D], grouped by expert
+    ys = expert_ffn(x[token], w1, w3, w2, limit, hidden_hook, group_sizes=sizes,
+                    weight_format=weight_format)  # [N*K, D], grouped by expert
     return jnp.zeros_like(x).at[token].add(ys)
+
+
+def expert_weight_format(cfg: Config) -> str:
+    """How the routed-expert weights reach the expert FFN: "float" (fake-quantised by `layers.qweight` under
+    `quant`, or plain), or, for `moe_impl="grouped"` under `quant`, the stored format the grouped kernel decodes
+    ("fp8": 128x128 E4M3 blocks; "fp4": MXFP4) from the float master weights."""
+    if cfg.moe_impl != "grouped" or cfg.quant == "none":
+        return "float"
+    return cfg.quant
 
 
 def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
@@ -107,24 +117,31 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: jax.Arr
     "padded": tokens sorted by expert into [E, C, D] buffers, C = the balanced load T*K/E, then quarter-size
     overflow rounds as the busiest expert needs (dropless; `sharding.routed_experts`, also the expert-parallel
     path on a mesh);
-    "grouped": ragged groups and the grouped expert matmul; "dense": every expert on every token. All three run
-    `sharding.expert_parallel.expert_ffn`. Padding tokens (mask False) take no expert slot on the padded path:
-    their routed output is 0 (they carry no loss).
+    "grouped": ragged groups and the grouped expert matmul: all (token, expert) pairs sorted by expert on one
+    expert shard, or, on a mesh that splits the experts, the expert-parallel dispatch with the grouped matmul on
+    each shard's received rows; "dense": every expert on every token. All of them run
+    `sharding.expert_parallel.expert_ffn`. Padding tokens (mask False) take no expert slot on the expert-parallel
+    dispatch: their routed output is 0 (they carry no loss). The weights are as `expert_weight_format(cfg)` says.
 
     Raises:
-      ValueError: "grouped" or "dense" on a mesh that splits the experts (only "padded" dispatches over it).
+      ValueError: "dense" on a mesh that splits the experts.
 
     Shapes: x [N, D], idx/weights [N, K], w1/w3 [E, D, F], w2 [E, F, D], mask [N] bool -> y [N, D], dropped [].
     """
-    if cfg.moe_impl == "padded":
+    fmt = expert_weight_format(cfg)
+    split = sharding.expert_parallel.expert_parallelism() > 1
+    if cfg.moe_impl == "padded" or (cfg.moe_impl == "grouped" and split):
         live = jnp.where(mask[:, None], idx, -1)
         return sharding.routed_experts(x, live, weights, w1, w3, w2, swiglu_limit=cfg.swiglu_limit,
-                                       act_quant=act_quant)
-    if sharding.expert_parallel.expert_parallelism() > 1:
+                                       act_quant=act_quant, local_ffn=cfg.moe_impl, weight_format=fmt)
+    if split:
         raise ValueError(f"moe_impl={cfg.moe_impl!r} cannot split experts over the mesh's expert axis; use "
-                         "moe_impl='padded' (the expert-parallel dispatch)")
-    routed = {"grouped": routed_experts_grouped, "dense": routed_experts_dense}[cfg.moe_impl]
-    return routed(x, idx, weights, w1, w3, w2, cfg.swiglu_limit, act_quant), jnp.zeros((), jnp.int32)
+                         "moe_impl='padded' or 'grouped' (the expert-parallel dispatch)")
+    if cfg.moe_impl == "grouped":
+        y = routed_experts_grouped(x, idx, weights, w1, w3, w2, cfg.swiglu_limit, act_quant, fmt)
+    else:
+        y = routed_experts_dense(x, idx, weights, w1, w3, w2, cfg.swiglu_limit, act_quant)
+    return y, jnp.zeros((), jnp.int32)
 
 
 def default_hash_table(cfg: Config, layer: int) -> jax.Array:
@@ -216,8 +233,11 @@ class MoE(nnx.Module):
         aq = None if cfg.quant == "none" else (lambda h: layers.qact(h, cfg))
         with jax.named_scope("moe/experts"):
             ex = self.experts
-            w1, w3, w2 = (layers.qweight(getattr(ex, w)[...], cfg, f"ffn.experts.{w}").astype(dt)
-                          for w in ("w1", "w3", "w2"))
+            if expert_weight_format(cfg) == "float":
+                w1, w3, w2 = (layers.qweight(getattr(ex, w)[...], cfg, f"ffn.experts.{w}").astype(dt)
+                              for w in ("w1", "w3", "w2"))
+            else:  # float master weights; the grouped kernel receives them in their stored format
+                w1, w3, w2 = (getattr(ex, w)[...] for w in ("w1", "w3", "w2"))
             y, dropped = routed_experts(xq, idx, weights, w1, w3, w2, mask.reshape(-1), cfg, aq)
         if cfg.n_shared_experts:
             sh = self.shared

@@ -10,8 +10,12 @@ Per device, with Tl local tokens, P = size of "expert", El = E / P local experts
      choices of all tokens before second choices) and a slot `expert * C + rank` in a send buffer
      [E * C, D] = [P, El*C, D];
   2. dispatch: all_to_all over "expert" -> [P (source), El, C, D] -> [El, P*C, D];
-  3. local grouped matmul: clamped SwiGLU per local expert, a batched einsum "EMD,EDF->EMF" (the low-precision
-     `pallas_kernels.expert_matmul` replaces it later), partial over F if "tensor" splits F;
+  3. local expert FFN (`expert_ffn`), partial over F if "tensor" splits F, one of two `local_ffn` layouts:
+     "padded": clamped SwiGLU per local expert on the whole buffer, a batched einsum "EMD,EDF->EMF";
+     "grouped": the per-(expert, source) counts travel with the rows (a second all_to_all of [E] int32), the
+     filled rows are compacted to the front ([El*P*C, D], expert-major, empty slots last) and the grouped
+     expert matmul (`pallas_kernels.expert_matmul`: Pallas on GPU/TPU, ragged_dot on CPU) runs on the ragged
+     groups only, so empty slots cost no FLOPs where the kernel skips rows beyond sum(group_sizes);
   4. combine: all_to_all back -> [E * C, D], gather each assignment's row, weight, sum over k; psum over
      "tensor" at the end.
 Collectives per pass: two all_to_alls of E*C*D elements per device over "expert" (and two more in the backward
@@ -42,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.expert_matmul import expert_matmul
+from pallas_kernels.expert_matmul.stored import expert_matmul_stored
 from sharding import rules
 
 
@@ -66,7 +70,7 @@ def expert_parallelism(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | Non
 
 def expert_ffn(xe: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit: float,
                act_quant: Callable[[jax.Array], jax.Array] | None = None,
-               group_sizes: jax.Array | None = None) -> jax.Array:
+               group_sizes: jax.Array | None = None, weight_format: str = "float") -> jax.Array:
     """Clamped SwiGLU of each expert on its rows: silu(min(x w1, l)) * clip(x w3, -l, l) @ w2.
 
     The one expert FFN of every routed-expert path (padded, grouped, dense, expert-parallel). Two layouts:
@@ -76,11 +80,17 @@ def expert_ffn(xe: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit
         ragged_dot elsewhere) -> [M, D], rows beyond sum(group_sizes) zero.
     `act_quant` (e.g. FP8 fake quantisation for QAT) is applied to the hidden activation before w2; it must act
     per row. Weights: w1/w3 [E, D, F], w2 [E, F, D].
+    `weight_format` (sorted rows only): "float" multiplies the weights as given; "fp8" / "fp4" take float
+    master weights and hand them to the kernel in that stored format (`expert_matmul_stored`, straight-through
+    gradient); the padded layout takes weights already fake-quantised by the caller.
     """
     if group_sizes is None:
+        if weight_format != "float":
+            raise ValueError(f"weight_format={weight_format!r} needs the grouped layout (group_sizes); the padded "
+                             "layout takes fake-quantised float weights")
         matmul = lambda a, w: jnp.einsum("emd,edf->emf", a, w)  # noqa: E731
     else:
-        matmul = lambda a, w: expert_matmul(a, w, group_sizes)  # noqa: E731
+        matmul = lambda a, w: expert_matmul_stored(a, w, group_sizes, weight_format)  # noqa: E731
     gate = jnp.minimum(matmul(xe, w1), limit)
     up = jnp.clip(matmul(xe, w3), -limit, limit)
     h = jax.nn.silu(gate) * up
@@ -114,6 +124,8 @@ class _Exchange:
     ep_axis: str | tuple[str, ...] | None
     ep_size: int
     act_quant: Callable[[jax.Array], jax.Array] | None = None
+    local_ffn: str = "padded"
+    weight_format: str = "float"
 
     def __call__(self, x, gate, w1, w3, w2, key, rank, offset):
         """Assignments of rank [offset, offset + C); returns their weighted outputs summed per token (float32,
@@ -132,7 +144,11 @@ class _Exchange:
                 buf = jax.lax.all_to_all(buf, self.ep_axis, 0, 0, tiled=True)  # [P (source), El*C, D]
             xe = buf.reshape(p, el, cap, d).transpose(1, 0, 2, 3).reshape(el, p * cap, d)  # [El, P*C, D]
         with jax.named_scope("moe/expert_matmul"):
-            ye = expert_ffn(xe, w1, w3, w2, self.limit, self.act_quant)  # [El, P*C, D]
+            if self.local_ffn == "grouped":
+                sent = jnp.bincount(jnp.where(take, key, n_exp), length=n_exp + 1)[:n_exp].astype(jnp.int32)  # [E]
+                ye = self._grouped_ffn(xe, sent, w1, w3, w2)
+            else:
+                ye = expert_ffn(xe, w1, w3, w2, self.limit, self.act_quant, weight_format=self.weight_format)
         with jax.named_scope("moe/combine"):
             ye = ye.reshape(el, p, cap, d).transpose(1, 0, 2, 3).reshape(p, el * cap, d)  # [P, El*C, D]
             if self.ep_axis is not None:
@@ -140,6 +156,25 @@ class _Exchange:
             rows = jnp.take(ye.reshape(n_exp * cap, d), slot, axis=0, mode="fill", fill_value=0)  # [K*Tl, D]
             g = jnp.where(take, gate, 0.0).astype(jnp.float32)
             return jnp.sum((rows.astype(jnp.float32) * g[:, None]).reshape(k, tl, d), axis=0)  # [Tl, D]
+
+    def _grouped_ffn(self, xe, sent, w1, w3, w2):
+        """`local_ffn="grouped"`: the filled rows of the received buffer as ragged groups of the local experts.
+
+        `sent[e]` = rows this device put in expert e's C slots (filled from slot 0). Shapes: xe [El, P*C, D],
+        sent [E] int32 -> [El, P*C, D] (empty slots 0)."""
+        el, pc, d = xe.shape
+        p, cap = self.ep_size, self.cap
+        received = sent.reshape(p, el)  # [P (destination), El]
+        if self.ep_axis is not None:
+            received = jax.lax.all_to_all(received, self.ep_axis, 0, 0, tiled=True)  # [P (source), El]
+        received = received.T  # [El, P]
+        filled = (jnp.arange(cap, dtype=jnp.int32) < received[..., None]).reshape(-1)  # [El*P*C]
+        order = jnp.argsort(~filled, stable=True)  # filled rows first, expert-major
+        inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+        group_sizes = jnp.sum(received, axis=1).astype(jnp.int32)  # [El]
+        ys = expert_ffn(xe.reshape(el * pc, d)[order], w1, w3, w2, self.limit, self.act_quant,
+                        group_sizes=group_sizes, weight_format=self.weight_format)  # rows past the groups are 0
+        return ys[inverse].reshape(el, pc, d)
 
 
 OVERFLOW_ROUND_DIVISOR = 4  # overflow rounds carry C / 4 slots per (device, expert): a little imbalance costs little
@@ -219,7 +254,8 @@ def _local(x, expert_idx, expert_weight, w1, w3, w2, *, ex: _Exchange, dropless:
 def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array, w1: jax.Array, w3: jax.Array,
                    w2: jax.Array, *, swiglu_limit: float, capacity_factor: float | None = None,
                    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
-                   act_quant: Callable[[jax.Array], jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
+                   act_quant: Callable[[jax.Array], jax.Array] | None = None, local_ffn: str = "padded",
+                   weight_format: str = "float") -> tuple[jax.Array, jax.Array]:
     """y[t] = sum_k expert_weight[t, k] * expert_{expert_idx[t, k]}(x[t]), expert-parallel over the mesh.
 
     One expert is the clamped SwiGLU `silu(min(x w1, l)) * clip(x w3, -l, l) @ w2` (DeepSeek-V4 MoE, see
@@ -238,6 +274,10 @@ def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array
       mesh: optional mesh; see above.
       act_quant: optional function applied to each expert's hidden activation before w2 (e.g. FP8 QAT); it
         must act per row (per token), since rows of other tokens share its buffer.
+      local_ffn: "padded" (batched einsum over the whole received buffer) or "grouped" (the grouped expert
+        matmul on the filled rows only); see the module docstring.
+      weight_format: "float", or ("grouped" only) "fp8" / "fp4": float master weights that reach the kernel in
+        that stored format (`expert_ffn`).
 
     Returns:
       (y, dropped): y in x's dtype; dropped = global count of dropped (token, k) assignments (0 when dropless).
@@ -254,14 +294,20 @@ def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array
     if w3.shape != w1.shape or w2.shape != (num_experts, f, d) or w1.shape[1] != d:
         raise ValueError(f"expert weights must be w1/w3 [E, D, F], w2 [E, F, D]; got {w1.shape}, {w3.shape}, "
                          f"{w2.shape} for D={d}")
+    if local_ffn not in ("padded", "grouped"):
+        raise ValueError(f"local_ffn must be 'padded' or 'grouped', got {local_ffn!r}")
+    if weight_format != "float" and local_ffn != "grouped":
+        raise ValueError(f"weight_format={weight_format!r} needs local_ffn='grouped'")
     expert_idx = expert_idx.astype(jnp.int32)
     dropless = capacity_factor is None
+    opts = {"local_ffn": local_ffn, "weight_format": weight_format}
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             mesh = None
     if mesh is None:
-        ex = _Exchange(swiglu_limit, capacity(t, num_experts, k, capacity_factor), num_experts, None, 1, act_quant)
+        ex = _Exchange(swiglu_limit, capacity(t, num_experts, k, capacity_factor), num_experts, None, 1, act_quant,
+                       **opts)
         return _local(x, expert_idx, expert_weight, w1, w3, w2, ex=ex, dropless=dropless, tensor_axis=None,
                       token_axes=())
 
@@ -279,9 +325,11 @@ def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array
         expert_weight = jnp.pad(expert_weight, ((0, pad), (0, 0)))
     tl = (t + pad) // shards
     ex = _Exchange(swiglu_limit, capacity(tl, num_experts, k, capacity_factor), num_experts, ep_axis, ep_size,
-                   act_quant)
+                   act_quant, **opts)
     tok_spec = P(token_axes if token_axes else None, None)
     body = functools.partial(_local, ex=ex, dropless=dropless, tensor_axis=tensor_axis, token_axes=token_axes)
     y, dropped = jax.shard_map(body, mesh=mesh, in_specs=(tok_spec, tok_spec, tok_spec, w_spec, w_spec, w2_spec),
-                               out_specs=(tok_spec, P()))(x, expert_idx, expert_weight, w1, w3, w2)
+                               out_specs=(tok_spec, P()),
+                               # Pallas calls (the grouped kernel on GPU/TPU) need the unchecked mode.
+                               check_vma=local_ffn != "grouped")(x, expert_idx, expert_weight, w1, w3, w2)
     return y[:t], dropped

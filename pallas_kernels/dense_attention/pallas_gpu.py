@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import budgets
 from pallas_kernels.attention_base.common import (
     WindowGeometry,
     attention_cost,
@@ -318,6 +319,7 @@ def dense_attention(
       q [B, T, N, H], kv [B, T, H], entries [B, C, H], entry_segment [B, C] int32, sink [N],
       segment_ids [B, T] int32, entry_end [B, C] int32 -> [B, T, N, H].
     """
-    bs = block_sizes or BlockSizes()
+    # default: fits on chip at 64-128 heads of 512 (pallas_kernels/budgets.py)
+    bs = block_sizes or budgets.attention_block_sizes(BlockSizes, "cuda", q.shape[2], q.shape[3])
     keys = entry_keys(entry_segment, entry_end, ratio)
     return _dense(q, kv, entries, keys, sink, segment_ids, ratio, window, bs, interpret)

@@ -35,6 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import budgets
 from pallas_kernels.attention_base.common import (
     WindowGeometry,
     attention_cost,
@@ -305,4 +306,5 @@ def sparse_attention(
       q [B, T, N, H], kv [B, T, H], entries [B, C, H], topk_idx [B, T, K] int32, sink [N],
       segment_ids [B, T] int32 -> [B, T, N, H].
     """
-    return _sparse(q, kv, entries, topk_idx, sink, segment_ids, window, block_sizes or BlockSizes(), interpret)
+    return _sparse(q, kv, entries, topk_idx, sink, segment_ids, window,
+                   block_sizes or budgets.attention_block_sizes(BlockSizes, "cuda", q.shape[2], q.shape[3]), interpret)

@@ -64,12 +64,50 @@ def test_padded_path_gives_padding_tokens_no_routed_output():
     np.testing.assert_array_equal(np.asarray(got[30:]), 0.0)
 
 
-@pytest.mark.parametrize("impl", ["grouped", "dense"])
-def test_impls_that_cannot_split_experts_raise_under_expert_parallelism(impl):
+def test_dense_impl_cannot_split_experts_and_raises_under_expert_parallelism():
     x, idx, w, w1, w3, w2 = _inputs(False)
     with jax.set_mesh(mesh_lib.make_mesh("data=2,expert=4")):
         with pytest.raises(ValueError, match="cannot split experts over the mesh's expert axis"):
-            _run(impl, idx, jnp.ones((N,), bool))(x, w, w1, w3, w2)
+            _run("dense", idx, jnp.ones((N,), bool))(x, w, w1, w3, w2)
+
+
+def test_grouped_impl_runs_the_expert_parallel_dispatch_on_a_mesh():
+    x, idx, w, w1, w3, w2 = _inputs(True)
+    mask = jnp.ones((N,), bool)
+    want = jax.jit(_run("reference", idx, mask))(x, w, w1, w3, w2)
+    with jax.set_mesh(mesh_lib.make_mesh("data=2,expert=4")):
+        got = jax.jit(_run("grouped", idx, mask))(x, w, w1, w3, w2)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant", [pytest.param("fp8", marks=pytest.mark.slow), "fp4"])
+def test_grouped_experts_in_stored_format_equal_the_fake_quantised_padded_path(quant):
+    """Under `quant`, moe_impl="grouped" hands the kernel FP8 blocks / packed MXFP4 quantised from the master
+    weights; the padded path multiplies fake-quantised floats. Same values, same (straight-through) gradients."""
+    from flax import nnx
+
+    cfg = get_config("tiny", hidden_size=64, moe_intermediate_size=32, quant=quant)
+    assert moe.expert_weight_format(cfg.replace(moe_impl="grouped")) == quant
+    assert moe.expert_weight_format(cfg) == "float"
+    layer = moe.MoE(cfg, layer=3, hash_layer=False, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    grouped_def, _ = nnx.split(moe.MoE(cfg.replace(moe_impl="grouped"), layer=3, hash_layer=False,
+                                       rngs=nnx.Rngs(0)))
+    x = jax.random.normal(jax.random.key(2), (2, 12, cfg.hidden_size))
+    tokens = jnp.zeros((2, 12), jnp.int32)
+    mask = jnp.ones((2, 12), bool)
+
+    def loss(state, gdef):
+        y, _ = nnx.merge(gdef, state)(x, tokens, mask)
+        return jnp.sum(jnp.sin(y)), y
+
+    run = lambda gdef: jax.jit(jax.value_and_grad(lambda st: loss(st, gdef), has_aux=True))(state)  # noqa: E731
+    (_, y_padded), g_padded = run(graphdef)
+    (_, y_grouped), g_grouped = run(grouped_def)
+    np.testing.assert_allclose(np.asarray(y_grouped), np.asarray(y_padded), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_padded), jax.tree.leaves(g_grouped)):
+        scale = float(jnp.max(jnp.abs(a))) + 1e-30
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_unknown_moe_impl_is_a_config_error():

@@ -53,12 +53,12 @@ def problem(name: str):
 
 
 @functools.cache
-def attention_fn(name: str, impl: str):
+def attention_fn(name: str, impl: str, interpret: bool = False):
     case = {**CASES, **ANCHOR_ONLY}[name]
     if impl == "reference":
         return functools.partial(reference.dense_attention, ratio=case.ratio, window=case.window)
     return functools.partial(
-        dense_attention, ratio=case.ratio, window=case.window, impl=impl, block_sizes=BLOCKS[impl], interpret=True
+        dense_attention, ratio=case.ratio, window=case.window, impl=impl, block_sizes=BLOCKS[impl], interpret=interpret
     )
 
 
@@ -96,10 +96,10 @@ def test_entry_mass_matches_brute_force():
 
 @pytest.mark.parametrize("impl", sorted(BLOCKS))
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_pallas_matches_reference(name, impl):
+def test_pallas_matches_reference(name, impl, interpret):
     _, args = problem(name)
     matches_reference(
-        attention_fn(name, impl),
+        attention_fn(name, impl, interpret(impl)),
         attention_fn(name, "reference"),
         args,
         TOLERANCES["kernel_f32"],

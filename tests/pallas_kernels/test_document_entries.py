@@ -67,9 +67,9 @@ def admissible(seg, eseg, eend, b, t):
     return [c for c in range(eseg.shape[1]) if eend[b, c] <= t and eseg[b, c] == seg[b, t]]
 
 
-def dense_fn(impl):
+def dense_fn(impl, interpret=False):
     def fn(q, kv, entries, eseg, eend, sink, seg):
-        kw = {} if impl == "reference" else {"block_sizes": BLOCKS[impl], "interpret": True}
+        kw = {} if impl == "reference" else {"block_sizes": BLOCKS[impl], "interpret": interpret}
         return dense_attention(q, kv, entries, eseg, sink, seg, ratio=CASE.ratio, window=CASE.window,
                                entry_end=eend, impl=impl, **kw)
 
@@ -95,9 +95,10 @@ def test_dense_reference_matches_brute_force():
 
 
 @pytest.mark.parametrize("impl", sorted(BLOCKS))
-def test_dense_pallas_matches_reference(impl):
+def test_dense_pallas_matches_reference(impl, interpret):
     *_, args, _ = problem()
-    matches_reference(dense_fn(impl), dense_fn("reference"), args, TOLERANCES["kernel_f32"], argnums=(0, 1, 2, 5),
+    matches_reference(dense_fn(impl, interpret(impl)), dense_fn("reference"), args, TOLERANCES["kernel_f32"],
+                      argnums=(0, 1, 2, 5),
                       name=f"dense {impl}, per-document entries")
 
 
@@ -118,12 +119,12 @@ def test_indexer_scores_match_brute_force():
 
 
 @pytest.mark.parametrize("impl", sorted(INDEXER_BLOCKS))
-def test_indexer_pallas_matches_reference(impl):
+def test_indexer_pallas_matches_reference(impl, interpret):
     *_, (q_idx, k_idx, w, eseg, eend, seg) = problem()
     want = lightning_indexer(q_idx, k_idx, w, eseg, seg, ratio=CASE.ratio, topk=CASE.topk, entry_end=eend,
                              impl="reference")
     got = jax.jit(functools.partial(lightning_indexer, ratio=CASE.ratio, topk=CASE.topk, impl=impl,
-                                    block_sizes=INDEXER_BLOCKS[impl], interpret=True))(
+                                    block_sizes=INDEXER_BLOCKS[impl], interpret=interpret(impl)))(
         q_idx, k_idx, w, eseg, seg, entry_end=eend)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 

@@ -54,10 +54,11 @@ def kept_reference(idx, shards, cap):
     return keep
 
 
-def grads_and_values(mesh, capacity_factor=None, act_quant=None):
+def grads_and_values(mesh, capacity_factor=None, act_quant=None, local_ffn="padded"):
     def loss(x, w, w1, w3, w2, idx):
         y, dropped = expert_parallel.routed_experts(x, idx, w, w1, w3, w2, swiglu_limit=LIMIT,
-                                                    capacity_factor=capacity_factor, mesh=mesh, act_quant=act_quant)
+                                                    capacity_factor=capacity_factor, mesh=mesh, act_quant=act_quant,
+                                                    local_ffn=local_ffn)
         return jnp.sum(jnp.sin(y)), (y, dropped)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))
@@ -87,28 +88,31 @@ def check(got, want):
 
 @pytest.mark.parametrize("spec", ["expert=8", "data=2,expert=4", "data=2,fsdp=2,expert=2", "expert=4,tensor=2",
                                   "fsdp=8"])
-def test_dropless_matches_reference(spec, inputs):
+@pytest.mark.parametrize("local_ffn", ["padded", "grouped"])
+def test_dropless_matches_reference(spec, local_ffn, inputs):
     args, want = inputs
     x, idx, w, w1, w3, w2 = args
-    got = grads_and_values(mesh_lib.make_mesh(spec))(x, w, w1, w3, w2, idx)
+    got = grads_and_values(mesh_lib.make_mesh(spec), local_ffn=local_ffn)(x, w, w1, w3, w2, idx)
     assert int(got[0][1][1]) == 0
     check(got, want)
 
 
-def test_single_device_path_without_mesh(inputs):
+@pytest.mark.parametrize("local_ffn", ["padded", "grouped"])
+def test_single_device_path_without_mesh(local_ffn, inputs):
     args, want = inputs
     x, idx, w, w1, w3, w2 = args
-    got = grads_and_values(None)(x, w, w1, w3, w2, idx)
+    got = grads_and_values(None, local_ffn=local_ffn)(x, w, w1, w3, w2, idx)
     assert int(got[0][1][1]) == 0
     check(got, want)
 
 
-def test_skewed_routing_and_ragged_token_count_stay_dropless():
+@pytest.mark.parametrize("local_ffn", ["padded", "grouped"])
+def test_skewed_routing_and_ragged_token_count_stay_dropless(local_ffn):
     # 30 tokens on 8 shards (padded inside), all of them routed to experts 3 and 5: the worst case, which the
     # dropless mode serves in one round of the balanced capacity and 4 (E/K - 1) quarter-size overflow rounds.
     args = make_inputs(t=30, skew=True)
     x, idx, w, w1, w3, w2 = args
-    got = grads_and_values(mesh_lib.make_mesh("data=2,expert=4"))(x, w, w1, w3, w2, idx)
+    got = grads_and_values(mesh_lib.make_mesh("data=2,expert=4"), local_ffn=local_ffn)(x, w, w1, w3, w2, idx)
     assert got[0][1][0].shape == (30, D)
     assert int(got[0][1][1]) == 0
     check(got, reference_grads(*args))
@@ -150,6 +154,33 @@ def test_capacity_bounds_and_bad_inputs():
         expert_parallel.routed_experts(x, idx, w, w1, w3, w1, swiglu_limit=LIMIT)
     with pytest.raises(ValueError, match="must be \\[T=32, K\\]"):
         expert_parallel.routed_experts(x, idx[:4], w, w1, w3, w2, swiglu_limit=LIMIT)
+    with pytest.raises(ValueError, match="local_ffn must be 'padded' or 'grouped'"):
+        expert_parallel.routed_experts(x, idx, w, w1, w3, w2, swiglu_limit=LIMIT, local_ffn="ragged")
+    with pytest.raises(ValueError, match="needs local_ffn='grouped'"):
+        expert_parallel.routed_experts(x, idx, w, w1, w3, w2, swiglu_limit=LIMIT, weight_format="fp8")
+
+
+def test_grouped_shards_take_fp8_weights_in_stored_format():
+    """Under expert parallelism the grouped kernel gets E4M3 blocks + scales quantised from the master weights:
+    the same values (and straight-through gradients) as the padded path on fake-quantised weights."""
+    from deepseek_v4 import quant
+
+    x, idx, w, w1, w3, w2 = make_inputs()
+    mesh = mesh_lib.make_mesh("data=2,expert=4")
+
+    def run(local_ffn, weight_format, fake):
+        def loss(x, w1, w3, w2):
+            ws = [quant.fake_quant_fp8_blocks(a) for a in (w1, w3, w2)] if fake else [w1, w3, w2]
+            y, _ = expert_parallel.routed_experts(x, idx, w, *ws, swiglu_limit=LIMIT, mesh=mesh,
+                                                  local_ffn=local_ffn, weight_format=weight_format)
+            return jnp.sum(jnp.sin(y))
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(x, w1, w3, w2)
+
+    (v_got, g_got), (v_want, g_want) = run("grouped", "fp8", False), run("padded", "float", True)
+    np.testing.assert_allclose(v_got, v_want, rtol=TOL, atol=TOL)
+    for a, b in zip(g_got, g_want):
+        np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL)
 
 
 def test_padding_tokens_take_no_expert_slot_in_the_moe_layer():
