@@ -89,7 +89,7 @@ def _itemsize(dtype) -> int:
 
 
 def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
-    return AbstractMesh(tuple(sizes[a] for a in mesh_lib.AXES), mesh_lib.AXES, axis_types=(AxisType.Auto,) * 4)
+    return AbstractMesh(tuple(sizes[a] for a in mesh_lib.AXES), mesh_lib.AXES, axis_types=(AxisType.Auto,) * len(mesh_lib.AXES))
 
 
 @dataclasses.dataclass(frozen=True)
