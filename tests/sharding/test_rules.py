@@ -35,7 +35,7 @@ def test_every_brief_name_has_a_row():
 def test_table_placements():
     assert rules.spec(("vocab", "embed")) == P("tensor", "fsdp")
     assert rules.spec(("experts", "embed", "expert_mlp")) == P("expert", "fsdp", "tensor")
-    assert rules.spec(("batch", "seq", "embed"), "activation") == P(("data", "fsdp", "expert"), None, None)
+    assert rules.spec(("batch", "seq", "embed"), "activation") == P(("data", "fsdp", "expert"), "context", None)
     assert rules.spec(("batch", "seq", "vocab"), "activation") == P(("data", "fsdp", "expert"), None, "tensor")
     assert rules.spec(("layers", "embed", None)) == P(None, "fsdp", None)
 
