@@ -36,7 +36,7 @@ def test_table_placements():
     assert rules.spec(("vocab", "embed")) == P("tensor", "fsdp")
     assert rules.spec(("experts", "embed", "expert_mlp")) == P("expert", "fsdp", "tensor")
     assert rules.spec(("batch", "seq", "embed"), "activation") == P(("data", "fsdp", "expert"), "context", None)
-    assert rules.spec(("batch", "seq", "vocab"), "activation") == P(("data", "fsdp", "expert"), None, "tensor")
+    assert rules.spec(("batch", "seq", "vocab"), "activation") == P(("data", "fsdp", "expert"), "context", "tensor")
     assert rules.spec(("layers", "embed", None)) == P(None, "fsdp", None)
 
 
