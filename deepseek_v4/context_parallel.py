@@ -50,7 +50,7 @@ def _frames(size: int, halo: int, with_halo: tuple, filled: tuple):
     `filled` ones take a constant (their halo rows are only there to line up with the frame).
     """
     tails = [cp.previous_chunk_tails(a, halo, size) for a in with_halo]
-    tc = (with_halo or filled[0][1:])[0].shape[1] // 2
+    tc = (with_halo[0] if with_halo else filled[0][1]).shape[1] // 2
     out = []
     for j in (0, 1):
         g = cp.chunk_index(j, size)
