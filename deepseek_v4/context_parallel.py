@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from deepseek_v4 import attention as attn
 from deepseek_v4 import layers, quant, rope
-from pallas_kernels.dense_attention import dense_attention
-from pallas_kernels.lightning_indexer import lightning_indexer, selected_indexer_scores
+from pallas_kernels.dense_attention import dense_attention, entry_mass_by_query_block
+from pallas_kernels.lightning_indexer import block_scores, lightning_indexer, selected_indexer_scores
 from pallas_kernels.sparse_attention import selected_entry_mass, sparse_attention
 from sharding import context as cp
 
@@ -165,9 +165,9 @@ def csa(layer, x, c_q, q, kv, entries, slots, cos, sin, ctx, size: int):
     zero = jnp.zeros((), jnp.float32)
     if not (ctx.sparse_attention or ctx.indexer_loss):
         return dense_core(layer, q, kv, entries, slots, seg, size), zero, zero
-    if not ctx.sparse_attention or ctx.dense_target_in_sparse_phase:
-        raise ValueError("the indexer warm-up objective (dense attention with the indexer loss) does not run under "
-                         "context parallelism; use context=1 for the warm-up phase")
+    if ctx.dense_target_in_sparse_phase:
+        raise ValueError("dense_target_in_sparse_phase (the benchmark's quadratic baseline) does not run under "
+                         "context parallelism")
     q_idx, k_idx, w_idx = indexer_inputs(layer, x, c_q, slots, ctx.natural_positions, cos, sin, size)
     k = min(cfg.index_topk, slots.end.shape[1])
     reference = dict(attn._KERNEL_OPTIONS, impl="reference")  # slot skipping by row: see the module docstring
@@ -184,6 +184,10 @@ def csa(layer, x, c_q, q, kv, entries, slots, cos, sin, ctx, size: int):
     axes = (attn.TOKEN_AXES + (None, None), attn.TOKEN_AXES + (None,), attn.TOKEN_AXES, LAYOUT_ENTRY_AXES,
             NATURAL_SLOT_AXES, NATURAL_SLOT_AXES)
     topk = jax.checkpoint(lambda *a: attn.per_shard(select, a, axes, attn.SELECTED_AXES, q.shape[:2] + (k,)))(*args)
+    if not ctx.sparse_attention:  # dense attention, the indexer trained on the dense distribution
+        o = dense_core(layer, q, kv, entries, slots, seg, size)
+        loss, recall = dense_indexer_kl(layer, q, kv, entries, slots, sink, seg, q_idx, k_idx, w_idx, topk, size)
+        return o, loss, recall
 
     def attend(fn, q, kv, seg, topk, entries, sink):
         frames, _ = _frames(size, halo, (kv, seg), ((0, q), (-1, topk)))
@@ -211,6 +215,39 @@ def csa(layer, x, c_q, q, kv, entries, slots, cos, sin, ctx, size: int):
                              LAYOUT_ENTRY_AXES), attn.SELECTED_AXES, topk.shape)
     loss, recall = attn.selected_set_kl(mass, scores, topk)
     return o, loss, recall
+
+
+def dense_indexer_kl(layer, q, kv, entries, slots, sink, segment_ids, q_idx, k_idx, w_idx, topk, size: int):
+    """The warm-up's indexer objective (attention.dense_indexer_kl) per chunk frame: per-query KL, recall and
+    whether the query has target mass come out of the shard_map, and their means are taken over the whole batch."""
+    window = halo = layer.cfg.sliding_window
+    q, kv, entries, sink = (jax.lax.stop_gradient(a) for a in (q, kv, entries, sink))
+
+    def body(q, kv, seg, topk, q_idx, w_idx, entries, k_idx, entry_seg, entry_end, sink):
+        frames, tc = _frames(size, halo, (kv, seg), ((0, q), (-1, topk), (0, q_idx), (0, w_idx)))
+        entries, k_idx = cp.natural_chunks(entries, size), cp.natural_chunks(k_idx, size)
+        outs = []
+        for (fk, fs, fq, ft, fqi, fw), g in frames:
+            end = entry_end - (g * tc - halo)
+
+            def block_fn(mass, q_pos, q_seg, q_idx_b, w_idx_b, topk_b, end=end):
+                scores = block_scores(q_idx_b, w_idx_b, q_pos, q_seg, k_idx, entry_seg, end)
+                kl, target, has = attn._kl_terms(mass, scores, jnp.isfinite(scores))
+                picked = jnp.sum(jnp.take_along_axis(target, jnp.maximum(topk_b, 0), axis=-1) * (topk_b >= 0), -1)
+                return kl, picked, has
+
+            outs.append(entry_mass_by_query_block(fq, fk, entries, entry_seg, sink, fs, ratio=layer.ratio,
+                                                  window=window, entry_end=end, block_fn=block_fn,
+                                                  block_args=(fqi, fw, ft)))
+        return _both_chunks(outs, halo)
+
+    args = (q, kv, segment_ids, topk, q_idx, w_idx, entries, k_idx, slots.segment, slots.end, sink)
+    axes = (TOKEN_HEADS_WHOLE, ("batch", "seq", "head_dim"), attn.TOKEN_AXES, attn.SELECTED_AXES,
+            attn.TOKEN_AXES + (None, None), attn.TOKEN_AXES + (None,), LAYOUT_ENTRY_AXES, LAYOUT_ENTRY_AXES,
+            NATURAL_SLOT_AXES, NATURAL_SLOT_AXES, (None,))
+    kl, picked, has = attn.per_shard(body, args, axes, [attn.TOKEN_AXES] * 3, [segment_ids.shape] * 3)
+    n = jnp.maximum(jnp.sum(has), 1)
+    return jnp.sum(jnp.where(has, kl, 0.0)) / n, jnp.sum(jnp.where(has, picked, 0.0)) / n
 
 
 def attention_layer(layer, x: jax.Array, ctx) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -112,6 +112,31 @@ def test_logits_match_single_device():
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
+@pytest.mark.slow  # one forward compile per mesh
+def test_warmup_indexer_objective_matches_single_device():
+    """The dense phase's indexer KL and recall, hidden and MTP states, on context=8 (outputs in the layout)."""
+    cfg = small_config()
+    rows = packed_rows()
+    model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(jnp.asarray, host_state(state, seed=2))
+
+    @jax.jit
+    def forward(st, tokens, seg, pos):
+        out = nnx.merge(graphdef, st).forward_train(tokens, seg, pos, sparse_attention=False, indexer_loss=True)
+        return out.hidden, out.mtp_hidden[0], out.indexer_loss, out.indexer_recall
+
+    args = (state, rows["tokens"], rows["segment_ids"], rows["positions"])
+    want = jax.device_get(forward(*args))
+    with jax.set_mesh(mesh_lib.make_mesh("context=8")):
+        got = jax.device_get(forward(*args))
+    tol = TOLERANCES["sharded_vs_single_f32"]
+    assert want[2] > 0
+    for name, w, g in zip(("hidden", "mtp hidden"), want[:2], got[:2]):
+        np.testing.assert_allclose(cp.from_layout(g, 8), w, rtol=tol, atol=tol, err_msg=name)
+    np.testing.assert_allclose(got[2:], want[2:], rtol=tol, atol=tol)
+
+
 def run(mesh) -> tuple[list[dict], dict, dict]:
     """Per-step metrics, and the initial and final parameters (host numpy, by path); sparse phase, indexer on."""
     cfg = small_config()
