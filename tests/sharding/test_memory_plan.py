@@ -47,11 +47,9 @@ def test_plan_within_15_percent_of_compiled_train_step():
     check_plan_against_compiled("fsdp=8", 8, 64)
 
 
-@pytest.mark.slow  # one tiny train-step compile per mesh
-@pytest.mark.parametrize("spec, batch, seq", [("fsdp=4,context=2", 4, 256), ("fsdp=2,context=4", 2, 512),
-                                              ("context=8", 1, 1024)])
-def test_plan_with_context_within_15_percent_of_compiled_train_step(spec, batch, seq):
-    check_plan_against_compiled(spec, batch, seq)
+@pytest.mark.slow  # compiles the tiny train step on a context mesh
+def test_plan_with_context_within_15_percent_of_compiled_train_step():
+    check_plan_against_compiled("fsdp=4,context=2", 4, 256)
 
 
 def check_plan_against_compiled(spec: str, batch: int, seq: int):
