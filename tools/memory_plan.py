@@ -96,7 +96,8 @@ def _itemsize(dtype) -> int:
 
 
 def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
-    return AbstractMesh(tuple(sizes[a] for a in mesh_lib.AXES), mesh_lib.AXES, axis_types=(AxisType.Auto,) * len(mesh_lib.AXES))
+    axes = mesh_lib.AXES
+    return AbstractMesh(tuple(sizes.get(a, 1) for a in axes), axes, axis_types=(AxisType.Auto,) * len(axes))
 
 
 @dataclasses.dataclass(frozen=True)
