@@ -110,6 +110,11 @@ class Context:
     # Sparse phase with the earlier objective: KL against the dense entry mass, [B, T, C] tensors (quadratic
     # memory). Only the long-context benchmark's baseline sets it (tools/bench_long_context.py).
     dense_target_in_sparse_phase: bool = False
+    # Context parallelism (sharding/context.py): with context_size > 1 the arrays above are in the load-balanced
+    # layout and these two hold segment ids and positions in the natural order (the compressors' windows).
+    context_size: int = 1
+    natural_segment_ids: jax.Array | None = None
+    natural_positions: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,10 +170,16 @@ def compress(x: jax.Array, wkv: jax.Array, wgate: jax.Array, ape: jax.Array, nor
     Shapes: x [B, T, D]; wkv/wgate [D, w*c] (w = 2 with overlap, else 1); ape [ratio, w*c]; slots [B, C]
       -> entries [B, C, c] float32 (normed, not rotated; empty slots hold finite values nothing sees).
     """
-    b, t, _ = x.shape
-    c = slots.end.shape[1]
     kv = (x @ wkv).astype(jnp.float32)  # [B, T, w*c]
     gate = (x @ wgate).astype(jnp.float32)
+    return compress_projected(kv, gate, ape, norm_scale, slots, ratio, overlap, eps)
+
+
+def compress_projected(kv: jax.Array, gate: jax.Array, ape: jax.Array, norm_scale: jax.Array, slots: EntrySlots,
+                       ratio: int, overlap: bool, eps: float) -> jax.Array:
+    """`compress` from the projected tokens. Shapes: kv/gate [B, T, w*c] float32, slots [B, C] -> [B, C, c]."""
+    b, t, _ = kv.shape
+    c = slots.end.shape[1]
     rows = slots.start[..., None] + jnp.arange(ratio, dtype=jnp.int32)  # [B, C, m]
 
     def gather(a, r):  # a [B, T, F], r [B, C, m] -> [B, C, m, F]
@@ -272,12 +283,17 @@ class Attention(nnx.Module):
         xi, cqi = jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q)
         e_cos, e_sin = self.rope_tables(jnp.take_along_axis(positions, slots.start, axis=1))
         k_idx = rope.apply_rope(idx.compressor(xi, slots), e_cos, e_sin)  # [B, C, HI]
-        wq_b = layers.qweight(idx.wq_b[...], cfg, "attn.indexer.wq_b").astype(cqi.dtype)
-        q_idx = rope.apply_rope(jnp.einsum("btq,qnh->btnh", layers.qact(cqi, cfg), wq_b), cos, sin)
-        w_idx = xi @ idx.weights_proj[...].astype(xi.dtype)  # [B, T, NI]
+        q_idx, w_idx = self.indexer_queries(xi, cqi, cos, sin)
         if cfg.quant == "fp4":  # QAT of the indexer's query/key path (the release stores its keys in MXFP4)
             q_idx, k_idx = quant.fake_quant_mxfp4(q_idx), quant.fake_quant_mxfp4(k_idx)
         return q_idx, k_idx, w_idx
+
+    def indexer_queries(self, xi: jax.Array, cqi: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
+        """The indexer's queries [B, T, NI, HI] and head weights [B, T, NI] from x and c_q (already detached)."""
+        cfg, idx = self.cfg, self.indexer
+        wq_b = layers.qweight(idx.wq_b[...], cfg, "attn.indexer.wq_b").astype(cqi.dtype)
+        q_idx = rope.apply_rope(jnp.einsum("btq,qnh->btnh", layers.qact(cqi, cfg), wq_b), cos, sin)
+        return q_idx, xi @ idx.weights_proj[...].astype(xi.dtype)
 
     def output(self, o: jax.Array, cos, sin) -> jax.Array:
         """Shapes: o [B, T, N, H] (attention output, rotated) -> [B, T, D]."""
@@ -310,6 +326,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, ctx: Context) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Shapes: x [B, T, D] (normed) -> out [B, T, D], indexer_loss [], indexer_recall []."""
+        if ctx.context_size > 1:
+            from deepseek_v4 import context_parallel  # imports this module
+
+            return context_parallel.attention_layer(self, x, ctx)
         cfg = self.cfg
         x = x.astype(layers.dtype_of(cfg.dtype))
         cos, sin = self.rope_tables(ctx.positions)

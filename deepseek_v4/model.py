@@ -24,8 +24,9 @@ import numpy as np
 from flax import nnx
 
 import sharding
-from deepseek_v4 import attention, layers, mhc, moe
+from deepseek_v4 import attention, context_parallel, layers, mhc, moe
 from deepseek_v4.config import Config
+from sharding import context as cp
 
 STREAM_AXES = ("batch", "seq", "hc", "embed")  # logical layout of the residual streams [B, T, R, D]
 
@@ -118,7 +119,7 @@ class MTP(nnx.Module):
 class TrainOutputs:
     """What the training loss needs from one forward pass."""
 
-    hidden: jax.Array  # [B, T, D] final normed hidden states (the head's input), float32
+    hidden: jax.Array  # [B, T, D] final normed hidden states (the head's input), float32; context layout
     mtp_hidden: tuple[jax.Array, ...]  # per MTP depth k: [B, T, D]; position t predicts the token at t + 1 + k
     expert_counts: jax.Array  # [n_learned_moe_layers, E] routed (token, slot) pairs per expert, padding excluded
     hash_expert_counts: jax.Array  # [n_hash_layers, E] the same for hash-routed layers (load metrics only)
@@ -181,8 +182,26 @@ class DeepseekV4(nnx.Module):
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-        return attention.Context(tokens, jnp.asarray(segment_ids, jnp.int32), jnp.asarray(positions, jnp.int32),
-                                 sparse_attention, indexer_loss, dense_target_in_sparse_phase)
+        segment_ids, positions = jnp.asarray(segment_ids, jnp.int32), jnp.asarray(positions, jnp.int32)
+        size = self.context_size(tokens.shape[1])
+        if size == 1:
+            return attention.Context(tokens, segment_ids, positions, sparse_attention, indexer_loss,
+                                     dense_target_in_sparse_phase)
+        return attention.Context(cp.to_layout(tokens, size), cp.to_layout(segment_ids, size),
+                                 cp.to_layout(positions, size), sparse_attention, indexer_loss,
+                                 dense_target_in_sparse_phase, size, segment_ids, positions)
+
+    def context_size(self, length: int) -> int:
+        """The active mesh's `context` size; a one-line ValueError when the layout cannot split `length` tokens.
+
+        With a size N > 1 the model runs on the load-balanced layout (sharding/context.py): its inputs are given
+        in the natural order and permuted here; `forward_train`'s outputs stay in the layout (the loss permutes
+        its targets the same way, `sequence_layout`).
+        """
+        size = cp.context_size()
+        if size > 1:
+            cp.check_length(length, size, *context_parallel.model_granularity(self.cfg))
+        return size
 
     def _trunk(self, ctx: attention.Context):
         cfg = self.cfg
@@ -214,7 +233,7 @@ class DeepseekV4(nnx.Module):
         ctx = self._context(tokens, segment_ids, positions, True, False)
         x, _, _ = self._trunk(ctx)
         hidden = self.norm(self.hc_head(x))
-        return hidden @ self.head[...].astype(jnp.float32)
+        return cp.from_layout(hidden @ self.head[...].astype(jnp.float32), ctx.context_size)
 
     def forward_train(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                       positions: jax.Array | None = None, *, sparse_attention: bool = True,
@@ -232,7 +251,13 @@ class DeepseekV4(nnx.Module):
         mtp_hidden, mtp_stats, mtp_loss, mtp_recall = [], [], [], []
         streams, next_emb = x, emb
         for k, module in enumerate(self.mtp):
-            next_emb = jnp.pad(next_emb[:, 1:], ((0, 0), (0, 1), (0, 0)))  # embedding of the token k+1 ahead
+            if ctx.context_size == 1:
+                next_emb = jnp.pad(next_emb[:, 1:], ((0, 0), (0, 1), (0, 0)))  # embedding of the token k+1 ahead
+            else:  # the shift runs on the natural order (it crosses chunks and ranks), then goes to the layout
+                ahead = jnp.pad(jnp.asarray(tokens, jnp.int32)[:, k + 1:], ((0, 0), (0, k + 1)), constant_values=-1)
+                ahead = cp.to_layout(ahead, ctx.context_size)
+                next_emb = jnp.where((ahead >= 0)[..., None], jnp.take(self.embed[...], jnp.maximum(ahead, 0), axis=0),
+                                     0).astype(emb.dtype)
             streams, h, (s, il, ir) = module(streams, next_emb, ctx, layers.dtype_of(cfg.dtype),
                                              cfg.remat_policy == "full")
             mtp_hidden.append(h)

@@ -40,6 +40,7 @@ from flax import nnx
 from deepseek_v4 import loss as loss_lib
 from deepseek_v4 import optim
 from deepseek_v4.config import Config
+from sharding import context as cp
 from sharding import rules
 
 
@@ -341,11 +342,13 @@ def next_token_loss(model: nnx.Module, micro: dict[str, jax.Array], counts: dict
     tokens, seg, pos, targets = micro["tokens"], micro["segment_ids"], micro["positions"], micro["targets"]
     out = model.forward_train(tokens, seg, pos, sparse_attention=sparse, indexer_loss=s.indexer_weight > 0)
     head = model.head[...]
-    ce = loss_lib.chunked_cross_entropy(out.hidden, head, targets, token_weights(micro), chunk_size=s.loss_chunk,
+    size = model.context_size(tokens.shape[1])  # hidden states come in the context layout: targets follow them
+    ce = loss_lib.chunked_cross_entropy(out.hidden, head, cp.to_layout(targets, size),
+                                        cp.to_layout(token_weights(micro), size), chunk_size=s.loss_chunk,
                                         impl=s.loss_impl) / counts["tokens"]
     mtp = jnp.zeros((), jnp.float32)
     for k, hidden in enumerate(out.mtp_hidden, start=1):
-        t_k, w_k = mtp_token_weights(micro, k)
+        t_k, w_k = (cp.to_layout(a, size) for a in mtp_token_weights(micro, k))
         mtp += loss_lib.chunked_cross_entropy(hidden, head, t_k, w_k, chunk_size=s.loss_chunk,
                                               impl=s.loss_impl) / counts["mtp"][k - 1]
     mtp = mtp / max(len(out.mtp_hidden), 1)

@@ -316,7 +316,9 @@ def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array
     ep_axis, tensor_axis = w_spec[0], w_spec[2]
     sizes = dict(mesh.shape)
     ep_size = math.prod(sizes[a] for a in rules.axes_of(ep_axis))
-    token_axes = tuple(a for a in rules.mesh_axes("batch", "activation") if sizes.get(a, 1) > 1)
+    # Tokens [B*T] are split over the batch axes and, within a row, over `context` (the sequence axis).
+    token_axes = tuple(a for a in rules.mesh_axes("batch", "activation") + rules.mesh_axes("seq", "activation")
+                       if sizes.get(a, 1) > 1)
     shards = math.prod(sizes[a] for a in token_axes)
     pad = -t % shards
     if pad:

@@ -1,4 +1,4 @@
-"""The device mesh: four named axes, built from a `--mesh=data=2,expert=4` string; multi-host start-up.
+"""The device mesh: five named axes, built from a `--mesh=data=2,expert=4` string; multi-host start-up.
 
 This is the only module that names mesh axes (together with `rules.py`, which maps logical names onto them).
 
@@ -6,6 +6,8 @@ Axes, outermost first (the last axis gets the fastest links):
   data    pure data parallelism: parameters replicated, batch split. Multi-slice runs put slices here (DCN).
   fsdp    data parallelism with parameters and optimizer state split (ZeRO-3 style); all-gathered per use.
   expert  expert parallelism: routed experts split, tokens moved by all-to-all; the batch is split here too.
+  context context parallelism: the sequence split (load-balanced two-chunk layout, `context.py`); parameters
+          replicated over it; attention exchanges halos and compressed entries (docs/sharding.md).
   tensor  tensor parallelism: heads / hidden widths split, activations all-reduced.
 
 Axis types: every axis is `AxisType.Auto`. The model is written without `out_sharding=` annotations on its
@@ -27,11 +29,11 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-AXES: tuple[str, ...] = ("data", "fsdp", "expert", "tensor")
+AXES: tuple[str, ...] = ("data", "fsdp", "expert", "context", "tensor")
 
 
 def parse_mesh(spec: str | Mapping[str, int] | None, num_devices: int) -> dict[str, int]:
-    """Sizes of all four mesh axes from a string such as `"data=2,expert=4"`.
+    """Sizes of all mesh axes from a string such as `"data=2,expert=4"`.
 
     Axes not named get size 1; at most one axis may be `-1`, which takes whatever the device count leaves.
     An empty string or None means `data=-1` (pure data parallelism).
@@ -96,7 +98,7 @@ def num_slices(devices: Sequence[Any]) -> int:
 
 
 def device_grid(sizes: Mapping[str, int], devices: Sequence[Any]) -> np.ndarray:
-    """The devices arranged as an array of shape `[data, fsdp, expert, tensor]`.
+    """The devices arranged as an array of shape `[data, fsdp, expert, context, tensor]`.
 
     With several slices, `data` is split into (slices over DCN) x (data per slice over ICI), using
     `mesh_utils.create_hybrid_device_mesh`, so only the data-parallel gradient all-reduce crosses slices.
@@ -110,15 +112,15 @@ def device_grid(sizes: Mapping[str, int], devices: Sequence[Any]) -> np.ndarray:
     if sizes["data"] % slices:
         raise ValueError(f"{slices} slices need the data axis ({sizes['data']}) to be a multiple of {slices}")
     ici = [sizes["data"] // slices] + shape[1:]
-    dcn = [slices, 1, 1, 1]
+    dcn = [slices] + [1] * (len(AXES) - 1)
     return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
 
 
 def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
-    """The training mesh: axes `("data", "fsdp", "expert", "tensor")`, all `AxisType.Auto`.
+    """The training mesh: axes `("data", "fsdp", "expert", "context", "tensor")`, all `AxisType.Auto`.
 
     Args:
-      spec: `"data=2,fsdp=1,expert=4,tensor=1"`, any subset, one axis may be -1 (see `parse_mesh`).
+      spec: `"data=2,fsdp=1,expert=4,context=1,tensor=1"`, any subset, one axis may be -1 (see `parse_mesh`).
       devices: defaults to all devices of all processes (`jax.devices()`).
 
     Returns:
@@ -134,7 +136,7 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices: Sequence[Any
 
 
 def describe(mesh: Mesh) -> str:
-    """One line such as `mesh data=2,fsdp=1,expert=4,tensor=1 (8 devices, 2 processes)`."""
+    """One line such as `mesh data=2,fsdp=1,expert=4,context=1,tensor=1 (8 devices, 2 processes)`."""
     procs = len({d.process_index for d in mesh.devices.flat})
     return f"mesh {_fmt(dict(mesh.shape))} ({mesh.size} devices, {procs} process{'es' if procs > 1 else ''})"
 

@@ -9,7 +9,7 @@ defaults give, for example:
   embed     E[V_tensor, D_fsdp]            head   W[D_fsdp, V_tensor]
   experts   W1[E_expert, D_fsdp, F_tensor]  W2[E_expert, F_tensor, D_fsdp]
   attention Wq_b[Q_fsdp, N_tensor, H]       Wo_b[(G*O)_tensor, D_fsdp]
-  activations x[B_(data,fsdp,expert), T, D]  logits[B_(data,fsdp,expert), T, V_tensor]
+  activations x[B_(data,fsdp,expert), T_context, D]  logits[B_(data,fsdp,expert), T_context, V_tensor]
 FSDP weights are all-gathered over `fsdp` for each use (and their gradients reduce-scattered), expert weights stay
 put while tokens travel by all-to-all (`expert_parallel.py`), tensor-split weights need an all-reduce of the
 partial output.
@@ -47,7 +47,7 @@ _BATCH = ("data", "fsdp", "expert")
 RULES: dict[str, tuple[MeshAxes, MeshAxes]] = {
     # Batch and sequence (activations only).
     "batch": (None, _BATCH),
-    "seq": (None, None),
+    "seq": (None, "context"),  # context parallelism: the load-balanced layout (sharding/context.py)
     "kv_seq": (None, None),
     "hc": (None, None),  # the R mHC residual streams
     # Model width and vocabulary.

@@ -1,7 +1,7 @@
 """Seconds per train step and peak memory of a CSA/HCA model from 4K to 64K tokens, per CSA phase.
 
     python -m tools.bench_long_context [--seq_lens=4096,8192,16384,32768,65536] [--phases=sparse,warmup,baseline]
-        [--max_gib=16] [--steps=2] [--json] [--plot=experiments/plots/long_context.png]
+        [--max_gib=16] [--steps=2] [--json] [--plot=experiments/plots/long_context.png] [--mesh=context=8]
     python -m tools.bench_long_context --rows=ROWS.jsonl --plot=PNG   (scaling and plot of a --json output)
 
 Phases (docs/training.md):
@@ -19,6 +19,11 @@ estimate exceeds --max_gib the run is skipped before anything is allocated, and 
 allocates the model and optimizer state, runs one step to warm up and --steps timed steps, and reports the median
 seconds per step, the compiled peak (`peak_bytes`) and the process's peak resident memory (`peak_rss_bytes`,
 which includes the runtime's fixed ~1 GB). A process killed anyway (out of memory) is reported as failed.
+
+`--mesh` (e.g. `context=8`) runs the step on that mesh (on CPU: as many fake devices, set for the child process);
+the compiled figures are then per device, and `activation_bytes` (XLA's temporaries: everything but the arguments
+and outputs) is the number to compare across meshes. Parameters and optimizer state are replicated over the
+mesh (`context` replicates them anyway); under context parallelism only the `sparse` phase runs.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import optax
 from absl import app, flags
 from flax import nnx
 
+from sharding import context as cp
+
 PHASES = ("sparse", "warmup", "baseline")
 
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "8192", "16384", "32768", "65536"], "sequence lengths T")
@@ -50,6 +57,7 @@ _JSON = flags.DEFINE_bool("json", False, "print one JSON object per line")
 _PLOT = flags.DEFINE_string("plot", "", "write a PNG of seconds and memory against T here ('' = none)")
 _ROWS = flags.DEFINE_string("rows", "", "plot these JSON lines (an earlier --json output) instead of measuring")
 _CHILD = flags.DEFINE_string("child", "", "internal: 'phase:seq_len' measured in this process")
+_MESH = flags.DEFINE_string("mesh", "", "run on this mesh, e.g. context=8 ('' = one device, no mesh)")
 
 
 def bench_config():
@@ -77,7 +85,8 @@ def _train_step(graphdef, tx, phase: str, indexer_only: bool):
         if indexer_only:
             return out.indexer_loss
         weights = jnp.ones(batch["targets"].shape, jnp.float32)
-        ce = loss_lib.chunked_cross_entropy(out.hidden, model.head[...], batch["targets"], weights)
+        targets = cp.to_layout(batch["targets"], model.context_size(batch["targets"].shape[1]))  # hidden's order
+        ce = loss_lib.chunked_cross_entropy(out.hidden, model.head[...], targets, weights)
         return ce / weights.size + out.indexer_loss
 
     def step(trained, frozen, opt_state, batch):
@@ -93,8 +102,19 @@ def _is_indexer(path, _):
 
 
 def measure(phase: str, T: int) -> dict:
-    """One (phase, length) in this process: the row to report."""
+    """One (phase, length) in this process (on --mesh when given): the row to report."""
+    if not _MESH.value:
+        return _measure(phase, T, None)
+    from sharding import mesh as mesh_lib
+
+    mesh = mesh_lib.make_mesh(_MESH.value)
+    with jax.set_mesh(mesh):
+        return dict(_measure(phase, T, mesh), mesh=_MESH.value)
+
+
+def _measure(phase: str, T: int, mesh) -> dict:
     from deepseek_v4 import DeepseekV4
+    from sharding import rules
 
     cfg = bench_config()
     indexer_only = phase == "warmup"
@@ -103,12 +123,18 @@ def measure(phase: str, T: int) -> dict:
     graphdef, trained, frozen = nnx.split(abstract, trained_filter, ...)  # frozen: everything else
     tx = optax.adamw(1e-4)
     opt_state = jax.eval_shape(tx.init, trained)
-    batch = {k: jax.ShapeDtypeStruct((1, T), jnp.int32) for k in ("tokens", "targets")}
+    batch_sharding = None if mesh is None else rules.named_sharding(("batch", "seq"), mesh, shape=(1, T))
+    batch = {k: jax.ShapeDtypeStruct((1, T), jnp.int32, sharding=batch_sharding) for k in ("tokens", "targets")}
+    replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if mesh is not None:
+        trained, frozen, opt_state = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), (trained, frozen, opt_state))
     step = _train_step(graphdef, tx, phase, indexer_only)
     compiled = step.lower(trained, frozen, opt_state, batch).compile()
     m = compiled.memory_analysis()
     peak = int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
-    row = {"seq_len": T, "phase": phase, "seconds": None, "peak_bytes": peak, "peak_rss_bytes": None}
+    row = {"seq_len": T, "phase": phase, "seconds": None, "peak_bytes": peak, "peak_rss_bytes": None,
+           "activation_bytes": int(m.temp_size_in_bytes)}
     if peak > _MAX_GIB.value * 2**30:
         return dict(row, skipped=f"compiled peak {peak / 2**30:.1f} GiB > --max_gib={_MAX_GIB.value:g}")
     if _COMPILE_ONLY.value:
@@ -116,8 +142,11 @@ def measure(phase: str, T: int) -> dict:
     model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
     _, trained, frozen = nnx.split(model, trained_filter, ...)
     opt_state = tx.init(trained)
+    if mesh is not None:
+        trained, frozen, opt_state = jax.device_put((trained, frozen, opt_state), replicated)
     rng = np.random.default_rng(0)
-    data = {k: jnp.asarray(rng.integers(0, cfg.vocab_size, (1, T)), jnp.int32) for k in ("tokens", "targets")}
+    data = {k: jax.device_put(jnp.asarray(rng.integers(0, cfg.vocab_size, (1, T)), jnp.int32), batch_sharding)
+            for k in ("tokens", "targets")}
     trained, opt_state, loss = compiled(trained, frozen, opt_state, data)  # warm-up step
     jax.block_until_ready(loss)
     times = []
@@ -132,8 +161,13 @@ def measure(phase: str, T: int) -> dict:
 
 def _run_child(phase: str, T: int) -> dict:
     cmd = [sys.executable, "-m", "tools.bench_long_context", f"--child={phase}:{T}", f"--max_gib={_MAX_GIB.value}",
-           f"--steps={_STEPS.value}", f"--model={_MODEL.value}", f"--compile_only={_COMPILE_ONLY.value}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+           f"--steps={_STEPS.value}", f"--model={_MODEL.value}", f"--compile_only={_COMPILE_ONLY.value}",
+           f"--mesh={_MESH.value}"]
+    env = dict(os.environ)
+    if _MESH.value and jax.default_backend() == "cpu":  # fake CPU devices for the mesh, set before the child starts
+        devices = int(np.prod([int(p.partition("=")[2]) for p in _MESH.value.split(",")]))
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
@@ -224,7 +258,8 @@ def main(argv):
                 gib = lambda b: f"{b / 2**30:6.2f} GiB" if b else "     -    "  # noqa: E731
                 what = f"{row['seconds']:8.2f} s" if row["seconds"] else f"skipped: {row.get('skipped')}"
                 print(f"{phase:>8} T={T:>6}: {what}  compiled peak {gib(row['peak_bytes'])}  "
-                      f"resident peak {gib(row['peak_rss_bytes'])}", flush=True)
+                      f"activations {gib(row.get('activation_bytes'))}  resident peak {gib(row['peak_rss_bytes'])}",
+                      flush=True)
     if not _JSON.value:
         print("\n".join(scaling(rows)))
     if _PLOT.value:

@@ -28,6 +28,10 @@ Terms, per device:
               only its inputs and replays its rounds in the backward pass; the capacity mode keeps its buffers.
   fsdp        the FSDP working copy: the largest unit (a block's weights, the embedding or the head) all-gathered
               over "fsdp", and its gradient before the reduce-scatter.
+  context     with a `context` axis (context parallelism) each device holds 1/context of every sequence's
+              tokens, so every per-token term above divides by it; one layer at a time also holds the entries
+              all-gathered over `context` (every compressed entry of the sequence, [T/m, H], and CSA's indexer keys
+              [T/4, HI] float32) and their gradient.
   loss        one chunk of float32 logits (the chunk runs over the global tokens; a device holds its batch share).
               --loss_impl=remat (default): logits, softmax and gradient, 3 x [chunk / batch shards, V / tensor];
               fused: the logits and their gradient, 2 x [...], plus the float32 head-gradient accumulator
@@ -36,8 +40,9 @@ Terms, per device:
 
 `--recommend` assumes one sequence of `--seq_len` tokens per data shard and microbatch (a larger global batch uses
 gradient accumulation, which does not change the peak) and searches power-of-two chip counts; for each it tries
-meshes (fsdp, expert, tensor): no tensor parallelism if possible, then the most expert parallelism that fits
-(expert weights stay put, tokens travel by all-to-all; the dense weights are FSDP-sharded over the rest).
+meshes (fsdp, expert, context, tensor): no tensor parallelism if possible, then the least context parallelism
+(long sequences need it), then the most expert parallelism that fits (expert weights stay put, tokens travel by
+all-to-all; the dense weights are FSDP-sharded over the rest).
 """
 
 from __future__ import annotations
@@ -70,6 +75,8 @@ flags.adopt_module_key_flags(config_flags)  # --help lists them
 flags.DEFINE_integer("devices", None, "Device count (needed when --mesh has a -1; default: the mesh's product).")
 flags.DEFINE_float("capacity_factor", None, "MoE capacity factor (unset: dropless).")
 flags.DEFINE_bool("recommend", False, "Find the fewest chips of each kind and a mesh for --config.")
+flags.DEFINE_bool("long_context_table", False, "Print the README's table: flash and pro at 4K to 1M tokens per "
+                  "sequence on H200 and TPU v5p (chips, mesh, per-device bytes, activation share).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +96,8 @@ def _itemsize(dtype) -> int:
 
 
 def abstract_mesh(sizes: dict[str, int]) -> AbstractMesh:
-    return AbstractMesh(tuple(sizes[a] for a in mesh_lib.AXES), mesh_lib.AXES, axis_types=(AxisType.Auto,) * 4)
+    axes = mesh_lib.AXES
+    return AbstractMesh(tuple(sizes.get(a, 1) for a in axes), axes, axis_types=(AxisType.Auto,) * len(axes))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +200,10 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], batch_size: int, seq_le
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     if batch_size % shards:
         raise ValueError(f"batch_size {batch_size} is not divisible by data*fsdp*expert = {shards}")
-    tokens = batch_size // shards * seq_len
+    context = sizes.get("context", 1)
+    if seq_len % (2 * context):
+        raise ValueError(f"seq_len {seq_len} is not divisible by 2 x context = {2 * context}")
+    tokens = batch_size // shards * seq_len // context
     rows = moe_rows_per_token(cfg, tokens, capacity_factor)
     dropless = capacity_factor is None
     dt = _itemsize(cfg.dtype)
@@ -214,9 +225,15 @@ def activation_bytes(cfg: Config, sizes: dict[str, int], batch_size: int, seq_le
     working = max(w for _, w in per_layer + mtp)
     edges = (cfg.hidden_size * dt + stream) * (1 + len(mtp)) + 2 * cfg.hidden_size * 4  # embed, expand, final hidden
     # The loss chunks the global token axis; each device holds its batch shards' rows of a chunk.
-    chunk = math.ceil(min(loss_chunk, batch_size * seq_len) / shards)
+    chunk = math.ceil(min(loss_chunk, batch_size * seq_len) / (shards * context))
     vocab = cfg.vocab_size // sizes["tensor"] if cfg.vocab_size % sizes["tensor"] == 0 else cfg.vocab_size
+    gathered = 0.0
+    if context > 1:  # one layer's entries (and indexer keys) gathered over context, and their gradient
+        per_seq = [seq_len / rr * (cfg.head_dim * dt + (cfg.index_head_dim * 4 if rr == cfg.csa_ratio else 0))
+                   for rr in set(ratios) | set(cfg.mtp_ratios) if rr]
+        gathered = 2 * max(per_seq, default=0.0) * batch_size // shards
     return {
+        "context gather": gathered,
         "activations kept": kept * tokens,
         "unit recompute": recompute * tokens,
         "moe buffers": working * tokens,
@@ -261,16 +278,17 @@ def plan(cfg: Config, sizes: dict[str, int], batch_size: int, seq_len: int, *, o
     terms: dict[str, float] = dict(state_bytes(variables, sizes, optimizer, max(layer_plan(cfg)[2], 1)))
     terms.update(activation_bytes(cfg, sizes, batch_size, seq_len, capacity_factor, loss_chunk, loss_impl))
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
-    return Plan(dict(sizes), batch_size // shards * seq_len, terms)
+    return Plan(dict(sizes), batch_size // shards * seq_len // sizes.get("context", 1), terms)
 
 
 def recommend(cfg: Config, chip: Chip, seq_len: int, *, optimizer: str = "muon",
               capacity_factor: float | None = None, loss_chunk: int = 1024, loss_impl: str = "remat", variables=None,
               max_chips: int = 65536) -> Plan | None:
-    """The smallest power-of-two chip count (>= 8) with a fitting mesh, one sequence per device.
+    """The smallest power-of-two chip count (>= 8) with a fitting mesh, one sequence per context group.
 
     Meshes tried per chip count, in order of preference: tensor 1, 2, 4 (tensor parallelism costs an all-reduce
-    per matmul), then the most expert parallelism (expert dividing E), the rest on fsdp.
+    per matmul), then context 1, 2, 4, ... (a sequence split over that many chips, when its length allows the
+    two-chunk layout), then the most expert parallelism (expert dividing E), the rest on fsdp.
     """
     variables = variables if variables is not None else model_variables(cfg)
     n = 8
@@ -278,15 +296,49 @@ def recommend(cfg: Config, chip: Chip, seq_len: int, *, optimizer: str = "muon",
         for tp in (1, 2, 4):
             if n % tp or cfg.num_attention_heads % tp:
                 continue
-            experts = [x for x in (2**i for i in range(int(math.log2(n // tp)) + 1)) if cfg.n_routed_experts % x == 0]
-            for x in sorted(experts, reverse=True):
-                sizes = {"data": 1, "fsdp": n // tp // x, "expert": x, "tensor": tp}
-                p = plan(cfg, sizes, n // tp, seq_len, optimizer=optimizer, capacity_factor=capacity_factor,
-                         loss_chunk=loss_chunk, loss_impl=loss_impl, variables=variables)
-                if p.total <= USABLE * chip.hbm:
-                    return p
+            for cp in (2**i for i in range(int(math.log2(n // tp)) + 1)):
+                if seq_len % (2 * cp * max(cfg.layer_ratios + (1,))):
+                    break
+                rest = n // tp // cp
+                experts = [x for x in (2**i for i in range(int(math.log2(rest)) + 1)) if cfg.n_routed_experts % x == 0]
+                for x in sorted(experts, reverse=True):
+                    sizes = {"data": 1, "fsdp": rest // x, "expert": x, "context": cp, "tensor": tp}
+                    p = plan(cfg, sizes, rest, seq_len, optimizer=optimizer, capacity_factor=capacity_factor,
+                             loss_chunk=loss_chunk, loss_impl=loss_impl, variables=variables)
+                    if p.total <= USABLE * chip.hbm:
+                        return p
         n *= 2
     return None
+
+
+STATE_TERMS = ("params", "optimizer", "gradients", "updates", "fsdp gathered")
+TABLE_LENGTHS = (4096, 16384, 65536, 1048576)
+
+
+def activation_share(p: Plan) -> float:
+    """The fraction of the counted bytes that are not model or optimizer state (activations, buffers, loss)."""
+    return sum(v for k, v in p.terms.items() if k not in STATE_TERMS) / p.counted
+
+
+def long_context_table(presets=("flash", "pro"), lengths=TABLE_LENGTHS, chips=CHIPS[:2], **kwargs) -> str:
+    """A markdown table of `recommend` for each preset, sequence length and chip."""
+    from deepseek_v4 import get_config
+
+    lines = ["| config | tokens/seq | chip | chips | mesh | per device | activation share |",
+             "|---|---:|---|---:|---|---:|---:|"]
+    for name in presets:
+        cfg = get_config(name)
+        variables = model_variables(cfg)
+        for length in lengths:
+            for chip in chips:
+                p = recommend(cfg, chip, length, variables=variables, **kwargs)
+                if p is None:
+                    lines.append(f"| {name} | {length:,} | {chip.name} | - | does not fit | - | - |")
+                    continue
+                mesh = ",".join(f"{k}={v}" for k, v in p.sizes.items() if v > 1)
+                lines.append(f"| {name} | {length:,} | {chip.name} | {math.prod(p.sizes.values()):,} | {mesh} | "
+                             f"{p.total / 1e9:.1f} GB | {100 * activation_share(p):.0f}% |")
+    return "\n".join(lines)
 
 
 def _gb(x: float) -> str:
@@ -317,6 +369,10 @@ def main(argv):
         print(f"{FLAGS.config}: {n_params:,} parameters ({cfg.param_dtype}), compute {cfg.dtype}, remat "
               f"{cfg.remat_policy}, optimizer {FLAGS.optimizer}, MoE "
               f"{'dropless' if FLAGS.capacity_factor is None else f'capacity factor {FLAGS.capacity_factor}'}")
+        if FLAGS.long_context_table:
+            print(long_context_table(optimizer=FLAGS.optimizer, capacity_factor=FLAGS.capacity_factor,
+                                     loss_chunk=FLAGS.loss_chunk, loss_impl=FLAGS.loss_impl))
+            return
         if FLAGS.recommend:
             for chip in CHIPS:
                 p = recommend(cfg, chip, FLAGS.seq_len, **kwargs)

@@ -44,7 +44,16 @@ def test_bad_batch_is_a_clear_error(tiny_variables):
 
 @pytest.mark.slow  # compiles the tiny train step: about 150 CPU-seconds
 def test_plan_within_15_percent_of_compiled_train_step():
-    cfg, spec, batch, seq = get_config("tiny"), "fsdp=8", 8, 64
+    check_plan_against_compiled("fsdp=8", 8, 64)
+
+
+@pytest.mark.slow  # compiles the tiny train step on a context mesh
+def test_plan_with_context_within_15_percent_of_compiled_train_step():
+    check_plan_against_compiled("fsdp=4,context=2", 4, 256)
+
+
+def check_plan_against_compiled(spec: str, batch: int, seq: int):
+    cfg = get_config("tiny")
     mesh = mesh_lib.make_mesh(spec)
     s = train.TrainSettings()
     with jax.set_mesh(mesh):

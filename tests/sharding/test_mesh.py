@@ -10,17 +10,18 @@ from sharding import mesh as mesh_lib
 
 
 @pytest.mark.parametrize("spec, want", [
-    ("data=2,fsdp=1,expert=4,tensor=1", (2, 1, 4, 1)),
-    ("expert=8", (1, 1, 8, 1)),
-    ("data=2,expert=-1", (2, 1, 4, 1)),
-    ("tensor=2,fsdp=-1", (1, 4, 1, 2)),
-    ("", (8, 1, 1, 1)),
-    (None, (8, 1, 1, 1)),
-    ({"expert": 4, "data": 2}, (2, 1, 4, 1)),
+    ("data=2,fsdp=1,expert=4,tensor=1", (2, 1, 4, 1, 1)),
+    ("expert=8", (1, 1, 8, 1, 1)),
+    ("data=2,expert=-1", (2, 1, 4, 1, 1)),
+    ("tensor=2,fsdp=-1", (1, 4, 1, 1, 2)),
+    ("", (8, 1, 1, 1, 1)),
+    (None, (8, 1, 1, 1, 1)),
+    ({"expert": 4, "data": 2}, (2, 1, 4, 1, 1)),
+    ("fsdp=2,context=4", (1, 2, 1, 4, 1)),
 ])
 def test_parse(spec, want):
     sizes = mesh_lib.parse_mesh(spec, 8)
-    assert tuple(sizes) == ("data", "fsdp", "expert", "tensor")
+    assert tuple(sizes) == ("data", "fsdp", "expert", "context", "tensor")
     assert tuple(sizes.values()) == want
 
 
@@ -43,11 +44,11 @@ def test_parse_errors_are_one_line(spec, message):
 
 def test_make_mesh_names_types_and_devices():
     mesh = mesh_lib.make_mesh("data=2,expert=4")
-    assert mesh.axis_names == ("data", "fsdp", "expert", "tensor")
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
-    assert mesh.axis_types == (AxisType.Auto,) * 4
+    assert mesh.axis_names == ("data", "fsdp", "expert", "context", "tensor")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4, "context": 1, "tensor": 1}
+    assert mesh.axis_types == (AxisType.Auto,) * 5
     assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
-    assert mesh_lib.describe(mesh) == "mesh data=2,fsdp=1,expert=4,tensor=1 (8 devices, 1 process)"
+    assert mesh_lib.describe(mesh) == "mesh data=2,fsdp=1,expert=4,context=1,tensor=1 (8 devices, 1 process)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,7 @@ def test_multi_slice_puts_slices_on_data():
     devices = [FakeDevice(i, i // 4, i // 4) for i in range(8)]
     assert mesh_lib.num_slices(devices) == 2
     grid = mesh_lib.device_grid(mesh_lib.parse_mesh("data=4,expert=2", 8), devices)
-    assert grid.shape == (4, 1, 2, 1)
+    assert grid.shape == (4, 1, 2, 1, 1)
     # The outer half of the data axis is slice 0, the inner half slice 1: only data crosses DCN.
     assert [{d.slice_index for d in grid[i].flat} for i in range(4)] == [{0}, {0}, {1}, {1}]
     with pytest.raises(ValueError, match="2 slices need the data axis"):

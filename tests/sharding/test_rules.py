@@ -35,8 +35,8 @@ def test_every_brief_name_has_a_row():
 def test_table_placements():
     assert rules.spec(("vocab", "embed")) == P("tensor", "fsdp")
     assert rules.spec(("experts", "embed", "expert_mlp")) == P("expert", "fsdp", "tensor")
-    assert rules.spec(("batch", "seq", "embed"), "activation") == P(("data", "fsdp", "expert"), None, None)
-    assert rules.spec(("batch", "seq", "vocab"), "activation") == P(("data", "fsdp", "expert"), None, "tensor")
+    assert rules.spec(("batch", "seq", "embed"), "activation") == P(("data", "fsdp", "expert"), "context", None)
+    assert rules.spec(("batch", "seq", "vocab"), "activation") == P(("data", "fsdp", "expert"), "context", "tensor")
     assert rules.spec(("layers", "embed", None)) == P(None, "fsdp", None)
 
 
@@ -146,7 +146,7 @@ def test_shard_model_matches_unsharded_construction(mesh):
 def test_summary_table(mesh):
     text = rules.summary(nnx.eval_shape(lambda: Toy(nnx.Rngs(0))), mesh)
     lines = text.splitlines()
-    assert lines[0] == "sharding summary, mesh data=2,fsdp=2,expert=2,tensor=1"
+    assert lines[0] == "sharding summary, mesh data=2,fsdp=2,expert=2,context=1,tensor=1"
     assert lines[1].split() == ["parameter", "logical", "axes", "shape", "dtype", "spec", "bytes/device"]
     row = next(ln for ln in lines if ln.startswith("layer.w1 "))
     assert row.split()[-1] == f"{E // 2 * D // 2 * F * 4:,}"
