@@ -72,9 +72,16 @@ class TrainSettings:
     balance_weight: float = _setting(1e-4, "Sequence-wise balance loss weight.")
     indexer_weight: float = _setting(1.0, "Weight of the lightning indexer's KL loss (0: no indexer training).")
     bias_speed: float = _setting(1e-3, "Aux-loss-free balancing bias update speed (sign rule).")
-    sparse_attention_after: int = _setting(0, "Steps of dense attention (CSA over all visible compressed entries; "
-                                           "the indexer learns from the KL) before CSA layers switch to top-k "
-                                           "sparse attention.")
+    sparse_attention_after: int = _setting(0, "First step of top-k sparse attention in CSA layers. Before it CSA "
+                                           "attends to every admissible compressed entry: dense training (everything "
+                                           "trains, the indexer on the dense KL), whose last indexer_warmup_steps "
+                                           "steps are the indexer warm-up (see csa_phase).")
+    indexer_warmup_steps: int = _setting(0, "Steps of the indexer warm-up, the last ones before "
+                                         "sparse_attention_after: dense CSA attention, only the lightning indexers "
+                                         "train (dense KL, their own AdamW at indexer_warmup_lr); the other "
+                                         "parameters, their optimizer state and the router biases stay unchanged.")
+    indexer_warmup_lr: float = _setting(1e-3, "Constant learning rate of the indexer warm-up's AdamW "
+                                        "(DeepSeek-V3.2: 1e-3).")
     loss_chunk: int = _setting(loss_lib.DEFAULT_CHUNK, "Tokens per chunk of head logits in the cross entropy.")
     loss_impl: str = _setting("remat", "Cross entropy gradients: fused = computed in the forward pass (3 head "
                               "matmuls per chunk, holds a head-sized gradient); remat = recomputed in the backward "
@@ -86,13 +93,18 @@ class TrainSettings:
         validate_settings(self)
 
     @property
+    def optimizer_steps(self) -> int:
+        """Steps the main optimizer takes (the run minus the indexer warm-up): the length of its LR schedule."""
+        return self.steps - self.indexer_warmup_steps
+
+    @property
     def decay_start(self) -> int:
-        """First step of the LR decay (where the MTP weight drops)."""
+        """First main-optimizer step of the LR decay (where the MTP weight drops)."""
         if self.schedule == "wsd":
-            return self.steps - decay_steps(self)
+            return self.optimizer_steps - decay_steps(self)
         if self.schedule == "cosine":
             return self.warmup_steps
-        return self.steps
+        return self.optimizer_steps
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -111,10 +123,12 @@ def validate_settings(s: TrainSettings) -> None:
         fail(f"schedule must be 'wsd', 'cosine' or 'constant', got {s.schedule!r}")
     if s.optimizer not in ("muon", "adamw"):
         fail(f"optimizer must be 'muon' or 'adamw', got {s.optimizer!r}")
-    if s.schedule == "wsd" and s.warmup_steps + decay_steps(s) > s.steps:
-        fail(f"warmup_steps ({s.warmup_steps}) + decay steps ({decay_steps(s)}) exceed steps ({s.steps})")
-    if s.schedule == "cosine" and s.warmup_steps >= s.steps:
-        fail(f"warmup_steps ({s.warmup_steps}) must be smaller than steps ({s.steps})")
+    _validate_indexer_warmup(s)
+    main = f"steps - indexer_warmup_steps ({s.optimizer_steps})" if s.indexer_warmup_steps else f"steps ({s.steps})"
+    if s.schedule == "wsd" and s.warmup_steps + decay_steps(s) > s.optimizer_steps:
+        fail(f"warmup_steps ({s.warmup_steps}) + decay steps ({decay_steps(s)}) exceed {main}")
+    if s.schedule == "cosine" and s.warmup_steps >= s.optimizer_steps:
+        fail(f"warmup_steps ({s.warmup_steps}) must be smaller than {main}")
     if s.warmup_steps < 0:
         fail(f"warmup_steps must be >= 0, got {s.warmup_steps}")
     if not 0 <= s.decay_fraction <= 1:
@@ -133,21 +147,80 @@ def validate_settings(s: TrainSettings) -> None:
                  "weight_decay"):
         if getattr(s, name) < 0:
             fail(f"{name} must be >= 0, got {getattr(s, name)}")
-    if s.sparse_attention_after < 0:
-        fail(f"sparse_attention_after must be >= 0, got {s.sparse_attention_after}")
+
+
+def _validate_indexer_warmup(s: TrainSettings) -> None:
+    w, after = s.indexer_warmup_steps, s.sparse_attention_after
+    if after < 0:
+        raise ValueError(f"sparse_attention_after must be >= 0, got {after}")
+    if w < 0:
+        raise ValueError(f"indexer_warmup_steps must be >= 0, got {w}")
+    if not (s.indexer_warmup_lr > 0 and math.isfinite(s.indexer_warmup_lr)):
+        raise ValueError(f"indexer_warmup_lr must be a positive number, got {s.indexer_warmup_lr}")
+    if w == 0:
+        return
+    if w >= s.steps:
+        raise ValueError(f"indexer_warmup_steps ({w}) must be shorter than the run (steps={s.steps})")
+    if w > after:
+        raise ValueError(f"indexer_warmup_steps ({w}) exceeds sparse_attention_after ({after}): the warm-up is the "
+                         f"last {w} steps before sparse attention starts")
+    if after > s.steps:
+        raise ValueError(f"the indexer warm-up ends at sparse_attention_after ({after}), after the run's last step "
+                         f"(steps={s.steps})")
+    if s.indexer_weight == 0:
+        raise ValueError(f"indexer_warmup_steps ({w}) needs indexer_weight > 0 (the warm-up trains on the KL only)")
+
+
+def check_settings_for_config(s: TrainSettings, cfg: Config) -> None:
+    """Raise a one-line ValueError for settings the model `cfg` cannot train with (an indexer warm-up needs CSA)."""
+    if s.indexer_warmup_steps and not any(cfg.layer_kind(r) == "csa" for r in cfg.layer_ratios):
+        raise ValueError(f"indexer_warmup_steps ({s.indexer_warmup_steps}) needs a CSA layer (an indexer to train); "
+                         f"the model has none (compress_ratios {list(cfg.compress_ratios)})")
+
+
+# ---- the CSA phases -------------------------------------------------------------------------------------
+
+DENSE, WARMUP, SPARSE = "dense", "warmup", "sparse"
+PHASES = (DENSE, WARMUP, SPARSE)
+
+
+def csa_phase(s: TrainSettings, step: int) -> str:
+    """The phase of the step with index `step` (0-based), from `sparse_attention_after` = S and
+    `indexer_warmup_steps` = W (0 <= W <= S; docs/training.md):
+
+    | steps           | phase    | CSA attention               | trains                                  | indexer objective |
+    |-----------------|----------|-----------------------------|-----------------------------------------|-------------------|
+    | [0, S - W)      | "dense"  | window + every admissible   | everything (main optimizer), router     | dense KL          |
+    |                 |          | compressed entry            | biases                                  |                   |
+    | [S - W, S)      | "warmup" | as "dense"                  | the indexers only (their own AdamW at   | dense KL          |
+    |                 |          |                             | indexer_warmup_lr); the rest, its       |                   |
+    |                 |          |                             | optimizer state and the biases frozen   |                   |
+    | [S, steps)      | "sparse" | window + the indexer's top-k| everything (main optimizer), router     | selected-set KL   |
+    |                 |          |                             | biases                                  |                   |
+
+    The phase depends on the step only, so a run resumed from a checkpoint continues in the phase it left.
+    Warm-up steps do not advance the main optimizer's LR schedule (its own step count stays), which therefore
+    runs over `steps - W` steps (`TrainSettings.optimizer_steps`).
+    """
+    if step >= s.sparse_attention_after:
+        return SPARSE
+    if step >= s.sparse_attention_after - s.indexer_warmup_steps:
+        return WARMUP
+    return DENSE
 
 
 # ---- schedule and optimizer ---------------------------------------------------------------------------
 
 
 def decay_steps(s: TrainSettings) -> int:
-    """wsd: the length of the final decay (at least 1 step)."""
-    return max(1, int(round(s.decay_fraction * s.steps)))
+    """wsd: the length of the final decay (at least 1 step) of the main optimizer's `optimizer_steps`."""
+    return max(1, int(round(s.decay_fraction * s.optimizer_steps)))
 
 
 def learning_rate_schedule(s: TrainSettings) -> optax.Schedule:
-    """The LR schedule named by `s.schedule` (see `optim.make_schedule`), ending at lr * final_lr_fraction."""
-    return optim.make_schedule(s.schedule, s.learning_rate, s.steps, warmup_steps=s.warmup_steps,
+    """The LR schedule named by `s.schedule` (see `optim.make_schedule`) over the main optimizer's
+    `optimizer_steps`, ending at lr * final_lr_fraction."""
+    return optim.make_schedule(s.schedule, s.learning_rate, s.optimizer_steps, warmup_steps=s.warmup_steps,
                                decay_steps=decay_steps(s) if s.schedule == "wsd" else None,
                                end_value=s.learning_rate * s.final_lr_fraction)
 
@@ -160,6 +233,23 @@ def make_optimizer(s: TrainSettings, *, mesh: jax.sharding.Mesh | None = None,
                                 partition_specs=partition_specs)
 
 
+def make_indexer_warmup_optimizer(s: TrainSettings) -> optax.GradientTransformation | None:
+    """The indexer warm-up's own optimizer (None without a warm-up): AdamW at the constant `indexer_warmup_lr`,
+    the run's betas, epsilon and weight decay, over the indexer parameters only (`split_indexer`)."""
+    if not s.indexer_warmup_steps:
+        return None
+    return optax.adamw(s.indexer_warmup_lr, b1=s.adam_b1, b2=s.adam_b2, eps=s.adam_eps, weight_decay=s.weight_decay)
+
+
+# The lightning indexers' parameters (every path through a module named `indexer`): what the warm-up trains.
+INDEXER_PARAMS = nnx.PathContains("indexer")
+
+
+def split_indexer(params: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """(the indexer parameters, the others) of a parameter state; `nnx.merge_state` joins them back."""
+    return nnx.split_state(params, INDEXER_PARAMS, ...)
+
+
 # ---- train state --------------------------------------------------------------------------------------
 
 
@@ -167,7 +257,8 @@ def make_optimizer(s: TrainSettings, *, mesh: jax.sharding.Mesh | None = None,
 @dataclasses.dataclass
 class TrainState:
     """Everything a step reads and writes. `params` are the trainable `nnx.Param`s, `extras` the other model
-    variables (router balancing biases, hash-routing tables)."""
+    variables (router balancing biases, hash-routing tables). `indexer_opt_state` is the indexer warm-up's
+    optimizer state (`make_indexer_warmup_optimizer`), None in a run without a warm-up (nothing is saved then)."""
 
     step: jax.Array  # [] int32: steps taken (skipped ones included)
     params: Any
@@ -175,6 +266,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # [2] uint32 key data, the run's base key (per-step keys: fold_in(rng, step))
     skipped: jax.Array  # [] int32: steps whose update was skipped (non-finite loss or gradients)
+    indexer_opt_state: Any = None
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
@@ -182,8 +274,9 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
     return nnx.split(model, nnx.Param, ...)
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[nnx.GraphDef, TrainState]:
-    """A fresh train state from a built model."""
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int,
+               indexer_tx: optax.GradientTransformation | None = None) -> tuple[nnx.GraphDef, TrainState]:
+    """A fresh train state from a built model (`indexer_tx`: the warm-up's optimizer, if the run has one)."""
     graphdef, params, extras = split_model(model)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -192,6 +285,7 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(seed)),
         skipped=jnp.zeros((), jnp.int32),
+        indexer_opt_state=None if indexer_tx is None else indexer_tx.init(split_indexer(params)[0]),
     )
     return graphdef, state
 
@@ -201,19 +295,21 @@ def abstract_model(build_model: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef,
     return split_model(nnx.eval_shape(build_model))
 
 
-def abstract_state_of(params: Any, extras: Any, tx: optax.GradientTransformation) -> TrainState:
+def abstract_state_of(params: Any, extras: Any, tx: optax.GradientTransformation,
+                      indexer_tx: optax.GradientTransformation | None = None) -> TrainState:
     """The train state's shapes and dtypes for abstract `params` / `extras` (from `abstract_model`)."""
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    indexer_opt = None if indexer_tx is None else jax.eval_shape(indexer_tx.init, split_indexer(params)[0])
     return TrainState(step=scalar, params=params, extras=extras, opt_state=jax.eval_shape(tx.init, params),
-                      rng=jax.ShapeDtypeStruct((2,), jnp.uint32), skipped=scalar)
+                      rng=jax.ShapeDtypeStruct((2,), jnp.uint32), skipped=scalar, indexer_opt_state=indexer_opt)
 
 
 def abstract_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
-                   seed: int) -> tuple[nnx.GraphDef, TrainState]:
+                   seed: int, indexer_tx: optax.GradientTransformation | None = None) -> tuple[nnx.GraphDef, TrainState]:
     """The graphdef and the train state's shapes and dtypes, without allocating anything."""
     del seed  # the key's shape does not depend on it
     graphdef, params, extras = abstract_model(build_model)
-    return graphdef, abstract_state_of(params, extras, tx)
+    return graphdef, abstract_state_of(params, extras, tx, indexer_tx)
 
 
 def state_shardings(abstract: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
@@ -244,14 +340,15 @@ def state_shardings(abstract: TrainState, mesh: jax.sharding.Mesh) -> TrainState
 
 
 def create_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, seed: int,
-                 shardings: Any = None, *, graphdef: nnx.GraphDef | None = None) -> tuple[nnx.GraphDef, TrainState]:
+                 shardings: Any = None, *, graphdef: nnx.GraphDef | None = None,
+                 indexer_tx: optax.GradientTransformation | None = None) -> tuple[nnx.GraphDef, TrainState]:
     """Build the model and optimizer state inside jit (each array is created where `shardings` puts it).
 
     Pass `graphdef` (from `abstract_model`) to skip tracing the constructor a second time.
     """
     if graphdef is None:
         graphdef = abstract_model(build_model)[0]
-    state = jax.jit(lambda: init_state(build_model(), tx, seed)[1], out_shardings=shardings)()
+    state = jax.jit(lambda: init_state(build_model(), tx, seed, indexer_tx)[1], out_shardings=shardings)()
     return graphdef, state
 
 
@@ -261,6 +358,7 @@ class StatePlan:
 
     graphdef: nnx.GraphDef
     tx: optax.GradientTransformation
+    indexer_tx: optax.GradientTransformation | None  # the indexer warm-up's optimizer (None without a warm-up)
     abstract: TrainState  # shapes and dtypes
     shardings: TrainState  # a NamedSharding per array
     target: TrainState  # ShapeDtypeStructs with shardings: the restore target
@@ -274,10 +372,12 @@ def plan_state(build_model: Callable[[], nnx.Module], s: TrainSettings, mesh: ja
     graphdef, params, extras = abstract_model(build_model)
     specs = jax.tree.map(lambda x: x.spec, rules.param_shardings(params, mesh))
     tx = make_optimizer(s, mesh=mesh, partition_specs=specs)
-    abstract = abstract_state_of(params, extras, tx)
+    indexer_tx = make_indexer_warmup_optimizer(s)
+    abstract = abstract_state_of(params, extras, tx, indexer_tx)
     shardings = state_shardings(abstract, mesh)
     target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
-    return StatePlan(graphdef=graphdef, tx=tx, abstract=abstract, shardings=shardings, target=target)
+    return StatePlan(graphdef=graphdef, tx=tx, indexer_tx=indexer_tx, abstract=abstract, shardings=shardings,
+                     target=target)
 
 
 # ---- the step -----------------------------------------------------------------------------------------
@@ -321,10 +421,10 @@ def _batch_counts(batch: dict[str, jax.Array], mtp_depth: int) -> dict[str, jax.
     return {"tokens": main, "mtp": mtp}
 
 
-def _microbatch_loss(params, extras, micro, counts, *, graphdef, s: TrainSettings, sparse: bool, mtp_weight):
+def _microbatch_loss(params, extras, micro, counts, *, graphdef, s: TrainSettings, phase: str, mtp_weight):
     model = nnx.merge(graphdef, params, extras)
     tokens, seg, pos, targets = micro["tokens"], micro["segment_ids"], micro["positions"], micro["targets"]
-    out = model.forward_train(tokens, seg, pos, sparse_attention=sparse, indexer_loss=s.indexer_weight > 0)
+    out = model.forward_train(tokens, seg, pos, sparse_attention=phase == SPARSE, indexer_loss=s.indexer_weight > 0)
     head = model.head[...]
     ce = loss_lib.chunked_cross_entropy(out.hidden, head, targets, token_weights(micro), chunk_size=s.loss_chunk,
                                         impl=s.loss_impl) / counts["tokens"]
@@ -359,9 +459,47 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def main_optimizer_count(state: TrainState) -> jax.Array:
+    """Steps the main optimizer has taken: steps minus skipped ones minus indexer warm-up updates (the warm-up
+    leaves the main optimizer state, its step count included, unchanged). Its LR schedule and the MTP weight
+    switch read this count. [] int32."""
+    count = state.step - state.skipped
+    if state.indexer_opt_state is not None:
+        count = count - optax.tree_utils.tree_get(state.indexer_opt_state, "count")
+    return count
+
+
+def _value_and_grads(loss_fn, trained, batch, a: int):
+    """`jax.value_and_grad(loss_fn, has_aux=True)(trained, micro)` summed over the `a` microbatches of `batch`."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if a == 1:
+        return grad_fn(trained, batch)
+    micro = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)  # [B, T] -> [A, B/A, T]
+
+    def body(carry, mb):
+        (t, aux), g = grad_fn(trained, mb)
+        acc_t, acc_aux, acc_g = carry
+        return (acc_t + t, jax.tree.map(jnp.add, acc_aux, aux), jax.tree.map(jnp.add, acc_g, g)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    (t0, aux0), g0 = grad_fn(trained, first)
+    rest = jax.tree.map(lambda x: x[1:], micro)
+    (total, aux, grads), _ = jax.lax.scan(body, (t0, aux0, g0), rest)
+    return (total, aux), grads
+
+
+def _clip(grads, s: TrainSettings):
+    """(grads scaled to global norm <= clip_norm, their norm before clipping)."""
+    grad_norm = optax.global_norm(grads)
+    if s.clip_norm > 0:
+        scale = jnp.minimum(1.0, s.clip_norm / (grad_norm + 1e-6))
+        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+    return grads, grad_norm
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.GraphDef, cfg: Config,
                tx: optax.GradientTransformation, s: TrainSettings,
-               sparse: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+               phase: str) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch (see the module docstring).
 
     Args:
@@ -370,6 +508,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
         Optional `loss_weights` [B, T] float32 scales each token's cross entropy (main and MTP; 0 leaves a token
         out, e.g. a prompt); each loss is a mean over the tokens of nonzero weight. A non-finite weight makes the
         loss non-finite, and the step is skipped.
+      phase: the CSA phase of this step, one of `PHASES` (`csa_phase`): "dense" / "sparse" update everything
+        with `tx`; "warmup" updates only the indexer parameters, with the warm-up's own optimizer.
 
     Returns:
       The new state and a dict of scalar / small metrics (on device).
@@ -377,32 +517,17 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
     Shapes:
       batch [B, T] -> microbatches [A, B/A, T]; expert_counts [n_learned_moe_layers, E].
     """
-    schedule = learning_rate_schedule(s)
-    count = state.step - state.skipped  # the optimizer's own step count (skipped steps do not advance it)
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    count = main_optimizer_count(state)
     mtp_weight = jnp.where(count >= s.decay_start, s.mtp_weight_after_decay, s.mtp_weight)
     counts = _batch_counts(batch, cfg.num_nextn_predict_layers)
-    loss_fn = functools.partial(_microbatch_loss, graphdef=graphdef, s=s, sparse=sparse, mtp_weight=mtp_weight)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    a = s.grad_accum
-    if a == 1:
-        (total, aux), grads = grad_fn(state.params, state.extras, batch, counts)
-    else:
-        micro = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)  # [B, T] -> [A, B/A, T]
-
-        def body(carry, mb):
-            (t, aux), g = grad_fn(state.params, state.extras, mb, counts)
-            acc_t, acc_aux, acc_g = carry
-            return (acc_t + t, jax.tree.map(jnp.add, acc_aux, aux), jax.tree.map(jnp.add, acc_g, g)), None
-
-        first = jax.tree.map(lambda x: x[0], micro)
-        (t0, aux0), g0 = grad_fn(state.params, state.extras, first, counts)
-        rest = jax.tree.map(lambda x: x[1:], micro)
-        (total, aux, grads), _ = jax.lax.scan(body, (t0, aux0, g0), rest)
-
-    grad_norm = optax.global_norm(grads)
-    if s.clip_norm > 0:
-        scale = jnp.minimum(1.0, s.clip_norm / (grad_norm + 1e-6))
-        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+    loss_fn = functools.partial(_microbatch_loss, graphdef=graphdef, s=s, phase=phase, mtp_weight=mtp_weight)
+    if phase == WARMUP:
+        return _indexer_warmup_step(state, batch, counts, loss_fn, s, mtp_weight)
+    (total, aux), grads = _value_and_grads(lambda p, mb: loss_fn(p, state.extras, mb, counts), state.params, batch,
+                                           s.grad_accum)
+    grads, grad_norm = _clip(grads, s)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
@@ -415,23 +540,58 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
 
     ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & _all_finite(updates) & _all_finite(extras)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
-    new_state = TrainState(
+    new_state = dataclasses.replace(
+        state,
         step=state.step + 1,
         params=keep(params, state.params),
         extras=keep(extras, state.extras),
         opt_state=keep(opt_state, state.opt_state),
-        rng=state.rng,
         skipped=state.skipped + jnp.where(ok, 0, 1).astype(jnp.int32),
     )
-    metrics = {
+    return new_state, _step_metrics(aux, total, grad_norm, learning_rate_schedule(s)(count), mtp_weight, counts, ok,
+                                    new_state)
+
+
+def _indexer_warmup_step(state: TrainState, batch, counts, loss_fn, s: TrainSettings, mtp_weight):
+    """A warm-up step: gradients of the same losses with respect to the indexer parameters only (only the dense
+    KL reaches them), clipped, and the warm-up's AdamW. Everything else, the main optimizer state and the router
+    biases included, is passed through untouched."""
+    if state.indexer_opt_state is None:
+        raise ValueError("an indexer warm-up step needs the state built with the warm-up's optimizer "
+                         "(indexer_warmup_steps > 0)")
+    indexer, rest = split_indexer(state.params)
+    indexer_tx = make_indexer_warmup_optimizer(s)
+
+    def indexer_loss_fn(trained, mb):
+        return loss_fn(nnx.merge_state(trained, rest), state.extras, mb, counts)
+
+    (total, aux), grads = _value_and_grads(indexer_loss_fn, indexer, batch, s.grad_accum)
+    grads, grad_norm = _clip(grads, s)
+    updates, indexer_opt = indexer_tx.update(grads, state.indexer_opt_state, indexer)
+    new_indexer = optax.apply_updates(indexer, updates)
+    ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & _all_finite(updates)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+    new_state = dataclasses.replace(
+        state,
+        step=state.step + 1,
+        params=nnx.merge_state(keep(new_indexer, indexer), rest),
+        indexer_opt_state=keep(indexer_opt, state.indexer_opt_state),
+        skipped=state.skipped + jnp.where(ok, 0, 1).astype(jnp.int32),
+    )
+    return new_state, _step_metrics(aux, total, grad_norm, jnp.float32(s.indexer_warmup_lr), mtp_weight, counts, ok,
+                                    new_state)
+
+
+def _step_metrics(aux, total, grad_norm, lr, mtp_weight, counts, ok, new_state) -> dict[str, jax.Array]:
+    return {
         "loss": aux["loss"],
         "mtp_loss": aux["mtp_loss"],
         "total_loss": total,
         "balance_loss": aux["balance_loss"],
         "indexer_loss": aux["indexer_loss"],
         "indexer_recall": aux["indexer_recall"],
-        "grad_norm": grad_norm,
-        "lr": schedule(count),
+        "grad_norm": grad_norm,  # of the parameters this step trains (warm-up: the indexers')
+        "lr": lr,  # the learning rate this step applied (warm-up: indexer_warmup_lr)
         "mtp_weight": mtp_weight,
         "tokens": counts["tokens"],
         "update_ok": ok,
@@ -440,16 +600,27 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, graphdef: nnx.
         "hash_expert_load_max_over_mean": _load_ratio(aux["hash_expert_counts"]),
         "dropped_tokens": aux["dropped_tokens"],  # (token, expert) pairs over capacity, all MoE layers
     }
-    return new_state, metrics
 
 
 def make_train_step(graphdef: nnx.GraphDef, cfg: Config, tx: optax.GradientTransformation, s: TrainSettings,
-                    *, sparse: bool) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """`train_step` jitted with the state donated: `step(state, batch) -> (state, metrics)`."""
-    fn = functools.partial(train_step, graphdef=graphdef, cfg=cfg, tx=tx, s=s, sparse=sparse)
+                    *, phase: str | None = None,
+                    sparse: bool | None = None) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """`train_step` jitted with the state donated: `step(state, batch) -> (state, metrics)`.
+
+    `phase` is one of `PHASES` (one compiled step per phase); `sparse=True` / `False` is the older spelling of
+    "sparse" / "dense".
+    """
+    if (phase is None) == (sparse is None):
+        raise ValueError("make_train_step takes exactly one of phase= and sparse=")
+    if phase is None:
+        phase = SPARSE if sparse else DENSE
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    check_settings_for_config(s, cfg)
+    fn = functools.partial(train_step, graphdef=graphdef, cfg=cfg, tx=tx, s=s, phase=phase)
     return jax.jit(fn, donate_argnums=(0,))
 
 
 def sparse_at(s: TrainSettings, step: int) -> bool:
-    """Whether CSA layers attend sparsely (top-k) at `step` (dense during the indexer warm-up)."""
-    return step >= s.sparse_attention_after
+    """Whether CSA layers attend sparsely (top-k) at `step` (`csa_phase` is "sparse")."""
+    return csa_phase(s, step) == SPARSE

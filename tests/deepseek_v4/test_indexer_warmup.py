@@ -1,0 +1,214 @@
+"""The indexer warm-up phase: the phase table, its settings errors, a warm-up step that trains only the indexer
+(everything else bit for bit unchanged), and a run resumed from a checkpoint taken mid warm-up.
+
+The step mechanics use the toy model of test_train.py plus one indexer parameter whose loss stands in for the
+indexer KL (it reaches only that parameter, as the model's stop-gradients make the real KL do); the real model's
+warm-up step is the slow test at the end.
+"""
+
+import dataclasses
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from deepseek_v4 import train
+from deepseek_v4.config import get_config
+from deepseek_v4.synthetic import SyntheticIterator
+from experiments import run as run_lib
+from tests.deepseek_v4.test_train import _SETTINGS, D, V, _batch, _Toy
+
+# Steps [0, 2) dense, [2, 4) indexer warm-up, [4, 6) sparse.
+_PHASED = dict(_SETTINGS, steps=6, decay_fraction=0.5, sparse_attention_after=4, indexer_warmup_steps=2,
+               indexer_warmup_lr=5e-2)
+
+
+class _Indexer(nnx.Module):
+    def __init__(self, rngs):
+        self.weights_proj = nnx.Param(jax.random.normal(rngs.params(), (D, 2)) * 0.3,
+                                      logical_axes=("embed", "index_heads"))
+
+
+class _Attn(nnx.Module):
+    def __init__(self, rngs):
+        self.indexer = _Indexer(rngs)
+
+
+class _ToyWithIndexer(_Toy):
+    """The toy plus `attn.indexer.weights_proj`, trained by a loss on the detached hidden state."""
+
+    def __init__(self, rngs):
+        super().__init__(rngs)
+        self.attn = _Attn(rngs)
+
+    def forward_train(self, tokens, segment_ids, positions, *, sparse_attention=True, indexer_loss=False):
+        out = super().forward_train(tokens, segment_ids, positions, sparse_attention=sparse_attention,
+                                    indexer_loss=indexer_loss)
+        pred = jax.lax.stop_gradient(out.hidden) @ self.attn.indexer.weights_proj[...]
+        return dataclasses.replace(out, indexer_loss=jnp.mean(jnp.square(pred - 1.0)))
+
+
+def _build():
+    return _ToyWithIndexer(nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def phased():
+    s = train.TrainSettings(**_PHASED)
+    tx = train.make_optimizer(s)
+    graphdef, _ = train.init_state(_build(), tx, 0, train.make_indexer_warmup_optimizer(s))
+    steps = {p: train.make_train_step(graphdef, get_config("tiny"), tx, s, phase=p) for p in train.PHASES}
+    return types.SimpleNamespace(s=s, tx=tx, graphdef=graphdef, steps=steps,
+                                 state=lambda: train.init_state(_build(), tx, 0,
+                                                                train.make_indexer_warmup_optimizer(s))[1])
+
+
+def _copy(tree):
+    return jax.tree.map(lambda x: np.array(x, copy=True), tree)  # copies: the step donates its input
+
+
+def _same(a, b) -> bool:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def _nowhere_same(a, b) -> bool:
+    return all(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_the_phase_table():
+    s = train.TrainSettings(steps=10, sparse_attention_after=6, indexer_warmup_steps=2)
+    assert [train.csa_phase(s, i) for i in range(10)] == ["dense"] * 4 + ["warmup"] * 2 + ["sparse"] * 4
+    assert s.optimizer_steps == 8  # the main schedule runs over the non-warm-up steps
+    plain = train.TrainSettings(steps=10, sparse_attention_after=3)  # no warm-up: as before
+    assert [train.csa_phase(plain, i) for i in range(5)] == ["dense"] * 3 + ["sparse"] * 2
+    assert [train.sparse_at(plain, i) for i in range(5)] == [False] * 3 + [True] * 2
+    assert train.TrainSettings(steps=10).optimizer_steps == 10
+    assert train.make_indexer_warmup_optimizer(plain) is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(indexer_warmup_steps=10, sparse_attention_after=10), r"indexer_warmup_steps \(10\) must be shorter than "
+                                                               r"the run \(steps=10\)"),
+    (dict(indexer_warmup_steps=3, sparse_attention_after=2), r"indexer_warmup_steps \(3\) exceeds "
+                                                             r"sparse_attention_after \(2\)"),
+    (dict(indexer_warmup_steps=3, sparse_attention_after=11), r"ends at sparse_attention_after \(11\), after the "
+                                                              r"run's last step"),
+    (dict(indexer_warmup_steps=3, sparse_attention_after=5, indexer_weight=0.0), r"needs indexer_weight > 0"),
+    (dict(indexer_warmup_steps=-1), r"indexer_warmup_steps must be >= 0"),
+    (dict(indexer_warmup_lr=0.0), r"indexer_warmup_lr must be a positive number"),
+])
+def test_bad_warmup_settings_are_one_line_errors(overrides, message):
+    with pytest.raises(ValueError, match=message) as e:
+        train.TrainSettings(**{**dict(steps=10, warmup_steps=1), **overrides})
+    assert "\n" not in str(e.value)
+
+
+def test_a_warmup_needs_a_csa_layer():
+    s = train.TrainSettings(steps=10, warmup_steps=1, sparse_attention_after=5, indexer_warmup_steps=2)
+    no_csa = get_config("tiny", num_hidden_layers=2, compress_ratios=(16, 0, 0))
+    with pytest.raises(ValueError, match=r"indexer_warmup_steps \(2\) needs a CSA layer") as e:
+        train.check_settings_for_config(s, no_csa)
+    assert "\n" not in str(e.value)
+    train.check_settings_for_config(s, get_config("tiny"))
+    train.check_settings_for_config(train.TrainSettings(steps=10, warmup_steps=1), no_csa)  # no warm-up: fine
+
+
+def test_a_warmup_step_trains_only_the_indexer(phased):
+    state = phased.state()
+    before = _copy(state)
+    new, m = phased.steps["warmup"](state, jax.tree.map(jnp.asarray, _batch()))
+    after = _copy(new)
+    idx_before, rest_before = train.split_indexer(before.params)
+    idx_after, rest_after = train.split_indexer(after.params)
+    assert bool(m["update_ok"]) and int(after.step) == 1 and int(after.skipped) == 0
+    # Bit for bit: the main parameters, the main optimizer state, the router biases.
+    assert _same(rest_before, rest_after)
+    assert _same(before.opt_state, after.opt_state)
+    assert _same(before.extras, after.extras)
+    # The indexer moved, with its own optimizer at its own learning rate.
+    assert _nowhere_same(idx_before, idx_after)
+    assert _nowhere_same(before.indexer_opt_state, after.indexer_opt_state)
+    assert float(m["lr"]) == pytest.approx(0.05)
+    assert int(train.main_optimizer_count(new)) == 0  # the main schedule did not advance
+    # A sparse step then trains everything (the indexer with the main optimizer) and leaves the warm-up's state.
+    newer, m2 = phased.steps["sparse"](new, jax.tree.map(jnp.asarray, _batch(seed=1)))
+    final = _copy(newer)
+    assert _nowhere_same(after.params, final.params) and _nowhere_same(after.opt_state, final.opt_state)
+    assert _same(after.indexer_opt_state, final.indexer_opt_state)
+    assert float(m2["lr"]) == float(train.learning_rate_schedule(phased.s)(0))
+    assert int(train.main_optimizer_count(newer)) == 1
+
+
+def test_a_non_finite_warmup_step_changes_nothing(phased):
+    state = phased.state()
+    before = _copy(state)
+    poisoned = _batch()
+    poisoned["loss_weights"] = np.ones(poisoned["tokens"].shape, np.float32)
+    poisoned["loss_weights"][0, 0] = np.nan  # the total loss is NaN, so its gradient for the indexer is too
+    new, m = phased.steps["warmup"](state, jax.tree.map(jnp.asarray, poisoned))
+    assert not bool(m["update_ok"]) and int(new.skipped) == 1
+    after = _copy(new)
+    for field in ("params", "extras", "opt_state", "indexer_opt_state"):
+        assert _same(getattr(before, field), getattr(after, field)), field
+    assert int(train.main_optimizer_count(new)) == 0
+
+
+def _opts(workdir, **kw):
+    return run_lib.RunSettings(workdir=str(workdir), batch_size=8, seq_len=12, save_every=3, log_every=1,
+                               keep_checkpoints=5, tensorboard=False, plot=False, progress=False, compilation_cache="",
+                               peak_flops=1e12, **kw)
+
+
+def _setup(workdir, s, steps_cache):
+    def make_step(graphdef, cfg, tx, settings, *, phase):  # one compile per phase for all runs of the test
+        if phase not in steps_cache:
+            steps_cache[phase] = train.make_train_step(graphdef, cfg, tx, settings, phase=phase)
+        return steps_cache[phase]
+
+    opts = _opts(workdir)
+    return run_lib.setup(get_config("tiny"), s, opts, workdir=str(workdir), model_name="toy",
+                         data_source=lambda i, n: SyntheticIterator(opts.batch_size, opts.seq_len, 0, V),
+                         make_step=make_step, build_model=_build)
+
+
+def test_a_checkpoint_taken_in_the_warmup_resumes_in_the_warmup(tmp_path):
+    from deepseek_v4.metrics import read_metrics
+
+    s = train.TrainSettings(**_PHASED)
+    cache = {}
+    stop = types.SimpleNamespace(signal=None)
+    with _setup(tmp_path / "full", s, cache) as full:
+        assert run_lib.train_loop(full, stop).step == 6
+        final = _copy(full.state)
+    phases = [r["phase"] for r in read_metrics(str(tmp_path / "full"))]
+    assert phases == ["dense"] * 2 + ["warmup"] * 2 + ["sparse"] * 2
+
+    # The same run stopped after step 3 (mid warm-up: the checkpoint holds one warm-up update), then resumed.
+    stop_after_3 = types.SimpleNamespace(signal=None)
+    with _setup(tmp_path / "resumed", s, cache) as first:
+        original_step_fn = first.step_fn
+
+        def step_fn(step):
+            if step == 2:
+                stop_after_3.signal = 15  # seen after the step with index 2: saved at 3, then the loop ends
+            return original_step_fn(step)
+
+        first.step_fn = step_fn
+        assert run_lib.train_loop(first, stop_after_3).step == 3
+        at_3 = _copy(first.state)
+    assert int(train.main_optimizer_count(at_3)) == 2
+    assert int(jax.tree.leaves(at_3.indexer_opt_state)[0]) == 1  # the warm-up optimizer's count
+    with _setup(tmp_path / "resumed", s, cache) as second:
+        assert second.resumed and second.start == 3
+        restored = _copy(second.state)
+        for field in ("params", "extras", "opt_state", "indexer_opt_state"):
+            assert _same(getattr(at_3, field), getattr(restored, field)), field
+        assert run_lib.train_loop(second, types.SimpleNamespace(signal=None)).step == 6
+        resumed_final = _copy(second.state)
+    assert _same(final, resumed_final)
+    records = read_metrics(str(tmp_path / "resumed"))
+    assert [r["phase"] for r in records] == ["dense"] * 2 + ["warmup"] * 2 + ["sparse"] * 2
