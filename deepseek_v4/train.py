@@ -36,6 +36,10 @@ from flax import nnx
 from deepseek_v4 import loss as loss_lib
 from deepseek_v4 import optim
 from deepseek_v4.config import Config
+from deepseek_v4.csa_phases import (DENSE, INDEXER_PARAMS, PHASES, SPARSE, WARMUP,  # noqa: F401  (re-exported)
+                                    check_settings_for_config, csa_phase, main_optimizer_count,
+                                    make_indexer_warmup_optimizer, split_indexer, validate_indexer_warmup,
+                                    with_indexer_warmup_state)
 from sharding import rules
 
 
@@ -123,7 +127,7 @@ def validate_settings(s: TrainSettings) -> None:
         fail(f"schedule must be 'wsd', 'cosine' or 'constant', got {s.schedule!r}")
     if s.optimizer not in ("muon", "adamw"):
         fail(f"optimizer must be 'muon' or 'adamw', got {s.optimizer!r}")
-    _validate_indexer_warmup(s)
+    validate_indexer_warmup(s)
     main = f"steps - indexer_warmup_steps ({s.optimizer_steps})" if s.indexer_warmup_steps else f"steps ({s.steps})"
     if s.schedule == "wsd" and s.warmup_steps + decay_steps(s) > s.optimizer_steps:
         fail(f"warmup_steps ({s.warmup_steps}) + decay steps ({decay_steps(s)}) exceed {main}")
@@ -149,66 +153,6 @@ def validate_settings(s: TrainSettings) -> None:
             fail(f"{name} must be >= 0, got {getattr(s, name)}")
 
 
-def _validate_indexer_warmup(s: TrainSettings) -> None:
-    w, after = s.indexer_warmup_steps, s.sparse_attention_after
-    if after < 0:
-        raise ValueError(f"sparse_attention_after must be >= 0, got {after}")
-    if w < 0:
-        raise ValueError(f"indexer_warmup_steps must be >= 0, got {w}")
-    if not (s.indexer_warmup_lr > 0 and math.isfinite(s.indexer_warmup_lr)):
-        raise ValueError(f"indexer_warmup_lr must be a positive number, got {s.indexer_warmup_lr}")
-    if w == 0:
-        return
-    if w >= s.steps:
-        raise ValueError(f"indexer_warmup_steps ({w}) must be shorter than the run (steps={s.steps})")
-    if w > after:
-        raise ValueError(f"indexer_warmup_steps ({w}) exceeds sparse_attention_after ({after}): the warm-up is the "
-                         f"last {w} steps before sparse attention starts")
-    if after > s.steps:
-        raise ValueError(f"the indexer warm-up ends at sparse_attention_after ({after}), after the run's last step "
-                         f"(steps={s.steps})")
-    if s.indexer_weight == 0:
-        raise ValueError(f"indexer_warmup_steps ({w}) needs indexer_weight > 0 (the warm-up trains on the KL only)")
-
-
-def check_settings_for_config(s: TrainSettings, cfg: Config) -> None:
-    """Raise a one-line ValueError for settings the model `cfg` cannot train with (an indexer warm-up needs CSA)."""
-    if s.indexer_warmup_steps and not any(cfg.layer_kind(r) == "csa" for r in cfg.layer_ratios):
-        raise ValueError(f"indexer_warmup_steps ({s.indexer_warmup_steps}) needs a CSA layer (an indexer to train); "
-                         f"the model has none (compress_ratios {list(cfg.compress_ratios)})")
-
-
-# ---- the CSA phases -------------------------------------------------------------------------------------
-
-DENSE, WARMUP, SPARSE = "dense", "warmup", "sparse"
-PHASES = (DENSE, WARMUP, SPARSE)
-
-
-def csa_phase(s: TrainSettings, step: int) -> str:
-    """The phase of the step with index `step` (0-based), from `sparse_attention_after` = S and
-    `indexer_warmup_steps` = W (0 <= W <= S; docs/training.md):
-
-    | steps           | phase    | CSA attention               | trains                                  | indexer objective |
-    |-----------------|----------|-----------------------------|-----------------------------------------|-------------------|
-    | [0, S - W)      | "dense"  | window + every admissible   | everything (main optimizer), router     | dense KL          |
-    |                 |          | compressed entry            | biases                                  |                   |
-    | [S - W, S)      | "warmup" | as "dense"                  | the indexers only (their own AdamW at   | dense KL          |
-    |                 |          |                             | indexer_warmup_lr); the rest, its       |                   |
-    |                 |          |                             | optimizer state and the biases frozen   |                   |
-    | [S, steps)      | "sparse" | window + the indexer's top-k| everything (main optimizer), router     | selected-set KL   |
-    |                 |          |                             | biases                                  |                   |
-
-    The phase depends on the step only, so a run resumed from a checkpoint continues in the phase it left.
-    Warm-up steps do not advance the main optimizer's LR schedule (its own step count stays), which therefore
-    runs over `steps - W` steps (`TrainSettings.optimizer_steps`).
-    """
-    if step >= s.sparse_attention_after:
-        return SPARSE
-    if step >= s.sparse_attention_after - s.indexer_warmup_steps:
-        return WARMUP
-    return DENSE
-
-
 # ---- schedule and optimizer ---------------------------------------------------------------------------
 
 
@@ -231,23 +175,6 @@ def make_optimizer(s: TrainSettings, *, mesh: jax.sharding.Mesh | None = None,
     return optim.make_optimizer(s.optimizer, learning_rate_schedule(s), weight_decay=s.weight_decay,
                                 clip_norm=None, b1=s.adam_b1, b2=s.adam_b2, eps=s.adam_eps, mesh=mesh,
                                 partition_specs=partition_specs)
-
-
-def make_indexer_warmup_optimizer(s: TrainSettings) -> optax.GradientTransformation | None:
-    """The indexer warm-up's own optimizer (None without a warm-up): AdamW at the constant `indexer_warmup_lr`,
-    the run's betas, epsilon and weight decay, over the indexer parameters only (`split_indexer`)."""
-    if not s.indexer_warmup_steps:
-        return None
-    return optax.adamw(s.indexer_warmup_lr, b1=s.adam_b1, b2=s.adam_b2, eps=s.adam_eps, weight_decay=s.weight_decay)
-
-
-# The lightning indexers' parameters (every path through a module named `indexer`): what the warm-up trains.
-INDEXER_PARAMS = nnx.PathContains("indexer")
-
-
-def split_indexer(params: nnx.State) -> tuple[nnx.State, nnx.State]:
-    """(the indexer parameters, the others) of a parameter state; `nnx.merge_state` joins them back."""
-    return nnx.split_state(params, INDEXER_PARAMS, ...)
 
 
 # ---- train state --------------------------------------------------------------------------------------
@@ -362,6 +289,8 @@ class StatePlan:
     abstract: TrainState  # shapes and dtypes
     shardings: TrainState  # a NamedSharding per array
     target: TrainState  # ShapeDtypeStructs with shardings: the restore target
+    # The restore target of the warm-up's optimizer state wherever a checkpoint holds one (None: no indexer).
+    indexer_opt_target: Any = None
 
 
 def plan_state(build_model: Callable[[], nnx.Module], s: TrainSettings, mesh: jax.sharding.Mesh) -> StatePlan:
@@ -373,11 +302,19 @@ def plan_state(build_model: Callable[[], nnx.Module], s: TrainSettings, mesh: ja
     specs = jax.tree.map(lambda x: x.spec, rules.param_shardings(params, mesh))
     tx = make_optimizer(s, mesh=mesh, partition_specs=specs)
     indexer_tx = make_indexer_warmup_optimizer(s)
-    abstract = abstract_state_of(params, extras, tx, indexer_tx)
-    shardings = state_shardings(abstract, mesh)
-    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
-    return StatePlan(graphdef=graphdef, tx=tx, indexer_tx=indexer_tx, abstract=abstract, shardings=shardings,
-                     target=target)
+    # Laid out whenever the model has indexers: a checkpoint of a run with a warm-up holds this state, and a run
+    # resumed from it keeps it (it counts the warm-up updates the main schedule leaves out).
+    has_indexer = bool(jax.tree.leaves(split_indexer(params)[0]))
+    layout_tx = indexer_tx or (optax.adamw(1.0) if has_indexer else None)  # same state layout at any settings
+    full = abstract_state_of(params, extras, tx, layout_tx)
+    full_shardings = state_shardings(full, mesh)
+    full_target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), full,
+                               full_shardings)
+    without = {} if indexer_tx is not None else {"indexer_opt_state": None}
+    return StatePlan(graphdef=graphdef, tx=tx, indexer_tx=indexer_tx, abstract=dataclasses.replace(full, **without),
+                     shardings=dataclasses.replace(full_shardings, **without),
+                     target=dataclasses.replace(full_target, **without),
+                     indexer_opt_target=full_target.indexer_opt_state)
 
 
 # ---- the step -----------------------------------------------------------------------------------------
@@ -457,16 +394,6 @@ def _load_ratio(counts: jax.Array) -> jax.Array:
 def _all_finite(tree: Any) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-
-
-def main_optimizer_count(state: TrainState) -> jax.Array:
-    """Steps the main optimizer has taken: steps minus skipped ones minus indexer warm-up updates (the warm-up
-    leaves the main optimizer state, its step count included, unchanged). Its LR schedule and the MTP weight
-    switch read this count. [] int32."""
-    count = state.step - state.skipped
-    if state.indexer_opt_state is not None:
-        count = count - optax.tree_utils.tree_get(state.indexer_opt_state, "count")
-    return count
 
 
 def _value_and_grads(loss_fn, trained, batch, a: int):

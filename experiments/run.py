@@ -234,12 +234,13 @@ def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, work
         with jax.set_mesh(mesh):
             plan = train.plan_state(build_model, settings, mesh)
             with _as_user_error(ckpt_lib.ConfigMismatchError, ckpt_lib.NoUsableCheckpointError):
-                restored = ckpt.restore(plan.target, config=cfg)
+                restored = ckpt.restore(plan.target, config=cfg,
+                                        optional={"indexer_opt_state": plan.indexer_opt_target})
             if restored is None:
                 _, state = train.create_state(build_model, plan.tx, opts.seed, plan.shardings, graphdef=plan.graphdef,
                                               indexer_tx=plan.indexer_tx)
             else:
-                state = restored.state
+                state = train.with_indexer_warmup_state(restored.state, plan)
         run = Run(cfg=cfg, settings=settings, opts=opts, workdir=workdir, mesh=mesh, plan=plan, state=state,
                   start=restored.step if restored else 0, resumed=restored is not None, checkpointer=ckpt,
                   primary=primary, make_step=make_step, resources=resources,

@@ -7,6 +7,7 @@ warm-up step is the slow test at the end.
 """
 
 import dataclasses
+import glob
 import types
 
 import jax
@@ -164,15 +165,29 @@ def _opts(workdir, **kw):
 
 
 def _setup(workdir, s, steps_cache):
-    def make_step(graphdef, cfg, tx, settings, *, phase):  # one compile per phase for all runs of the test
-        if phase not in steps_cache:
-            steps_cache[phase] = train.make_train_step(graphdef, cfg, tx, settings, phase=phase)
-        return steps_cache[phase]
+    def make_step(graphdef, cfg, tx, settings, *, phase):  # one compile per (settings, phase) for all runs
+        if (settings, phase) not in steps_cache:
+            steps_cache[settings, phase] = train.make_train_step(graphdef, cfg, tx, settings, phase=phase)
+        return steps_cache[settings, phase]
 
     opts = _opts(workdir)
     return run_lib.setup(get_config("tiny"), s, opts, workdir=str(workdir), model_name="toy",
                          data_source=lambda i, n: SyntheticIterator(opts.batch_size, opts.seq_len, 0, V),
                          make_step=make_step, build_model=_build)
+
+
+def _train_until(run, stop_at: int) -> int:
+    """`train_loop` stopped (as by SIGTERM) once `stop_at` steps are taken: it saves there and returns."""
+    stop = types.SimpleNamespace(signal=None)
+    step_fn = run.step_fn
+
+    def stopping_step_fn(step):
+        if step == stop_at - 1:
+            stop.signal = 15  # seen after this step: saved, then the loop ends
+        return step_fn(step)
+
+    run.step_fn = stopping_step_fn
+    return run_lib.train_loop(run, stop).step
 
 
 def test_a_checkpoint_taken_in_the_warmup_resumes_in_the_warmup(tmp_path):
@@ -188,17 +203,8 @@ def test_a_checkpoint_taken_in_the_warmup_resumes_in_the_warmup(tmp_path):
     assert phases == ["dense"] * 2 + ["warmup"] * 2 + ["sparse"] * 2
 
     # The same run stopped after step 3 (mid warm-up: the checkpoint holds one warm-up update), then resumed.
-    stop_after_3 = types.SimpleNamespace(signal=None)
     with _setup(tmp_path / "resumed", s, cache) as first:
-        original_step_fn = first.step_fn
-
-        def step_fn(step):
-            if step == 2:
-                stop_after_3.signal = 15  # seen after the step with index 2: saved at 3, then the loop ends
-            return original_step_fn(step)
-
-        first.step_fn = step_fn
-        assert run_lib.train_loop(first, stop_after_3).step == 3
+        assert _train_until(first, 3) == 3
         at_3 = _copy(first.state)
     assert int(train.main_optimizer_count(at_3)) == 2
     assert int(jax.tree.leaves(at_3.indexer_opt_state)[0]) == 1  # the warm-up optimizer's count
@@ -212,3 +218,26 @@ def test_a_checkpoint_taken_in_the_warmup_resumes_in_the_warmup(tmp_path):
     assert _same(final, resumed_final)
     records = read_metrics(str(tmp_path / "resumed"))
     assert [r["phase"] for r in records] == ["dense"] * 2 + ["warmup"] * 2 + ["sparse"] * 2
+
+
+def test_a_warmup_can_be_added_to_and_dropped_from_a_resumed_run(tmp_path):
+    """A checkpoint without the warm-up's optimizer state resumes into a run with a warm-up (the state starts
+    fresh, nothing is moved aside); a run without a warm-up resumed after one keeps that state, so the main
+    optimizer's count still leaves the warm-up updates out."""
+    cache = {}
+    plain = train.TrainSettings(**{**_PHASED, "indexer_warmup_steps": 0})
+    with _setup(tmp_path, plain, cache) as first:
+        assert first.state.indexer_opt_state is None
+        assert _train_until(first, 2) == 2  # two dense steps
+    with _setup(tmp_path, train.TrainSettings(**_PHASED), cache) as second:
+        assert second.resumed and second.start == 2
+        assert int(jax.tree.leaves(second.state.indexer_opt_state)[0]) == 0  # fresh
+        assert run_lib.train_loop(second, types.SimpleNamespace(signal=None)).step == 6
+        assert int(train.main_optimizer_count(second.state)) == 4
+    longer = train.TrainSettings(**{**_PHASED, "indexer_warmup_steps": 0, "steps": 8})
+    with _setup(tmp_path, longer, cache) as third:
+        assert third.resumed and third.start == 6
+        assert int(jax.tree.leaves(third.state.indexer_opt_state)[0]) == 2
+        assert int(train.main_optimizer_count(third.state)) == 4
+        assert run_lib.train_loop(third, types.SimpleNamespace(signal=None)).step == 8
+    assert not glob.glob(str(tmp_path / "checkpoints" / "*corrupt*"))
