@@ -29,15 +29,13 @@ def csa_phase(s: TrainSettings, step: int) -> str:
     """The phase of the step with index `step` (0-based), from `sparse_attention_after` = S and
     `indexer_warmup_steps` = W (0 <= W <= S; docs/training.md):
 
-    | steps           | phase    | CSA attention               | trains                                  | indexer objective |
-    |-----------------|----------|-----------------------------|-----------------------------------------|-------------------|
-    | [0, S - W)      | "dense"  | window + every admissible   | everything (main optimizer), router     | dense KL          |
-    |                 |          | compressed entry            | biases                                  |                   |
-    | [S - W, S)      | "warmup" | as "dense"                  | the indexers only (their own AdamW at   | dense KL          |
-    |                 |          |                             | indexer_warmup_lr); the rest, its       |                   |
-    |                 |          |                             | optimizer state and the biases frozen   |                   |
-    | [S, steps)      | "sparse" | window + the indexer's top-k| everything (main optimizer), router     | selected-set KL   |
-    |                 |          |                             | biases                                  |                   |
+    | steps      | phase    | CSA attention                   | trains                                  | indexer KL   |
+    |------------|----------|---------------------------------|-----------------------------------------|--------------|
+    | [0, S - W) | "dense"  | window + every admissible entry | everything (main optimizer), biases     | dense        |
+    | [S - W, S) | "warmup" | window + every admissible entry | the indexers only (own AdamW, constant  | dense        |
+    |            |          |                                 | indexer_warmup_lr); the rest, the main  |              |
+    |            |          |                                 | optimizer state and the biases frozen   |              |
+    | [S, steps) | "sparse" | window + the indexer's top-k    | everything (main optimizer), biases     | selected set |
 
     The phase depends on the step only, so a run resumed from a checkpoint continues in the phase it left.
     Warm-up steps do not advance the main optimizer's LR schedule (its own step count stays), which therefore

@@ -16,6 +16,11 @@ Loss = CE + w_mtp * CE_mtp + w_bal * balance + w_idx * indexer_KL, with w_mtp = 
 the learning rate starts to decay (docs/training.md), w_bal = 1e-4, indexer KL gradients reaching only
 the indexer (the model applies the stop-gradients).
 
+The CSA phase of a step (`csa_phase`: dense, indexer warm-up, sparse; the table is in deepseek_v4/csa_phases.py)
+is static: one compiled step per phase. A warm-up step differentiates with respect to the indexer parameters
+only, updates them with their own optimizer (`TrainState.indexer_opt_state`) and skips step 3, so the other
+parameters, the main optimizer state and the biases stay bit for bit.
+
 `nnx.split` happens once, when the state is built; the step works on the split pytrees and merges the model
 inside the jitted function. The state argument is donated.
 """
@@ -231,8 +236,8 @@ def abstract_state_of(params: Any, extras: Any, tx: optax.GradientTransformation
                       rng=jax.ShapeDtypeStruct((2,), jnp.uint32), skipped=scalar, indexer_opt_state=indexer_opt)
 
 
-def abstract_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
-                   seed: int, indexer_tx: optax.GradientTransformation | None = None) -> tuple[nnx.GraphDef, TrainState]:
+def abstract_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, seed: int,
+                   indexer_tx: optax.GradientTransformation | None = None) -> tuple[nnx.GraphDef, TrainState]:
     """The graphdef and the train state's shapes and dtypes, without allocating anything."""
     del seed  # the key's shape does not depend on it
     graphdef, params, extras = abstract_model(build_model)

@@ -241,3 +241,26 @@ def test_a_warmup_can_be_added_to_and_dropped_from_a_resumed_run(tmp_path):
         assert int(train.main_optimizer_count(third.state)) == 4
         assert run_lib.train_loop(third, types.SimpleNamespace(signal=None)).step == 8
     assert not glob.glob(str(tmp_path / "checkpoints" / "*corrupt*"))
+
+
+@pytest.mark.slow
+def test_the_real_models_warmup_step_trains_only_its_indexers():
+    from deepseek_v4 import DeepseekV4
+
+    cfg = get_config("tiny", vocab_size=1024, num_hidden_layers=2, compress_ratios=(4, 16, 0), num_hash_layers=1)
+    s = train.TrainSettings(steps=4, warmup_steps=1, sparse_attention_after=2, indexer_warmup_steps=1)
+    tx = train.make_optimizer(s)  # Muon + AdamW: the indexers' matrices are Muon's in the other phases
+    graphdef, state = train.init_state(DeepseekV4(cfg, rngs=nnx.Rngs(0)), tx, 0, train.make_indexer_warmup_optimizer(s))
+    batch = SyntheticIterator(2, 32, 0, cfg.vocab_size).__next__()
+    before = _copy(state)
+    new, m = train.make_train_step(graphdef, cfg, tx, s, phase=train.csa_phase(s, 1))(
+        state, jax.tree.map(jnp.asarray, batch))
+    after = _copy(new)
+    assert bool(m["update_ok"]) and float(m["indexer_loss"]) > 0
+    idx_before, rest_before = train.split_indexer(before.params)
+    idx_after, rest_after = train.split_indexer(after.params)
+    assert len(jax.tree.leaves(idx_before)) == 6  # wq_b, weights_proj, compressor wkv / wgate / ape / norm
+    assert _same(rest_before, rest_after) and _same(before.opt_state, after.opt_state)
+    assert _same(before.extras, after.extras)  # no router-bias update
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(idx_before), jax.tree.leaves(idx_after))]
+    assert all(moved), moved
