@@ -18,6 +18,7 @@ from tests.conftest import TOLERANCES
 from tests.pallas_kernels.test_sparse_attention import BLOCKS, CASES, problem
 
 
+@pytest.mark.slow  # interpret-mode kernels, forward and backward: ~25-40 s each
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
 def test_the_pallas_path_returns_the_reference_mass_and_output_gradients(impl):
     case, (q, kv, entries, topk, sink, seg) = problem("packed")
