@@ -268,12 +268,16 @@ class Checkpointer:
             raise ValueError(f"checkpoint step {step} does not match its saved fingerprint")
         return Restored(step=step, state=state, data_state=None, meta=meta)
 
-    def restore(self, abstract_state: Any, *, config: Config | None = None) -> Restored | None:
+    def restore(self, abstract_state: Any, *, config: Config | None = None,
+                optional: dict[str, Any] | None = None) -> Restored | None:
         """Restore the newest good checkpoint into `abstract_state`'s structure, shapes, dtypes and shardings.
 
         Args:
           abstract_state: a pytree of `jax.ShapeDtypeStruct` (with `.sharding`) like the saved state.
           config: if given, a checkpoint of a different model raises `ConfigMismatchError`.
+          optional: fields of `abstract_state` (a dataclass) that a checkpoint may or may not hold, each with
+            its abstract value: restored into that value where the checkpoint holds the field, None where it
+            does not (e.g. the indexer warm-up's optimizer state, saved only by runs with a warm-up).
 
         Returns:
           The restored step, state, data-iterator state and meta JSON; None if there is no checkpoint.
@@ -284,11 +288,15 @@ class Checkpointer:
         """
         if config is not None:
             self.check_config(config)
-        target = to_nested(jax.tree.map(_as_target, abstract_state))
         tried = []
         while self.steps():
             step = self.steps()[-1]
             try:
+                like = abstract_state
+                if optional:
+                    saved = set(self._manager.item_metadata(step)["state"].tree)
+                    like = dataclasses.replace(like, **{k: v if k in saved else None for k, v in optional.items()})
+                target = to_nested(jax.tree.map(_as_target, like))
                 got = self._manager.restore(
                     step,
                     args=ocp.args.Composite(
@@ -297,7 +305,7 @@ class Checkpointer:
                         meta=ocp.args.JsonRestore(),
                     ),
                 )
-                state = from_nested(got["state"], abstract_state)
+                state = from_nested(got["state"], like)
                 meta = dict(got["meta"])
                 total, finite = fingerprint(state)
                 if not finite:

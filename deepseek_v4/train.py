@@ -20,6 +20,11 @@ the indexer (the model applies the stop-gradients).
 The microbatch loss is pluggable (`LossFn`, default `next_token_loss`): SFT uses the default with per-token
 `loss_weights` (assistant tokens only); an RL objective passes its own and shares everything else.
 
+The CSA phase of a step (`csa_phase`: dense, indexer warm-up, sparse; the table is in deepseek_v4/csa_phases.py)
+is static: one compiled step per phase. A warm-up step differentiates with respect to the indexer parameters
+only, updates them with their own optimizer (`TrainState.indexer_opt_state`) and skips step 3, so the other
+parameters, the main optimizer state and the biases stay bit for bit.
+
 `nnx.split` happens once, when the state is built; the step works on the split pytrees and merges the model
 inside the jitted function. The state argument is donated.
 """
@@ -41,6 +46,10 @@ from deepseek_v4 import loss as loss_lib
 from deepseek_v4 import optim
 from deepseek_v4.config import Config
 from sharding import context as cp
+from deepseek_v4.csa_phases import (DENSE, INDEXER_PARAMS, PHASES, SPARSE, WARMUP,  # noqa: F401  (re-exported)
+                                    check_settings_for_config, csa_phase, main_optimizer_count,
+                                    make_indexer_warmup_optimizer, split_indexer, validate_indexer_warmup,
+                                    with_indexer_warmup_state)
 from sharding import rules
 
 
@@ -77,9 +86,16 @@ class TrainSettings:
     balance_weight: float = _setting(1e-4, "Sequence-wise balance loss weight.")
     indexer_weight: float = _setting(1.0, "Weight of the lightning indexer's KL loss (0: no indexer training).")
     bias_speed: float = _setting(1e-3, "Aux-loss-free balancing bias update speed (sign rule).")
-    sparse_attention_after: int = _setting(0, "Steps of dense attention (CSA over all visible compressed entries; "
-                                           "the indexer learns from the KL) before CSA layers switch to top-k "
-                                           "sparse attention.")
+    sparse_attention_after: int = _setting(0, "First step of top-k sparse attention in CSA layers. Before it CSA "
+                                           "attends to every admissible compressed entry: dense training (everything "
+                                           "trains, the indexer on the dense KL), whose last indexer_warmup_steps "
+                                           "steps are the indexer warm-up (see csa_phase).")
+    indexer_warmup_steps: int = _setting(0, "Steps of the indexer warm-up, the last ones before "
+                                         "sparse_attention_after: dense CSA attention, only the lightning indexers "
+                                         "train (dense KL, their own AdamW at indexer_warmup_lr); the other "
+                                         "parameters, their optimizer state and the router biases stay unchanged.")
+    indexer_warmup_lr: float = _setting(1e-3, "Constant learning rate of the indexer warm-up's AdamW "
+                                        "(DeepSeek-V3.2: 1e-3).")
     loss_chunk: int = _setting(loss_lib.DEFAULT_CHUNK, "Tokens per chunk of head logits in the cross entropy.")
     loss_impl: str = _setting("remat", "Cross entropy gradients: fused = computed in the forward pass (3 head "
                               "matmuls per chunk, holds a head-sized gradient); remat = recomputed in the backward "
@@ -91,13 +107,18 @@ class TrainSettings:
         validate_settings(self)
 
     @property
+    def optimizer_steps(self) -> int:
+        """Steps the main optimizer takes (the run minus the indexer warm-up): the length of its LR schedule."""
+        return self.steps - self.indexer_warmup_steps
+
+    @property
     def decay_start(self) -> int:
-        """First step of the LR decay (where the MTP weight drops)."""
+        """First main-optimizer step of the LR decay (where the MTP weight drops)."""
         if self.schedule == "wsd":
-            return self.steps - decay_steps(self)
+            return self.optimizer_steps - decay_steps(self)
         if self.schedule == "cosine":
             return self.warmup_steps
-        return self.steps
+        return self.optimizer_steps
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,10 +137,12 @@ def validate_settings(s: TrainSettings) -> None:
         fail(f"schedule must be 'wsd', 'cosine' or 'constant', got {s.schedule!r}")
     if s.optimizer not in ("muon", "adamw"):
         fail(f"optimizer must be 'muon' or 'adamw', got {s.optimizer!r}")
-    if s.schedule == "wsd" and s.warmup_steps + decay_steps(s) > s.steps:
-        fail(f"warmup_steps ({s.warmup_steps}) + decay steps ({decay_steps(s)}) exceed steps ({s.steps})")
-    if s.schedule == "cosine" and s.warmup_steps >= s.steps:
-        fail(f"warmup_steps ({s.warmup_steps}) must be smaller than steps ({s.steps})")
+    validate_indexer_warmup(s)
+    main = f"steps - indexer_warmup_steps ({s.optimizer_steps})" if s.indexer_warmup_steps else f"steps ({s.steps})"
+    if s.schedule == "wsd" and s.warmup_steps + decay_steps(s) > s.optimizer_steps:
+        fail(f"warmup_steps ({s.warmup_steps}) + decay steps ({decay_steps(s)}) exceed {main}")
+    if s.schedule == "cosine" and s.warmup_steps >= s.optimizer_steps:
+        fail(f"warmup_steps ({s.warmup_steps}) must be smaller than {main}")
     if s.warmup_steps < 0:
         fail(f"warmup_steps must be >= 0, got {s.warmup_steps}")
     if not 0 <= s.decay_fraction <= 1:
@@ -138,21 +161,20 @@ def validate_settings(s: TrainSettings) -> None:
                  "weight_decay"):
         if getattr(s, name) < 0:
             fail(f"{name} must be >= 0, got {getattr(s, name)}")
-    if s.sparse_attention_after < 0:
-        fail(f"sparse_attention_after must be >= 0, got {s.sparse_attention_after}")
 
 
 # ---- schedule and optimizer ---------------------------------------------------------------------------
 
 
 def decay_steps(s: TrainSettings) -> int:
-    """wsd: the length of the final decay (at least 1 step)."""
-    return max(1, int(round(s.decay_fraction * s.steps)))
+    """wsd: the length of the final decay (at least 1 step) of the main optimizer's `optimizer_steps`."""
+    return max(1, int(round(s.decay_fraction * s.optimizer_steps)))
 
 
 def learning_rate_schedule(s: TrainSettings) -> optax.Schedule:
-    """The LR schedule named by `s.schedule` (see `optim.make_schedule`), ending at lr * final_lr_fraction."""
-    return optim.make_schedule(s.schedule, s.learning_rate, s.steps, warmup_steps=s.warmup_steps,
+    """The LR schedule named by `s.schedule` (see `optim.make_schedule`) over the main optimizer's
+    `optimizer_steps`, ending at lr * final_lr_fraction."""
+    return optim.make_schedule(s.schedule, s.learning_rate, s.optimizer_steps, warmup_steps=s.warmup_steps,
                                decay_steps=decay_steps(s) if s.schedule == "wsd" else None,
                                end_value=s.learning_rate * s.final_lr_fraction)
 
@@ -172,7 +194,8 @@ def make_optimizer(s: TrainSettings, *, mesh: jax.sharding.Mesh | None = None,
 @dataclasses.dataclass
 class TrainState:
     """Everything a step reads and writes. `params` are the trainable `nnx.Param`s, `extras` the other model
-    variables (router balancing biases, hash-routing tables)."""
+    variables (router balancing biases, hash-routing tables). `indexer_opt_state` is the indexer warm-up's
+    optimizer state (`make_indexer_warmup_optimizer`), None in a run without a warm-up (nothing is saved then)."""
 
     step: jax.Array  # [] int32: steps taken (skipped ones included)
     params: Any
@@ -180,6 +203,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # [2] uint32 key data, the run's base key (per-step keys: fold_in(rng, step))
     skipped: jax.Array  # [] int32: steps whose update was skipped (non-finite loss or gradients)
+    indexer_opt_state: Any = None
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
@@ -187,8 +211,9 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
     return nnx.split(model, nnx.Param, ...)
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> tuple[nnx.GraphDef, TrainState]:
-    """A fresh train state from a built model."""
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int,
+               indexer_tx: optax.GradientTransformation | None = None) -> tuple[nnx.GraphDef, TrainState]:
+    """A fresh train state from a built model (`indexer_tx`: the warm-up's optimizer, if the run has one)."""
     graphdef, params, extras = split_model(model)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -197,6 +222,7 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(seed)),
         skipped=jnp.zeros((), jnp.int32),
+        indexer_opt_state=None if indexer_tx is None else indexer_tx.init(split_indexer(params)[0]),
     )
     return graphdef, state
 
@@ -206,19 +232,21 @@ def abstract_model(build_model: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef,
     return split_model(nnx.eval_shape(build_model))
 
 
-def abstract_state_of(params: Any, extras: Any, tx: optax.GradientTransformation) -> TrainState:
+def abstract_state_of(params: Any, extras: Any, tx: optax.GradientTransformation,
+                      indexer_tx: optax.GradientTransformation | None = None) -> TrainState:
     """The train state's shapes and dtypes for abstract `params` / `extras` (from `abstract_model`)."""
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    indexer_opt = None if indexer_tx is None else jax.eval_shape(indexer_tx.init, split_indexer(params)[0])
     return TrainState(step=scalar, params=params, extras=extras, opt_state=jax.eval_shape(tx.init, params),
-                      rng=jax.ShapeDtypeStruct((2,), jnp.uint32), skipped=scalar)
+                      rng=jax.ShapeDtypeStruct((2,), jnp.uint32), skipped=scalar, indexer_opt_state=indexer_opt)
 
 
-def abstract_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
-                   seed: int) -> tuple[nnx.GraphDef, TrainState]:
+def abstract_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, seed: int,
+                   indexer_tx: optax.GradientTransformation | None = None) -> tuple[nnx.GraphDef, TrainState]:
     """The graphdef and the train state's shapes and dtypes, without allocating anything."""
     del seed  # the key's shape does not depend on it
     graphdef, params, extras = abstract_model(build_model)
-    return graphdef, abstract_state_of(params, extras, tx)
+    return graphdef, abstract_state_of(params, extras, tx, indexer_tx)
 
 
 def state_shardings(abstract: TrainState, mesh: jax.sharding.Mesh) -> TrainState:
@@ -249,14 +277,15 @@ def state_shardings(abstract: TrainState, mesh: jax.sharding.Mesh) -> TrainState
 
 
 def create_state(build_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, seed: int,
-                 shardings: Any = None, *, graphdef: nnx.GraphDef | None = None) -> tuple[nnx.GraphDef, TrainState]:
+                 shardings: Any = None, *, graphdef: nnx.GraphDef | None = None,
+                 indexer_tx: optax.GradientTransformation | None = None) -> tuple[nnx.GraphDef, TrainState]:
     """Build the model and optimizer state inside jit (each array is created where `shardings` puts it).
 
     Pass `graphdef` (from `abstract_model`) to skip tracing the constructor a second time.
     """
     if graphdef is None:
         graphdef = abstract_model(build_model)[0]
-    state = jax.jit(lambda: init_state(build_model(), tx, seed)[1], out_shardings=shardings)()
+    state = jax.jit(lambda: init_state(build_model(), tx, seed, indexer_tx)[1], out_shardings=shardings)()
     return graphdef, state
 
 
@@ -266,9 +295,12 @@ class StatePlan:
 
     graphdef: nnx.GraphDef
     tx: optax.GradientTransformation
+    indexer_tx: optax.GradientTransformation | None  # the indexer warm-up's optimizer (None without a warm-up)
     abstract: TrainState  # shapes and dtypes
     shardings: TrainState  # a NamedSharding per array
     target: TrainState  # ShapeDtypeStructs with shardings: the restore target
+    # The restore target of the warm-up's optimizer state wherever a checkpoint holds one (None: no indexer).
+    indexer_opt_target: Any = None
 
 
 def plan_state(build_model: Callable[[], nnx.Module], s: TrainSettings, mesh: jax.sharding.Mesh) -> StatePlan:
@@ -279,10 +311,20 @@ def plan_state(build_model: Callable[[], nnx.Module], s: TrainSettings, mesh: ja
     graphdef, params, extras = abstract_model(build_model)
     specs = jax.tree.map(lambda x: x.spec, rules.param_shardings(params, mesh))
     tx = make_optimizer(s, mesh=mesh, partition_specs=specs)
-    abstract = abstract_state_of(params, extras, tx)
-    shardings = state_shardings(abstract, mesh)
-    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings)
-    return StatePlan(graphdef=graphdef, tx=tx, abstract=abstract, shardings=shardings, target=target)
+    indexer_tx = make_indexer_warmup_optimizer(s)
+    # Laid out whenever the model has indexers: a checkpoint of a run with a warm-up holds this state, and a run
+    # resumed from it keeps it (it counts the warm-up updates the main schedule leaves out).
+    has_indexer = bool(jax.tree.leaves(split_indexer(params)[0]))
+    layout_tx = indexer_tx or (optax.adamw(1.0) if has_indexer else None)  # same state layout at any settings
+    full = abstract_state_of(params, extras, tx, layout_tx)
+    full_shardings = state_shardings(full, mesh)
+    full_target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), full,
+                               full_shardings)
+    without = {} if indexer_tx is not None else {"indexer_opt_state": None}
+    return StatePlan(graphdef=graphdef, tx=tx, indexer_tx=indexer_tx, abstract=dataclasses.replace(full, **without),
+                     shardings=dataclasses.replace(full_shardings, **without),
+                     target=dataclasses.replace(full_target, **without),
+                     indexer_opt_target=full_target.indexer_opt_state)
 
 
 # ---- the step -----------------------------------------------------------------------------------------
@@ -367,10 +409,10 @@ def next_token_loss(model: nnx.Module, micro: dict[str, jax.Array], counts: dict
     return total, aux
 
 
-def _microbatch_loss(params, extras, micro, counts, *, graphdef, loss_fn: LossFn, s: TrainSettings, sparse: bool,
+def _microbatch_loss(params, extras, micro, counts, *, graphdef, loss_fn: LossFn, s: TrainSettings, phase: str,
                      mtp_weight):
     model = nnx.merge(graphdef, params, extras)
-    return loss_fn(model, micro, counts, s=s, sparse=sparse, mtp_weight=mtp_weight)
+    return loss_fn(model, micro, counts, s=s, sparse=phase == SPARSE, mtp_weight=mtp_weight)
 
 
 def _load_ratio(counts: jax.Array) -> jax.Array:
@@ -383,9 +425,37 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def _value_and_grads(loss_fn, trained, batch, a: int):
+    """`jax.value_and_grad(loss_fn, has_aux=True)(trained, micro)` summed over the `a` microbatches of `batch`."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if a == 1:
+        return grad_fn(trained, batch)
+    micro = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)  # [B, T] -> [A, B/A, T]
+
+    def body(carry, mb):
+        (t, aux), g = grad_fn(trained, mb)
+        acc_t, acc_aux, acc_g = carry
+        return (acc_t + t, jax.tree.map(jnp.add, acc_aux, aux), jax.tree.map(jnp.add, acc_g, g)), None
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    (t0, aux0), g0 = grad_fn(trained, first)
+    rest = jax.tree.map(lambda x: x[1:], micro)
+    (total, aux, grads), _ = jax.lax.scan(body, (t0, aux0, g0), rest)
+    return (total, aux), grads
+
+
+def _clip(grads, s: TrainSettings):
+    """(grads scaled to global norm <= clip_norm, their norm before clipping)."""
+    grad_norm = optax.global_norm(grads)
+    if s.clip_norm > 0:
+        scale = jnp.minimum(1.0, s.clip_norm / (grad_norm + 1e-6))
+        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+    return grads, grad_norm
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], loss_limit: jax.Array | None = None, *,
                graphdef: nnx.GraphDef, cfg: Config, tx: optax.GradientTransformation, s: TrainSettings,
-               sparse: bool, loss_fn: LossFn = next_token_loss) -> tuple[TrainState, dict[str, jax.Array]]:
+               phase: str, loss_fn: LossFn = next_token_loss) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch (see the module docstring).
 
     Args:
@@ -396,6 +466,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_limit: jax.A
         loss non-finite, and the step is skipped.
       loss_limit: optional [] float32; a step whose cross entropy exceeds it is a loss spike: skipped like a
         non-finite step (nothing changes but the counters) and flagged in the metric `loss_spike`.
+      phase: the CSA phase of this step, one of `PHASES` (`csa_phase`): "dense" / "sparse" update everything
+        with `tx`; "warmup" updates only the indexer parameters, with the warm-up's own optimizer.
+      loss_fn: the microbatch loss (`LossFn`).
 
     Returns:
       The new state and a dict of scalar / small metrics (on device).
@@ -403,33 +476,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_limit: jax.A
     Shapes:
       batch [B, T] -> microbatches [A, B/A, T]; expert_counts [n_learned_moe_layers, E].
     """
-    schedule = learning_rate_schedule(s)
-    count = state.step - state.skipped  # the optimizer's own step count (skipped steps do not advance it)
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    count = main_optimizer_count(state)
     mtp_weight = jnp.where(count >= s.decay_start, s.mtp_weight_after_decay, s.mtp_weight)
     counts = _batch_counts(batch, cfg.num_nextn_predict_layers)
-    micro_loss = functools.partial(_microbatch_loss, graphdef=graphdef, loss_fn=loss_fn, s=s, sparse=sparse,
+    micro_loss = functools.partial(_microbatch_loss, graphdef=graphdef, loss_fn=loss_fn, s=s, phase=phase,
                                    mtp_weight=mtp_weight)
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-    a = s.grad_accum
-    if a == 1:
-        (total, aux), grads = grad_fn(state.params, state.extras, batch, counts)
-    else:
-        micro = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)  # [B, T] -> [A, B/A, T]
-
-        def body(carry, mb):
-            (t, aux), g = grad_fn(state.params, state.extras, mb, counts)
-            acc_t, acc_aux, acc_g = carry
-            return (acc_t + t, jax.tree.map(jnp.add, acc_aux, aux), jax.tree.map(jnp.add, acc_g, g)), None
-
-        first = jax.tree.map(lambda x: x[0], micro)
-        (t0, aux0), g0 = grad_fn(state.params, state.extras, first, counts)
-        rest = jax.tree.map(lambda x: x[1:], micro)
-        (total, aux, grads), _ = jax.lax.scan(body, (t0, aux0, g0), rest)
-
-    grad_norm = optax.global_norm(grads)
-    if s.clip_norm > 0:
-        scale = jnp.minimum(1.0, s.clip_norm / (grad_norm + 1e-6))
-        grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
+    if phase == WARMUP:
+        return _indexer_warmup_step(state, batch, counts, micro_loss, s, mtp_weight, loss_limit)
+    (total, aux), grads = _value_and_grads(lambda p, mb: micro_loss(p, state.extras, mb, counts), state.params,
+                                           batch, s.grad_accum)
+    grads, grad_norm = _clip(grads, s)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
 
@@ -441,18 +499,60 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_limit: jax.A
     _, _, extras = split_model(model)
 
     ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & _all_finite(updates) & _all_finite(extras)
-    spike = None if loss_limit is None else aux["loss"] > loss_limit
-    if spike is not None:
-        ok = ok & ~spike
+    ok, spike = _below_limit(ok, aux, loss_limit)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
-    new_state = TrainState(
+    new_state = dataclasses.replace(
+        state,
         step=state.step + 1,
         params=keep(params, state.params),
         extras=keep(extras, state.extras),
         opt_state=keep(opt_state, state.opt_state),
-        rng=state.rng,
         skipped=state.skipped + jnp.where(ok, 0, 1).astype(jnp.int32),
     )
+    return new_state, _step_metrics(aux, total, grad_norm, learning_rate_schedule(s)(count), mtp_weight, counts, ok,
+                                    new_state, spike)
+
+
+def _below_limit(ok: jax.Array, aux: dict[str, jax.Array], loss_limit: jax.Array | None):
+    """(ok and not a loss spike, the spike flag or None when there is no limit)."""
+    if loss_limit is None:
+        return ok, None
+    spike = aux["loss"] > loss_limit
+    return ok & ~spike, spike
+
+
+def _indexer_warmup_step(state: TrainState, batch, counts, loss_fn, s: TrainSettings, mtp_weight, loss_limit):
+    """A warm-up step: gradients of the same losses with respect to the indexer parameters only (only the dense
+    KL reaches them), clipped, and the warm-up's AdamW. Everything else, the main optimizer state and the router
+    biases included, is passed through untouched."""
+    if state.indexer_opt_state is None:
+        raise ValueError("an indexer warm-up step needs the state built with the warm-up's optimizer "
+                         "(indexer_warmup_steps > 0)")
+    indexer, rest = split_indexer(state.params)
+    indexer_tx = make_indexer_warmup_optimizer(s)
+
+    def indexer_loss_fn(trained, mb):
+        return loss_fn(nnx.merge_state(trained, rest), state.extras, mb, counts)
+
+    (total, aux), grads = _value_and_grads(indexer_loss_fn, indexer, batch, s.grad_accum)
+    grads, grad_norm = _clip(grads, s)
+    updates, indexer_opt = indexer_tx.update(grads, state.indexer_opt_state, indexer)
+    new_indexer = optax.apply_updates(indexer, updates)
+    ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & _all_finite(updates)
+    ok, spike = _below_limit(ok, aux, loss_limit)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(ok, new, old))
+    new_state = dataclasses.replace(
+        state,
+        step=state.step + 1,
+        params=nnx.merge_state(keep(new_indexer, indexer), rest),
+        indexer_opt_state=keep(indexer_opt, state.indexer_opt_state),
+        skipped=state.skipped + jnp.where(ok, 0, 1).astype(jnp.int32),
+    )
+    return new_state, _step_metrics(aux, total, grad_norm, jnp.float32(s.indexer_warmup_lr), mtp_weight, counts, ok,
+                                    new_state, spike)
+
+
+def _step_metrics(aux, total, grad_norm, lr, mtp_weight, counts, ok, new_state, spike) -> dict[str, jax.Array]:
     metrics = {
         "loss": aux["loss"],
         "mtp_loss": aux["mtp_loss"],
@@ -460,8 +560,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_limit: jax.A
         "balance_loss": aux["balance_loss"],
         "indexer_loss": aux["indexer_loss"],
         "indexer_recall": aux["indexer_recall"],
-        "grad_norm": grad_norm,
-        "lr": schedule(count),
+        "grad_norm": grad_norm,  # of the parameters this step trains (warm-up: the indexers')
+        "lr": lr,  # the learning rate this step applied (warm-up: indexer_warmup_lr)
         "mtp_weight": mtp_weight,
         "tokens": counts["tokens"],
         "update_ok": ok,
@@ -473,21 +573,29 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], loss_limit: jax.A
     }
     if spike is not None:
         metrics["loss_spike"] = spike
-    return new_state, metrics
+    return metrics
 
 
 def make_train_step(graphdef: nnx.GraphDef, cfg: Config, tx: optax.GradientTransformation, s: TrainSettings,
-                    *, sparse: bool,
+                    *, phase: str | None = None, sparse: bool | None = None,
                     loss_fn: LossFn = next_token_loss) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """`train_step` jitted with the state donated: `step(state, batch[, loss_limit]) -> (state, metrics)`.
 
-    `loss_fn` is the microbatch loss (`LossFn`); every phase (pretraining, SFT, RL) shares the rest of the step:
-    accumulation, clipping, the optimizer, the router-bias update and the non-finite guard.
+    `phase` is one of `PHASES` (one compiled step per phase); `sparse=True` / `False` is the older spelling of
+    "sparse" / "dense". `loss_fn` is the microbatch loss (`LossFn`); every phase (pretraining, SFT, RL) shares the
+    rest of the step: accumulation, clipping, the optimizer, the router-bias update and the non-finite guard.
     """
-    fn = functools.partial(train_step, graphdef=graphdef, cfg=cfg, tx=tx, s=s, sparse=sparse, loss_fn=loss_fn)
+    if (phase is None) == (sparse is None):
+        raise ValueError("make_train_step takes exactly one of phase= and sparse=")
+    if phase is None:
+        phase = SPARSE if sparse else DENSE
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
+    check_settings_for_config(s, cfg)
+    fn = functools.partial(train_step, graphdef=graphdef, cfg=cfg, tx=tx, s=s, phase=phase, loss_fn=loss_fn)
     return jax.jit(fn, donate_argnums=(0,))
 
 
 def sparse_at(s: TrainSettings, step: int) -> bool:
-    """Whether CSA layers attend sparsely (top-k) at `step` (dense during the indexer warm-up)."""
-    return step >= s.sparse_attention_after
+    """Whether CSA layers attend sparsely (top-k) at `step` (`csa_phase` is "sparse")."""
+    return csa_phase(s, step) == SPARSE

@@ -152,7 +152,7 @@ class Run:
     last_saved: int | None = None
     evaluator: Any = None  # a deepseek_v4.evaluation.Evaluator: held-out metrics join the records at its steps
     spike_settings: Any = None  # experiments.spikes.SpikeSettings (None: no spike detection)
-    _steps: dict[bool, Callable] = dataclasses.field(default_factory=dict)
+    _steps: dict[str, Callable] = dataclasses.field(default_factory=dict)  # by CSA phase
 
     @property
     def complete(self) -> bool:
@@ -163,16 +163,16 @@ class Run:
         return rules.named_sharding(("batch", "seq"), self.mesh, "activation")
 
     def compiles(self, step: int) -> bool:
-        """Whether calling the step function for `step` compiles it (the first step of each attention mode)."""
-        return train.sparse_at(self.settings, step) not in self._steps
+        """Whether calling the step function for `step` compiles it (the first step of each CSA phase)."""
+        return train.csa_phase(self.settings, step) not in self._steps
 
     def step_fn(self, step: int) -> Callable:
-        """The jitted step for `step` (dense attention during the indexer warm-up, sparse after)."""
-        sparse = train.sparse_at(self.settings, step)
-        if sparse not in self._steps:
-            self._steps[sparse] = self.make_step(self.plan.graphdef, self.cfg, self.plan.tx, self.settings,
-                                                 sparse=sparse)
-        return self._steps[sparse]
+        """The jitted step for `step`, one per CSA phase (`train.csa_phase`: dense, indexer warm-up, sparse)."""
+        phase = train.csa_phase(self.settings, step)
+        if phase not in self._steps:
+            self._steps[phase] = self.make_step(self.plan.graphdef, self.cfg, self.plan.tx, self.settings,
+                                                phase=phase)
+        return self._steps[phase]
 
     def save(self, step: int) -> None:
         self.checkpointer.save(step, self.state, config=self.cfg, data_state=self.data.get_state(),
@@ -217,6 +217,7 @@ def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, work
     """
     with _as_user_error(ValueError):
         opts.check_with(settings)
+        train.check_settings_for_config(settings, cfg)
         mesh_lib.init_distributed(opts.coordinator_address, opts.num_processes, opts.process_id,
                                   auto=opts.distributed_auto)
     if opts.compilation_cache:
@@ -240,14 +241,16 @@ def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, work
         with jax.set_mesh(mesh):
             plan = train.plan_state(build_model, settings, mesh)
             with _as_user_error(ckpt_lib.ConfigMismatchError, ckpt_lib.NoUsableCheckpointError):
-                restored = ckpt.restore(plan.target, config=cfg)
+                restored = ckpt.restore(plan.target, config=cfg,
+                                        optional={"indexer_opt_state": plan.indexer_opt_target})
             if restored is None and initial_state is not None:
                 with _as_user_error(ValueError, ckpt_lib.ConfigMismatchError, ckpt_lib.NoUsableCheckpointError):
-                    state = initial_state(plan)
+                    state = train.with_indexer_warmup_state(initial_state(plan), plan)
             elif restored is None:
-                _, state = train.create_state(build_model, plan.tx, opts.seed, plan.shardings, graphdef=plan.graphdef)
+                _, state = train.create_state(build_model, plan.tx, opts.seed, plan.shardings, graphdef=plan.graphdef,
+                                              indexer_tx=plan.indexer_tx)
             else:
-                state = restored.state
+                state = train.with_indexer_warmup_state(restored.state, plan)
         run = Run(cfg=cfg, settings=settings, opts=opts, workdir=workdir, mesh=mesh, plan=plan, state=state,
                   start=restored.step if restored else 0, resumed=restored is not None, checkpointer=ckpt,
                   primary=primary, make_step=make_step, resources=resources,
@@ -445,7 +448,8 @@ def summarise(run: Run, window: _Window, step: int) -> dict[str, Any]:
     rec["expert_load_max_over_mean"] = np.max([m["expert_load_max_over_mean"] for m in host], axis=0).tolist()
     rec["hash_expert_load_max_over_mean"] = np.max([m["hash_expert_load_max_over_mean"] for m in host],
                                                    axis=0).tolist()
-    rec["sparse_attention"] = train.sparse_at(run.settings, step - 1)
+    rec["phase"] = train.csa_phase(run.settings, step - 1)  # of the record's last step
+    rec["sparse_attention"] = rec["phase"] == train.SPARSE
     tokens_per_step = run.opts.batch_size * run.opts.seq_len
     rec["nonpad_fraction"] = float(np.sum([m["tokens"] for m in host]) / (tokens_per_step * len(host)))
     if window.timed_steps:
@@ -486,8 +490,9 @@ class _Progress:
         eta = elapsed / max(step - self.start, 1) * (self.total - step)
         speed = (f"{rec['tokens_per_s']:.0f} tok/s mfu {100 * rec['mfu']:.2f}%" if "tokens_per_s" in rec
                  else "compiling")
-        line = (f"step {step}/{self.total} loss {rec['loss']:.4f} mtp {rec['mtp_loss']:.4f} "
-                f"grad_norm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} {speed} eta {_fmt_time(eta)}")
+        line = (f"step {step}/{self.total} [{rec['phase']}] loss {rec['loss']:.4f} mtp {rec['mtp_loss']:.4f} "
+                f"indexer {rec['indexer_loss']:.4f} grad_norm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} {speed} "
+                f"eta {_fmt_time(eta)}")
         if "eval_loss" in rec:
             line += f" | eval loss {rec['eval_loss']:.4f}" + (f" bpb {rec['eval_bits_per_byte']:.3f}"
                                                               if "eval_bits_per_byte" in rec else "")

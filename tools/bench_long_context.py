@@ -5,14 +5,16 @@
     python -m tools.bench_long_context --rows=ROWS.jsonl --plot=PNG   (scaling and plot of a --json output)
 
 Phases (docs/training.md):
-- `sparse`: top-k CSA attention, everything trains, the indexer's KL on each query's selected entries
-  (`[B, T, K]` tensors only);
-- `warmup`: dense CSA attention, only the indexer trains, on the dense KL computed by query blocks;
-- `baseline`: as `sparse`, but with the earlier objective: the KL against the dense entry mass (`[B, T, C]`
-  mass and index scores), what a training step computed before.
+- `sparse`: the trainer's sparse-phase step (`train.make_train_step(phase="sparse")`): top-k CSA attention,
+  everything trains, the indexer's KL on each query's selected entries (`[B, T, K]` tensors only);
+- `warmup`: the trainer's indexer warm-up step (`phase="warmup"`): dense CSA attention, only the indexers train
+  (their own AdamW), on the dense KL computed by query blocks;
+- `baseline`: a step with the earlier sparse-phase objective: the KL against the dense entry mass (`[B, T, C]`
+  mass and index scores), what a training step computed before (cross entropy + indexer KL, no MTP or balance
+  loss).
 
 The model: batch 1, hidden 128, 2 mHC streams, 4 layers (CSA, HCA, CSA, HCA; sliding-window MTP), window 128,
-CSA m=4 top-64, HCA m=128, 4 indexer heads of 32, vocabulary 8192, AdamW, synthetic tokens, float32 (a
+CSA m=4 top-64, HCA m=128, 4 indexer heads of 32, vocabulary 8192, AdamW, random tokens, float32 (a
 sparse step holds about 0.33 MB per token on CPU). Every (phase, length) runs in its own process: it
 compiles the step from abstract shapes and reads XLA's compiled peak (arguments + outputs + temporaries); if that
 estimate exceeds --max_gib the run is skipped before anything is allocated, and the output says so. Otherwise it
@@ -28,6 +30,7 @@ mesh (`context` replicates them anyway); under context parallelism only the `spa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -73,32 +76,34 @@ def bench_config():
     )
 
 
-def _train_step(graphdef, tx, phase: str, indexer_only: bool):
+def _baseline_step(graphdef, tx):
+    """The earlier sparse-phase step: cross entropy + the indexer KL against the dense entry mass, AdamW."""
     from deepseek_v4 import loss as loss_lib
 
-    sparse, baseline = phase != "warmup", phase == "baseline"
-
-    def loss_fn(trained, frozen, batch):
-        model = nnx.merge(graphdef, trained, frozen)
-        out = model.forward_train(batch["tokens"], sparse_attention=sparse, indexer_loss=True,
-                                  dense_target_in_sparse_phase=baseline)
-        if indexer_only:
-            return out.indexer_loss
+    def loss_fn(params, extras, batch):
+        model = nnx.merge(graphdef, params, extras)
+        out = model.forward_train(batch["tokens"], sparse_attention=True, indexer_loss=True,
+                                  dense_target_in_sparse_phase=True)
         weights = jnp.ones(batch["targets"].shape, jnp.float32)
         targets = cp.to_layout(batch["targets"], model.context_size(batch["targets"].shape[1]))  # hidden's order
         ce = loss_lib.chunked_cross_entropy(out.hidden, model.head[...], targets, weights)
         return ce / weights.size + out.indexer_loss
 
-    def step(trained, frozen, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(trained, frozen, batch)
-        updates, opt_state = tx.update(grads, opt_state, trained)
-        return optax.apply_updates(trained, updates), opt_state, loss
+    def step(state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, state.extras, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return dataclasses.replace(state, params=optax.apply_updates(state.params, updates), opt_state=opt_state), {
+            "total_loss": loss}
 
-    return jax.jit(step, donate_argnums=(0, 2))
+    return jax.jit(step, donate_argnums=(0,))
 
 
-def _is_indexer(path, _):
-    return any(getattr(k, "key", k) == "indexer" for k in path)
+def _settings():
+    """AdamW at a constant LR; step 0 is the indexer warm-up, steps >= 1 sparse (the phase is passed explicitly)."""
+    from deepseek_v4 import train
+
+    return train.TrainSettings(steps=8, warmup_steps=0, schedule="constant", learning_rate=1e-4, optimizer="adamw",
+                               sparse_attention_after=1, indexer_warmup_steps=1)
 
 
 def measure(phase: str, T: int) -> dict:
@@ -113,24 +118,26 @@ def measure(phase: str, T: int) -> dict:
 
 
 def _measure(phase: str, T: int, mesh) -> dict:
-    from deepseek_v4 import DeepseekV4
+    from deepseek_v4 import DeepseekV4, train
     from sharding import rules
 
     cfg = bench_config()
-    indexer_only = phase == "warmup"
-    trained_filter = nnx.All(nnx.Param, _is_indexer) if indexer_only else nnx.Param
-    abstract = nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0)))
-    graphdef, trained, frozen = nnx.split(abstract, trained_filter, ...)  # frozen: everything else
-    tx = optax.adamw(1e-4)
-    opt_state = jax.eval_shape(tx.init, trained)
+    s = _settings()
+    tx, indexer_tx = train.make_optimizer(s), train.make_indexer_warmup_optimizer(s)
+    build = lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0))  # noqa: E731
+    graphdef, abstract_state = train.abstract_state(build, tx, 0, indexer_tx)
+    if phase == "baseline":
+        step = _baseline_step(graphdef, tx)
+    else:
+        step = train.make_train_step(graphdef, cfg, tx, s, phase=phase)
     batch_sharding = None if mesh is None else rules.named_sharding(("batch", "seq"), mesh, shape=(1, T))
-    batch = {k: jax.ShapeDtypeStruct((1, T), jnp.int32, sharding=batch_sharding) for k in ("tokens", "targets")}
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     if mesh is not None:
-        trained, frozen, opt_state = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), (trained, frozen, opt_state))
-    step = _train_step(graphdef, tx, phase, indexer_only)
-    compiled = step.lower(trained, frozen, opt_state, batch).compile()
+        abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                                      abstract_state)
+    batch = {k: jax.ShapeDtypeStruct((1, T), jnp.int32, sharding=batch_sharding)
+             for k in ("tokens", "targets", "segment_ids", "positions")}
+    compiled = step.lower(abstract_state, batch).compile()
     m = compiled.memory_analysis()
     peak = int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
     row = {"seq_len": T, "phase": phase, "seconds": None, "peak_bytes": peak, "peak_rss_bytes": None,
@@ -139,24 +146,23 @@ def _measure(phase: str, T: int, mesh) -> dict:
         return dict(row, skipped=f"compiled peak {peak / 2**30:.1f} GiB > --max_gib={_MAX_GIB.value:g}")
     if _COMPILE_ONLY.value:
         return dict(row, skipped="--compile_only")
-    model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
-    _, trained, frozen = nnx.split(model, trained_filter, ...)
-    opt_state = tx.init(trained)
+    _, state = train.init_state(build(), tx, 0, indexer_tx)
     if mesh is not None:
-        trained, frozen, opt_state = jax.device_put((trained, frozen, opt_state), replicated)
+        state = jax.device_put(state, replicated)
     rng = np.random.default_rng(0)
-    data = {k: jax.device_put(jnp.asarray(rng.integers(0, cfg.vocab_size, (1, T)), jnp.int32), batch_sharding)
-            for k in ("tokens", "targets")}
-    trained, opt_state, loss = compiled(trained, frozen, opt_state, data)  # warm-up step
-    jax.block_until_ready(loss)
+    data = {k: rng.integers(0, cfg.vocab_size, (1, T)) for k in ("tokens", "targets")}
+    data.update(segment_ids=np.ones((1, T)), positions=np.arange(T)[None])
+    data = {k: jax.device_put(jnp.asarray(v, jnp.int32), batch_sharding) for k, v in data.items()}
+    state, metrics = compiled(state, data)  # the first call: not timed
+    jax.block_until_ready(metrics)
     times = []
     for _ in range(_STEPS.value):
         t0 = time.perf_counter()
-        trained, opt_state, loss = compiled(trained, frozen, opt_state, data)
-        jax.block_until_ready(loss)
+        state, metrics = compiled(state, data)
+        jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return dict(row, seconds=float(np.median(times)), peak_rss_bytes=int(rss), loss=float(loss))
+    return dict(row, seconds=float(np.median(times)), peak_rss_bytes=int(rss), loss=float(metrics["total_loss"]))
 
 
 def _run_child(phase: str, T: int) -> dict:

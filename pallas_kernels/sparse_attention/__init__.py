@@ -87,7 +87,9 @@ def sparse_attention_and_selected_mass(
 
     The output (values and gradients) comes from the chosen implementation; the mass from the reference's
     block-by-block pass over the gathered entries (with the reference implementation both come from one
-    pass). The mass is the indexer's selected-set KL target: the caller stops its gradient. Linear memory.
+    pass; with a Pallas kernel it is a forward-only pass beside it, without gradient: docs/kernels.md says
+    why the kernels do not return it). The mass is the indexer's selected-set KL target: the caller stops its
+    gradient. Linear memory.
     """
     which, _ = resolve_impl(impl, interpret)
     if which == "reference":
