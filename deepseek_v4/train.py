@@ -577,18 +577,14 @@ def _step_metrics(aux, total, grad_norm, lr, mtp_weight, counts, ok, new_state, 
 
 
 def make_train_step(graphdef: nnx.GraphDef, cfg: Config, tx: optax.GradientTransformation, s: TrainSettings,
-                    *, phase: str | None = None, sparse: bool | None = None,
+                    *, phase: str,
                     loss_fn: LossFn = next_token_loss) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """`train_step` jitted with the state donated: `step(state, batch[, loss_limit]) -> (state, metrics)`.
 
-    `phase` is one of `PHASES` (one compiled step per phase); `sparse=True` / `False` is the older spelling of
-    "sparse" / "dense". `loss_fn` is the microbatch loss (`LossFn`); every phase (pretraining, SFT, RL) shares the
-    rest of the step: accumulation, clipping, the optimizer, the router-bias update and the non-finite guard.
+    `phase` is one of `PHASES` (one compiled step per phase). `loss_fn` is the microbatch loss (`LossFn`); every
+    kind of training (pretraining, SFT, RL) shares the rest of the step: accumulation, clipping, the optimizer, the
+    router-bias update and the non-finite guard.
     """
-    if (phase is None) == (sparse is None):
-        raise ValueError("make_train_step takes exactly one of phase= and sparse=")
-    if phase is None:
-        phase = SPARSE if sparse else DENSE
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {phase!r}")
     check_settings_for_config(s, cfg)

@@ -104,7 +104,7 @@ def _train_step_tokens_per_s(
             tx = train.make_optimizer(settings, mesh=mesh, partition_specs=specs)
             graphdef, abstract = train.abstract_state(build, tx, 0)
             _, state = train.create_state(build, tx, 0, train.state_shardings(abstract, mesh))
-            step = train.make_train_step(graphdef, cfg, tx, settings, sparse=False)
+            step = train.make_train_step(graphdef, cfg, tx, settings, phase="dense")
             batch_sharding = rules.named_sharding(("batch", "seq"), mesh, "activation")
             state, metrics = step(state, data.to_global(next(batches), batch_sharding))  # compiles
             jax.block_until_ready(metrics)

@@ -103,7 +103,7 @@ def bench_train_step(model, cfg: config_lib.Config, batch, warmup: int, steps: i
     s = bench_settings()
     tx = train.make_optimizer(s)
     graphdef, state = train.init_state(model, tx, seed=0)
-    fn = train.make_train_step(graphdef, cfg, tx, s, sparse=True)
+    fn = train.make_train_step(graphdef, cfg, tx, s, phase="sparse")
     batch = jax.tree.map(jnp.asarray, batch)
     box = {"state": state, "loss": []}
 

@@ -191,7 +191,7 @@ def test_grpo_loss_in_the_shared_step_raises_good_and_lowers_bad_completions():
     adv = jnp.zeros_like(before).at[0].set(1.0).at[2].set(-1.0)
     rollout = {**batch, "loss_weights": (batch["segment_ids"] != 0).astype(jnp.float32), "advantages": adv,
                "old_log_probs": before, "ref_log_probs": before}
-    step = train.make_train_step(graphdef, get_config("tiny"), tx, s, sparse=True,
+    step = train.make_train_step(graphdef, get_config("tiny"), tx, s, phase="sparse",
                                  loss_fn=ptl.make_grpo_loss(0.1, opsm_delta=0.5))
     new, m = step(state, rollout)
     assert bool(m["update_ok"]) and float(m["kl"]) == 0.0 and float(m["clipped_fraction"]) == 0.0

@@ -67,6 +67,9 @@ class _Toy(nnx.Module):
                     balance_loss=balance, dropped_tokens=jnp.float32(0.0), indexer_loss=jnp.float32(0.25),
                     indexer_recall=jnp.float32(1.0))
 
+    def context_size(self, length):
+        return 1  # never split over a context axis
+
     def update_router_bias(self, expert_counts, speed):
         signs = jnp.sign(jnp.mean(expert_counts, axis=-1, keepdims=True) - expert_counts)
         self.ffn.router_bias[...] = self.ffn.router_bias[...] + speed * signs[0]
@@ -100,7 +103,7 @@ class _Toyrun:
         self.s = train.TrainSettings(**{**_SETTINGS, **overrides})
         self.tx = train.make_optimizer(self.s)
         self.graphdef, _ = train.init_state(_Toy(nnx.Rngs(0)), self.tx, seed=0)
-        self.fn = train.make_train_step(self.graphdef, get_config("tiny"), self.tx, self.s, sparse=True)
+        self.fn = train.make_train_step(self.graphdef, get_config("tiny"), self.tx, self.s, phase="sparse")
 
     def state(self):
         return train.init_state(_Toy(nnx.Rngs(0)), self.tx, seed=0)[1]
@@ -209,7 +212,7 @@ def test_a_plugged_in_loss_shares_the_step_and_reports_its_metrics(toy):
         total, aux = train.next_token_loss(model, micro, counts, **kw)
         return 2.0 * total, {**aux, "doubled_total": 2.0 * total}
 
-    plugged = train.make_train_step(toy.graphdef, get_config("tiny"), toy.tx, toy.s, sparse=True, loss_fn=doubled)
+    plugged = train.make_train_step(toy.graphdef, get_config("tiny"), toy.tx, toy.s, phase="sparse", loss_fn=doubled)
     batch = jax.tree.map(jnp.asarray, _batch())
     _, plain = toy.step(toy.state(), _batch())
     _, m = plugged(toy.state(), batch)

@@ -149,7 +149,7 @@ def run(mesh) -> tuple[list[dict], dict, dict]:
         state = train.TrainState(step=np.int32(0), params=params, extras=extras, opt_state=plan.tx.init(params),
                                  rng=np.zeros((2,), np.uint32), skipped=np.int32(0))
         state = jax.device_put(state, plan.shardings)
-        step = train.make_train_step(plan.graphdef, cfg, plan.tx, s, sparse=True)
+        step = train.make_train_step(plan.graphdef, cfg, plan.tx, s, phase="sparse")
         bs = rules.named_sharding(("batch", "seq"), mesh, shape=(B, T))
         out = []
         for _ in range(STEPS):

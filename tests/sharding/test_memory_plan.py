@@ -69,7 +69,7 @@ def check_plan_against_compiled(spec: str, batch: int, seq: int):
         bs = rules.named_sharding(("batch", "seq"), mesh, shape=(batch, seq))
         data = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=bs)
                 for k in ("tokens", "targets", "segment_ids", "positions")}
-        step = train.make_train_step(graphdef, cfg, tx, s, sparse=True)
+        step = train.make_train_step(graphdef, cfg, tx, s, phase="sparse")
         m = step.lower(state, data).compile().memory_analysis()
     compiled = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
     planned = memory_plan.plan(cfg, dict(mesh.shape), batch, seq, loss_chunk=s.loss_chunk,
