@@ -255,9 +255,13 @@ def prefill(model: DeepseekV4, prompts, max_len: int, chunk: int = 64, with_mtp:
 
 def stream(model: DeepseekV4, prompts, max_new_tokens: int = 32, *, greedy: bool = True,
            temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P, top_k: int = 0, seed: int = 0,
-           speculative: bool = False, max_len: int | None = None, prefill_chunk: int = 64
-           ) -> Iterator[list[list[int]]]:
-    """`generate` step by step: yields, per step, the tokens each prompt gained (lists; empty once finished)."""
+           speculative: bool = False, max_len: int | None = None, prefill_chunk: int = 64,
+           stats: dict | None = None) -> Iterator[list[list[int]]]:
+    """`generate` step by step: yields, per step, the tokens each prompt gained (lists; empty once finished).
+
+    With `speculative`, `stats` (if given) receives "drafts" and "accepted": the MTP drafts checked and kept
+    while their sequence was unfinished.
+    """
     max_len = _check(model, prompts, max_new_tokens, max_len, greedy, temperature, top_p, top_k, speculative)
     graphdef, state = nnx.split(model)
     _, decode_fn, draft_fn, verify_fn = _steps(graphdef)
@@ -289,6 +293,9 @@ def stream(model: DeepseekV4, prompts, max_new_tokens: int = 32, *, greedy: bool
         while not done.all():
             greedy_tokens, count, drafted, cache = verify_fn(state, cache, token, drafted)
             greedy_tokens, count = np.asarray(greedy_tokens), np.asarray(count)
+            if stats is not None:
+                stats["drafts"] = stats.get("drafts", 0) + int((~done).sum())
+                stats["accepted"] = stats.get("accepted", 0) + int(((count == 2) & ~done).sum())
             token = jnp.asarray(greedy_tokens[np.arange(len(prompts)), count - 1])
             yield take([list(g[:c]) for g, c in zip(greedy_tokens, count)])
         return
@@ -302,17 +309,19 @@ def stream(model: DeepseekV4, prompts, max_new_tokens: int = 32, *, greedy: bool
 def generate(model: DeepseekV4, prompts, max_new_tokens: int = 32, *, greedy: bool = True,
              temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P, top_k: int = 0, seed: int = 0,
              speculative: bool = False, max_len: int | None = None, prefill_chunk: int = 64,
-             on_step: Callable[[list[list[int]]], None] | None = None) -> list[list[int]]:
+             on_step: Callable[[list[list[int]]], None] | None = None, stats: dict | None = None
+             ) -> list[list[int]]:
     """New tokens for each prompt (token-id lists), up to `max_new_tokens`, stopping after EOS (kept).
 
     greedy: argmax (then temperature / top_p / top_k are unused); else sampled with `seed`. speculative: MTP
     drafts verified by the main model (greedy only; the same output as without). max_len: the cache size in
     tokens (default: the longest prompt plus max_new_tokens); a longer request is a ValueError. on_step: called
-    with each step's new tokens per prompt (for streaming).
+    with each step's new tokens per prompt (for streaming). stats: see `stream`.
     """
     out: list[list[int]] = [[] for _ in prompts]
     for new in stream(model, prompts, max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p,
-                      top_k=top_k, seed=seed, speculative=speculative, max_len=max_len, prefill_chunk=prefill_chunk):
+                      top_k=top_k, seed=seed, speculative=speculative, max_len=max_len, prefill_chunk=prefill_chunk,
+                      stats=stats):
         for o, t in zip(out, new):
             o.extend(t)
         if on_step is not None:

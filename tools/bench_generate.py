@@ -35,6 +35,9 @@ flags.DEFINE_integer("prefill_chunk", 256, "Our prefill chunk.")
 flags.DEFINE_integer("repeats", 2, "Timed repetitions (the best is kept).")
 flags.DEFINE_bool("torch", True, "Also run transformers.")
 flags.DEFINE_bool("json", False, "Also print the results as one JSON line.")
+flags.DEFINE_string("acceptance_workdir", None, "Instead of the speed benchmark: the MTP draft acceptance of this "
+                    "run's newest checkpoint on Shakespeare validation prompts (raw text).")
+flags.DEFINE_integer("acceptance_prompts", 8, "Prompts of the acceptance measurement.")
 FLAGS = flags.FLAGS
 
 
@@ -121,8 +124,41 @@ def decode_rate(side, prompts: np.ndarray, new: int, repeats: int) -> tuple[floa
     return prompts.shape[0] * (new - 1) / max(t_new - t_one, 1e-9), tokens
 
 
+def acceptance(workdir: str, n_prompts: int, prompt_len: int, new: int) -> dict:
+    """Speculative decoding on a trained checkpoint: draft acceptance, against two baselines and 1 / vocab."""
+    from deepseek_v4.corpus.shakespeare import source_files
+    from deepseek_v4.tokenizer import BOS_ID, get_tokenizer
+    from experiments.generate import load_checkpoint
+
+    model, source = load_checkpoint(workdir)
+    with open(source_files()["validation"][0], encoding="utf-8") as f:
+        ids = get_tokenizer().encode(f.read()).tolist()
+    stride = (len(ids) - prompt_len) // n_prompts
+    prompts = [[BOS_ID] + ids[i * stride: i * stride + prompt_len] for i in range(n_prompts)]
+    stats: dict = {}
+    t0 = time.perf_counter()
+    spec = inference.generate(model, prompts, new, speculative=True, stats=stats)
+    t_spec = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plain = inference.generate(model, prompts, new)
+    t_plain = time.perf_counter() - t0
+    pairs = [(a, b) for out in plain for a, b in zip(out, out[1:])]
+    tokens = [t for out in plain for t in out]
+    top = max(set(tokens), key=tokens.count)
+    return {"source": source, "identical_to_greedy": spec == plain, "drafts": stats["drafts"],
+            "accepted": stats["accepted"], "acceptance": stats["accepted"] / stats["drafts"],
+            "baseline_repeat_previous": sum(a == b for a, b in pairs) / len(pairs),
+            "baseline_most_frequent": tokens.count(top) / len(tokens), "chance": 1 / model.cfg.vocab_size,
+            "tokens_per_main_call": sum(map(len, spec)) / (stats["drafts"] / n_prompts + 1) / n_prompts,
+            "seconds_speculative": t_spec, "seconds_plain": t_plain}
+
+
 def main(argv):
     del argv
+    if FLAGS.acceptance_workdir:
+        print(json.dumps(acceptance(FLAGS.acceptance_workdir, FLAGS.acceptance_prompts, FLAGS.prompt_len,
+                                    FLAGS.new_tokens), indent=1))
+        return
     cfg = get_config(FLAGS.config, dtype="float32", param_dtype="float32")
     model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
     ours = Ours(model)
