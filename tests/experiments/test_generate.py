@@ -78,6 +78,7 @@ def test_one_line_errors(run_dirs, args, message):
     assert lines[-1].startswith("generate: error:") and message in lines[-1], res.stderr
 
 
+@pytest.mark.slow
 def test_mismatched_checkpoint_is_one_error(official, tmp_path):
     hf_dir = official
     bad = tmp_path / "bad"
