@@ -2,11 +2,12 @@
 
 Fixed shapes for a cache of `max_len` tokens per sequence (docs/model.md, "Inference cache"):
 
-| layer kind | state |
-|---|---|
-| every layer | `window` [B, W, H]: ring buffer of the rotated K=V head, slot = position % W |
-| CSA, HCA | `feat_kv`, `feat_gate` [B, R, F]: compressor features of the last R = 2m (CSA, overlap) or m (HCA) tokens, slot = position % R (the not-yet-compressed tail and CSA's overlap window); `entries` [B, max_len // m, H] rotated |
-| CSA | `idx_feat_kv`, `idx_feat_gate` [B, 2m, 2 HI]: the indexer compressor's tail; `idx_keys` [B, max_len // m, HI] |
+    every layer: `window` [B, W, H], ring buffer of the rotated K=V head, slot = position % W;
+    CSA, HCA:    `feat_kv`, `feat_gate` [B, R, F], compressor features of the last R = 2m (CSA: the open window
+                 and the previous one, the overlap) or m (HCA) tokens, slot = position % R;
+                 `entries` [B, max_len // m, H], rotated;
+    CSA:         `idx_feat_kv`, `idx_feat_gate` [B, 2m, 2 HI], the indexer compressor's tail;
+                 `idx_keys` [B, max_len // m, HI].
 
 Each sequence b holds one document whose positions 0 .. n_b - 1 are in the cache (`n` [B], kept by the caller).
 A chunk appends `valid_b` tokens at positions n_b .. n_b + valid_b - 1 (the rest of its S rows is padding that
@@ -141,19 +142,19 @@ def attend_cached(attn: Attention, x: jax.Array, ctx: Context, n: jax.Array, val
             z_ent = jnp.einsum("bqnh,bch->bqnc", q, entries, preferred_element_type=jnp.float32)
             ent_values, ent_eq = entries, "bqnk,bkh->bqnh"
         else:
-            xi = x
             ipooled, _, _, (new["idx_feat_kv"], new["idx_feat_gate"]) = _new_entries(
-                attn.indexer.compressor, cache["idx_feat_kv"], cache["idx_feat_gate"], xi, n, valid, True)
+                attn.indexer.compressor, cache["idx_feat_kv"], cache["idx_feat_gate"], x, n, valid, True)
             k_idx = _write_entries(cache["idx_keys"], attn.indexer_keys(ipooled, e - m + 1), e, ok, m)
             new["idx_keys"] = k_idx
-            q_idx, w_idx = attn.indexer_queries(xi, c_q, cos, sin)
+            q_idx, w_idx = attn.indexer_queries(x, c_q, cos, sin)
             # Query row i sits at position n + i: entry c is admissible iff its end minus n <= i.
             rel_end = entry_end[None, :] - n[:, None]
             scores = block_scores(q_idx, w_idx, jnp.arange(s, dtype=jnp.int32), jnp.ones((b, s), jnp.int32),
                                   k_idx, jnp.ones_like(rel_end), rel_end)  # [B, S, C]
             top, idx = jax.lax.top_k(scores, min(cfg.index_topk, entries.shape[1]))
             ent_mask = top != -jnp.inf  # [B, S, K]
-            ent_values = jnp.take_along_axis(entries[:, None], jnp.where(ent_mask, idx, 0)[..., None], axis=2)  # [B,S,K,H]
+            picked = jnp.where(ent_mask, idx, 0)[..., None]
+            ent_values = jnp.take_along_axis(entries[:, None], picked, axis=2)  # [B, S, K, H]
             z_ent = jnp.einsum("bqnh,bqkh->bqnk", q, ent_values, preferred_element_type=jnp.float32)
             ent_eq = "bqnk,bqkh->bqnh"
         z = jnp.concatenate([z, z_ent], axis=-1)
