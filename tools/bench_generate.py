@@ -149,7 +149,7 @@ def acceptance(workdir: str, n_prompts: int, prompt_len: int, new: int) -> dict:
             "accepted": stats["accepted"], "acceptance": stats["accepted"] / stats["drafts"],
             "baseline_repeat_previous": sum(a == b for a, b in pairs) / len(pairs),
             "baseline_most_frequent": tokens.count(top) / len(tokens), "chance": 1 / model.cfg.vocab_size,
-            "tokens_per_main_call": sum(map(len, spec)) / (stats["drafts"] / n_prompts + 1) / n_prompts,
+            "tokens_per_verify_call": 1 + stats["accepted"] / stats["drafts"],
             "seconds_speculative": t_spec, "seconds_plain": t_plain}
 
 
