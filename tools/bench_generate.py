@@ -34,6 +34,7 @@ flags.DEFINE_list("prefill_lengths", ["64", "128", "256", "512", "1024"], "Promp
 flags.DEFINE_integer("prefill_chunk", 256, "Our prefill chunk.")
 flags.DEFINE_integer("repeats", 2, "Timed repetitions (the best is kept).")
 flags.DEFINE_bool("torch", True, "Also run transformers.")
+flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads for transformers (0: torch's default).")
 flags.DEFINE_bool("json", False, "Also print the results as one JSON line.")
 flags.DEFINE_string("acceptance_workdir", None, "Instead of the speed benchmark: the MTP draft acceptance of this "
                     "run's newest checkpoint on Shakespeare validation prompts (raw text).")
@@ -74,6 +75,8 @@ class Theirs:
         import transformers
 
         self.torch = torch
+        if FLAGS.torch_threads:
+            torch.set_num_threads(FLAGS.torch_threads)
         config_dict, state_dict = interop.to_hf(model)
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(config_dict, f)
