@@ -231,7 +231,7 @@ def prefill(model: DeepseekV4, prompts, max_len: int, chunk: int = 64, with_mtp:
     prefill_fn = _steps(graphdef)[0]
     lengths = np.asarray([len(p) for p in prompts], np.int32)
     b, longest = len(prompts), int(lengths.max())
-    chunk = min(chunk, longest)
+    chunk = min(chunk, 1 << (longest - 1).bit_length())  # a power of two: few compiled chunk shapes
     n_chunks = -(-longest // chunk)
     padded = np.zeros((b, n_chunks * chunk + 1), np.int32)
     for i, p in enumerate(prompts):
