@@ -3,8 +3,9 @@
 docs/model.md, "Attention". The heavy math (window + compressed attention, the lightning indexer) lives in
 `pallas_kernels`; this module computes their inputs (queries, the shared K=V head, compressed entries,
 indexer queries and keys), the indexer's KL objective and the output projection. The pieces are functions
-(`entry_slots`, `compress`, `Attention.queries` / `key_value` / `compressed_entries` / `core` / `output`) so
-that an inference cache can reuse them.
+(`entry_slots`, `compress` = `pool` of `compressor_features`, `Attention.queries` / `key_value` /
+`compressed_entries` / `rotate_entries` / `indexer_queries` / `indexer_keys` / `dense_core` / `output`) so that
+the inference cache (deepseek_v4/kv_cache.py) reuses them.
 
 Packed sequences (docs/packing.md): windows never cross a document, and each document is compressed from its
 own first token: its entry j pools its tokens [j*m, (j+1)*m) (CSA: plus the previous window of the same
@@ -170,14 +171,21 @@ def compress(x: jax.Array, wkv: jax.Array, wgate: jax.Array, ape: jax.Array, nor
     Shapes: x [B, T, D]; wkv/wgate [D, w*c] (w = 2 with overlap, else 1); ape [ratio, w*c]; slots [B, C]
       -> entries [B, C, c] float32 (normed, not rotated; empty slots hold finite values nothing sees).
     """
-    kv = (x @ wkv).astype(jnp.float32)  # [B, T, w*c]
-    gate = (x @ wgate).astype(jnp.float32)
-    return compress_projected(kv, gate, ape, norm_scale, slots, ratio, overlap, eps)
+    kv, gate = compressor_features(x, wkv, wgate)
+    return pool(kv, gate, ape, norm_scale, slots, ratio, overlap, eps)
 
 
-def compress_projected(kv: jax.Array, gate: jax.Array, ape: jax.Array, norm_scale: jax.Array, slots: EntrySlots,
-                       ratio: int, overlap: bool, eps: float) -> jax.Array:
-    """`compress` from the projected tokens. Shapes: kv/gate [B, T, w*c] float32, slots [B, C] -> [B, C, c]."""
+def compressor_features(x: jax.Array, wkv: jax.Array, wgate: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token compressor features (an inference cache keeps them for its not-yet-compressed tail).
+
+    Shapes: x [B, T, D]; wkv/wgate [D, F] -> kv, gate [B, T, F] float32 (the gate before `ape`).
+    """
+    return (x @ wkv).astype(jnp.float32), (x @ wgate).astype(jnp.float32)
+
+
+def pool(kv: jax.Array, gate: jax.Array, ape: jax.Array, norm_scale: jax.Array, slots: EntrySlots, ratio: int,
+         overlap: bool, eps: float) -> jax.Array:
+    """`compress` on precomputed features: kv, gate [B, T, F] float32, slots [B, C] -> entries [B, C, c]."""
     b, t, _ = kv.shape
     c = slots.end.shape[1]
     rows = slots.start[..., None] + jnp.arange(ratio, dtype=jnp.int32)  # [B, C, m]
@@ -211,8 +219,15 @@ class Compressor(nnx.Module):
 
     def __call__(self, x: jax.Array, slots: EntrySlots) -> jax.Array:
         """Shapes: x [B, T, D], slots [B, C] -> entries [B, C, width] float32 (normed, not rotated)."""
-        return compress(x, self.wkv[...].astype(x.dtype), self.wgate[...].astype(x.dtype), self.ape[...],
-                        self.norm.scale[...], slots, self.ratio, self.overlap, self.eps)
+        return self.pool(*self.features(x), slots)
+
+    def features(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Shapes: x [B, T, D] -> kv, gate [B, T, w*width] float32."""
+        return compressor_features(x, self.wkv[...].astype(x.dtype), self.wgate[...].astype(x.dtype))
+
+    def pool(self, kv: jax.Array, gate: jax.Array, slots: EntrySlots) -> jax.Array:
+        """Entries from features (`features`): kv, gate [B, T, F], slots [B, C] -> [B, C, width] float32."""
+        return pool(kv, gate, self.ape[...], self.norm.scale[...], slots, self.ratio, self.overlap, self.eps)
 
 
 class Indexer(nnx.Module):
@@ -271,29 +286,37 @@ class Attention(nnx.Module):
     def compressed_entries(self, x: jax.Array, slots: EntrySlots, positions: jax.Array) -> jax.Array:
         """Shapes: x [B, T, D], slots [B, C], positions [B, T] -> entries [B, C, H] (rotated, x's dtype)."""
         entry_pos = jnp.take_along_axis(positions, slots.start, axis=1)
+        return self.rotate_entries(self.compressor(x, slots), entry_pos, x.dtype)
+
+    def rotate_entries(self, pooled: jax.Array, entry_pos: jax.Array, dtype) -> jax.Array:
+        """Pooled entries [B, C, H] float32, position of each entry's first token [B, C] -> rotated, `dtype`."""
         e_cos, e_sin = self.rope_tables(entry_pos)
-        return rope.apply_rope(self.compressor(x, slots), e_cos, e_sin).astype(x.dtype)
+        return rope.apply_rope(pooled, e_cos, e_sin).astype(dtype)
 
     def indexer_inputs(self, x: jax.Array, c_q: jax.Array, slots: EntrySlots, positions: jax.Array, cos, sin):
         """The lightning indexer's queries [B, T, NI, HI], keys [B, C, HI] and head weights [B, T, NI].
 
         Its inputs are detached from the main model: the indexer learns only from its own KL loss.
         """
-        cfg, idx = self.cfg, self.indexer
         xi, cqi = jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q)
-        e_cos, e_sin = self.rope_tables(jnp.take_along_axis(positions, slots.start, axis=1))
-        k_idx = rope.apply_rope(idx.compressor(xi, slots), e_cos, e_sin)  # [B, C, HI]
+        k_idx = self.indexer_keys(self.indexer.compressor(xi, slots), jnp.take_along_axis(positions, slots.start, 1))
         q_idx, w_idx = self.indexer_queries(xi, cqi, cos, sin)
-        if cfg.quant == "fp4":  # QAT of the indexer's query/key path (the release stores its keys in MXFP4)
-            q_idx, k_idx = quant.fake_quant_mxfp4(q_idx), quant.fake_quant_mxfp4(k_idx)
         return q_idx, k_idx, w_idx
 
-    def indexer_queries(self, xi: jax.Array, cqi: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
-        """The indexer's queries [B, T, NI, HI] and head weights [B, T, NI] from x and c_q (already detached)."""
+    def indexer_keys(self, pooled: jax.Array, entry_pos: jax.Array) -> jax.Array:
+        """The indexer's keys from its compressor's pooled entries [B, C, HI] at entry positions [B, C]."""
+        e_cos, e_sin = self.rope_tables(entry_pos)
+        k_idx = rope.apply_rope(pooled, e_cos, e_sin)  # [B, C, HI]
+        # QAT of the indexer's query/key path (the release stores its keys in MXFP4)
+        return quant.fake_quant_mxfp4(k_idx) if self.cfg.quant == "fp4" else k_idx
+
+    def indexer_queries(self, x: jax.Array, c_q: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
+        """The indexer's queries [B, T, NI, HI] and head weights [B, T, NI] from x [B, T, D], c_q [B, T, Q]."""
         cfg, idx = self.cfg, self.indexer
-        wq_b = layers.qweight(idx.wq_b[...], cfg, "attn.indexer.wq_b").astype(cqi.dtype)
-        q_idx = rope.apply_rope(jnp.einsum("btq,qnh->btnh", layers.qact(cqi, cfg), wq_b), cos, sin)
-        return q_idx, xi @ idx.weights_proj[...].astype(xi.dtype)
+        wq_b = layers.qweight(idx.wq_b[...], cfg, "attn.indexer.wq_b").astype(c_q.dtype)
+        q_idx = rope.apply_rope(jnp.einsum("btq,qnh->btnh", layers.qact(c_q, cfg), wq_b), cos, sin)
+        w_idx = x @ idx.weights_proj[...].astype(x.dtype)  # [B, T, NI]
+        return (quant.fake_quant_mxfp4(q_idx) if cfg.quant == "fp4" else q_idx), w_idx
 
     def output(self, o: jax.Array, cos, sin) -> jax.Array:
         """Shapes: o [B, T, N, H] (attention output, rotated) -> [B, T, D]."""

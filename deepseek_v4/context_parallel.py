@@ -86,7 +86,7 @@ def _entries(size: int, ratio: int, overlap: bool, eps: float, kv, gate, ape, no
                                  axis=1)
         slots = attn.EntrySlots(end=take(end) - shift, segment=jnp.zeros_like(take(end)),
                                 start=take(start) - shift, has_previous=take(has_previous))
-        out.append(attn.compress_projected(fk, fg, ape, norm_scale, slots, ratio, overlap, eps))
+        out.append(attn.pool(fk, fg, ape, norm_scale, slots, ratio, overlap, eps))
     return jnp.concatenate(out, axis=1)
 
 
@@ -152,9 +152,9 @@ def indexer_inputs(layer, x, c_q, slots, natural_positions, cos, sin, size: int)
     cfg, idx = layer.cfg, layer.indexer
     xi, cqi = jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q)
     k_idx = compressed_entries(idx.compressor, xi, slots, natural_positions, layer.rope_tables, size)
-    q_idx, w_idx = layer.indexer_queries(xi, cqi, cos, sin)
-    if cfg.quant == "fp4":
-        q_idx, k_idx = quant.fake_quant_mxfp4(q_idx), quant.fake_quant_mxfp4(k_idx)
+    q_idx, w_idx = layer.indexer_queries(xi, cqi, cos, sin)  # the queries' FP4 QAT happens there
+    if cfg.quant == "fp4":  # the keys' as in `Attention.indexer_keys` (the release stores them in MXFP4)
+        k_idx = quant.fake_quant_mxfp4(k_idx)
     return q_idx, k_idx, w_idx
 
 

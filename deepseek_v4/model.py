@@ -58,13 +58,26 @@ class Block(nnx.Module):
 
     def __call__(self, x: jax.Array, ctx: attention.Context):
         """Shapes: x [B, T, R, D] -> [B, T, R, D], (MoeStats, indexer_loss [], indexer_recall [])."""
+        x, stats, (idx_loss, idx_recall) = self.apply(x, ctx, lambda h: self._attend(h, ctx))
+        return x, (stats, idx_loss, idx_recall)
+
+    def _attend(self, h: jax.Array, ctx: attention.Context):
+        y, idx_loss, idx_recall = self.attn(h, ctx)
+        return y, (idx_loss, idx_recall)
+
+    def apply(self, x: jax.Array, ctx: attention.Context, attend):
+        """The layer with its attention given: `attend(h [B, T, D]) -> (y [B, T, D], extra)` (the full forward
+        calls `self.attn`; an inference cache calls the same sub-layer pieces on its stored state).
+
+        Shapes: x [B, T, R, D] -> [B, T, R, D], MoeStats, extra.
+        """
         pre, post, comb = self.hc_attn(x)
-        y, idx_loss, idx_recall = self.attn(self.attn_norm(mhc.collapse(x, pre)), ctx)
+        y, extra = attend(self.attn_norm(mhc.collapse(x, pre)))
         x = mhc.update(x, comb, post, y)
         pre, post, comb = self.hc_ffn(x)
         y, stats = self.ffn(self.ffn_norm(mhc.collapse(x, pre)).astype(x.dtype), ctx.tokens, ctx.segment_ids > 0)
         x = mhc.update(x, comb, post, y)
-        return x, (stats, idx_loss, idx_recall)
+        return x, stats, extra
 
 
 class Unit(nnx.Module):
@@ -106,13 +119,16 @@ class MTP(nnx.Module):
 
     def __call__(self, streams: jax.Array, next_embed: jax.Array, ctx: attention.Context, dt, remat: bool = False):
         """Shapes: streams [B, T, R, D], next_embed [B, T, D] -> streams [B, T, R, D], hidden [B, T, D], aux."""
+        x, aux = call_block(self.block, self.block_input(streams, next_embed, dt), ctx, remat)
+        return x, self.norm(self.hc_head(x)), aux
+
+    def block_input(self, streams: jax.Array, next_embed: jax.Array, dt) -> jax.Array:
+        """The block's input streams from the main streams and the next token's embedding: [B, T, R, D]."""
         cfg = self.cfg  # both projections are FP8 GEMMs of the export: `quant` sees them as it stores them
         e_in, h_in = layers.qact(self.enorm(next_embed), cfg), layers.qact(self.hnorm(streams), cfg)
         e = e_in.astype(dt) @ layers.qweight(self.e_proj[...], cfg, "e_proj").astype(dt)  # [B, T, D]
         h = h_in.astype(dt) @ layers.qweight(self.h_proj[...], cfg, "h_proj").astype(dt)  # [B, T, R, D]
-        x = h + e[:, :, None, :]
-        x, aux = call_block(self.block, x, ctx, remat)
-        return x, self.norm(self.hc_head(x)), aux
+        return h + e[:, :, None, :]
 
 
 @dataclasses.dataclass
