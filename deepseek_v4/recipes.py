@@ -301,6 +301,8 @@ def resolve(r: Recipe, given: dict[str, Any] | None = None) -> Schedule:
                                     attention=s.attention, first_step=step, steps=n, first_token=consumed,
                                     source=s.source))
         step, consumed = step + n, consumed + n * s.batch_tokens
+    if "grad_accum" in given:  # one explicit value for every stage; otherwise the run picks per stage
+        stages = [dataclasses.replace(s, grad_accum=given["grad_accum"]) for s in stages]
     stages = tuple(stages)
     total = step
     decay_from = r.tokens - r.decay_tokens

@@ -31,6 +31,8 @@ from flax import nnx
 from deepseek_v4 import DeepseekV4, data, metrics, train
 from deepseek_v4 import checkpoint as ckpt_lib
 from deepseek_v4.config import Config
+from deepseek_v4.recipes import ResolvedStage, Schedule
+from experiments import preflight
 from sharding import mesh as mesh_lib
 from sharding import rules
 
@@ -120,8 +122,9 @@ class StopSignal:
 
 
 # A data source: (process_index, process_count) -> an iterator of this process's host batches with
-# get_state() / set_state() (the state is checkpointed with the model).
-DataSource = Callable[[int, int], Iterator[dict[str, np.ndarray]]]
+# get_state() / set_state() (the state is checkpointed with the model). A run with a recipe calls it with
+# `opts=` the stage's RunSettings (its seq_len, batch_size and data seed).
+DataSource = Callable[..., Iterator[dict[str, np.ndarray]]]
 # A step builder with `train.make_train_step`'s signature.
 StepBuilder = Callable[..., Callable[[train.TrainState, dict[str, jax.Array]], tuple[train.TrainState, dict]]]
 
@@ -148,7 +151,10 @@ class Run:
     writer: metrics.MetricsWriter | None = None
     peak_flops: float = 0.0
     last_saved: int | None = None
-    _steps: dict[bool, Callable] = dataclasses.field(default_factory=dict)
+    schedule: Schedule | None = None  # the resolved recipe: stages change seq_len, batch and attention by step
+    data_source: DataSource | None = None
+    data_stage: int | None = None  # the stage the open data iterator reads for
+    _steps: dict[tuple[int, bool], Callable] = dataclasses.field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -158,21 +164,61 @@ class Run:
     def batch_sharding(self) -> jax.sharding.NamedSharding:
         return rules.named_sharding(("batch", "seq"), self.mesh, "activation")
 
+    def _step_key(self, step: int) -> tuple[int, bool]:
+        stage = self.schedule.stage_at(step).index if self.schedule else 0
+        return stage, train.sparse_at(self.settings, step)
+
     def compiles(self, step: int) -> bool:
-        """Whether calling the step function for `step` compiles it (the first step of each attention mode)."""
-        return train.sparse_at(self.settings, step) not in self._steps
+        """Whether calling the step function for `step` compiles it (the first step of each attention mode and
+        recipe stage)."""
+        return self._step_key(step) not in self._steps
 
     def step_fn(self, step: int) -> Callable:
         """The jitted step for `step` (dense attention during the indexer warm-up, sparse after)."""
-        sparse = train.sparse_at(self.settings, step)
-        if sparse not in self._steps:
-            self._steps[sparse] = self.make_step(self.plan.graphdef, self.cfg, self.plan.tx, self.settings,
-                                                 sparse=sparse)
-        return self._steps[sparse]
+        key = self._step_key(step)
+        if key not in self._steps:
+            s = self.settings
+            if self.schedule and self.schedule.stages[key[0]].grad_accum != s.grad_accum:
+                s = dataclasses.replace(s, grad_accum=self.schedule.stages[key[0]].grad_accum)
+            self._steps[key] = self.make_step(self.plan.graphdef, self.cfg, self.plan.tx, s, sparse=key[1])
+        return self._steps[key]
+
+    def open_data(self, step: int, saved_state: Any = None) -> None:
+        """Open the data iterator for `step` (its recipe stage) and continue from `saved_state` when that was saved
+        in the same stage."""
+        if self.schedule is None:
+            self.data = self.data_source(jax.process_index(), jax.process_count())
+            if saved_state is not None:
+                self.data.set_state(saved_state)
+            return
+        stage = self.schedule.stage_at(step)
+        before = saved_state
+        if self.data is not None:  # crossing a boundary: the position reached in the previous stage
+            before = {**self.data.get_state(), "recipe_stage": self.data_stage}
+        self.opts = preflight.stage_opts(self.opts, stage)
+        self.data = self.data_source(jax.process_index(), jax.process_count(), opts=self.opts)
+        self.data_stage = stage.index
+        if before is not None and before.get("recipe_stage") == stage.index:
+            self.data.set_state(before)  # resuming inside the stage
+        elif before is not None and data.carry_position(before, self.data) is not None:
+            self.data.set_state(data.carry_position(before, self.data))  # same rows, another batch size
+        if self.primary and step > 0 and saved_state is None:
+            print(f"step {step}: stage {stage.name!r}: seq_len {stage.seq_len}, {stage.batch_size} sequences per "
+                  f"step, {stage.attention} attention", flush=True)
+
+    def next_batch(self, step: int) -> dict[str, np.ndarray]:
+        """The host batch of `step`; crossing into a new recipe stage rebuilds the data iterator first."""
+        if self.schedule is not None and self.schedule.stage_at(step).index != self.data_stage:
+            self.open_data(step)
+        return next(self.data)
 
     def save(self, step: int) -> None:
-        self.checkpointer.save(step, self.state, config=self.cfg, data_state=self.data.get_state(),
-                               meta={"settings": self.settings.to_dict(), "mesh": dict(self.mesh.shape)})
+        data_state = self.data.get_state()
+        meta = {"settings": self.settings.to_dict(), "mesh": dict(self.mesh.shape)}
+        if self.schedule is not None:
+            data_state = {**data_state, "recipe_stage": self.data_stage}
+            meta["recipe"] = self.schedule.to_dict()
+        self.checkpointer.save(step, self.state, config=self.cfg, data_state=data_state, meta=meta)
         self.last_saved = step
 
     def close(self) -> None:
@@ -194,7 +240,7 @@ def _write_json(path: str, obj: Any) -> None:
 
 def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, workdir: str, model_name: str,
           data_source: DataSource, make_step: StepBuilder = train.make_train_step,
-          build_model: Callable[[], nnx.Module] | None = None) -> Run:
+          build_model: Callable[[], nnx.Module] | None = None, schedule: Schedule | None = None) -> Run:
     """Start JAX, open the run directory, restore or create the state, open the data and the metrics writer.
 
     Args:
@@ -203,6 +249,7 @@ def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, work
       data_source: makes this process's batch iterator (not called when the run is already complete).
       make_step: builds the jitted step (`train.make_train_step`'s signature).
       build_model: constructs the model (default: `DeepseekV4(cfg)` seeded with `opts.seed`).
+      schedule: a resolved recipe (`deepseek_v4.recipes`): the run crosses its stages by itself.
 
     Raises:
       UserError: bad settings, a run directory of another model, no usable checkpoint, data that cannot resume.
@@ -225,13 +272,16 @@ def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, work
         with _as_user_error(ValueError):
             changed = ckpt.check_config(cfg)
             mesh = mesh_lib.make_mesh(opts.mesh or None)
-            _check_batch_layout(opts, settings, mesh)
+            if schedule is None:  # a recipe's stages are checked one by one (preflight.check_memory)
+                _check_batch_layout(opts, settings, mesh)
         primary = jax.process_index() == 0
         if primary:
             os.makedirs(workdir, exist_ok=True)
             _write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
         with jax.set_mesh(mesh):
             plan = train.plan_state(build_model, settings, mesh)
+            with _as_user_error(ValueError):  # before anything is allocated or compiled
+                schedule = preflight.check_memory(cfg, settings, opts, mesh, plan, schedule)
             with _as_user_error(ckpt_lib.ConfigMismatchError, ckpt_lib.NoUsableCheckpointError):
                 restored = ckpt.restore(plan.target, config=cfg)
             if restored is None:
@@ -241,17 +291,17 @@ def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, work
         run = Run(cfg=cfg, settings=settings, opts=opts, workdir=workdir, mesh=mesh, plan=plan, state=state,
                   start=restored.step if restored else 0, resumed=restored is not None, checkpointer=ckpt,
                   primary=primary, make_step=make_step, resources=resources,
-                  last_saved=restored.step if restored else None)
+                  last_saved=restored.step if restored else None, schedule=schedule, data_source=data_source)
         if primary:
             print(mesh_lib.describe(mesh), flush=True)
             print(rules.summary(plan.abstract.params, mesh), flush=True)
             n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(plan.abstract.params))
             print(f"model {model_name}: {n_params:,} parameters; workdir {workdir}", flush=True)
+            if schedule is not None:
+                print(schedule.table(), flush=True)
         if not run.complete:
-            run.data = data_source(jax.process_index(), jax.process_count())
-            if restored is not None and restored.data_state is not None:
-                with _as_user_error(ValueError):
-                    run.data.set_state(restored.data_state)
+            with _as_user_error(ValueError):
+                run.open_data(run.start, restored.data_state if restored is not None else None)
             if primary:
                 print(f"resuming from step {run.start}" if run.resumed else "starting from scratch", flush=True)
                 if run.resumed and changed:
@@ -357,7 +407,7 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
     try:
         with jax.set_mesh(run.mesh):
             while step < steps:
-                host = next(run.data)
+                host = run.next_batch(step)
                 if nan_steps:
                     host = with_nan_loss_weights(host, step + 1 in nan_steps)
                 batch = data.to_global(host, run.batch_sharding)
@@ -418,7 +468,7 @@ def summarise(run: Run, window: _Window, step: int) -> dict[str, Any]:
         rec["tokens_per_s"] = tokens_per_step * window.timed_steps / max(window.seconds, 1e-9)
         flops = metrics.train_flops_per_token(run.cfg, run.opts.seq_len, sparse_attention=rec["sparse_attention"])
         rec["mfu"] = rec["tokens_per_s"] * flops / (run.peak_flops * run.mesh.size)
-    rec["tokens_seen"] = step * tokens_per_step
+    rec["tokens_seen"] = run.schedule.tokens_at(step) if run.schedule else step * tokens_per_step
     return rec
 
 
