@@ -273,12 +273,16 @@ def meshes_for(cfg: Config, devices: int) -> list[dict[str, int]]:
 
 
 def fitting_mesh(cfg: Config, devices: int, hbm: float, batch_size: int, seq_len: int, *, optimizer: str = "muon",
-                 loss_chunk: int = 1024, loss_impl: str = "remat", variables=None) -> Plan | None:
+                 loss_chunk: int = 1024, loss_impl: str = "remat", variables=None,
+                 step_batch: int | None = None) -> Plan | None:
     """The first mesh of `meshes_for(cfg, devices)` on which a microbatch of `batch_size` sequences (at least one
-    per data shard: it is rounded up to a multiple of the shards) fits in `USABLE * hbm`; None if none does."""
+    per data shard: it is rounded up to a multiple of the shards) fits in `USABLE * hbm`; None if none does.
+    `step_batch`: only meshes whose data shards divide this many sequences (a step's batch) are tried."""
     variables = variables if variables is not None else model_variables(cfg)
     for sizes in meshes_for(cfg, devices):
         shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+        if step_batch is not None and step_batch % shards:
+            continue
         p = plan(cfg, sizes, -(-batch_size // shards) * shards, seq_len, optimizer=optimizer, loss_chunk=loss_chunk,
                  loss_impl=loss_impl, variables=variables)
         if p.total <= USABLE * hbm:
