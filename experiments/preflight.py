@@ -2,9 +2,11 @@
 
 - A pod preset (flash, pro) never trains with the CPU nano run's defaults: it needs `--recipe`, or `--steps` and
   `--learning_rate` given explicitly.
-- The memory plan (`deepseek_v4.memory`) of every recipe stage (or of the one shape of a run without a recipe) must
-  fit the devices' memory; otherwise the run refuses in one line with the planned bytes per device and a mesh or a
-  device count that would fit. A stage without an explicit `--grad_accum` takes the fewest microbatches that fit.
+- The memory plan (`deepseek_v4.memory`) of every recipe stage (or of the one shape of a run without a recipe) is
+  compared with the devices' memory. A run whose first step does not fit refuses in one line with the planned bytes
+  per device and a mesh or a device count that would fit; a later recipe stage that does not fit is announced at
+  the start, and the run saves and stops with that line when it gets there. A stage without an explicit
+  `--grad_accum` takes the fewest microbatches that fit.
 """
 
 from __future__ import annotations
@@ -42,13 +44,16 @@ def _divisors(n: int) -> list[int]:
 
 
 def check_memory(cfg: Config, settings: train.TrainSettings, opts: Any, mesh: jax.sharding.Mesh,
-                 plan: train.StatePlan, schedule: Schedule | None) -> Schedule | None:
-    """Compare the memory plan of every stage with the devices' memory; returns the schedule with each stage's
-    gradient accumulation chosen (the fewest microbatches that fit, unless given).
+                 plan: train.StatePlan, schedule: Schedule | None) -> tuple[Schedule | None, dict[int, str]]:
+    """Compare the memory plan of every stage with the devices' memory.
+
+    Returns:
+      The schedule with each stage's gradient accumulation chosen (the fewest microbatches that fit, unless given;
+      unchanged for a stage that does not fit), and {stage index: one-line refusal} for the stages that do not fit.
 
     Raises:
-      ValueError: one line: a stage whose batch cannot be laid out, or that does not fit (planned bytes per device,
-        the device's memory, and a mesh or device count that would fit).
+      ValueError: one line: a run without a recipe that does not fit (planned bytes per device, the device's
+        memory, and a mesh or device count that would fit), or a stage whose batch cannot be laid out.
     """
     variables = memory.variables_of(plan.abstract.params, plan.abstract.extras)
     hbm, where = memory.device_memory(mesh.devices.flat[0])
@@ -58,8 +63,8 @@ def check_memory(cfg: Config, settings: train.TrainSettings, opts: Any, mesh: ja
                   variables=variables)
     rows = ([(s.name, s.batch_size, s.seq_len, s.grad_accum) for s in schedule.stages] if schedule
             else [(None, opts.batch_size, opts.seq_len, settings.grad_accum)])
-    chosen = []
-    for name, batch, seq_len, accum in rows:
+    chosen, refusals = [], {}
+    for index, (name, batch, seq_len, accum) in enumerate(rows):
         label = f"stage {name!r}: " if name else ""
         if batch % jax.process_count():
             raise ValueError(f"{label}{batch} sequences per step are not divisible by the process count "
@@ -75,9 +80,11 @@ def check_memory(cfg: Config, settings: train.TrainSettings, opts: Any, mesh: ja
                 chosen.append(a)
                 break
         else:
-            raise ValueError(_refusal(cfg, label, p, batch // candidates[-1], seq_len, hbm, where, mesh.size,
-                                      kwargs))
-    return schedule.with_grad_accum(chosen) if schedule else None
+            refusals[index] = _refusal(cfg, label, p, batch // candidates[-1], seq_len, hbm, where, mesh.size, kwargs)
+            if schedule is None:
+                raise ValueError(refusals[index])
+            chosen.append(accum)
+    return (schedule.with_grad_accum(chosen) if schedule else None), refusals
 
 
 def _refusal(cfg: Config, label: str, p: memory.Plan, micro: int, seq_len: int, hbm: float, where: str,

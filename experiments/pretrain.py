@@ -30,6 +30,7 @@ an unreadable newest checkpoint is moved aside and the previous one is used.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sys
@@ -100,6 +101,9 @@ def settings_from_flags() -> tuple[Config, train.TrainSettings, run_lib.RunSetti
     run_values = flag_gen.settings_values(run_lib.RunSettings)
     explicit = {k: v for k, v in {**train_values, **run_values}.items() if k in given}
     schedule = recipes.resolve(recipe, explicit)
+    if preset != recipe.preset:
+        schedule = dataclasses.replace(schedule, preset=preset,
+                                       overrides={**schedule.overrides, "config": (recipe.preset, preset)})
     first = schedule.stages[0]
     settings = train.TrainSettings(**{**train_values, **schedule.settings})
     opts = run_lib.RunSettings(**{**run_values, "seq_len": first.seq_len, "batch_size": first.batch_size})
@@ -127,7 +131,14 @@ def main(argv: list[str]) -> None:
             print(f"the run in {workdir} is complete at step {run.start} (--steps={settings.steps}); "
                       "raise --steps to continue", flush=True)
             return
-        outcome = run_lib.train_loop(run, stop)
+        try:
+            outcome = run_lib.train_loop(run, stop)
+        except run_lib.UserError as e:  # a recipe stage that does not fit (saved before)
+            stopped = str(e)
+        else:
+            stopped = None
+    if stopped is not None:
+        _fail(stopped)
     if outcome.failed:
         print(f"error: stopping: {outcome.bad_streak} consecutive steps had a non-finite loss or gradients (last: "
               f"step {outcome.step}); the newest checkpoint is step {run.checkpointer.latest_step()}",

@@ -154,6 +154,7 @@ class Run:
     schedule: Schedule | None = None  # the resolved recipe: stages change seq_len, batch and attention by step
     data_source: DataSource | None = None
     data_stage: int | None = None  # the stage the open data iterator reads for
+    unfit: dict[int, str] = dataclasses.field(default_factory=dict)  # stage -> why its memory plan does not fit
     _steps: dict[tuple[int, bool], Callable] = dataclasses.field(default_factory=dict)
 
     @property
@@ -209,6 +210,10 @@ class Run:
     def next_batch(self, step: int) -> dict[str, np.ndarray]:
         """The host batch of `step`; crossing into a new recipe stage rebuilds the data iterator first."""
         if self.schedule is not None and self.schedule.stage_at(step).index != self.data_stage:
+            if self.schedule.stage_at(step).index in self.unfit:
+                if self.last_saved != step:
+                    self.save(step)
+                raise UserError(f"{self.unfit[self.schedule.stage_at(step).index]} (stopped and saved at step {step})")
             self.open_data(step)
         return next(self.data)
 
@@ -281,7 +286,9 @@ def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, work
         with jax.set_mesh(mesh):
             plan = train.plan_state(build_model, settings, mesh)
             with _as_user_error(ValueError):  # before anything is allocated or compiled
-                schedule = preflight.check_memory(cfg, settings, opts, mesh, plan, schedule)
+                schedule, unfit = preflight.check_memory(cfg, settings, opts, mesh, plan, schedule)
+            if schedule is not None and schedule.stage_at(ckpt.latest_step() or 0).index in unfit:
+                raise UserError(unfit[schedule.stage_at(ckpt.latest_step() or 0).index])
             with _as_user_error(ckpt_lib.ConfigMismatchError, ckpt_lib.NoUsableCheckpointError):
                 restored = ckpt.restore(plan.target, config=cfg)
             if restored is None:
@@ -291,7 +298,8 @@ def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, work
         run = Run(cfg=cfg, settings=settings, opts=opts, workdir=workdir, mesh=mesh, plan=plan, state=state,
                   start=restored.step if restored else 0, resumed=restored is not None, checkpointer=ckpt,
                   primary=primary, make_step=make_step, resources=resources,
-                  last_saved=restored.step if restored else None, schedule=schedule, data_source=data_source)
+                  last_saved=restored.step if restored else None, schedule=schedule, data_source=data_source,
+                  unfit=unfit)
         if primary:
             print(mesh_lib.describe(mesh), flush=True)
             print(rules.summary(plan.abstract.params, mesh), flush=True)
@@ -299,6 +307,9 @@ def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, work
             print(f"model {model_name}: {n_params:,} parameters; workdir {workdir}", flush=True)
             if schedule is not None:
                 print(schedule.table(), flush=True)
+                for index in sorted(unfit):
+                    print(f"warning: the run will save and stop at step {schedule.stages[index].first_step}: "
+                          f"{unfit[index]}", flush=True)
         if not run.complete:
             with _as_user_error(ValueError):
                 run.open_data(run.start, restored.data_state if restored is not None else None)
