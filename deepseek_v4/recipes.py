@@ -19,8 +19,6 @@ import dataclasses
 import math
 from typing import Any
 
-import numpy as np
-
 ATTENTION_PHASES = ("dense", "indexer_warmup", "sparse")
 PAPER = "V4 paper"
 
@@ -224,13 +222,6 @@ class Schedule:
         """Tokens consumed after `step` steps."""
         s = self.stage_at(max(step - 1, 0))
         return s.first_token + (step - s.first_step) * s.tokens_per_step
-
-    def data_seed(self, seed: int, stage: ResolvedStage) -> int:
-        """The data order's seed in `stage`: the run's seed in the first stage, a derived one after (a piece order
-        only means something for one row length, so each stage reads its own shuffle)."""
-        if stage.index == 0:
-            return seed
-        return int(np.random.SeedSequence([seed, stage.index]).generate_state(1)[0] % 2**31)
 
     def with_grad_accum(self, values: list[int]) -> Schedule:
         return dataclasses.replace(self, stages=tuple(dataclasses.replace(s, grad_accum=a)
