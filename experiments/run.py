@@ -31,7 +31,7 @@ from flax import nnx
 from deepseek_v4 import DeepseekV4, data, metrics, train
 from deepseek_v4 import checkpoint as ckpt_lib
 from deepseek_v4.config import Config
-from deepseek_v4.recipes import ResolvedStage, Schedule
+from deepseek_v4.recipes import Schedule
 from experiments import preflight
 from sharding import mesh as mesh_lib
 from sharding import rules
