@@ -24,8 +24,7 @@ import sys
 from absl import app, flags
 
 from deepseek_v4 import train
-from deepseek_v4.memory import (CHIPS, USABLE, Chip, Plan, abstract_mesh, activation_bytes, format_plan,  # noqa: F401
-                                layer_token_bytes, model_variables, moe_rows_per_token, plan, recommend, state_bytes)  # noqa: F401
+from deepseek_v4.memory import CHIPS, format_plan, model_variables, plan, recommend, state_bytes  # noqa: F401
 from experiments import flags as config_flags
 from experiments.run import RunSettings
 from sharding import mesh as mesh_lib
