@@ -193,9 +193,8 @@ class Run:
                 self.data.set_state(saved_state)
             return
         stage = self.schedule.stage_at(step)
-        before = saved_state
-        if self.data is not None:  # crossing a boundary: the position reached in the previous stage
-            before = {**self.data.get_state(), "recipe_stage": self.data_stage}
+        # crossing a boundary: the position reached in the previous stage
+        before = self.data_state() if self.data is not None else saved_state
         self.opts = preflight.stage_opts(self.opts, stage)
         self.data = self.data_source(jax.process_index(), jax.process_count(), opts=self.opts)
         self.data_stage = stage.index
@@ -217,13 +216,17 @@ class Run:
             self.open_data(step)
         return next(self.data)
 
+    def data_state(self) -> Any:
+        """The data iterator's state as checkpointed (tagged with its recipe stage when there is a recipe)."""
+        if self.schedule is None:
+            return self.data.get_state()
+        return {**self.data.get_state(), "recipe_stage": self.data_stage}
+
     def save(self, step: int) -> None:
-        data_state = self.data.get_state()
         meta = {"settings": self.settings.to_dict(), "mesh": dict(self.mesh.shape)}
         if self.schedule is not None:
-            data_state = {**data_state, "recipe_stage": self.data_stage}
             meta["recipe"] = self.schedule.to_dict()
-        self.checkpointer.save(step, self.state, config=self.cfg, data_state=data_state, meta=meta)
+        self.checkpointer.save(step, self.state, config=self.cfg, data_state=self.data_state(), meta=meta)
         self.last_saved = step
 
     def close(self) -> None:
