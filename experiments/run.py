@@ -123,7 +123,7 @@ class StopSignal:
 
 # A data source: (process_index, process_count) -> an iterator of this process's host batches with
 # get_state() / set_state() (the state is checkpointed with the model). A run with a recipe calls it with
-# `opts=` the stage's RunSettings (its seq_len, batch_size and data seed).
+# `opts=` the stage's RunSettings (its seq_len and batch_size).
 DataSource = Callable[..., Iterator[dict[str, np.ndarray]]]
 # A step builder with `train.make_train_step`'s signature.
 StepBuilder = Callable[..., Callable[[train.TrainState, dict[str, jax.Array]], tuple[train.TrainState, dict]]]
