@@ -93,3 +93,19 @@ def test_a_resumed_run_continues_in_the_right_stage(runs, where, step):
     got = _losses(workdir)
     assert sorted(got) == list(range(step + 1, SCHEDULE.steps + 1))
     assert [got[k] for k in sorted(got)] == [ref[k] for k in sorted(got)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config=flash"], "error: --config=flash needs --recipe=flash, or explicit --steps and --learning_rate "
+                         "(missing: --steps, --learning_rate)"),
+    (["--recipe=huge"], "error: unknown recipe 'huge'; choose one of nano, flash, pro"),
+    (["--recipe=nano", "--seq_len=64"], "error: --seq_len=64 contradicts --recipe=nano"),
+    (["--recipe=flash"], "error: stage 'ramp 1/4': the memory plan needs "),  # refused before anything allocates
+])
+def test_bad_input_is_one_line_before_any_compile(tmp_path, argv, message):
+    env = {**os.environ, "XLA_FLAGS": CODEGEN_FLAGS, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-m", "experiments.pretrain", *argv, f"--workdir={tmp_path}"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), p.stderr
