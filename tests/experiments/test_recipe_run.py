@@ -33,7 +33,7 @@ BOUNDARY = 8  # the last step of the ramp: its data state belongs to the ramp, t
 def _run(workdir):
     env = {**os.environ, "XLA_FLAGS": CODEGEN_FLAGS, "JAX_PLATFORMS": "cpu"}
     p = subprocess.run([sys.executable, "-m", "experiments.pretrain", *FLAGS, f"--workdir={workdir}"], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=1800)
+                       env=env, capture_output=True, text=True, timeout=3600)
     assert p.returncode == 0, f"STDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-3000:]}"
     return p.stdout
 
