@@ -25,6 +25,7 @@ Data flow (one process):
 
 Checkpointing: `DataIterator.get_state()` / `set_state()` give a small JSON-able dict, and
 `checkpoint_args` gives the Orbax args; after a restore, the batches equal those of an uninterrupted run.
+`carry_position` moves a position to a pipeline that differs only in batch size (a batch-size ramp).
 The state records the pipeline's settings; restoring under different ones (another process count, seq_len,
 batch size, seed, worker count, weights or datasets) raises ValueError instead of silently repeating or
 skipping data. To continue on a different process count, start a fresh iterator with a new seed.
@@ -387,6 +388,21 @@ def make_train_iterator(
         "packing_bins": PACKING_BINS,
     }
     return DataIterator(iter(batches), settings)
+
+
+def carry_position(state: dict[str, Any], iterator: Any) -> dict[str, Any] | None:
+    """`state` (another `DataIterator`'s) made valid for `iterator` when the two pipelines differ only in batch size:
+    rows are packed before they are batched, so the row position carries over exactly (a batch-size ramp reads on
+    where it was). None for anything else (another row length cuts other pieces: that needs a fresh iterator), and
+    with prefetch workers, whose state is per worker.
+    """
+    mine = getattr(iterator, "settings", None)
+    saved = state.get("settings") if isinstance(state, dict) else None
+    if mine is None or saved is None or "grain" not in state or mine.get("num_workers"):
+        return None
+    if {k: v for k, v in saved.items() if k != "batch_size"} != {k: v for k, v in mine.items() if k != "batch_size"}:
+        return None
+    return {"settings": dict(mine), "grain": state["grain"]}
 
 
 def checkpoint_args(iterator: DataIterator, restore: bool = False) -> Any:

@@ -4,6 +4,11 @@ With no flags it trains the `nano` preset on the embedded Shakespeare corpus on 
 
   python -m experiments.pretrain
 
+A recipe (`deepseek_v4/recipes.py`: LR schedule, batch ramp, sequence-length stages, attention phases) runs its
+stages in one go; flags given beside it override its fields and are reported:
+
+  python -m experiments.pretrain --recipe=nano
+
 Re-running a command with the same --workdir resumes from its newest good checkpoint (model, optimizer,
 step, RNG, data position). Larger runs name a preset and override fields, e.g.
 
@@ -31,17 +36,19 @@ and the loss by position bucket, in the same metrics record as the training loss
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 
-from deepseek_v4 import data, evaluation, train
+from deepseek_v4 import config as config_lib
+from deepseek_v4 import data, evaluation, recipes, train
 from deepseek_v4.config import Config
 from deepseek_v4.synthetic import SyntheticIterator
 from experiments import flags as flag_gen
-from experiments import held_out, spikes
+from experiments import held_out, preflight, spikes
 from experiments import run as run_lib
 
 FLAGS = flags.FLAGS
@@ -52,6 +59,8 @@ flag_gen.define_settings_flags(run_lib.RunSettings)
 flag_gen.define_settings_flags(evaluation.EvalSettings)
 flag_gen.define_settings_flags(spikes.SpikeSettings)
 flags.adopt_module_key_flags(flag_gen)  # --help lists them
+flags.DEFINE_string("recipe", None, f"Training recipe ({', '.join(recipes.RECIPES)}): its stages set the steps, "
+                    "seq_len, batch and attention phase by tokens consumed; its model preset is the default --config.")
 
 
 def _fail(msg: str) -> None:
@@ -62,7 +71,7 @@ def _fail(msg: str) -> None:
 
 def pretrain_data(cfg: Config, opts: run_lib.RunSettings) -> run_lib.DataSource:
     """The data source `opts.data` names: the embedded corpus, synthetic batches, or prepared directories."""
-    def make(process_index: int, process_count: int):
+    def make(process_index: int, process_count: int, opts: run_lib.RunSettings = opts):
         per_process = opts.batch_size // process_count
         if opts.data == "synthetic":
             return SyntheticIterator(per_process, opts.seq_len, opts.seed, cfg.vocab_size,
@@ -78,26 +87,53 @@ def pretrain_data(cfg: Config, opts: run_lib.RunSettings) -> run_lib.DataSource:
     return make
 
 
+def settings_from_flags() -> tuple[Config, train.TrainSettings, run_lib.RunSettings, recipes.Schedule | None, str]:
+    """(model config, train settings, run settings, resolved recipe or None, preset name) from the flags.
+
+    Raises:
+      ValueError: one line: a bad value, an unknown recipe, a flag contradicting a recipe stage, or a pod preset
+        without a recipe or explicit --steps and --learning_rate.
+    """
+    given = {name for name in FLAGS if FLAGS[name].present}
+    preset = FLAGS[flag_gen.CONFIG_FLAG].value
+    if FLAGS.recipe is None:
+        preflight.require_pod_settings(preset, None, given)
+        return (flag_gen.config_from_flags(), flag_gen.settings_from_flags(train.TrainSettings),
+                flag_gen.settings_from_flags(run_lib.RunSettings), None, preset)
+    recipe = recipes.get_recipe(FLAGS.recipe)
+    if flag_gen.CONFIG_FLAG not in given:
+        preset = recipe.preset
+    cfg = config_lib.get_config(preset, **flag_gen.config_overrides())
+    train_values = flag_gen.settings_values(train.TrainSettings)
+    run_values = flag_gen.settings_values(run_lib.RunSettings)
+    explicit = {k: v for k, v in {**train_values, **run_values}.items() if k in given}
+    schedule = recipes.resolve(recipe, explicit)
+    if preset != recipe.preset:
+        schedule = dataclasses.replace(schedule, preset=preset,
+                                       overrides={**schedule.overrides, "config": (recipe.preset, preset)})
+    first = schedule.stages[0]
+    settings = train.TrainSettings(**{**train_values, **schedule.settings})
+    opts = run_lib.RunSettings(**{**run_values, "seq_len": first.seq_len, "batch_size": first.batch_size})
+    return cfg, settings, opts, schedule, preset
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
     try:  # the only place flags are read
-        cfg = flag_gen.config_from_flags()
-        settings = flag_gen.settings_from_flags(train.TrainSettings)
-        opts = flag_gen.settings_from_flags(run_lib.RunSettings)
+        cfg, settings, opts, schedule, model_name = settings_from_flags()
         eval_settings = flag_gen.settings_from_flags(evaluation.EvalSettings)
         spike_settings = flag_gen.settings_from_flags(spikes.SpikeSettings)
         held_out.check_data(eval_settings)
     except ValueError as e:
         _fail(str(e))
-    model_name = FLAGS[flag_gen.CONFIG_FLAG].value
     workdir = os.path.abspath(os.path.expanduser(opts.workdir or os.path.join("runs", model_name)))
     stop = run_lib.StopSignal()  # from here on SIGTERM / SIGINT mean: take (at least) one step, save, exit 0
     try:
         run = run_lib.setup(cfg, settings, opts, workdir=workdir, model_name=model_name,
-                            data_source=pretrain_data(cfg, opts))
+                            data_source=pretrain_data(cfg, opts), schedule=schedule)
     except run_lib.UserError as e:
         _fail(str(e))
 

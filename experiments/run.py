@@ -32,7 +32,8 @@ from flax import nnx
 from deepseek_v4 import DeepseekV4, data, metrics, train
 from deepseek_v4 import checkpoint as ckpt_lib
 from deepseek_v4.config import Config
-from experiments import spikes
+from deepseek_v4.recipes import Schedule
+from experiments import preflight, spikes
 from sharding import mesh as mesh_lib
 from sharding import rules
 
@@ -122,8 +123,9 @@ class StopSignal:
 
 
 # A data source: (process_index, process_count) -> an iterator of this process's host batches with
-# get_state() / set_state() (the state is checkpointed with the model).
-DataSource = Callable[[int, int], Iterator[dict[str, np.ndarray]]]
+# get_state() / set_state() (the state is checkpointed with the model). A run with a recipe calls it with
+# `opts=` the stage's RunSettings (its seq_len and batch_size).
+DataSource = Callable[..., Iterator[dict[str, np.ndarray]]]
 # A step builder with `train.make_train_step`'s signature.
 StepBuilder = Callable[..., Callable[[train.TrainState, dict[str, jax.Array]], tuple[train.TrainState, dict]]]
 
@@ -152,7 +154,11 @@ class Run:
     last_saved: int | None = None
     evaluator: Any = None  # a deepseek_v4.evaluation.Evaluator: held-out metrics join the records at its steps
     spike_settings: Any = None  # experiments.spikes.SpikeSettings (None: no spike detection)
-    _steps: dict[str, Callable] = dataclasses.field(default_factory=dict)  # by CSA phase
+    schedule: Schedule | None = None  # the resolved recipe: stages change seq_len, batch and attention by step
+    data_source: DataSource | None = None
+    data_stage: int | None = None  # the stage the open data iterator reads for
+    unfit: dict[int, str] = dataclasses.field(default_factory=dict)  # stage -> why its memory plan does not fit
+    _steps: dict[tuple[int, str], Callable] = dataclasses.field(default_factory=dict)  # by (stage, CSA phase)
 
     @property
     def complete(self) -> bool:
@@ -162,21 +168,69 @@ class Run:
     def batch_sharding(self) -> jax.sharding.NamedSharding:
         return rules.named_sharding(("batch", "seq"), self.mesh, "activation")
 
+    def _step_key(self, step: int) -> tuple[int, str]:
+        stage = self.schedule.stage_at(step).index if self.schedule else 0
+        return stage, train.csa_phase(self.settings, step)
+
     def compiles(self, step: int) -> bool:
-        """Whether calling the step function for `step` compiles it (the first step of each CSA phase)."""
-        return train.csa_phase(self.settings, step) not in self._steps
+        """Whether calling the step function for `step` compiles it (the first step of each CSA phase and
+        recipe stage)."""
+        return self._step_key(step) not in self._steps
 
     def step_fn(self, step: int) -> Callable:
-        """The jitted step for `step`, one per CSA phase (`train.csa_phase`: dense, indexer warm-up, sparse)."""
-        phase = train.csa_phase(self.settings, step)
-        if phase not in self._steps:
-            self._steps[phase] = self.make_step(self.plan.graphdef, self.cfg, self.plan.tx, self.settings,
-                                                phase=phase)
-        return self._steps[phase]
+        """The jitted step for `step`, one per recipe stage and CSA phase (`train.csa_phase`: dense, indexer
+        warm-up, sparse)."""
+        key = self._step_key(step)
+        if key not in self._steps:
+            s = self.settings
+            if self.schedule and self.schedule.stages[key[0]].grad_accum != s.grad_accum:
+                s = dataclasses.replace(s, grad_accum=self.schedule.stages[key[0]].grad_accum)
+            self._steps[key] = self.make_step(self.plan.graphdef, self.cfg, self.plan.tx, s, phase=key[1])
+        return self._steps[key]
+
+    def open_data(self, step: int, saved_state: Any = None) -> None:
+        """Open the data iterator for `step` (its recipe stage) and continue from `saved_state` when that was saved
+        in the same stage."""
+        if self.schedule is None:
+            self.data = self.data_source(jax.process_index(), jax.process_count())
+            if saved_state is not None:
+                self.data.set_state(saved_state)
+            return
+        stage = self.schedule.stage_at(step)
+        # crossing a boundary: the position reached in the previous stage
+        before = self.data_state() if self.data is not None else saved_state
+        self.opts = preflight.stage_opts(self.opts, stage)
+        self.data = self.data_source(jax.process_index(), jax.process_count(), opts=self.opts)
+        self.data_stage = stage.index
+        if before is not None and before.get("recipe_stage") == stage.index:
+            self.data.set_state(before)  # resuming inside the stage
+        elif before is not None and data.carry_position(before, self.data) is not None:
+            self.data.set_state(data.carry_position(before, self.data))  # same rows, another batch size
+        if self.primary and step > 0 and saved_state is None:
+            print(f"step {step}: stage {stage.name!r}: seq_len {stage.seq_len}, {stage.batch_size} sequences per "
+                  f"step, {stage.attention} attention", flush=True)
+
+    def next_batch(self, step: int) -> dict[str, np.ndarray]:
+        """The host batch of `step`; crossing into a new recipe stage rebuilds the data iterator first."""
+        if self.schedule is not None and self.schedule.stage_at(step).index != self.data_stage:
+            if self.schedule.stage_at(step).index in self.unfit:
+                if self.last_saved != step:
+                    self.save(step)
+                raise UserError(f"{self.unfit[self.schedule.stage_at(step).index]} (stopped and saved at step {step})")
+            self.open_data(step)
+        return next(self.data)
+
+    def data_state(self) -> Any:
+        """The data iterator's state as checkpointed (tagged with its recipe stage when there is a recipe)."""
+        if self.schedule is None:
+            return self.data.get_state()
+        return {**self.data.get_state(), "recipe_stage": self.data_stage}
 
     def save(self, step: int) -> None:
-        self.checkpointer.save(step, self.state, config=self.cfg, data_state=self.data.get_state(),
-                               meta={"settings": self.settings.to_dict(), "mesh": dict(self.mesh.shape)})
+        meta = {"settings": self.settings.to_dict(), "mesh": dict(self.mesh.shape)}
+        if self.schedule is not None:
+            meta["recipe"] = self.schedule.to_dict()
+        self.checkpointer.save(step, self.state, config=self.cfg, data_state=self.data_state(), meta=meta)
         self.last_saved = step
 
     def close(self) -> None:
@@ -199,7 +253,8 @@ def _write_json(path: str, obj: Any) -> None:
 def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, workdir: str, model_name: str,
           data_source: DataSource, make_step: StepBuilder = train.make_train_step,
           build_model: Callable[[], nnx.Module] | None = None,
-          initial_state: Callable[[train.StatePlan], train.TrainState] | None = None) -> Run:
+          initial_state: Callable[[train.StatePlan], train.TrainState] | None = None,
+          schedule: Schedule | None = None) -> Run:
     """Start JAX, open the run directory, restore or create the state, open the data and the metrics writer.
 
     Args:
@@ -210,6 +265,7 @@ def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, work
       build_model: constructs the model (default: `DeepseekV4(cfg)` seeded with `opts.seed`).
       initial_state: makes the state of a run that has no checkpoint yet, laid out by the plan (default: a new
         model from `build_model`); a post-training phase passes one that loads pretrained weights.
+      schedule: a resolved recipe (`deepseek_v4.recipes`): the run crosses its stages by itself.
 
     Raises:
       UserError: bad settings, a run directory of another model, no usable checkpoint, data that cannot resume.
@@ -233,13 +289,18 @@ def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, work
         with _as_user_error(ValueError):
             changed = ckpt.check_config(cfg)
             mesh = mesh_lib.make_mesh(opts.mesh or None)
-            _check_batch_layout(opts, settings, mesh)
+            if schedule is None:  # a recipe's stages are checked one by one (preflight.check_memory)
+                _check_batch_layout(opts, settings, mesh)
         primary = jax.process_index() == 0
         if primary:
             os.makedirs(workdir, exist_ok=True)
             _write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
         with jax.set_mesh(mesh):
             plan = train.plan_state(build_model, settings, mesh)
+            with _as_user_error(ValueError):  # before anything is allocated or compiled
+                schedule, unfit = preflight.check_memory(cfg, settings, opts, mesh, plan, schedule)
+            if schedule is not None and schedule.stage_at(ckpt.latest_step() or 0).index in unfit:
+                raise UserError(unfit[schedule.stage_at(ckpt.latest_step() or 0).index])
             with _as_user_error(ckpt_lib.ConfigMismatchError, ckpt_lib.NoUsableCheckpointError):
                 restored = ckpt.restore(plan.target, config=cfg,
                                         optional={"indexer_opt_state": plan.indexer_opt_target})
@@ -254,17 +315,21 @@ def setup(cfg: Config, settings: train.TrainSettings, opts: RunSettings, *, work
         run = Run(cfg=cfg, settings=settings, opts=opts, workdir=workdir, mesh=mesh, plan=plan, state=state,
                   start=restored.step if restored else 0, resumed=restored is not None, checkpointer=ckpt,
                   primary=primary, make_step=make_step, resources=resources,
-                  last_saved=restored.step if restored else None)
+                  last_saved=restored.step if restored else None, schedule=schedule, data_source=data_source,
+                  unfit=unfit)
         if primary:
             print(mesh_lib.describe(mesh), flush=True)
             print(rules.summary(plan.abstract.params, mesh), flush=True)
             n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(plan.abstract.params))
             print(f"model {model_name}: {n_params:,} parameters; workdir {workdir}", flush=True)
+            if schedule is not None:
+                print(schedule.table(), flush=True)
+                for index in sorted(unfit):
+                    print(f"warning: the run will save and stop at step {schedule.stages[index].first_step}: "
+                          f"{unfit[index]}", flush=True)
         if not run.complete:
-            run.data = data_source(jax.process_index(), jax.process_count())
-            if restored is not None and restored.data_state is not None:
-                with _as_user_error(ValueError):
-                    run.data.set_state(restored.data_state)
+            with _as_user_error(ValueError):
+                run.open_data(run.start, restored.data_state if restored is not None else None)
             if primary:
                 fresh = "starting from the given weights" if initial_state is not None else "starting from scratch"
                 print(f"resuming from step {run.start}" if run.resumed else fresh, flush=True)
@@ -373,7 +438,7 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
     try:
         with jax.set_mesh(run.mesh):
             while step < steps:
-                host = guard.next_batch(run.data, step + 1)
+                host = guard.take(run.next_batch(step), step + 1)
                 if nan_steps:
                     host = with_nan_loss_weights(host, step + 1 in nan_steps)
                 batch = data.to_global(host, run.batch_sharding)
@@ -456,7 +521,7 @@ def summarise(run: Run, window: _Window, step: int) -> dict[str, Any]:
         rec["tokens_per_s"] = tokens_per_step * window.timed_steps / max(window.seconds, 1e-9)
         flops = metrics.train_flops_per_token(run.cfg, run.opts.seq_len, sparse_attention=rec["sparse_attention"])
         rec["mfu"] = rec["tokens_per_s"] * flops / (run.peak_flops * run.mesh.size)
-    rec["tokens_seen"] = step * tokens_per_step
+    rec["tokens_seen"] = run.schedule.tokens_at(step) if run.schedule else step * tokens_per_step
     return rec
 
 
@@ -525,7 +590,8 @@ def train_and_report(run: Run, stop: StopSignal, prepare: Callable[[Run], None] 
     evaluator); a ValueError from it is a one-line error.
 
     Returns the exit status: 0 (done, already complete, or stopped by a signal and saved), 1 (--max_bad_steps
-    consecutive non-finite steps), 2 (`prepare` refused).
+    consecutive non-finite steps), 2 (`prepare` refused, or a recipe stage that does not fit was reached: saved
+    and stopped).
     """
     with run:  # closes the checkpointer (its saves finished) and the metrics writer on every exit path
         if run.complete:
@@ -538,7 +604,11 @@ def train_and_report(run: Run, stop: StopSignal, prepare: Callable[[Run], None] 
             except ValueError as e:
                 print(f"error: {e}", file=sys.stderr, flush=True)
                 return 2
-        outcome = train_loop(run, stop)
+        try:
+            outcome = train_loop(run, stop)
+        except UserError as e:  # a recipe stage that does not fit (saved before)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
     if outcome.failed:
         print(f"error: stopping: {outcome.bad_streak} consecutive steps had a non-finite loss or gradients (last: "
               f"step {outcome.step}); the newest checkpoint is step {run.checkpointer.latest_step()}",

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from deepseek_v4 import train
+
 SPIKE_WEIGHT = 1000.0  # --debug_spike_at_batches multiplies these batches' loss weights by this
 
 
@@ -77,11 +79,10 @@ class SpikeGuard:
         # checkpoint step -> data position saved with it (the run's start checkpoint counts as its step)
         self.saved_positions: dict[int, int] = {batches_read: batches_read} if batches_read else {}
 
-    def next_batch(self, data, step: int) -> dict[str, np.ndarray]:
-        """The batch of `step` (1-based) from `data`, with its loss weights scaled if it is one of
+    def take(self, batch: dict[str, np.ndarray], step: int) -> dict[str, np.ndarray]:
+        """`batch`, the one just read for `step` (1-based), counted, with its loss weights scaled if it is one of
         `debug_spike_at_batches` (with that flag set every batch carries `loss_weights`, so the step compiles once).
         """
-        batch = next(data)
         self.batches_read += 1
         self.batch_of_step[step] = self.batches_read
         self.batch_of_step.pop(step - 4, None)
@@ -143,13 +144,14 @@ def respond(run, guard: SpikeGuard, spike_step: int) -> int | None:
     if guard.settings.spike_response != "rollback":
         return None
     run.checkpointer.wait()
-    restored = run.checkpointer.restore(run.plan.target, config=run.cfg)
+    restored = run.checkpointer.restore(run.plan.target, config=run.cfg,
+                                        optional={"indexer_opt_state": run.plan.indexer_opt_target})
     if restored is None or restored.step not in guard.saved_positions:
         print(f"step {spike_step}: no checkpoint of this run to roll back to; the update was skipped",
               file=sys.stderr, flush=True)
         return None
-    run.state = restored.state
-    run.data.set_state(restored.data_state)
+    run.state = train.with_indexer_warmup_state(restored.state, run.plan)
+    run.open_data(restored.step, restored.data_state)
     window = guard.batch_of_step[spike_step] - guard.saved_positions[restored.step]
     guard.batches_read = guard.saved_positions[restored.step]
     guard.skip_batches(run.data, window)

@@ -36,7 +36,7 @@ def test_off_detects_nothing_and_adds_no_metrics():
 def test_injected_batches_carry_scaled_loss_weights():
     guard = spikes.SpikeGuard(spikes.SpikeSettings(debug_spike_at_batches=(2,)))
     data = iter([{"tokens": np.zeros((2, 3), np.int32)} for _ in range(3)])
-    weights = [guard.next_batch(data, step)["loss_weights"] for step in (1, 2, 3)]
+    weights = [guard.take(next(data), step)["loss_weights"] for step in (1, 2, 3)]
     assert [float(w.max()) for w in weights] == [1.0, spikes.SPIKE_WEIGHT, 1.0]
     assert guard.batch_of_step == {1: 1, 2: 2, 3: 3}
 

@@ -1,0 +1,111 @@
+"""`--recipe=nano` end to end (subprocesses, one CPU device): the run crosses every stage boundary by itself (a batch
+change, sequence-length changes, dense -> indexer warm-up -> sparse), compiles once per stage, saves the resolved
+schedule with its checkpoints, and a run resumed inside a stage or exactly at a boundary continues as the
+uninterrupted run did, bit for bit.
+
+The model is cut down (tiny, 2 layers) so that the 6 compiles stay short; the recipe's stages are nano's.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from deepseek_v4 import recipes
+from deepseek_v4.metrics import read_metrics
+from tests.conftest import CODEGEN_FLAGS
+
+pytestmark = pytest.mark.slow  # 6 train-step compiles plus two resumed runs: minutes on 2 cores
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FLAGS = ["--recipe=nano", "--config=tiny", "--num_hidden_layers=2", "--compress_ratios=4,16,0", "--num_hash_layers=1",
+         "--save_every=4", "--keep_checkpoints=20", "--log_every=1", "--progress=false", "--peak_flops=1e12",
+         "--notensorboard", "--noplot", f"--compilation_cache={os.path.join(REPO, '.jax_cache')}"]
+SCHEDULE = recipes.resolve(recipes.NANO)
+INSIDE = 24  # a checkpoint inside stage "256" (steps 20-27)
+BOUNDARY = 8  # the last step of the ramp: its data state belongs to the ramp, the next step to stage "128"
+
+
+def _run(workdir):
+    env = {**os.environ, "XLA_FLAGS": CODEGEN_FLAGS, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-m", "experiments.pretrain", *FLAGS, f"--workdir={workdir}"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=3600)
+    assert p.returncode == 0, f"STDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+def _resume_from(reference, workdir, step):
+    os.makedirs(os.path.join(workdir, "checkpoints"))
+    shutil.copytree(os.path.join(reference, "checkpoints", str(step)), os.path.join(workdir, "checkpoints", str(step)))
+    return _run(workdir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    ref = str(root / "uninterrupted")
+    out = _run(ref)
+    with ThreadPoolExecutor(2) as pool:
+        inside = pool.submit(_resume_from, ref, str(root / "inside"), INSIDE)
+        boundary = pool.submit(_resume_from, ref, str(root / "boundary"), BOUNDARY)
+        resumed = {"inside": (str(root / "inside"), inside.result()),
+                   "boundary": (str(root / "boundary"), boundary.result())}
+    return {"ref": (ref, out), **resumed}
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in read_metrics(workdir)}
+
+
+def test_every_stage_runs_with_its_shapes_and_attention(runs):
+    workdir, out = runs["ref"]
+    assert "recipe nano (preset tiny)" in out and "--config=tiny (recipe nano)" in out
+    crossings = [line for line in out.splitlines() if ": stage '" in line]
+    assert len(crossings) == len(SCHEDULE.stages) - 1
+    recs = {r["step"]: r for r in read_metrics(workdir)}
+    assert max(recs) == SCHEDULE.steps
+    for st in SCHEDULE.stages:
+        rec = recs[st.end_step]  # the record of the stage's last step
+        assert rec["tokens_seen"] == st.end_token
+        assert rec["sparse_attention"] == (st.attention == "sparse")
+    first, last = recs[1]["loss"], recs[SCHEDULE.steps]["loss"]
+    assert last < first
+
+
+def test_the_schedule_is_saved_with_the_checkpoint(runs):
+    workdir, _ = runs["ref"]
+    step_dir = os.path.join(workdir, "checkpoints", str(SCHEDULE.steps), "meta")
+    files = [os.path.join(step_dir, f) for f in os.listdir(step_dir)]
+    meta = json.load(open(next(f for f in files if os.path.isfile(f))))
+    assert meta["recipe"]["recipe"] == "nano" and meta["recipe"]["settings"]["steps"] == SCHEDULE.steps
+    assert [s["seq_len"] for s in meta["recipe"]["stages"]] == [s.seq_len for s in SCHEDULE.stages]
+
+
+@pytest.mark.parametrize("where, step", [("inside", INSIDE), ("boundary", BOUNDARY)])
+def test_a_resumed_run_continues_in_the_right_stage(runs, where, step):
+    ref = _losses(runs["ref"][0])
+    workdir, out = runs[where]
+    assert f"resuming from step {step}" in out
+    got = _losses(workdir)
+    assert sorted(got) == list(range(step + 1, SCHEDULE.steps + 1))
+    assert [got[k] for k in sorted(got)] == [ref[k] for k in sorted(got)]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config=flash"], "error: --config=flash needs --recipe=flash, or explicit --steps and --learning_rate "
+                         "(missing: --steps, --learning_rate)"),
+    (["--recipe=huge"], "error: unknown recipe 'huge'; choose one of nano, flash, pro"),
+    (["--recipe=nano", "--seq_len=64"], "error: --seq_len=64 contradicts --recipe=nano"),
+    (["--recipe=flash"], "error: stage 'ramp 1/4': the memory plan needs "),  # refused before anything allocates
+])
+def test_bad_input_is_one_line_before_any_compile(tmp_path, argv, message):
+    env = {**os.environ, "XLA_FLAGS": CODEGEN_FLAGS, "JAX_PLATFORMS": "cpu"}
+    p = subprocess.run([sys.executable, "-m", "experiments.pretrain", *argv, f"--workdir={tmp_path}"], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), p.stderr
