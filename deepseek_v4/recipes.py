@@ -165,7 +165,7 @@ def validate_recipe(r: Recipe) -> None:
 # flag must repeat the stages' value). RunSettings' seq_len and batch_size are fixed by the stages too.
 RECIPE_FIELDS = ("learning_rate", "final_lr_fraction", "warmup_steps", "schedule", "decay_fraction", "mtp_weight",
                  "mtp_weight_after_decay", "bias_speed", "balance_weight")
-STAGE_FIELDS = ("steps", "sparse_attention_after", "seq_len", "batch_size")
+STAGE_FIELDS = ("steps", "sparse_attention_after", "indexer_warmup_steps", "seq_len", "batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,12 +269,13 @@ def _fmt_tokens(n: float) -> str:
 def _attention_settings(stages: tuple[ResolvedStage, ...], total: int) -> dict[str, Any]:
     """The TrainSettings fields of the attention phases: the one place they are derived from the stages.
 
-    Sparse attention starts at the first `sparse` stage. An `indexer_warmup` stage runs as the dense phase (the
-    indexer learns from the dense KL while the main model trains); a dedicated warm-up (e.g. its own LR) is set
-    here from the `indexer_warmup` stages' steps once `TrainSettings` has fields for it.
+    Sparse attention starts at the first `sparse` stage; the `indexer_warmup` stages (the order of
+    `ATTENTION_PHASES` puts them right before it) are the trainer's indexer warm-up: dense attention, only the
+    indexers train (`train.csa_phase`), the main optimizer and its LR schedule paused.
     """
     sparse = [s.first_step for s in stages if s.attention == "sparse"]
-    return {"sparse_attention_after": sparse[0] if sparse else total}
+    return {"sparse_attention_after": sparse[0] if sparse else total,
+            "indexer_warmup_steps": sum(s.steps for s in stages if s.attention == "indexer_warmup")}
 
 
 def resolve(r: Recipe, given: dict[str, Any] | None = None) -> Schedule:
@@ -300,15 +301,17 @@ def resolve(r: Recipe, given: dict[str, Any] | None = None) -> Schedule:
     decay_start = next((s.first_step + max(0, math.ceil((decay_from - s.first_token) / s.tokens_per_step))
                         for s in stages if s.end_token > decay_from), total - 1)
     decay_steps = max(1, total - decay_start)
+    attention = _attention_settings(stages, total)
+    main_steps = total - attention["indexer_warmup_steps"]  # the main optimizer pauses during the warm-up
     settings = {"steps": total, "learning_rate": r.learning_rate, "final_lr_fraction": r.final_lr_fraction,
-                "warmup_steps": r.warmup_steps, "schedule": "wsd", "decay_fraction": decay_steps / total,
+                "warmup_steps": r.warmup_steps, "schedule": "wsd", "decay_fraction": decay_steps / main_steps,
                 "mtp_weight": r.mtp_weight, "mtp_weight_after_decay": r.mtp_weight_after_decay,
-                "bias_speed": r.bias_speed, "balance_weight": r.balance_weight,
-                **_attention_settings(stages, total)}
-    if r.warmup_steps + decay_steps > total:
+                "bias_speed": r.bias_speed, "balance_weight": r.balance_weight, **attention}
+    if r.warmup_steps + decay_steps > main_steps:
         raise ValueError(f"recipe {r.name}: warmup_steps ({r.warmup_steps}) + decay steps ({decay_steps}) exceed "
-                         f"the {total} steps of its stages")
+                         f"the {main_steps} main-optimizer steps of its stages")
     fixed = {"steps": [total], "sparse_attention_after": [settings["sparse_attention_after"]],
+             "indexer_warmup_steps": [settings["indexer_warmup_steps"]],
              "seq_len": sorted({s.seq_len for s in stages}), "batch_size": sorted({s.batch_size for s in stages})}
     for name in STAGE_FIELDS:
         if name in given and [given[name]] != fixed[name]:

@@ -20,12 +20,19 @@ def test_stages_tile_the_run_and_give_valid_settings(name):
         assert st.end_token - st.tokens_per_step < r.stages[st.index].until
     assert s.steps == step == s.settings["steps"]
     settings = train.TrainSettings(**s.settings)
-    assert train.decay_steps(settings) == s.steps - settings.decay_start
+    # the indexer warm-up stages are the trainer's warm-up, right before the first sparse stage; the main
+    # optimizer (and with it the LR schedule and the decay start) does not count their steps
+    warmup = [st for st in s.stages if st.attention == "indexer_warmup"]
+    assert settings.indexer_warmup_steps == sum(st.steps for st in warmup)
+    assert train.decay_steps(settings) == settings.optimizer_steps - settings.decay_start
+    decay_step = settings.decay_start + settings.indexer_warmup_steps  # the decay comes after the warm-up
     # the decay starts where the token count reaches the last decay_tokens
-    assert s.tokens_at(settings.decay_start) >= r.tokens - r.decay_tokens
-    assert s.tokens_at(settings.decay_start - 1) < r.tokens - r.decay_tokens
+    assert s.tokens_at(decay_step) >= r.tokens - r.decay_tokens
+    assert s.tokens_at(decay_step - 1) < r.tokens - r.decay_tokens
     sparse = [st for st in s.stages if st.attention == "sparse"]
     assert settings.sparse_attention_after == sparse[0].first_step
+    for st in warmup:
+        assert {train.csa_phase(settings, i) for i in range(st.first_step, st.end_step)} == {"warmup"}
     assert not train.sparse_at(settings, sparse[0].first_step - 1) and train.sparse_at(settings, sparse[0].first_step)
 
 
