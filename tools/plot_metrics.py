@@ -18,9 +18,14 @@ from absl import app, flags
 
 from deepseek_v4 import metrics as metrics_lib
 
-flags.DEFINE_string("out", None, "PNG path (default: <workdir>/metrics.png).")
-flags.DEFINE_float("smooth", 0.0, "Exponential moving average factor for the loss curves (0: none).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (other programs import its
+    plotting functions, and absl flags are process-global)."""
+    flags.DEFINE_string("out", None, "PNG path (default: <workdir>/metrics.png).")
+    flags.DEFINE_float("smooth", 0.0, "Exponential moving average factor for the loss curves (0: none).")
 
 PANELS = (
     ("loss", ("loss", "mtp_loss", "eval_loss", "eval_mtp_loss"), "linear"),
@@ -162,4 +167,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
