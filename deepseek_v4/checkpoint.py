@@ -159,19 +159,25 @@ class Checkpointer:
       directory: where the step directories live (created if missing).
       keep: how many of the newest checkpoints to keep.
       async_save: write in a background thread (`wait` blocks until it is done).
+      read_only: for programs that only read a run (evaluation, initialising another run from it): nothing in the
+        directory is written, deleted or cleaned up, and no background deletion starts (a reader that exits at
+        once must not leave a cleanup thread behind).
     """
 
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
         self.directory = os.path.abspath(directory)
         self._keep = keep
-        self._async = async_save
+        self._async = async_save and not read_only
+        self._read_only = read_only
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=self._keep,
+            max_to_keep=None if self._read_only else self._keep,  # a reader deletes nothing
             enable_async_checkpointing=self._async,
-            cleanup_tmp_directories=True,  # a save killed half-way leaves a tmp dir; it was never a checkpoint
+            create=not self._read_only,
+            # a save killed half-way leaves a tmp dir; it was never a checkpoint (a reader leaves it to the run)
+            cleanup_tmp_directories=not self._read_only,
         )
         return ocp.CheckpointManager(
             self.directory,

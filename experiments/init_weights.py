@@ -30,7 +30,7 @@ def _checkpointer(init: str) -> ckpt_lib.Checkpointer:
     directory = os.path.join(os.path.abspath(os.path.expanduser(init)), "checkpoints")
     if not os.path.isdir(directory):
         raise ValueError(f"--init={init} has no checkpoints/ directory (give a run directory of experiments.pretrain)")
-    ckpt = ckpt_lib.Checkpointer(directory, async_save=False)
+    ckpt = ckpt_lib.Checkpointer(directory, read_only=True)
     if ckpt.latest_step() is None:
         ckpt.close()
         raise ValueError(f"--init={init} holds no checkpoint")

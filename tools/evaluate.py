@@ -57,7 +57,7 @@ def evaluate(workdir: str, *, step: int | None = None, data: str = "", batches: 
     Raises:
       ValueError: no checkpoint (or not that step), unreadable settings, data that cannot be read.
     """
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     try:
         steps = ckpt.steps()
         if not steps:
