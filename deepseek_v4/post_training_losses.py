@@ -34,6 +34,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from deepseek_v4 import train
+
 # ---- advantages and rewards ------------------------------------------------------------------------------------
 
 
@@ -322,12 +324,7 @@ def grpo_loss(model: Any, micro: dict[str, jax.Array], counts: dict[str, Any], *
     aux = {
         "loss": pg,
         "mtp_loss": jnp.zeros((), jnp.float32),
-        "balance_loss": out.balance_loss / a,
-        "indexer_loss": out.indexer_loss / a,
-        "indexer_recall": out.indexer_recall / a,
-        "expert_counts": out.expert_counts,
-        "hash_expert_counts": out.hash_expert_counts,
-        "dropped_tokens": out.dropped_tokens,
+        **train.model_aux(out, a),
         "kl": jnp.sum(kl * mask) / counts["tokens"],
         "clipped_fraction": jnp.sum(((ratio < 1.0 - eps_low) | (ratio > 1.0 + eps_high)) * mask) / counts["tokens"],
     }

@@ -396,17 +396,20 @@ def next_token_loss(model: nnx.Module, micro: dict[str, jax.Array], counts: dict
     mtp = mtp / max(len(out.mtp_hidden), 1)
     a = s.grad_accum
     total = ce + mtp_weight * mtp + (s.balance_weight * out.balance_loss + s.indexer_weight * out.indexer_loss) / a
-    aux = {
-        "loss": ce,
-        "mtp_loss": mtp,
-        "balance_loss": out.balance_loss / a,
-        "indexer_loss": out.indexer_loss / a,
-        "indexer_recall": out.indexer_recall / a,
+    return total, {"loss": ce, "mtp_loss": mtp, **model_aux(out, a)}
+
+
+def model_aux(out: Any, grad_accum: int) -> dict[str, jax.Array]:
+    """The `AUX_KEYS` every `LossFn` takes from the model's training outputs (all but "loss" and "mtp_loss"):
+    the balance and indexer terms per microbatch share, expert loads and dropped tokens."""
+    return {
+        "balance_loss": out.balance_loss / grad_accum,
+        "indexer_loss": out.indexer_loss / grad_accum,
+        "indexer_recall": out.indexer_recall / grad_accum,
         "expert_counts": out.expert_counts,
         "hash_expert_counts": out.hash_expert_counts,
         "dropped_tokens": out.dropped_tokens,
     }
-    return total, aux
 
 
 def _microbatch_loss(params, extras, micro, counts, *, graphdef, loss_fn: LossFn, s: TrainSettings, phase: str,
