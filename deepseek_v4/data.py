@@ -47,6 +47,7 @@ import jax
 import numpy as np
 
 from deepseek_v4.corpus import prepare
+from sharding import host_data
 from deepseek_v4.corpus.shakespeare import default_corpus  # noqa: F401  (part of this module's API)
 
 PACKING_BINS = 64  # open rows of the packer; see experiments/LOG.md for the efficiency it gives
@@ -421,7 +422,10 @@ def packing_efficiency(batch: dict[str, np.ndarray]) -> float:
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
     """Assembles every process's batch into global arrays laid out by `sharding` (the ("batch", "seq") spec).
 
+    A process holds whole rows: those of its row group (`sharding.host_data.row_group`; processes that share rows
+    through `context` or `tensor` hold the same rows), and each device takes its tokens of them.
+
     Shapes:
-        per process [B, T] -> global [B * process_count, T].
+        per process [B / row groups, T] -> global [B, T].
     """
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    return host_data.to_global(batch, sharding)

@@ -13,6 +13,7 @@ import numpy as np
 
 from deepseek_v4 import data, evaluation, tokenizer
 from deepseek_v4.synthetic import SyntheticIterator
+from sharding import host_data
 
 HELD_OUT_SEED = 0  # the held-out order does not follow --seed: runs with other seeds evaluate on the same rows
 SYNTHETIC_SEED_OFFSET = 1_000_003  # synthetic held-out rows: a seed no training run of a small --seed uses
@@ -28,17 +29,21 @@ def check_data(ev: evaluation.EvalSettings) -> None:
 
 
 def held_out_batches(ev: evaluation.EvalSettings, *, train_data: str, seq_len: int, batch_size: int,
-                     seed: int, vocab_size: int, data_cache: str) -> tuple[list[dict[str, np.ndarray]],
+                     seed: int, vocab_size: int, data_cache: str,
+                     batch_sharding: jax.sharding.Sharding | None = None) -> tuple[list[dict[str, np.ndarray]],
                                                                          np.ndarray | None]:
     """This process's `ev.eval_batches` held-out batches and the token byte table (None for synthetic rows).
 
     Args:
       batch_size: global rows per batch (split over processes like the training batch).
+      batch_sharding: the batch layout; its row groups (`host_data.row_group`) split the rows (default: one part
+        per process).
 
     Raises:
       ValueError: a held-out directory that is not a prepared dataset, or too small for the process count.
     """
-    pid, count = jax.process_index(), jax.process_count()
+    group = host_data.row_group(batch_sharding) if batch_sharding is not None else None
+    pid, count = (group.index, group.count) if group else (jax.process_index(), jax.process_count())
     per_process = batch_size // count
     if not ev.eval_data and train_data == "synthetic":
         it = SyntheticIterator(per_process, seq_len, seed + SYNTHETIC_SEED_OFFSET, vocab_size,
@@ -56,7 +61,7 @@ def make_evaluator(ev: evaluation.EvalSettings, *, graphdef, batch_sharding: jax
                    data_cache: str) -> evaluation.Evaluator:
     """An `Evaluator` on the held-out batches `ev` names (see `held_out_batches`)."""
     batches, table = held_out_batches(ev, train_data=train_data, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                                      vocab_size=vocab_size, data_cache=data_cache)
+                                      vocab_size=vocab_size, data_cache=data_cache, batch_sharding=batch_sharding)
     return evaluation.Evaluator(graphdef, batches, batch_sharding, byte_lengths=table, loss_chunk=loss_chunk,
                                 settings=ev)
 

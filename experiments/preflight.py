@@ -20,6 +20,7 @@ import jax
 from deepseek_v4 import memory, train
 from deepseek_v4.config import Config
 from deepseek_v4.recipes import ResolvedStage, Schedule
+from sharding import host_data, rules
 
 POD_PRESETS = ("flash", "pro")
 
@@ -64,11 +65,12 @@ def check_memory(cfg: Config, settings: train.TrainSettings, opts: Any, mesh: ja
     rows = ([(s.name, s.batch_size, s.seq_len, s.grad_accum) for s in schedule.stages] if schedule
             else [(None, opts.batch_size, opts.seq_len, settings.grad_accum)])
     chosen, refusals = [], {}
+    groups = host_data.row_group(rules.named_sharding(("batch", "seq"), mesh)).count
     for index, (name, batch, seq_len, accum) in enumerate(rows):
         label = f"stage {name!r}: " if name else ""
-        if batch % jax.process_count():
-            raise ValueError(f"{label}{batch} sequences per step are not divisible by the process count "
-                             f"({jax.process_count()})")
+        if batch % groups:
+            raise ValueError(f"{label}{batch} sequences per step are not divisible by the {groups} row groups of "
+                             "processes (processes sharing rows through the context or tensor axis count once)")
         candidates = [accum] if accum else [a for a in _divisors(batch) if (batch // a) % shards == 0]
         candidates = [a for a in candidates if batch % a == 0 and (batch // a) % shards == 0]
         if not candidates:

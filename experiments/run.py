@@ -34,6 +34,7 @@ from deepseek_v4 import checkpoint as ckpt_lib
 from deepseek_v4.config import Config
 from deepseek_v4.recipes import Schedule
 from experiments import preflight, spikes
+from sharding import host_data
 from sharding import mesh as mesh_lib
 from sharding import rules
 
@@ -168,6 +169,13 @@ class Run:
     def batch_sharding(self) -> jax.sharding.NamedSharding:
         return rules.named_sharding(("batch", "seq"), self.mesh, "activation")
 
+    @functools.cached_property
+    def row_group(self) -> tuple[int, int]:
+        """(index, count): the part of the global batch this process loads (`host_data.row_group`: processes
+        sharing rows through `context` or `tensor` load the same part)."""
+        group = host_data.row_group(self.batch_sharding)
+        return group.index, group.count
+
     def _step_key(self, step: int) -> tuple[int, str]:
         stage = self.schedule.stage_at(step).index if self.schedule else 0
         return stage, train.csa_phase(self.settings, step)
@@ -192,7 +200,7 @@ class Run:
         """Open the data iterator for `step` (its recipe stage) and continue from `saved_state` when that was saved
         in the same stage."""
         if self.schedule is None:
-            self.data = self.data_source(jax.process_index(), jax.process_count())
+            self.data = self.data_source(*self.row_group)
             if saved_state is not None:
                 self.data.set_state(saved_state)
             return
@@ -200,7 +208,7 @@ class Run:
         # crossing a boundary: the position reached in the previous stage
         before = self.data_state() if self.data is not None else saved_state
         self.opts = preflight.stage_opts(self.opts, stage)
-        self.data = self.data_source(jax.process_index(), jax.process_count(), opts=self.opts)
+        self.data = self.data_source(*self.row_group, opts=self.opts)
         self.data_stage = stage.index
         if before is not None and before.get("recipe_stage") == stage.index:
             self.data.set_state(before)  # resuming inside the stage
@@ -353,9 +361,7 @@ def _check_batch_layout(opts: RunSettings, s: train.TrainSettings, mesh: jax.sha
     if micro % dp:
         raise ValueError(f"the microbatch (batch_size / grad_accum = {micro}) must be divisible by the "
                          f"data-parallel mesh size ({dp})")
-    if opts.batch_size % jax.process_count():
-        raise ValueError(f"--batch_size ({opts.batch_size}) must be divisible by the process count "
-                         f"({jax.process_count()})")
+    host_data.check_batch(opts.batch_size, host_data.row_group(rules.named_sharding(("batch", "seq"), mesh)))
 
 
 # ---- the loop -----------------------------------------------------------------------------------------
