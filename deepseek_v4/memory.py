@@ -8,8 +8,8 @@ Terms, per device:
   optimizer   muon: one float32 momentum per Muon parameter (hidden and expert matrices) plus AdamW's two moments
               (parameter dtype) for the rest (embedding, head, norms, mHC biases, sinks); adamw: two moments for
               every parameter. Routes from `deepseek_v4.optim.route_of`, sharded like the parameters.
-  gradients   one parameter-sized buffer (parameter dtype), reduce-scattered to the parameter layout; the optimizer
-              update adds one more such buffer (`updates`) before it is applied.
+  gradients   one parameter-sized buffer (parameter dtype), reduce-scattered to the parameter layout.
+  updates     the optimizer's update, one float32 parameter-sized buffer; it exists only after the backward pass.
   activations remat policy "full" (flash, pro): every scanned unit, unrolled prefix layer and MTP block keeps
               only its input, the streams x[B, T, R, D] in the compute dtype; during the backward pass one of them
               is recomputed at a time (the largest working set is added once).
@@ -30,6 +30,11 @@ Terms, per device:
               fused: the logits and their gradient, 2 x [...], plus the float32 head-gradient accumulator
               [D, V / tensor] when there is no FSDP (with FSDP it is the unreduced head gradient counted under fsdp).
   extra       XLA workspace and fragmentation: 10% of the rest, and the plan must fit in 90% of the chip's memory.
+Phases: params, optimizer and gradients are held through the whole step; the other terms belong to one of two
+phases that do not overlap, and the larger one counts: the backward pass (activations, the FSDP working copy,
+the context gather, the loss chunk; XLA's peak of a tiny step falls in the loss's backward) or the optimizer
+update (`updates`, once the activations are gone). Adding both over-counted by up to 22% where the state is
+replicated (context=8 on tiny, docs/sharding.md).
 """
 
 from __future__ import annotations
@@ -239,9 +244,23 @@ class Plan:
     tokens_per_device: int
     terms: dict[str, float]
 
+    def phases(self) -> tuple[float, float, float]:
+        """(held, backward, update) bytes: the state held through the step and the two phases' own terms."""
+        held = sum(v for k, v in self.terms.items() if k in HELD_TERMS)
+        update = sum(v for k, v in self.terms.items() if k in UPDATE_TERMS)
+        return held, sum(self.terms.values()) - held - update, update
+
     @property
     def counted(self) -> float:
-        return sum(self.terms.values())
+        """Bytes at the step's peak: the held state plus the larger phase (see "Phases" in the module docstring)."""
+        held, backward, update = self.phases()
+        return held + max(backward, update)
+
+    @property
+    def peak_phase(self) -> str:
+        """"backward" or "update": the phase that `counted` takes."""
+        _, backward, update = self.phases()
+        return "update" if update > backward else "backward"
 
     @property
     def total(self) -> float:
@@ -343,6 +362,8 @@ def recommend(cfg: Config, chip: Chip, seq_len: int, *, optimizer: str = "muon",
 
 
 STATE_TERMS = ("params", "optimizer", "gradients", "updates", "fsdp gathered")
+HELD_TERMS = ("params", "optimizer", "gradients")  # alive through the whole step
+UPDATE_TERMS = ("updates",)  # the optimizer update phase; every other term belongs to the backward phase
 TABLE_LENGTHS = (4096, 16384, 65536, 1048576)
 
 
@@ -379,6 +400,7 @@ def format_plan(p: Plan) -> str:
     lines = [f"mesh {','.join(f'{k}={v}' for k, v in p.sizes.items())}, {p.tokens_per_device:,} tokens per device"]
     for k, v in p.terms.items():
         lines.append(f"  {k:<18}{_gb(v)}")
+    lines.append(f"  {'peak':<18}{_gb(p.counted)} (held state + the {p.peak_phase} phase)")
     lines.append(f"  {'workspace (10%)':<18}{_gb(p.total - p.counted)}")
     lines.append(f"  {'total':<18}{_gb(p.total)}")
     for c in CHIPS:
