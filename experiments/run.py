@@ -172,7 +172,9 @@ class Run:
     @functools.cached_property
     def row_group(self) -> tuple[int, int]:
         """(index, count): the part of the global batch this process loads (`host_data.row_group`: processes
-        sharing rows through `context` or `tensor` load the same part)."""
+        sharing rows through `context` or `tensor` load the same part); without a mesh, one part per process."""
+        if self.mesh is None:
+            return jax.process_index(), jax.process_count()
         group = host_data.row_group(self.batch_sharding)
         return group.index, group.count
 
