@@ -47,8 +47,8 @@ import jax
 import numpy as np
 
 from deepseek_v4.corpus import prepare
-from sharding import host_data
 from deepseek_v4.corpus.shakespeare import default_corpus  # noqa: F401  (part of this module's API)
+from sharding import host_data
 
 PACKING_BINS = 64  # open rows of the packer; see experiments/LOG.md for the efficiency it gives
 READ_THREADS = 2  # reader threads and their buffer: measured best on 2 cores (a larger buffer costs more per item)

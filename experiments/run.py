@@ -123,8 +123,8 @@ class StopSignal:
               file=sys.stderr, flush=True)
 
 
-# A data source: (process_index, process_count) -> an iterator of this process's host batches with
-# get_state() / set_state() (the state is checkpointed with the model). A run with a recipe calls it with
+# A data source: (part, parts) -> an iterator of this process's host batches with get_state() / set_state()
+# (`Run.row_group`: the process index and count unless context or tensor spans processes) (the state is checkpointed with the model). A run with a recipe calls it with
 # `opts=` the stage's RunSettings (its seq_len and batch_size).
 DataSource = Callable[..., Iterator[dict[str, np.ndarray]]]
 # A step builder with `train.make_train_step`'s signature.
