@@ -202,6 +202,17 @@ class SharedExpert(nnx.Module):
         self.w2 = layers.normal_param(rngs, (f, d), ("mlp", "embed"), std, pd)
 
 
+def shared_expert(x: jax.Array, shared: SharedExpert, cfg: Config) -> jax.Array:
+    """The shared expert: `swiglu` whose three GEMMs are FP8-class linears (`layers.qlinear`: real FP8 GEMMs where
+    `layers.runs_fp8_gemm`, else the emulation of `quant`). Shapes: x [N, D] -> [N, D] in x's dtype."""
+    def linear(a, name):
+        return layers.qlinear(a, getattr(shared, name)[...], cfg, f"ffn.shared.{name}")
+
+    limit = cfg.swiglu_limit
+    h = jax.nn.silu(jnp.minimum(linear(x, "w1"), limit)) * jnp.clip(linear(x, "w3"), -limit, limit)
+    return linear(h, "w2")
+
+
 class MoE(nnx.Module):
     """Routed experts + shared expert. `hash_layer` selects experts by token id instead of by score."""
 
@@ -240,10 +251,7 @@ class MoE(nnx.Module):
                 w1, w3, w2 = (getattr(ex, w)[...] for w in ("w1", "w3", "w2"))
             y, dropped = routed_experts(xq, idx, weights, w1, w3, w2, mask.reshape(-1), cfg, aq)
         if cfg.n_shared_experts:
-            sh = self.shared
-            w1, w3, w2 = (layers.qweight(getattr(sh, w)[...], cfg, f"ffn.shared.{w}").astype(dt)
-                          for w in ("w1", "w3", "w2"))
-            y = y + swiglu(xq, w1, w3, w2, cfg.swiglu_limit, aq)
+            y = y + shared_expert(flat.astype(dt), self.shared, cfg)
         e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
         fmask = mask.reshape(-1).astype(jnp.float32)
         counts = jnp.sum(jax.nn.one_hot(idx, e) * fmask[:, None, None], axis=(0, 1))
