@@ -12,6 +12,12 @@ the per-128 float32 promotion of DeepSeek's FP8 GEMM. The partial products are m
 [slices, rows, cols] float32 before the sum (XLA does not fuse the scaled reduction into the FP8 dot): memory
 traffic a fused kernel would not pay.
 
+`fp8_grouped_linear(x, w)` is the same per group g: y[..., g, :] = x[..., g, :] @ w[g] for the grouped output
+projection w [G, I, O], whose 128x128 blocks are those of the official [G*O, I] matrix; when O is not a multiple
+of 128 a block spans groups, and Dgrad (contracting O) then cuts its slices at gcd(O, 128) so that each slice
+lies inside one weight block. `layers.qlinear` picks the function by the weight's layout (a "heads" weight
+[in, N, H] is the matrix [in, N*H]).
+
 The forward equals the emulation `fake_quant_act_fp8(x) @ fake_quant_fp8_blocks(w)` up to float32 summation
 order; the backward equals the emulation's straight-through GEMMs on FP8-rounded dy (and re-tiled x), which the
 emulation does not round (`quantised_backward_reference` spells it out for the tests).
@@ -177,12 +183,25 @@ def quantised_backward_reference(x: jax.Array, w: jax.Array, dy: jax.Array) -> t
 
     Shapes: x [M, K], w [K, N], dy [M, N] -> dx [M, K], dw [K, N] (float32).
     """
-    w_fq = formats.dequantize_fp8_blocks(*formats.quantize_fp8_blocks(w))
-    dy_rows = formats.dequantize_act_fp8(*formats.quantize_act_fp8(dy))
-    x_cols = formats.dequantize_act_fp8(*formats.quantize_act_fp8(x.T)).T
-    dy_cols = formats.dequantize_act_fp8(*formats.quantize_act_fp8(dy.T)).T
+    dx, dw = grouped_backward_reference(x[:, None], w[None], dy[:, None])
+    return dx[:, 0], dw[0]
+
+
+def grouped_backward_reference(x: jax.Array, w: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The gradients `fp8_grouped_linear` computes, as float32 matmuls of dequantised operands (for tests).
+
+    Shapes: x [M, G, I], w [G, I, O], dy [M, G, O] -> dx [M, G, I], dw [G, I, O] (float32).
+    """
+    g, i, o = w.shape
+    flat = formats.dequantize_fp8_blocks(*formats.quantize_fp8_blocks(w.transpose(0, 2, 1).reshape(g * o, i)))
+    w_fq = flat.reshape(g, o, i).transpose(0, 2, 1)  # the blocks of the official [G*O, I] matrix
+    fq_rows = lambda a: formats.dequantize_act_fp8(*formats.quantize_act_fp8(a))  # noqa: E731  (1x128 tiles)
+    dy_rows = fq_rows(dy)  # along O, per group
+    x_cols = fq_rows(x.transpose(1, 2, 0)).transpose(2, 0, 1)  # 128x1 tiles: along M, per (group, column)
+    dy_cols = fq_rows(dy.transpose(1, 2, 0)).transpose(2, 0, 1)
     hi = jax.lax.Precision.HIGHEST
-    return jnp.dot(dy_rows, w_fq.T, precision=hi), jnp.dot(x_cols.T, dy_cols, precision=hi)
+    return (jnp.einsum("mgo,gio->mgi", dy_rows, w_fq, precision=hi),
+            jnp.einsum("mgi,mgo->gio", x_cols, dy_cols, precision=hi))
 
 
 def backend_runs_fp8_dots() -> bool:
