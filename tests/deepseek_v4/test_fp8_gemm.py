@@ -153,6 +153,30 @@ def test_every_fp8_class_weight_of_the_model_takes_the_fp8_gemm(monkeypatch):
     assert asked == {k.path for k in params.PARAMS if k.storage == params.FP8}
 
 
+@pytest.mark.slow  # two MoE layers compiled (~40 s on 2 CPU cores)
+def test_grouped_moe_hands_the_kernel_fp8_activations_where_native(monkeypatch):
+    """moe_impl="grouped" under `fp8` with the GPU wiring: the routed experts' rows reach the grouped matmul as
+    E4M3 tiles (the gating weight then scales the rows after w2); the layer's output equals the emulation's."""
+    from flax import nnx
+
+    from deepseek_v4 import moe
+
+    cfg = get_config("tiny", hidden_size=256, moe_intermediate_size=128, quant="fp8", moe_impl="grouped")
+    layer = moe.MoE(cfg, layer=3, hash_layer=False, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    x = jax.random.normal(jax.random.key(2), (2, 12, cfg.hidden_size))
+    tokens, mask = jnp.zeros((2, 12), jnp.int32), jnp.ones((2, 12), bool)
+    run = lambda: jax.jit(lambda st: nnx.merge(graphdef, st)(x, tokens, mask)[0])  # noqa: E731
+    assert moe.expert_activation_format(cfg) == "float"
+    want = run()(state)
+    monkeypatch.setattr(fp8_gemm, "native", lambda: True)
+    assert moe.expert_activation_format(cfg) == "fp8"
+    assert moe.expert_activation_format(cfg.replace(quant="fp4")) == "float"
+    fn = run()
+    assert "f8E4M3FN" in fn.lower(state).as_text()
+    assert _rel_err(fn(state), want) <= TOL
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not fp8_gemm.native(), reason="needs a GPU: the model takes the FP8 GEMMs only there")
 def test_model_forward_with_fp8_gemms_equals_the_emulation(monkeypatch):
