@@ -153,13 +153,14 @@ def test_every_fp8_class_weight_of_the_model_takes_the_fp8_gemm(monkeypatch):
     assert asked == {k.path for k in params.PARAMS if k.storage == params.FP8}
 
 
-@pytest.mark.slow  # two MoE layers compiled (~40 s on 2 CPU cores)
+@pytest.mark.slow  # three MoE layers compiled (~20 s on 2 idle CPU cores)
 def test_grouped_moe_hands_the_kernel_fp8_activations_where_native(monkeypatch):
     """moe_impl="grouped" under `fp8` with the GPU wiring: the routed experts' rows reach the grouped matmul as
     E4M3 tiles (the gating weight then scales the rows after w2); the layer's output equals the emulation's."""
     from flax import nnx
 
     from deepseek_v4 import moe
+    from sharding import mesh as mesh_lib
 
     cfg = get_config("tiny", hidden_size=256, moe_intermediate_size=128, quant="fp8", moe_impl="grouped")
     layer = moe.MoE(cfg, layer=3, hash_layer=False, rngs=nnx.Rngs(0))
@@ -175,6 +176,8 @@ def test_grouped_moe_hands_the_kernel_fp8_activations_where_native(monkeypatch):
     fn = run()
     assert "f8E4M3FN" in fn.lower(state).as_text()
     assert _rel_err(fn(state), want) <= TOL
+    with jax.set_mesh(mesh_lib.make_mesh("data=2,expert=4")):  # the expert-parallel dispatch, grouped per shard
+        assert _rel_err(run()(state), want) <= TOL
 
 
 @pytest.mark.gpu
