@@ -21,8 +21,8 @@ item of each expert, so experts without tokens get a zero gradient.
 
 FP8 activations (E4M3 `lhs` with 1x128 tile scales, FP8 weights only) travel as bytes like FP8 weights; each
 tile pair is converted to bfloat16 (exact) for the MXU, the float32 product is scaled by the rows' activation
-scales (a [1, bm] block of the transposed scale array, the contraction tile's 128-slice) and the weight tile's
-scale, and added to the accumulator.
+scales (a [1, bm] block of the transposed scales [S, 1, Mp], at the contraction tile's 128-slice) and the
+weight tile's scale, and added to the accumulator.
 
 Checked on CPU in interpret mode only (no TPU was available); the layout rules of real Mosaic (8x128 tiles)
 hold for the default BlockSizes with FP8 and float weights; MXFP4 on a real TPU wants block_k >= 256.
@@ -65,7 +65,7 @@ def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, tfirst_ref, gfirst_ref, x_r
         s = s_ref[row_t * d.bk // 128, col_t * d.bn // 128]
         x = jax.lax.bitcast_convert_type(x_ref[...], jnp.float8_e4m3fn)
         w = jax.lax.bitcast_convert_type(w_ref[...], jnp.float8_e4m3fn)
-        part = common.fp8_tile_dot(x, w, transpose, upcast=True) * (xs_ref[...][:, None] * s)
+        part = common.fp8_tile_dot(x, w, transpose, upcast=True) * (xs_ref[...].reshape(d.bm, 1) * s)
         acc_ref[...] += jnp.where(_row_mask(tile_ref[i], d.bm, lo, hi), part, 0.0)
 
     def _accumulate():
@@ -133,8 +133,8 @@ def _gmm(x, w, s, group_sizes, d: common.Dims, transpose: bool, out_dtype, inter
         operands.append(s)
     if fp8_x:  # the scales of the row tile's 128-slice holding contraction tile c, as one lane-major row
         bc = d.bn if transpose else d.bk
-        in_specs.append(pl.BlockSpec((None, d.bm), lambda j, i, c, t, *_: (c * bc // 128, t[i])))
-        operands.append(xs.T)  # [ceil(cols/128), Mp]
+        in_specs.append(pl.BlockSpec((None, 1, d.bm), lambda j, i, c, t, *_: (c * bc // 128, 0, t[i])))
+        operands.append(xs.T[:, None, :])  # [ceil(cols/128), 1, Mp]: a [1, bm] block is a legal Mosaic tile
     kernel = functools.partial(_gmm_kernel, d=d, transpose=transpose, n_contract=grid[2])
     return pl.pallas_call(
         kernel,

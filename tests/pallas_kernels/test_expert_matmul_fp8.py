@@ -10,6 +10,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -91,3 +92,27 @@ def test_fp8_activation_bad_inputs_raise_value_error(operands):
         expert_matmul_stored(lhs, w, gs, "fp4", activation_format="fp8")
     with pytest.raises(ValueError, match="activation_format must be"):
         expert_matmul_stored(lhs, w, gs, "fp8", activation_format="e5m2")
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_fp8_activation_kernels_lower_at_the_flash_expert_shape(platform):
+    """The FP8-activation forward and Dgrad (`transpose_rhs`) lower for CUDA (Triton) and TPU (Mosaic) at V4-Flash's
+    w1 of the local experts of an 8-way expert split, default block sizes (lowering only: nothing is compiled)."""
+    from pallas_kernels import budgets
+    from pallas_kernels.expert_matmul import pallas_gpu, pallas_tpu
+
+    if platform == "tpu" and jax.default_backend() != "tpu":
+        pytest.skip("Mosaic lowers the FP8 tiles' conversion only with a TPU attached: it asks the chip version")
+    module = pallas_gpu if platform == "cuda" else pallas_tpu
+    shape = budgets.FLASH
+    e, d, f, m = shape.local_experts, shape.hidden, shape.expert_hidden, 2048
+    sd, e4m3, e8m0 = jax.ShapeDtypeStruct, ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e8m0fnu
+
+    def fwd_and_dgrad(x, xs, w, ws, dy, dys, gs):
+        return (module.expert_matmul(x, w, gs, ws, lhs_scale=xs),
+                module.expert_matmul(dy, w, gs, ws, lhs_scale=dys, transpose_rhs=True))
+
+    shapes = (sd((m, d), e4m3), sd((m, d // 128), e8m0), sd((e, d, f), e4m3), sd((e, d // 128, f // 128), e8m0),
+              sd((m, f), e4m3), sd((m, f // 128), e8m0), sd((e,), jnp.int32))
+    text = jax.jit(fwd_and_dgrad).trace(*shapes).lower(lowering_platforms=(platform,)).as_text()
+    assert "expert_matmul_fp8_fp8act" in text and "expert_matmul_fp8_fp8act_dx" in text
