@@ -53,6 +53,7 @@ def test_fp8_forward_equals_the_emulation_and_the_backward_is_fp8():
 
 @pytest.mark.skipif(not fp8_gemm.backend_runs_fp8_dots(), reason="XLA on this backend does not execute FP8 dots")
 def test_qlinear_takes_the_fp8_gemm_where_native_and_the_emulation_elsewhere(monkeypatch):
+    monkeypatch.setattr(fp8_gemm, "native", lambda: False)  # the CPU wiring (also on a GPU host)
     cfg = get_config("tiny", quant="fp8")
     x, w = _inputs(k=cfg.hidden_size, n=64)
     want = jax.jit(lambda x, w: layers.qact(x, cfg) @ layers.qweight(w, cfg, "attn.wkv"))(x, w)
@@ -84,8 +85,9 @@ def test_every_layout_of_the_fp8_gemm_equals_the_emulation_and_its_backward_is_f
     kx, kw = jax.random.split(jax.random.key(5))
     x = 3.0 * jax.random.normal(kx, x_shape)
     w = 0.05 * jax.random.normal(kw, w_shape)
+    monkeypatch.setattr(fp8_gemm, "native", lambda: False)  # the CPU wiring (also on a GPU host)
     qlinear = jax.jit(lambda x, w: layers.qlinear(x, w, cfg, param))
-    want = qlinear(x, w)  # the emulation (CPU)
+    want = qlinear(x, w)  # the emulation
     assert not layers.runs_fp8_gemm(cfg, param)
     monkeypatch.setattr(fp8_gemm, "native", lambda: True)  # the GPU wiring, run by XLA CPU
     assert layers.runs_fp8_gemm(cfg, param) and not layers.runs_fp8_gemm(get_config("tiny"), param)
@@ -105,9 +107,10 @@ def test_every_layout_of_the_fp8_gemm_equals_the_emulation_and_its_backward_is_f
     assert _rel_err(dx, want_dx.reshape(x.shape)) <= TOL and _rel_err(dw, want_dw.reshape(w.shape)) <= TOL
 
 
-def test_the_emulation_of_each_layout_is_the_einsum_it_replaced():
+def test_the_emulation_of_each_layout_is_the_einsum_it_replaced(monkeypatch):
     """On CPU `layers.qlinear` is the emulation the layers computed before, bit for bit (the heads and grouped
     einsums, the MTP projections' float32 activation quantised before the cast)."""
+    monkeypatch.setattr(fp8_gemm, "native", lambda: False)  # the CPU wiring (also on a GPU host)
     cfg = get_config("tiny", quant="fp8")
     k = iter(jax.random.split(jax.random.key(6), 8))
     bf = jnp.bfloat16
@@ -168,6 +171,7 @@ def test_grouped_moe_hands_the_kernel_fp8_activations_where_native(monkeypatch):
     x = jax.random.normal(jax.random.key(2), (2, 12, cfg.hidden_size))
     tokens, mask = jnp.zeros((2, 12), jnp.int32), jnp.ones((2, 12), bool)
     run = lambda: jax.jit(lambda st: nnx.merge(graphdef, st)(x, tokens, mask)[0])  # noqa: E731
+    monkeypatch.setattr(fp8_gemm, "native", lambda: False)  # the CPU wiring (also on a GPU host)
     assert moe.expert_activation_format(cfg) == "float"
     want = run()(state)
     monkeypatch.setattr(fp8_gemm, "native", lambda: True)
