@@ -1,6 +1,8 @@
 """Real FP8 GEMMs (`deepseek_v4.fp8_gemm`): the forward against the FP8 emulation (same values up to float32
-summation order), FP8 Dgrad / Wgrad against their dequantised spelling, the model's wiring (`layers.qlinear`).
-XLA CPU executes FP8 dots, so the GEMMs are checked here too; the GPU test runs the model where a GPU is."""
+summation order), FP8 Dgrad / Wgrad against their dequantised spelling, per weight layout (matrix, heads,
+grouped); the model's wiring (`layers.qlinear`, `layers.runs_fp8_gemm`: every FP8-class weight) and the grouped
+MoE's FP8 activations. XLA CPU executes FP8 dots, so the GEMMs are checked here by switching `fp8_gemm.native`
+on; the GPU test runs the model where a GPU is."""
 
 import jax
 import jax.numpy as jnp
