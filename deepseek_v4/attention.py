@@ -273,8 +273,7 @@ class Attention(nnx.Module):
         """Shapes: x [B, T, D] -> c_q [B, T, Q] (the low-rank query, also the indexer's input), q [B, T, N, H]."""
         cfg, dt = self.cfg, x.dtype
         c_q = self.q_norm(layers.qlinear(x, self.wq_a[...], cfg, "attn.wq_a")).astype(dt)
-        wq_b = layers.qweight(self.wq_b[...], cfg, "attn.wq_b").astype(dt)
-        q = jnp.einsum("btq,qnh->btnh", layers.qact(c_q, cfg), wq_b)
+        q = layers.qlinear(c_q, self.wq_b[...], cfg, "attn.wq_b")  # [B, T, N, H]
         return c_q, rope.apply_rope(layers.rms_norm(q, None, cfg.rms_norm_eps).astype(dt), cos, sin)
 
     def key_value(self, x: jax.Array, cos, sin) -> jax.Array:
@@ -313,8 +312,7 @@ class Attention(nnx.Module):
     def indexer_queries(self, x: jax.Array, c_q: jax.Array, cos, sin) -> tuple[jax.Array, jax.Array]:
         """The indexer's queries [B, T, NI, HI] and head weights [B, T, NI] from x [B, T, D], c_q [B, T, Q]."""
         cfg, idx = self.cfg, self.indexer
-        wq_b = layers.qweight(idx.wq_b[...], cfg, "attn.indexer.wq_b").astype(c_q.dtype)
-        q_idx = rope.apply_rope(jnp.einsum("btq,qnh->btnh", layers.qact(c_q, cfg), wq_b), cos, sin)
+        q_idx = rope.apply_rope(layers.qlinear(c_q, idx.wq_b[...], cfg, "attn.indexer.wq_b"), cos, sin)
         w_idx = x @ idx.weights_proj[...].astype(x.dtype)  # [B, T, NI]
         return (quant.fake_quant_mxfp4(q_idx) if cfg.quant == "fp4" else q_idx), w_idx
 
@@ -325,8 +323,7 @@ class Attention(nnx.Module):
         o = rope.apply_rope(o, cos, sin, inverse=True)
         b, t = o.shape[:2]
         o = o.reshape(b, t, cfg.o_groups, -1)  # [B, T, G, N*H/G]
-        wo_a = layers.qweight(self.wo_a[...], cfg, "attn.wo_a").astype(dt)
-        o = jnp.einsum("btgi,gio->btgo", layers.qact(o, cfg), wo_a).reshape(b, t, -1)  # [B, T, G*O]
+        o = layers.qlinear(o, self.wo_a[...], cfg, "attn.wo_a").reshape(b, t, -1)  # [B, T, G*O]
         return layers.qlinear(o, self.wo_b[...], cfg, "attn.wo_b")
 
     def dense_core(self, q, kv, entries, slots: EntrySlots | None, segment_ids) -> jax.Array:

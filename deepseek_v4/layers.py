@@ -83,13 +83,36 @@ def qact(x: jax.Array, cfg: Config) -> jax.Array:
     return x if cfg.quant == "none" else quant.fake_quant_act_fp8(x)
 
 
-def qlinear(x: jax.Array, w: jax.Array, cfg: Config, param: str) -> jax.Array:
-    """`qact(x) @ qweight(w).astype(x.dtype)` for a 2-D FP8-class weight w [in, out] (layout "matrix").
+def runs_fp8_gemm(cfg: Config, param: str) -> bool:
+    """Whether the GEMM of weight `param` runs as a real FP8 GEMM (`fp8_gemm`) rather than the emulation.
 
-    Under `quant` on a GPU the forward is a real FP8 x FP8 GEMM with float32 accumulation and the same scales,
-    and so are its Dgrad and Wgrad (`fp8_gemm.fp8_linear`); elsewhere the emulation. Shapes: x [..., in] ->
-    [..., out] in x's dtype.
+    The one decision: under `quant` on a backend that executes FP8 GEMMs (GPU), every weight the parameter table
+    stores FP8 (`params.FP8`: wq_a, wq_b, wkv, wo_a, wo_b, the indexer's wq_b, the shared expert, the MTP
+    projections). The table keeps the router, head, embedding, mHC, compressors and the indexer's head weights in
+    higher precision, so they never get here (docs/training.md, low precision).
     """
-    if cfg.quant != "none" and fp8_gemm.native() and params.quantised(param).fp8_layout == "matrix" and w.ndim == 2:
-        return fp8_gemm.fp8_linear(x, w)
-    return qact(x, cfg) @ qweight(w, cfg, param).astype(x.dtype)
+    return cfg.quant != "none" and fp8_gemm.native() and params.quantised(param).storage == params.FP8
+
+
+def qlinear(x: jax.Array, w: jax.Array, cfg: Config, param: str, dtype=None) -> jax.Array:
+    """The GEMM of an FP8-class weight: `qact(x) @ qweight(w)` in `dtype` (default x's), in the weight's layout.
+
+    `param` names the weight's row of `deepseek_v4.params.PARAMS`, whose layout gives the product: "matrix"
+    w [in, out]: x [..., in] -> [..., out]; "heads" w [in, N, H]: x [..., in] -> [..., N, H]; "grouped" w [G, I, O]:
+    x [..., G, I] -> [..., G, O]. Where `runs_fp8_gemm` says so the forward is a real FP8 x FP8 GEMM with float32
+    accumulation and the same scales, and so are its Dgrad and Wgrad (`fp8_gemm`); elsewhere the emulation.
+    """
+    layout = params.quantised(param).fp8_layout
+    dt = dtype or x.dtype
+    if runs_fp8_gemm(cfg, param):
+        if layout == "grouped":
+            y = fp8_gemm.fp8_grouped_linear(x, w)
+        else:
+            y = fp8_gemm.fp8_linear(x, w.reshape(w.shape[0], -1)).reshape(*x.shape[:-1], *w.shape[1:])
+        return y.astype(dt)
+    xq, wq = qact(x, cfg).astype(dt), qweight(w, cfg, param).astype(dt)
+    if layout == "heads":
+        return jnp.einsum("...q,qnh->...nh", xq, wq)
+    if layout == "grouped":
+        return jnp.einsum("...gi,gio->...go", xq, wq)
+    return xq @ wq

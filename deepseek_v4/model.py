@@ -125,9 +125,8 @@ class MTP(nnx.Module):
     def block_input(self, streams: jax.Array, next_embed: jax.Array, dt) -> jax.Array:
         """The block's input streams from the main streams and the next token's embedding: [B, T, R, D]."""
         cfg = self.cfg  # both projections are FP8 GEMMs of the export: `quant` sees them as it stores them
-        e_in, h_in = layers.qact(self.enorm(next_embed), cfg), layers.qact(self.hnorm(streams), cfg)
-        e = e_in.astype(dt) @ layers.qweight(self.e_proj[...], cfg, "e_proj").astype(dt)  # [B, T, D]
-        h = h_in.astype(dt) @ layers.qweight(self.h_proj[...], cfg, "h_proj").astype(dt)  # [B, T, R, D]
+        e = layers.qlinear(self.enorm(next_embed), self.e_proj[...], cfg, "e_proj", dt)  # [B, T, D]
+        h = layers.qlinear(self.hnorm(streams), self.h_proj[...], cfg, "h_proj", dt)  # [B, T, R, D]
         return h + e[:, :, None, :]
 
 

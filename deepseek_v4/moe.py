@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import sharding
-from deepseek_v4 import layers
+from deepseek_v4 import fp8_gemm, layers
 from deepseek_v4.config import Config
 from sharding.expert_parallel import expert_ffn
 
@@ -81,9 +81,12 @@ def routed_experts_dense(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: j
 
 
 def routed_experts_grouped(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array,
-                           w2: jax.Array, limit: float, act_quant=None, weight_format: str = "float") -> jax.Array:
+                           w2: jax.Array, limit: float, act_quant=None, weight_format: str = "float",
+                           activation_format: str = "float") -> jax.Array:
     """`moe_impl="grouped"`: only the selected (token, expert) pairs, as ragged groups: tokens are sorted by
     expert and `expert_ffn` runs the grouped expert matmul (Pallas on GPU/TPU, ragged_dot elsewhere).
+    With FP8 activations the gating weight scales the rows after w2 (in float32) instead of the hidden
+    activation, so the hidden activation reaches the kernel as the E4M3 tiles the emulation computes.
 
     Shapes: x [N, D], idx/weights [N, K], w1/w3 [E, D, F], w2 [E, F, D] -> [N, D].
     """
@@ -93,6 +96,11 @@ def routed_experts_grouped(x: jax.Array, idx: jax.Array, weights: jax.Array, w1:
     token = order // k
     sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)  # [E]
     scale = weights.reshape(-1)[order][:, None]
+    if activation_format == "fp8":
+        ys = expert_ffn(x[token], w1, w3, w2, limit, act_quant, group_sizes=sizes, weight_format=weight_format,
+                        activation_format=activation_format)
+        ys = (ys.astype(jnp.float32) * scale).astype(x.dtype)
+        return jnp.zeros_like(x).at[token].add(ys)
     # The gating weight scales the hidden activation (before w2), as in the reference.
     hidden_hook = (lambda h: h * scale.astype(h.dtype)) if act_quant is None else (
         lambda h: act_quant(h) * scale.astype(h.dtype))
@@ -108,6 +116,13 @@ def expert_weight_format(cfg: Config) -> str:
     if cfg.moe_impl != "grouped" or cfg.quant == "none":
         return "float"
     return cfg.quant
+
+
+def expert_activation_format(cfg: Config) -> str:
+    """How the routed experts' token activations reach the grouped kernel: "fp8" (E4M3 1x128 tiles, FP8 x FP8
+    products, DeepSeek's FP8 backward) with FP8 expert weights on a backend that runs the FP8 GEMMs
+    (`fp8_gemm.native`, as `layers.runs_fp8_gemm`), else "float" (the compute dtype, fake-quantised under `quant`)."""
+    return "fp8" if expert_weight_format(cfg) == "fp8" and fp8_gemm.native() else "float"
 
 
 def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array,
@@ -128,17 +143,18 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, w1: jax.Arr
 
     Shapes: x [N, D], idx/weights [N, K], w1/w3 [E, D, F], w2 [E, F, D], mask [N] bool -> y [N, D], dropped [].
     """
-    fmt = expert_weight_format(cfg)
+    fmt, act = expert_weight_format(cfg), expert_activation_format(cfg)
     split = sharding.expert_parallel.expert_parallelism() > 1
     if cfg.moe_impl == "padded" or (cfg.moe_impl == "grouped" and split):
         live = jnp.where(mask[:, None], idx, -1)
         return sharding.routed_experts(x, live, weights, w1, w3, w2, swiglu_limit=cfg.swiglu_limit,
-                                       act_quant=act_quant, local_ffn=cfg.moe_impl, weight_format=fmt)
+                                       act_quant=act_quant, local_ffn=cfg.moe_impl, weight_format=fmt,
+                                       activation_format=act)
     if split:
         raise ValueError(f"moe_impl={cfg.moe_impl!r} cannot split experts over the mesh's expert axis; use "
                          "moe_impl='padded' or 'grouped' (the expert-parallel dispatch)")
     if cfg.moe_impl == "grouped":
-        y = routed_experts_grouped(x, idx, weights, w1, w3, w2, cfg.swiglu_limit, act_quant, fmt)
+        y = routed_experts_grouped(x, idx, weights, w1, w3, w2, cfg.swiglu_limit, act_quant, fmt, act)
     else:
         y = routed_experts_dense(x, idx, weights, w1, w3, w2, cfg.swiglu_limit, act_quant)
     return y, jnp.zeros((), jnp.int32)
@@ -202,6 +218,17 @@ class SharedExpert(nnx.Module):
         self.w2 = layers.normal_param(rngs, (f, d), ("mlp", "embed"), std, pd)
 
 
+def shared_expert(x: jax.Array, shared: SharedExpert, cfg: Config) -> jax.Array:
+    """The shared expert: `swiglu` whose three GEMMs are FP8-class linears (`layers.qlinear`: real FP8 GEMMs where
+    `layers.runs_fp8_gemm`, else the emulation of `quant`). Shapes: x [N, D] -> [N, D] in x's dtype."""
+    def linear(a, name):
+        return layers.qlinear(a, getattr(shared, name)[...], cfg, f"ffn.shared.{name}")
+
+    limit = cfg.swiglu_limit
+    h = jax.nn.silu(jnp.minimum(linear(x, "w1"), limit)) * jnp.clip(linear(x, "w3"), -limit, limit)
+    return linear(h, "w2")
+
+
 class MoE(nnx.Module):
     """Routed experts + shared expert. `hash_layer` selects experts by token id instead of by score."""
 
@@ -240,10 +267,7 @@ class MoE(nnx.Module):
                 w1, w3, w2 = (getattr(ex, w)[...] for w in ("w1", "w3", "w2"))
             y, dropped = routed_experts(xq, idx, weights, w1, w3, w2, mask.reshape(-1), cfg, aq)
         if cfg.n_shared_experts:
-            sh = self.shared
-            w1, w3, w2 = (layers.qweight(getattr(sh, w)[...], cfg, f"ffn.shared.{w}").astype(dt)
-                          for w in ("w1", "w3", "w2"))
-            y = y + swiglu(xq, w1, w3, w2, cfg.swiglu_limit, aq)
+            y = y + shared_expert(flat.astype(dt), self.shared, cfg)
         e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
         fmask = mask.reshape(-1).astype(jnp.float32)
         counts = jnp.sum(jax.nn.one_hot(idx, e) * fmask[:, None, None], axis=(0, 1))

@@ -70,7 +70,8 @@ def expert_parallelism(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | Non
 
 def expert_ffn(xe: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit: float,
                act_quant: Callable[[jax.Array], jax.Array] | None = None,
-               group_sizes: jax.Array | None = None, weight_format: str = "float") -> jax.Array:
+               group_sizes: jax.Array | None = None, weight_format: str = "float",
+               activation_format: str = "float") -> jax.Array:
     """Clamped SwiGLU of each expert on its rows: silu(min(x w1, l)) * clip(x w3, -l, l) @ w2.
 
     The one expert FFN of every routed-expert path (padded, grouped, dense, expert-parallel). Two layouts:
@@ -82,7 +83,8 @@ def expert_ffn(xe: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit
     per row. Weights: w1/w3 [E, D, F], w2 [E, F, D].
     `weight_format` (sorted rows only): "float" multiplies the weights as given; "fp8" / "fp4" take float
     master weights and hand them to the kernel in that stored format (`expert_matmul_stored`, straight-through
-    gradient); the padded layout takes weights already fake-quantised by the caller.
+    gradient); the padded layout takes weights already fake-quantised by the caller. `activation_format` "fp8"
+    (with "fp8" weights) hands the kernel the rows as E4M3 1x128 tiles too, with DeepSeek's FP8 backward.
     """
     if group_sizes is None:
         if weight_format != "float":
@@ -90,7 +92,8 @@ def expert_ffn(xe: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit
                              "layout takes fake-quantised float weights")
         matmul = lambda a, w: jnp.einsum("emd,edf->emf", a, w)  # noqa: E731
     else:
-        matmul = lambda a, w: expert_matmul_stored(a, w, group_sizes, weight_format)  # noqa: E731
+        matmul = lambda a, w: expert_matmul_stored(a, w, group_sizes, weight_format,  # noqa: E731
+                                                   activation_format=activation_format)
     gate = jnp.minimum(matmul(xe, w1), limit)
     up = jnp.clip(matmul(xe, w3), -limit, limit)
     h = jax.nn.silu(gate) * up
@@ -126,6 +129,7 @@ class _Exchange:
     act_quant: Callable[[jax.Array], jax.Array] | None = None
     local_ffn: str = "padded"
     weight_format: str = "float"
+    activation_format: str = "float"
 
     def __call__(self, x, gate, w1, w3, w2, key, rank, offset):
         """Assignments of rank [offset, offset + C); returns their weighted outputs summed per token (float32,
@@ -173,7 +177,8 @@ class _Exchange:
         inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
         group_sizes = jnp.sum(received, axis=1).astype(jnp.int32)  # [El]
         ys = expert_ffn(xe.reshape(el * pc, d)[order], w1, w3, w2, self.limit, self.act_quant,
-                        group_sizes=group_sizes, weight_format=self.weight_format)  # rows past the groups are 0
+                        group_sizes=group_sizes, weight_format=self.weight_format,
+                        activation_format=self.activation_format)  # rows past the groups are 0
         return ys[inverse].reshape(el, pc, d)
 
 
@@ -255,7 +260,7 @@ def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array
                    w2: jax.Array, *, swiglu_limit: float, capacity_factor: float | None = None,
                    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
                    act_quant: Callable[[jax.Array], jax.Array] | None = None, local_ffn: str = "padded",
-                   weight_format: str = "float") -> tuple[jax.Array, jax.Array]:
+                   weight_format: str = "float", activation_format: str = "float") -> tuple[jax.Array, jax.Array]:
     """y[t] = sum_k expert_weight[t, k] * expert_{expert_idx[t, k]}(x[t]), expert-parallel over the mesh.
 
     One expert is the clamped SwiGLU `silu(min(x w1, l)) * clip(x w3, -l, l) @ w2` (DeepSeek-V4 MoE, see
@@ -278,6 +283,7 @@ def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array
         matmul on the filled rows only); see the module docstring.
       weight_format: "float", or ("grouped" only) "fp8" / "fp4": float master weights that reach the kernel in
         that stored format (`expert_ffn`).
+      activation_format: "float", or with weight_format "fp8": "fp8" activations in the kernel (`expert_ffn`).
 
     Returns:
       (y, dropped): y in x's dtype; dropped = global count of dropped (token, k) assignments (0 when dropless).
@@ -300,7 +306,7 @@ def routed_experts(x: jax.Array, expert_idx: jax.Array, expert_weight: jax.Array
         raise ValueError(f"weight_format={weight_format!r} needs local_ffn='grouped'")
     expert_idx = expert_idx.astype(jnp.int32)
     dropless = capacity_factor is None
-    opts = {"local_ffn": local_ffn, "weight_format": weight_format}
+    opts = {"local_ffn": local_ffn, "weight_format": weight_format, "activation_format": activation_format}
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:

@@ -7,9 +7,9 @@ On a GPU/TPU (`--size=full`, the default there; about 10 minutes on one H200):
      `interpret` fixture is False for this platform's kernels);
   2. each kernel family is timed against its XLA reference at V4-Flash widths: CSA sparse attention and the
      dense phase at 32K tokens (forward + backward), the lightning indexer, the grouped expert matmul with
-     bf16 / FP8 / MXFP4 weights, and the FP8 linear against a bf16 matmul; with achieved TFLOP/s and GB/s (FLOPs
-     and bytes are the estimates written in each case) and, on a chip `tools.roofline` knows, the fraction of
-     its roofline bound;
+     bf16 / FP8 / MXFP4 weights and FP8 x FP8 (FP8 tokens too), and the FP8 linear against a bf16 matmul; with
+     achieved TFLOP/s and GB/s (FLOPs and bytes are the estimates written in each case) and, on a chip
+     `tools.roofline` knows, the fraction of its roofline bound;
   3. a train step (fwd + bwd + AdamW + clip) of a V4-shaped config with ~1.2B active matmul parameters (D 2048,
      12 layers: 2 sliding then CSA/HCA pairs, 32 heads of 512, 32 experts top-6 of width 1024, index top-k 512),
      batch 4 x 4096, in bf16 and with `quant=fp8`, with MFU against the chip's bf16 peak.
@@ -178,12 +178,16 @@ def _expert_case(s: Sizes, fmt: str, impl: str, interpret: bool):
     scale = None
     if fmt == "bf16":
         w, wbytes = w.astype(jnp.bfloat16), 2.0
-    elif fmt == "fp8":
+    elif fmt in ("fp8", "fp8 x fp8"):
         (w, scale), wbytes = formats.quantize_fp8_blocks(w), 1.0
     else:
         (w, scale), wbytes = formats.quantize_mxfp4(w, axis=-2), 0.5
     gs = jnp.full((e,), m // e, jnp.int32)
     opts = {"impl": impl} if impl == "reference" else {"impl": impl, "interpret": interpret}
+    if fmt == "fp8 x fp8":  # FP8 activations too: E4M3 1x128 tiles (V4's activation format)
+        xq, xs = formats.quantize_act_fp8(x)
+        fn8 = jax.jit(lambda x, xs, w, sc, gs: expert_matmul(x, w, gs, sc, lhs_scale=xs, **opts))
+        return (lambda: fn8(xq, xs, w, scale, gs)), 2 * m * d * f, m * d + wbytes * e * d * f + 2 * m * f
     fn = jax.jit(lambda x, w, sc, gs: expert_matmul(x, w, gs, sc, **opts))
     return (lambda: fn(x, w, scale, gs)), 2 * m * d * f, 2 * m * d + wbytes * e * d * f + 2 * m * f
 
@@ -225,9 +229,10 @@ def kernel_benchmarks(s: Sizes, iters: int) -> list[dict]:
                              lambda kind=kind, impl=impl: _attention_case(kind, s, impl, interpret), "bf16", iters))
         rows.append(_run(f"lightning_indexer [{label}]", lambda impl=impl: _indexer_case(s, impl, interpret), "bf16",
                          iters))
-        for fmt in ("bf16", "fp8", "mxfp4"):
+        for fmt in ("bf16", "fp8", "mxfp4", "fp8 x fp8"):
             rows.append(_run(f"expert_matmul {fmt} [{label}]",
-                             lambda fmt=fmt, impl=impl: _expert_case(s, fmt, impl, interpret), "bf16", iters))
+                             lambda fmt=fmt, impl=impl: _expert_case(s, fmt, impl, interpret),
+                             "fp8" if fmt == "fp8 x fp8" else "bf16", iters))
     rows.append(_run("linear fp8 (fp8_gemm) [xla]", lambda: _linear_case(s, True), "fp8", iters))
     rows.append(_run("linear bf16 [xla]", lambda: _linear_case(s, False), "bf16", iters))
     return rows
@@ -248,6 +253,8 @@ def speedups(rows: list[dict]) -> dict[str, float]:
     kern = [n for n in t if n.startswith("expert_matmul bf16 [") and "[reference]" not in n]
     if kern and kern[0].replace("bf16", "fp8") in t:
         out["expert_matmul: bf16 / fp8 time"] = t[kern[0]] / t[kern[0].replace("bf16", "fp8")]
+    if kern and kern[0].replace("bf16", "fp8 x fp8") in t:
+        out["expert_matmul: bf16 / fp8 x fp8 time"] = t[kern[0]] / t[kern[0].replace("bf16", "fp8 x fp8")]
     if "linear fp8 (fp8_gemm) [xla]" in t and "linear bf16 [xla]" in t:
         out["linear: bf16 / fp8 time"] = t["linear bf16 [xla]"] / t["linear fp8 (fp8_gemm) [xla]"]
     return out

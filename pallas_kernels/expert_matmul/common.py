@@ -9,6 +9,12 @@ along the input axis in both layouts, so the transposed bytes are the right byte
 * "fp8":   `rhs` float8_e4m3fn [E, K, N], `rhs_scale` [E, ceil(K/128), ceil(N/128)] (UE8M0 or float32).
 * "mxfp4": `rhs` int8/uint8 [E, K/2, N], two E2M1 codes per byte along K (low nibble = even k),
            `rhs_scale` [E, K/32, N] (UE8M0 or float32). K must be a multiple of 32.
+
+Activations (`lhs`): "float" (bfloat16 / float16 / float32), or "fp8" with FP8 weights: float8_e4m3fn [M, C]
+with `lhs_scale` [M, ceil(C/128)] (UE8M0 or float32), one scale per 1x128 tile along the contraction axis
+(V4's activation format). FP8 x FP8 tiles are multiplied with float32 results and scaled per 128-slice in float32
+(the per-128 promotion of DeepSeek's FP8 GEMM); `transpose_rhs` (FP8 activations only) multiplies by W[g]^T,
+the FP8 Dgrad.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ class BlockSizes:
 
 
 class Dims(NamedTuple):
-    """Static problem sizes after padding. Kp, Np are multiples of bk, bn; Mp of bm."""
+    """Static problem sizes after padding. Kp, Np are multiples of bk, bn; Mp of bm. `act`: "float" or "fp8"."""
 
     fmt: str
     m: int
@@ -64,14 +70,17 @@ class Dims(NamedTuple):
     mp: int
     kp: int
     np_: int
+    act: str = "float"
 
 
-def weight_format(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, rhs_scale: jax.Array | None) -> Format:
+def weight_format(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, rhs_scale: jax.Array | None,
+                  transpose_rhs: bool = False) -> Format:
     """Infer the weight format from dtypes and check every shape; one-line ValueError on mismatch."""
     if lhs.ndim != 2 or rhs.ndim != 3:
         raise ValueError(f"expert_matmul wants lhs [M, K] and rhs [E, ...], got {lhs.shape} and {rhs.shape}")
-    if not jnp.issubdtype(lhs.dtype, jnp.floating) or jnp.dtype(lhs.dtype).itemsize < 2:
-        raise ValueError(f"lhs must be bfloat16, float16 or float32, got {lhs.dtype}")
+    if lhs.dtype != ml_dtypes.float8_e4m3fn and (not jnp.issubdtype(lhs.dtype, jnp.floating)
+                                                 or jnp.dtype(lhs.dtype).itemsize < 2):
+        raise ValueError(f"lhs must be bfloat16, float16, float32 or float8_e4m3fn (with lhs_scale), got {lhs.dtype}")
     e = rhs.shape[0]
     if group_sizes.shape != (e,) or not jnp.issubdtype(group_sizes.dtype, jnp.integer):
         raise ValueError(f"group_sizes must be an integer array of shape ({e},), got {group_sizes.dtype}"
@@ -88,7 +97,9 @@ def weight_format(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, rhs_sc
         fmt, k, n, want_scale = "float", rhs.shape[1], rhs.shape[2], None
     else:
         raise ValueError(f"rhs dtype {rhs.dtype} is none of: float, float8_e4m3fn (FP8), int8/uint8 (MXFP4)")
-    if lhs.shape[1] != k:
+    if transpose_rhs and lhs.shape[1] != n:
+        raise ValueError(f"lhs has {lhs.shape[1]} columns but transpose_rhs contracts the weights' N = {n}")
+    if not transpose_rhs and lhs.shape[1] != k:
         raise ValueError(f"lhs has K = {lhs.shape[1]} but the {fmt} weights have K = {k}")
     if want_scale is None:
         if rhs_scale is not None:
@@ -101,6 +112,26 @@ def weight_format(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, rhs_sc
         if rhs_scale.dtype not in (ml_dtypes.float8_e8m0fnu, jnp.float32):
             raise ValueError(f"rhs_scale must be float8_e8m0fnu or float32, got {rhs_scale.dtype}")
     return fmt
+
+
+def activation_format(lhs: jax.Array, lhs_scale: jax.Array | None, fmt: str, transpose_rhs: bool) -> str:
+    """"fp8" for float8_e4m3fn activations with their 1x128 tile scales, else "float"; one-line ValueError on a
+    mismatch (FP8 activations need FP8 weights; `transpose_rhs` needs FP8 activations)."""
+    if lhs.dtype != ml_dtypes.float8_e4m3fn:
+        if lhs_scale is not None:
+            raise ValueError(f"lhs_scale given for {lhs.dtype} lhs; scales belong to float8_e4m3fn activations only")
+        if transpose_rhs:
+            raise ValueError("transpose_rhs (the FP8 Dgrad) needs FP8 activations (float8_e4m3fn lhs)")
+        return "float"
+    if fmt != "fp8":
+        raise ValueError(f"FP8 activations (float8_e4m3fn lhs) need FP8 weights, got {fmt} weights")
+    want = (lhs.shape[0], -(-lhs.shape[1] // formats.ACT_BLOCK))
+    if lhs_scale is None or tuple(lhs_scale.shape) != want:
+        got = None if lhs_scale is None else tuple(lhs_scale.shape)
+        raise ValueError(f"FP8 activations need lhs_scale of shape {want} (one per 1x128 tile), got {got}")
+    if lhs_scale.dtype not in (ml_dtypes.float8_e8m0fnu, jnp.float32):
+        raise ValueError(f"lhs_scale must be float8_e8m0fnu or float32, got {lhs_scale.dtype}")
+    return "fp8"
 
 
 def check_group_sizes(group_sizes: jax.Array, m: int) -> None:
@@ -137,9 +168,10 @@ def _fit(block: int, dim: int) -> int:
     return min(block, 1 << max(dim - 1, 0).bit_length())
 
 
-def plan(lhs: jax.Array, rhs: jax.Array, fmt: str, block_sizes: BlockSizes) -> Dims:
-    m, k = lhs.shape
+def plan(lhs: jax.Array, rhs: jax.Array, fmt: str, block_sizes: BlockSizes, act: str = "float") -> Dims:
+    m = lhs.shape[0]
     e, n = rhs.shape[0], rhs.shape[2]
+    k = rhs.shape[1] * (2 if fmt == "mxfp4" else 1)
     bm = max(8, _fit(block_sizes.block_m, m))
     bk, bn = _fit(block_sizes.block_k, k), _fit(block_sizes.block_n, n)
     if fmt == "fp8" and (formats.FP8_BLOCK % bk or formats.FP8_BLOCK % bn):
@@ -147,7 +179,7 @@ def plan(lhs: jax.Array, rhs: jax.Array, fmt: str, block_sizes: BlockSizes) -> D
     if fmt == "mxfp4" and bk % formats.FP4_BLOCK:
         raise ValueError(f"MXFP4 weights need block_k to be a multiple of 32, got {bk}")
     rup = lambda x, b: -(-x // b) * b
-    return Dims(fmt, m, k, n, e, bm, bk, bn, rup(max(m, 1), bm), rup(k, bk), rup(n, bn))
+    return Dims(fmt, m, k, n, e, bm, bk, bn, rup(max(m, 1), bm), rup(k, bk), rup(n, bn), act)
 
 
 def _pad(x: jax.Array, widths: tuple[int, ...], value=0) -> jax.Array:
@@ -166,6 +198,11 @@ def prepare(lhs, rhs, rhs_scale, d: Dims):
     x = _pad(lhs, (d.mp - d.m, d.kp - d.k))
     if d.fmt == "mxfp4":
         x = x.reshape(d.mp, d.kp // d.bk, d.bk // 2, 2).swapaxes(-1, -2).reshape(d.mp, d.kp)
+    return (x, *prepare_weights(rhs, rhs_scale, d))
+
+
+def prepare_weights(rhs, rhs_scale, d: Dims):
+    """The weights and their scales of `prepare`: rhs [E, Kp(/2), Np], scale float32 or None."""
     s = scale_f32(rhs_scale)
     if d.fmt == "float":
         w = _pad(rhs, (0, d.kp - d.k, d.np_ - d.n))
@@ -175,7 +212,22 @@ def prepare(lhs, rhs, rhs_scale, d: Dims):
     else:
         w = _pad(rhs, (0, (d.kp - d.k) // 2, d.np_ - d.n))
         s = _pad(s, (0, (d.kp - d.k) // formats.FP4_BLOCK, d.np_ - d.n), value=1.0)
-    return x, w, s
+    return w, s
+
+
+def prepare_fp8_activations(lhs, lhs_scale, d: Dims, transpose_rhs: bool) -> tuple[jax.Array, jax.Array]:
+    """FP8 activations padded to whole tiles: lhs [Mp, Kp] ([Mp, Np] with `transpose_rhs`) e4m3, and its tile
+    scales [Mp, ceil(cols/128)] float32 (padding: value 0, scale 1)."""
+    cols = d.np_ if transpose_rhs else d.kp
+    x = _pad(lhs, (d.mp - d.m, cols - lhs.shape[1]))
+    s = scale_f32(lhs_scale)
+    return x, _pad(s, (d.mp - d.m, -(-cols // formats.ACT_BLOCK) - s.shape[1]), value=1.0)
+
+
+def dequantize_activations(lhs: jax.Array, lhs_scale: jax.Array) -> jax.Array:
+    """FP8 activations [M, C] and their 1x128 tile scales -> float32 values [M, C] (constants). The reference's."""
+    s = jnp.repeat(scale_f32(lhs_scale), formats.ACT_BLOCK, axis=1)[:, : lhs.shape[1]]
+    return jax.lax.stop_gradient(lhs.astype(jnp.float32) * s)
 
 
 # ---- group metadata --------------------------------------------------------------------------------------
@@ -285,6 +337,18 @@ def tile_dot(x_parts: list[jax.Array], w_parts: list[jax.Array], transpose: bool
             for w in w_parts]
 
 
+def fp8_tile_dot(x: jax.Array, w: jax.Array, transpose: bool, upcast: bool) -> jax.Array:
+    """float32 product of an E4M3 activation tile and an E4M3 weight tile, before their scales.
+
+    x [bm, c] @ w [c, bo] (transpose=False) or x [bm, c] @ w[bo, c].T (transpose=True) -> [bm, bo]. `upcast`
+    converts both to bfloat16 first (exact: every E4M3 value is a bfloat16), for MXUs without an FP8 mode.
+    """
+    if upcast:
+        x, w = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    dims = (((1,), (1,)), ((), ())) if transpose else (((1,), (0,)), ((), ()))
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+
+
 def weight_tile_rows(fmt: str, bk: int) -> int:
     """Rows of a stored weight tile: bk values, or bk/2 bytes for packed MXFP4."""
     return bk // 2 if fmt == "mxfp4" else bk
@@ -325,11 +389,22 @@ def make_vjp(gmm: Callable, tgmm: Callable) -> Callable:
     return core
 
 
-def run(core: Callable, lhs, rhs, group_sizes, rhs_scale, block_sizes: BlockSizes | None, out_dtype, interpret):
-    """Shared entry of the Pallas implementations: validate, pad, call the differentiable core, crop."""
-    fmt = weight_format(lhs, rhs, group_sizes, rhs_scale)
+def run(core: Callable, lhs, rhs, group_sizes, rhs_scale, block_sizes: BlockSizes | None, out_dtype, interpret,
+        gmm: Callable | None = None, lhs_scale=None, transpose_rhs: bool = False):
+    """Shared entry of the Pallas implementations: validate, pad, call the differentiable core, crop.
+
+    FP8 activations call the grouped matmul `gmm` directly (no autodiff: `expert_matmul_stored` defines their
+    FP8 backward), with their tile scales as the last operand."""
+    fmt = weight_format(lhs, rhs, group_sizes, rhs_scale, transpose_rhs)
+    act = activation_format(lhs, lhs_scale, fmt, transpose_rhs)
     check_group_sizes(group_sizes, lhs.shape[0])
-    d = plan(lhs, rhs, fmt, block_sizes or BlockSizes())
+    d = plan(lhs, rhs, fmt, block_sizes or BlockSizes(), act)
+    if act == "fp8":
+        x, xs = prepare_fp8_activations(lhs, lhs_scale, d, transpose_rhs)
+        w, s = prepare_weights(rhs, rhs_scale, d)
+        out = gmm(x, w, s, group_sizes.astype(jnp.int32), d, transpose_rhs, jnp.dtype(out_dtype or jnp.bfloat16),
+                  interpret, xs)
+        return out[: d.m, : d.k if transpose_rhs else d.n]
     out_dtype = jnp.dtype(out_dtype or lhs.dtype)
     x, w, s = prepare(lhs, rhs, rhs_scale, d)
     out = core(x, w, s, group_sizes.astype(jnp.int32), d, out_dtype, interpret)

@@ -17,6 +17,11 @@ Tiles that straddle a group boundary are therefore multiplied once per group (as
 gradient runs the same kernel against the transposed weight tiles; the weight gradient (float weights) uses
 grid (experts, K tiles, N tiles), each program looping over its expert's row tiles, so empty experts get 0.
 
+FP8 activations (`lhs` E4M3 with 1x128 tile scales, FP8 weights only): each contraction tile is one E4M3 x E4M3
+`dot` with a float32 result, scaled by the row's activation tile scale and the weight tile's scale and added to
+the float32 accumulator; rows of other groups are zeroed after the product. `block_k` / `block_n` divide 128,
+so every tile has one scale per row and one weight scale.
+
 Verified on CPU in interpret mode against the reference; it has not yet been compiled for a GPU (no device
 was available when it was written). Tile sizes must be powers of two (Triton); the MXFP4 path uses a
 reshape of the scale tile and the FP8 path a float8 -> float32 convert (sm89+).
@@ -48,8 +53,24 @@ def _load_weight_tile(w_ref, s_ref, g, row_t, col_t, d: common.Dims, dtype):
     return common.dequant_tile(d.fmt, w, s, dtype)
 
 
+def _fp8_contract(x_ref, xs_ref, w_ref, s_ref, g, c, j, mask, d: common.Dims, transpose: bool):
+    """FP8 activations x FP8 weights, one contraction tile: E4M3 x E4M3 dot (Hopper's FP8 MMA), float32 result
+    times the activation tile scale per row and the weight tile scale, rows of other groups zero."""
+    bc = d.bn if transpose else d.bk
+    row_t, col_t = (j, c) if transpose else (c, j)
+    w = w_ref[g, pl.ds(row_t * d.bk, d.bk), pl.ds(col_t * d.bn, d.bn)]
+    s = s_ref[g, row_t * d.bk // 128, col_t * d.bn // 128]
+    x = x_ref[:, pl.ds(c * bc, bc)]
+    xs = xs_ref[:, pl.ds(c * bc // 128, 1)]  # [bm, 1]
+    part = common.fp8_tile_dot(x, w, transpose, upcast=False) * (xs * s)
+    return jnp.where(mask, part, 0.0)
+
+
 def _gmm_kernel(first_ref, last_ref, starts_ref, ends_ref, x_ref, w_ref, *rest, d: common.Dims, transpose: bool):
-    s_ref, o_ref = rest if d.fmt != "float" else (None, *rest)
+    rest = list(rest)
+    s_ref = rest.pop(0) if d.fmt != "float" else None
+    xs_ref = rest.pop(0) if d.act == "fp8" else None
+    (o_ref,) = rest
     t, j = pl.program_id(0), pl.program_id(1)
     rows = t * d.bm + jax.lax.broadcasted_iota(jnp.int32, (d.bm, 1), 0)
     if transpose:
@@ -65,6 +86,8 @@ def _gmm_kernel(first_ref, last_ref, starts_ref, ends_ref, x_ref, w_ref, *rest, 
         mask = (rows >= lo) & (rows < hi)
 
         def contract_body(c, acc):
+            if d.act == "fp8":
+                return (acc[0] + _fp8_contract(x_ref, xs_ref, w_ref, s_ref, g, c, j, mask, d, transpose),)
             row_t, col_t = (j, c) if transpose else (c, j)
             w_parts = _load_weight_tile(w_ref, s_ref, g, row_t, col_t, d, x_ref.dtype)
             if split_x:  # even-k and odd-k halves of the tile (see common.prepare)
@@ -86,8 +109,9 @@ def _gmm_kernel(first_ref, last_ref, starts_ref, ends_ref, x_ref, w_ref, *rest, 
         off += wdt
 
 
-def _gmm(x, w, s, group_sizes, d: common.Dims, transpose: bool, out_dtype, interpret):
-    """x [Mp, Kp] @ w[g] -> [Mp, Np]; transpose: x [Mp, Np] @ w[g].T -> [Mp, Kp] (MXFP4: tile-reordered K)."""
+def _gmm(x, w, s, group_sizes, d: common.Dims, transpose: bool, out_dtype, interpret, xs=None):
+    """x [Mp, Kp] @ w[g] -> [Mp, Np]; transpose: x [Mp, Np] @ w[g].T -> [Mp, Kp] (MXFP4: tile-reordered K).
+    FP8 activations (d.act): x e4m3 with tile scales xs [Mp, ceil(cols/128)] float32."""
     m_tiles = d.mp // d.bm
     first, last = common.tile_group_range(group_sizes, m_tiles, d.bm)
     starts, ends = common.group_bounds(group_sizes)
@@ -99,6 +123,9 @@ def _gmm(x, w, s, group_sizes, d: common.Dims, transpose: bool, out_dtype, inter
     if s is not None:
         in_specs.append(full(s))
         operands.append(s)
+    if xs is not None:
+        in_specs.append(pl.BlockSpec((d.bm, xs.shape[1]), lambda t, j: (t, 0)))
+        operands.append(xs)
     return pl.pallas_call(
         functools.partial(_gmm_kernel, d=d, transpose=transpose),
         out_shape=jax.ShapeDtypeStruct((d.mp, out_cols), out_dtype),
@@ -108,7 +135,7 @@ def _gmm(x, w, s, group_sizes, d: common.Dims, transpose: bool, out_dtype, inter
         compiler_params=pltriton.CompilerParams(**_COMPILER_PARAMS),
         cost_estimate=common.gmm_cost(d, x, w, s, jnp.dtype(out_dtype).itemsize, transpose),
         interpret=interpret,
-        name=f"expert_matmul_{d.fmt}{'_dx' if transpose else ''}",
+        name=f"expert_matmul_{d.fmt}{'_fp8act' if d.act == 'fp8' else ''}{'_dx' if transpose else ''}",
     )(*operands)
 
 
@@ -159,15 +186,18 @@ def expert_matmul(
     out_dtype=None,
     block_sizes: common.BlockSizes | None = None,
     interpret=False,
+    lhs_scale: jax.Array | None = None,
+    transpose_rhs: bool = False,
 ) -> jax.Array:
     """Triton-style grouped expert matmul; same arguments and result as `reference.expert_matmul`.
 
     Args:
-      lhs, rhs, group_sizes, rhs_scale, out_dtype: as in `reference.expert_matmul`.
+      lhs, rhs, group_sizes, rhs_scale, out_dtype, lhs_scale, transpose_rhs: as in `reference.expert_matmul`.
       block_sizes: tile sizes (default `common.BlockSizes()`), powers of two.
       interpret: False on a GPU; True to run in the Pallas interpreter (CPU).
 
     Shapes:
       lhs [M, K], rhs [E, K, N] / [E, K/2, N] (MXFP4), group_sizes [E] -> [M, N].
     """
-    return common.run(_core, lhs, rhs, group_sizes, rhs_scale, block_sizes, out_dtype, interpret)
+    return common.run(_core, lhs, rhs, group_sizes, rhs_scale, block_sizes, out_dtype, interpret, _gmm, lhs_scale,
+                      transpose_rhs)

@@ -19,6 +19,11 @@ VMEM (FP8: one power-of-two scale per tile, read from SMEM; MXFP4: nibbles unpac
 Weight gradient (float weights only): grid (K tiles, N tiles, work items), accumulator reset at the first
 item of each expert, so experts without tokens get a zero gradient.
 
+FP8 activations (E4M3 `lhs` with 1x128 tile scales, FP8 weights only) travel as bytes like FP8 weights; each
+tile pair is converted to bfloat16 (exact) for the MXU, the float32 product is scaled by the rows' activation
+scales (a [1, bm] block of the transposed scales [S, 1, Mp], at the contraction tile's 128-slice) and the
+weight tile's scale, and added to the accumulator.
+
 Checked on CPU in interpret mode only (no TPU was available); the layout rules of real Mosaic (8x128 tiles)
 hold for the default BlockSizes with FP8 and float weights; MXFP4 on a real TPU wants block_k >= 256.
 """
@@ -43,7 +48,10 @@ def _row_mask(tile, bm: int, lo, hi):
 def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, tfirst_ref, gfirst_ref, x_ref, w_ref, *rest,
                 d: common.Dims, transpose: bool, n_contract: int):
     del group_ref, gfirst_ref
-    s_ref, o_ref, acc_ref = rest if d.fmt != "float" else (None, *rest)
+    rest = list(rest)
+    s_ref = rest.pop(0) if d.fmt != "float" else None
+    xs_ref = rest.pop(0) if d.act == "fp8" else None
+    o_ref, acc_ref = rest
     j, i, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     @pl.when((c == 0) & (tfirst_ref[i] == 1))
@@ -52,7 +60,14 @@ def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, tfirst_ref, gfirst_ref, x_r
 
     lo, hi = lo_ref[i], hi_ref[i]
 
-    @pl.when(lo < hi)
+    def _accumulate_fp8():  # E4M3 tiles (bf16 on the MXU, exact), scales applied to the float32 product
+        row_t, col_t = (j, c) if transpose else (c, j)
+        s = s_ref[row_t * d.bk // 128, col_t * d.bn // 128]
+        x = jax.lax.bitcast_convert_type(x_ref[...], jnp.float8_e4m3fn)
+        w = jax.lax.bitcast_convert_type(w_ref[...], jnp.float8_e4m3fn)
+        part = common.fp8_tile_dot(x, w, transpose, upcast=True) * (xs_ref[...].reshape(d.bm, 1) * s)
+        acc_ref[...] += jnp.where(_row_mask(tile_ref[i], d.bm, lo, hi), part, 0.0)
+
     def _accumulate():
         mask = _row_mask(tile_ref[i], d.bm, lo, hi)
         row_t, col_t = (j, c) if transpose else (c, j)  # stored weight tile coordinates
@@ -78,13 +93,16 @@ def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, tfirst_ref, gfirst_ref, x_r
             acc_ref[:, :h] += parts[0]
             acc_ref[:, h:] += parts[1]
 
+    pl.when(lo < hi)(_accumulate_fp8 if d.act == "fp8" else _accumulate)
+
     @pl.when(c == n_contract - 1)
     def _store():
         o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
-def _gmm(x, w, s, group_sizes, d: common.Dims, transpose: bool, out_dtype, interpret):
-    """x [Mp, Kp] @ w[g] -> [Mp, Np]; transpose: x [Mp, Np] @ w[g].T -> [Mp, Kp] (MXFP4: tile-reordered K)."""
+def _gmm(x, w, s, group_sizes, d: common.Dims, transpose: bool, out_dtype, interpret, xs=None):
+    """x [Mp, Kp] @ w[g] -> [Mp, Np]; transpose: x [Mp, Np] @ w[g].T -> [Mp, Kp] (MXFP4: tile-reordered K).
+    FP8 activations (d.act): x e4m3 with tile scales xs [Mp, ceil(cols/128)] float32."""
     m_tiles = d.mp // d.bm
     items = common.work_items(group_sizes, m_tiles, d.bm)
     n_items = items.tile.shape[0]
@@ -103,7 +121,9 @@ def _gmm(x, w, s, group_sizes, d: common.Dims, transpose: bool, out_dtype, inter
     in_specs = [x_spec, pl.BlockSpec((None, wr, d.bn), w_index)]
     # FP8 weights enter as uint8 bits (a free same-width bitcast): the interpreter's block copies of float8
     # arrays are ~8x slower on CPU than of uint8 ones.
-    operands = [x, jax.lax.bitcast_convert_type(w, jnp.uint8) if d.fmt == "fp8" else w]
+    fp8_x = d.act == "fp8"
+    operands = [jax.lax.bitcast_convert_type(x, jnp.uint8) if fp8_x else x,
+                jax.lax.bitcast_convert_type(w, jnp.uint8) if d.fmt == "fp8" else w]
     if d.fmt == "fp8":
         in_specs.append(pl.BlockSpec((None, *s.shape[1:]), lambda j, i, c, t, g, *_: (g[i], 0, 0),
                                      memory_space=pltpu.SMEM))
@@ -111,6 +131,10 @@ def _gmm(x, w, s, group_sizes, d: common.Dims, transpose: bool, out_dtype, inter
     elif d.fmt == "mxfp4":
         in_specs.append(pl.BlockSpec((None, d.bk // 32, d.bn), lambda *a: w_index(*a)))
         operands.append(s)
+    if fp8_x:  # the scales of the row tile's 128-slice holding contraction tile c, as one lane-major row
+        bc = d.bn if transpose else d.bk
+        in_specs.append(pl.BlockSpec((None, 1, d.bm), lambda j, i, c, t, *_: (c * bc // 128, 0, t[i])))
+        operands.append(xs.T[:, None, :])  # [ceil(cols/128), 1, Mp]: a [1, bm] block is a legal Mosaic tile
     kernel = functools.partial(_gmm_kernel, d=d, transpose=transpose, n_contract=grid[2])
     return pl.pallas_call(
         kernel,
@@ -125,7 +149,7 @@ def _gmm(x, w, s, group_sizes, d: common.Dims, transpose: bool, out_dtype, inter
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         cost_estimate=common.gmm_cost(d, x, w, s, jnp.dtype(out_dtype).itemsize, transpose),
         interpret=interpret,
-        name=f"expert_matmul_{d.fmt}{'_dx' if transpose else ''}",
+        name=f"expert_matmul_{d.fmt}{'_fp8act' if fp8_x else ''}{'_dx' if transpose else ''}",
     )(*items, *operands)
 
 
@@ -184,15 +208,18 @@ def expert_matmul(
     out_dtype=None,
     block_sizes: common.BlockSizes | None = None,
     interpret=False,
+    lhs_scale: jax.Array | None = None,
+    transpose_rhs: bool = False,
 ) -> jax.Array:
     """Mosaic-TPU grouped expert matmul; same arguments and result as `reference.expert_matmul`.
 
     Args:
-      lhs, rhs, group_sizes, rhs_scale, out_dtype: as in `reference.expert_matmul`.
+      lhs, rhs, group_sizes, rhs_scale, out_dtype, lhs_scale, transpose_rhs: as in `reference.expert_matmul`.
       block_sizes: tile sizes (default `common.BlockSizes()`).
       interpret: False on a TPU; True or `pltpu.InterpretParams()` to run in the Pallas interpreter (CPU).
 
     Shapes:
       lhs [M, K], rhs [E, K, N] / [E, K/2, N] (MXFP4), group_sizes [E] -> [M, N].
     """
-    return common.run(_core, lhs, rhs, group_sizes, rhs_scale, block_sizes, out_dtype, interpret)
+    return common.run(_core, lhs, rhs, group_sizes, rhs_scale, block_sizes, out_dtype, interpret, _gmm, lhs_scale,
+                      transpose_rhs)
