@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 
 from deepseek_v4 import chat, inference, verifiable_tasks
 from deepseek_v4.tokenizer import get_tokenizer
@@ -73,6 +74,8 @@ def evaluate(model: Any, task: str, n: int, *, mode: str = "non-think", seed: in
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS["verbosity"].present:  # Orbax logs every read at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)
     from experiments.generate import load_checkpoint, load_safetensors
 
     try:
