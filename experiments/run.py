@@ -530,7 +530,17 @@ def summarise(run: Run, window: _Window, step: int) -> dict[str, Any]:
         flops = metrics.train_flops_per_token(run.cfg, run.opts.seq_len, sparse_attention=rec["sparse_attention"])
         rec["mfu"] = rec["tokens_per_s"] * flops / (run.peak_flops * run.mesh.size)
     rec["tokens_seen"] = run.schedule.tokens_at(step) if run.schedule else step * tokens_per_step
+    for key in sorted(set(last) - _STEP_METRICS):  # the loss's own scalars (e.g. distillation's KL per teacher)
+        if np.ndim(last[key]) == 0:
+            rec[key] = float(np.mean([m[key] for m in good]))
     return rec
+
+
+# The metrics every train step returns (`train._step_metrics`); any other key is the loss function's own.
+_STEP_METRICS = frozenset({"loss", "mtp_loss", "total_loss", "balance_loss", "indexer_loss", "indexer_recall",
+                           "grad_norm", "lr", "mtp_weight", "tokens", "update_ok", "skipped",
+                           "expert_load_max_over_mean", "hash_expert_load_max_over_mean", "dropped_tokens",
+                           "loss_spike"})
 
 
 def _fmt_time(seconds: float) -> str:

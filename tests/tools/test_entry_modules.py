@@ -12,7 +12,7 @@ IMPORTED_IN_PROCESS = (
     "experiments.flags", "experiments.generate", "experiments.init_weights", "experiments.preflight",
     "experiments.run", "experiments.spikes", "experiments.held_out", "tools.device_check", "tools.evaluate",
     "tools.export_safetensors", "tools.import_safetensors", "tools.memory_plan", "tools.model_stats",
-    "tools.plot_metrics", "tools.make_chat_data",
+    "tools.plot_metrics", "tools.make_chat_data", "tools.eval_tasks", "experiments.teachers",
 )
 
 
