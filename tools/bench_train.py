@@ -33,16 +33,22 @@ from flax import nnx
 from deepseek_v4 import DeepseekV4, interop, metrics
 from tools import bench_shapes
 
-bench_shapes.define_flags()
-flags.DEFINE_integer("steps", 5, "Timed steps per side (after --warmup untimed ones).")
-flags.DEFINE_integer("warmup", 2, "Untimed steps per side (compilation, allocator warm-up).")
-flags.DEFINE_bool("mtp", False, "Keep the MTP module on our side (transformers has none).")
-flags.DEFINE_bool("torch", True, "Also run transformers (needs torch + transformers).")
-flags.DEFINE_integer("matmul_size", None, "Square size of the peak-FLOPs probe (default: 2048 CPU, 8192 GPU).")
-flags.DEFINE_bool("nolog", False, "Do not append to experiments/LOG.md.")
-flags.DEFINE_string("log_path", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                             "experiments", "LOG.md"), "Where results are appended.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    bench_shapes.define_flags()
+    flags.DEFINE_integer("steps", 5, "Timed steps per side (after --warmup untimed ones).")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps per side (compilation, allocator warm-up).")
+    flags.DEFINE_bool("mtp", False, "Keep the MTP module on our side (transformers has none).")
+    flags.DEFINE_bool("torch", True, "Also run transformers (needs torch + transformers).")
+    flags.DEFINE_integer("matmul_size", None, "Square size of the peak-FLOPs probe (default: 2048 CPU, 8192 GPU).")
+    flags.DEFINE_bool("nolog", False, "Do not append to experiments/LOG.md.")
+    flags.DEFINE_string("log_path", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                 "experiments", "LOG.md"), "Where results are appended.")
+
 
 LR = bench_shapes.LR
 
@@ -151,4 +157,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

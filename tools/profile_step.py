@@ -29,10 +29,16 @@ from deepseek_v4 import layers as layers_lib
 from sharding import expert_parallel
 from tools import bench_shapes
 
-bench_shapes.define_flags()
-flags.DEFINE_integer("calls", 3, "Timed calls per component (median).")
-flags.DEFINE_integer("steps", 3, "Timed whole train steps (median), after one warm-up; 0 skips the whole step.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    bench_shapes.define_flags()
+    flags.DEFINE_integer("calls", 3, "Timed calls per component (median).")
+    flags.DEFINE_integer("steps", 3, "Timed whole train steps (median), after one warm-up; 0 skips the whole step.")
+
 
 Row = collections.namedtuple("Row", "name count fwd_s fwd_bwd_s flops")
 
@@ -244,4 +250,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
