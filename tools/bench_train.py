@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from absl import logging as absl_logging
 from flax import nnx
 
 from deepseek_v4 import DeepseekV4, interop, metrics
@@ -95,15 +94,7 @@ def _commit() -> str:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-        sys.exit(2)
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
-        cfg, b, t, shape_name = bench_shapes.config_and_batch()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cfg, b, t, shape_name = bench_shapes.step_shape_from_command_line(argv)
     tokens = b * t
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({jax.device_count()} device(s)); {shape_name}"
@@ -115,13 +106,12 @@ def main(argv: list[str]) -> None:
     flops_tok = metrics.train_flops_per_token(cfg, t)
     print(f"model FLOPs per token (train): {flops_tok / 1e6:.1f} M", flush=True)
 
-    model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
     batch = bench_shapes.random_batch(cfg, b, t)
     results = {}
-    ours = bench_shapes.bench_train_step(model, cfg, batch, FLAGS.warmup, FLAGS.steps)
+    ours = bench_shapes.bench_train_step(cfg, batch, FLAGS.warmup, FLAGS.steps)
     results["ours (JAX)"] = ours
     if FLAGS.torch:
-        # A fresh model with the same seed: our step donated (and so consumed) the first one's arrays.
+        # The same weights: a model of the same seed as bench_train_step's (whose step donated its arrays).
         results["transformers (torch)"] = bench_torch(DeepseekV4(cfg, rngs=nnx.Rngs(0)), batch, FLAGS.warmup,
                                                       FLAGS.steps)
     rows = []
