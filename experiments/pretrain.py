@@ -37,18 +37,15 @@ and the loss by position bucket, in the same metrics record as the training loss
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 
 from deepseek_v4 import config as config_lib
 from deepseek_v4 import data, evaluation, recipes, train
 from deepseek_v4.config import Config
 from deepseek_v4.synthetic import SyntheticIterator
 from experiments import flags as flag_gen
-from experiments import held_out, preflight, spikes
+from experiments import entry, held_out, preflight, spikes
 from experiments import run as run_lib
 
 FLAGS = flags.FLAGS
@@ -61,12 +58,6 @@ flag_gen.define_settings_flags(spikes.SpikeSettings)
 flags.adopt_module_key_flags(flag_gen)  # --help lists them
 flags.DEFINE_string("recipe", None, f"Training recipe ({', '.join(recipes.RECIPES)}): its stages set the steps, "
                     "seq_len, batch and attention phase by tokens consumed; its model preset is the default --config.")
-
-
-def _fail(msg: str) -> None:
-    """A user mistake: one line on stderr, exit status 2."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 def pretrain_data(cfg: Config, opts: run_lib.RunSettings) -> run_lib.DataSource:
@@ -118,30 +109,21 @@ def settings_from_flags() -> tuple[Config, train.TrainSettings, run_lib.RunSetti
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    try:  # the only place flags are read
+    entry.start(argv)
+    with entry.user_errors():  # the only place flags are read
         cfg, settings, opts, schedule, model_name = settings_from_flags()
         eval_settings = flag_gen.settings_from_flags(evaluation.EvalSettings)
         spike_settings = flag_gen.settings_from_flags(spikes.SpikeSettings)
         held_out.check_data(eval_settings)
-    except ValueError as e:
-        _fail(str(e))
-    workdir = os.path.abspath(os.path.expanduser(opts.workdir or os.path.join("runs", model_name)))
-    stop = run_lib.StopSignal()  # from here on SIGTERM / SIGINT mean: take (at least) one step, save, exit 0
-    try:
-        run = run_lib.setup(cfg, settings, opts, workdir=workdir, model_name=model_name,
-                            data_source=pretrain_data(cfg, opts), schedule=schedule)
-    except run_lib.UserError as e:
-        _fail(str(e))
+    workdir = entry.workdir(opts, model_name)
 
     def attach_evaluation(run: run_lib.Run) -> None:
         run.evaluator = held_out.for_run(run, eval_settings)
         run.spike_settings = spike_settings
 
-    sys.exit(run_lib.train_and_report(run, stop, prepare=attach_evaluation))
+    entry.train(lambda: run_lib.setup(cfg, settings, opts, workdir=workdir, model_name=model_name,
+                                      data_source=pretrain_data(cfg, opts), schedule=schedule),
+                prepare=attach_evaluation)
 
 
 if __name__ == "__main__":

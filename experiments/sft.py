@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 
 from deepseek_v4 import sft_data, train, verifiable_tasks
 from deepseek_v4.config import Config
 from experiments import flags as flag_gen
-from experiments import init_weights
+from experiments import entry, init_weights
 from experiments import run as run_lib
 
 FLAGS = flags.FLAGS
@@ -69,12 +67,6 @@ flag_gen.define_settings_flags(SFTSettings)
 flags.adopt_module_key_flags(flag_gen)  # --help lists them
 
 
-def _fail(msg: str) -> None:
-    """A user mistake: one line on stderr, exit status 2."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def chat_documents(sft: SFTSettings, seq_len: int, seed: int) -> tuple[list[sft_data.Document], sft_data.Skipped]:
     """The documents --data names, encoded and checked (bad examples skipped and counted)."""
     if sft.data == TOY:
@@ -93,11 +85,8 @@ def sft_data_source(docs: list[sft_data.Document], opts: run_lib.RunSettings) ->
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    try:  # the only place flags are read
+    entry.start(argv)
+    with entry.user_errors():  # the only place flags are read
         sft = flag_gen.settings_from_flags(SFTSettings)
         settings = flag_gen.settings_from_flags(train.TrainSettings)
         opts = run_lib.RunSettings(**flag_gen.settings_values(run_lib.RunSettings, names=_RUN_FIELDS), data=sft.data)
@@ -105,24 +94,17 @@ def main(argv: list[str]) -> None:
                                                preset=FLAGS[flag_gen.CONFIG_FLAG].value,
                                                overrides=flag_gen.config_overrides())
         docs, skipped = chat_documents(sft, opts.seq_len, opts.seed)
-    except ValueError as e:
-        _fail(str(e))
     print(f"chat data: {len(docs)} conversations, {sum(len(d) for d in docs):,} tokens, "
           f"{int(sum(d.loss_weights.sum() for d in docs)):,} with a loss; {skipped.summary()}", flush=True)
     if not (sft.init or sft.hf_dir):
         print("no --init / --hf_dir: fine-tuning a new, untrained model", flush=True)
     source = sft.init or sft.hf_dir
     model_name = f"{os.path.basename(os.path.normpath(source)) if source else FLAGS[flag_gen.CONFIG_FLAG].value}_sft"
-    workdir = os.path.abspath(os.path.expanduser(opts.workdir or os.path.join("runs", model_name)))
-    stop = run_lib.StopSignal()  # from here on SIGTERM / SIGINT mean: take (at least) one step, save, exit 0
-    try:
-        run = run_lib.setup(cfg, settings, opts, workdir=workdir, model_name=model_name,
-                            data_source=sft_data_source(docs, opts),
-                            initial_state=init_weights.weights_loader(init=sft.init, hf_dir=sft.hf_dir, cfg=cfg,
-                                                                      settings=settings, seed=opts.seed))
-    except run_lib.UserError as e:
-        _fail(str(e))
-    sys.exit(run_lib.train_and_report(run, stop))
+    workdir = entry.workdir(opts, model_name)
+    entry.train(lambda: run_lib.setup(
+        cfg, settings, opts, workdir=workdir, model_name=model_name, data_source=sft_data_source(docs, opts),
+        initial_state=init_weights.weights_loader(init=sft.init, hf_dir=sft.hf_dir, cfg=cfg, settings=settings,
+                                                  seed=opts.seed)))
 
 
 if __name__ == "__main__":

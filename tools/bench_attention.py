@@ -39,41 +39,48 @@ from pallas_kernels.sparse_attention import sparse_attention
 
 KINDS = ("sparse_fwd", "sparse_fwdbwd", "dense_fwd", "dense_fwdbwd", "full_mask_fwd", "full_mask_fwdbwd", "indexer")
 
-_SEQ_LENS = flags.DEFINE_list("seq_lens", ["16384", "131072"], "sequence lengths T")
-_IMPL = flags.DEFINE_enum(
-    "impl",
-    None,
-    ["reference", "pallas", "pallas_gpu", "pallas_tpu"],
-    "implementation of the sparse/dense attention and indexer entry points (default: best available)",
-)
-_INTERPRET = flags.DEFINE_bool("interpret", False, "run Pallas in interpret mode (needed on CPU; slow)")
-_KINDS = flags.DEFINE_list("kinds", list(KINDS), f"what to time, from {','.join(KINDS)}")
-_INDEXER_SEQ_LENS = flags.DEFINE_list("indexer_seq_lens", [], "lengths for the indexer (default: --seq_lens)")
-_FULL_MASK_SEQ_LENS = flags.DEFINE_list(
-    "full_mask_seq_lens", [], "lengths for the full-mask baseline (default: --seq_lens)"
-)
-_BATCH = flags.DEFINE_integer("batch", 1, "batch size B")
-_HEADS = flags.DEFINE_integer("heads", 2, "query heads N (V4-Flash: 64)")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "head dim H (V4-Flash: 512)")
-_WINDOW = flags.DEFINE_integer("window", 128, "sliding window")
-_CSA_RATIO = flags.DEFINE_integer("csa_ratio", 4, "CSA compression ratio")
-_HCA_RATIO = flags.DEFINE_integer("hca_ratio", 128, "HCA compression ratio")
-_TOPK = flags.DEFINE_integer("topk", 512, "selected entries per query of the sparse kind (V4-Flash: 512)")
-_INDEX_HEADS = flags.DEFINE_integer("index_heads", 4, "indexer heads NI (V4: 64)")
-_INDEX_HEAD_DIM = flags.DEFINE_integer("index_head_dim", 32, "indexer head dim HI (V4: 128)")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of q, kv and entries")
-_REPEATS = flags.DEFINE_integer("repeats", 1, "timed calls after the compile call (median reported)")
-_FULL_MASK_MAX_GIB = flags.DEFINE_float(
-    "full_mask_max_gib", 6.0, "skip a full-mask run whose compiled peak exceeds this"
-)
-_JSON = flags.DEFINE_bool("json", False, "print the result rows as JSON")
-_LOG = flags.DEFINE_string("log", "experiments/LOG.md", "markdown log to append to ('' to skip)")
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    flags.DEFINE_list("seq_lens", ["16384", "131072"], "sequence lengths T")
+    flags.DEFINE_enum(
+        "impl",
+        None,
+        ["reference", "pallas", "pallas_gpu", "pallas_tpu"],
+        "implementation of the sparse/dense attention and indexer entry points (default: best available)",
+    )
+    flags.DEFINE_bool("interpret", False, "run Pallas in interpret mode (needed on CPU; slow)")
+    flags.DEFINE_list("kinds", list(KINDS), f"what to time, from {','.join(KINDS)}")
+    flags.DEFINE_list("indexer_seq_lens", [], "lengths for the indexer (default: --seq_lens)")
+    flags.DEFINE_list(
+        "full_mask_seq_lens", [], "lengths for the full-mask baseline (default: --seq_lens)"
+    )
+    flags.DEFINE_integer("batch", 1, "batch size B")
+    flags.DEFINE_integer("heads", 2, "query heads N (V4-Flash: 64)")
+    flags.DEFINE_integer("head_dim", 64, "head dim H (V4-Flash: 512)")
+    flags.DEFINE_integer("window", 128, "sliding window")
+    flags.DEFINE_integer("csa_ratio", 4, "CSA compression ratio")
+    flags.DEFINE_integer("hca_ratio", 128, "HCA compression ratio")
+    flags.DEFINE_integer("topk", 512, "selected entries per query of the sparse kind (V4-Flash: 512)")
+    flags.DEFINE_integer("index_heads", 4, "indexer heads NI (V4: 64)")
+    flags.DEFINE_integer("index_head_dim", 32, "indexer head dim HI (V4: 128)")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of q, kv and entries")
+    flags.DEFINE_integer("repeats", 1, "timed calls after the compile call (median reported)")
+    flags.DEFINE_float(
+        "full_mask_max_gib", 6.0, "skip a full-mask run whose compiled peak exceeds this"
+    )
+    flags.DEFINE_bool("json", False, "print the result rows as JSON")
+    flags.DEFINE_string("log", "experiments/LOG.md", "markdown log to append to ('' to skip)")
 
 
 def _inputs(T: int, ratio: int):
     """Random q, kv, entries, sink; one document per row."""
-    B, N, H = _BATCH.value, _HEADS.value, _HEAD_DIM.value
-    dtype = jnp.dtype(_DTYPE.value)
+    B, N, H = FLAGS.batch, FLAGS.heads, FLAGS.head_dim
+    dtype = jnp.dtype(FLAGS.dtype)
     keys = jax.random.split(jax.random.key(T), 4)
     C = T // ratio
     return {
@@ -115,7 +122,7 @@ def full_mask(T: int, window: int, topk_idx) -> jax.Array:
     """[B, T, T + C] mask of the sparse rule (single document): window plus the selected entries."""
     t = jnp.arange(T)
     win = (t[None, :] <= t[:, None]) & (t[None, :] > t[:, None] - window)
-    C = T // _CSA_RATIO.value
+    C = T // FLAGS.csa_ratio
     sel = jnp.zeros(topk_idx.shape[:2] + (C + 1,), bool)
     sel = jax.vmap(lambda s, i: s.at[jnp.arange(T)[:, None], jnp.where(i >= 0, i, C)].set(True))(sel, topk_idx)
     return jnp.concatenate([jnp.broadcast_to(win, topk_idx.shape[:1] + win.shape), sel[..., :C]], axis=-1)
@@ -144,18 +151,18 @@ def _with_backward_extra(fn):
 def full_mask_estimate(T: int) -> int:
     """Bytes the full-mask baseline needs at least, before anything is allocated or compiled: the bool
     [B, T, T + C] mask plus three float32 [B, T, N, T + C] score/probability tensors (forward or backward)."""
-    keys = T + T // _CSA_RATIO.value
-    return _BATCH.value * T * keys * (1 + 3 * 4 * _HEADS.value)
+    keys = T + T // FLAGS.csa_ratio
+    return FLAGS.batch * T * keys * (1 + 3 * 4 * FLAGS.heads)
 
 
 def _case(kind: str, T: int):
     """(jitted function, args) for one measurement."""
-    impl, interpret = _IMPL.value, _INTERPRET.value or None
-    window, K = _WINDOW.value, _TOPK.value
+    impl, interpret = FLAGS.impl, FLAGS.interpret or None
+    window, K = FLAGS.window, FLAGS.topk
     base = kind.rsplit("_", 1)[0]
     if base in ("sparse", "full_mask"):
-        x = _inputs(T, _CSA_RATIO.value)
-        topk = spread_topk(_BATCH.value, T, _CSA_RATIO.value, K)
+        x = _inputs(T, FLAGS.csa_ratio)
+        topk = spread_topk(FLAGS.batch, T, FLAGS.csa_ratio, K)
         if base == "sparse":
             fn = functools.partial(
                 sparse_attention,
@@ -172,21 +179,21 @@ def _case(kind: str, T: int):
                 call = _with_backward_extra(call)
             return jax.jit(call), (x["q"], x["kv"], x["entries"], x["sink"], topk)
     elif base == "dense":
-        x = _inputs(T, _HCA_RATIO.value)
+        x = _inputs(T, FLAGS.hca_ratio)
         fn = functools.partial(
             dense_attention,
             entry_segment=x["entry_segment"],
             segment_ids=x["segment_ids"],
-            ratio=_HCA_RATIO.value,
+            ratio=FLAGS.hca_ratio,
             window=window,
             impl=impl,
             interpret=interpret,
         )
         attn = lambda q, kv, e, s: fn(q, kv, e, sink=s)
     else:
-        B, NI, HI, C = _BATCH.value, _INDEX_HEADS.value, _INDEX_HEAD_DIM.value, T // _CSA_RATIO.value
+        B, NI, HI, C = FLAGS.batch, FLAGS.index_heads, FLAGS.index_head_dim, T // FLAGS.csa_ratio
         keys = jax.random.split(jax.random.key(T), 3)
-        dtype = jnp.dtype(_DTYPE.value)
+        dtype = jnp.dtype(FLAGS.dtype)
         args = (
             jax.random.normal(keys[0], (B, T, NI, HI), dtype),
             jax.random.normal(keys[1], (B, C, HI), dtype),
@@ -194,7 +201,7 @@ def _case(kind: str, T: int):
             jnp.ones((B, C), jnp.int32),
             jnp.ones((B, T), jnp.int32),
         )
-        fn = functools.partial(lightning_indexer, ratio=_CSA_RATIO.value, topk=K, impl=impl, interpret=interpret)
+        fn = functools.partial(lightning_indexer, ratio=FLAGS.csa_ratio, topk=K, impl=impl, interpret=interpret)
         return jax.jit(fn), args
     call = attn if kind.endswith("_fwd") else _with_backward(attn)
     return jax.jit(call), (x["q"], x["kv"], x["entries"], x["sink"])
@@ -208,20 +215,20 @@ def _peak_bytes(compiled) -> int:
 
 
 def measure(kind: str, T: int) -> dict:
-    limit = _FULL_MASK_MAX_GIB.value * 2**30
+    limit = FLAGS.full_mask_max_gib * 2**30
     if kind.startswith("full_mask") and full_mask_estimate(T) > limit:  # decided before allocating anything
         need = full_mask_estimate(T)
-        return {"impl": _IMPL.value or "default", "kind": kind, "seq_len": T, "peak_bytes": need, "seconds": None,
+        return {"impl": FLAGS.impl or "default", "kind": kind, "seq_len": T, "peak_bytes": need, "seconds": None,
                 "cpu_seconds": None, "skipped": f"estimated {need / 2**30:.1f} GiB > --full_mask_max_gib"}
     fn, args = _case(kind, T)
     compiled = fn.lower(*args).compile()
     peak = _peak_bytes(compiled)
-    row = {"impl": _IMPL.value or "default", "kind": kind, "seq_len": T, "peak_bytes": peak}
+    row = {"impl": FLAGS.impl or "default", "kind": kind, "seq_len": T, "peak_bytes": peak}
     if kind.startswith("full_mask") and peak > limit:
         return dict(row, seconds=None, cpu_seconds=None, skipped=f"needs {peak / 2**30:.1f} GiB")
     jax.block_until_ready(compiled(*args))  # warm-up
     wall, cpu = [], []
-    for _ in range(_REPEATS.value):
+    for _ in range(FLAGS.repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         jax.block_until_ready(compiled(*args))
         wall.append(time.perf_counter() - t0)
@@ -281,18 +288,18 @@ def _markdown(rows: list[dict], ratios: list[str], meta: dict) -> str:
 
 def main(argv):
     del argv
-    bad = [k for k in _KINDS.value if k not in KINDS]
+    bad = [k for k in FLAGS.kinds if k not in KINDS]
     if bad:
         raise SystemExit(f"unknown --kinds {bad}; choose from {', '.join(KINDS)}")
     try:
-        lens = [int(v) for v in _SEQ_LENS.value]
-        idx_lens = [int(v) for v in _INDEXER_SEQ_LENS.value] or lens
-        full_mask_lens = [int(v) for v in _FULL_MASK_SEQ_LENS.value] or lens
+        lens = [int(v) for v in FLAGS.seq_lens]
+        idx_lens = [int(v) for v in FLAGS.indexer_seq_lens] or lens
+        full_mask_lens = [int(v) for v in FLAGS.full_mask_seq_lens] or lens
     except ValueError as e:
         raise SystemExit(f"--seq_lens / --indexer_seq_lens / --full_mask_seq_lens must be integers: {e}") from None
     plan = [
         (k, T)
-        for k in _KINDS.value
+        for k in FLAGS.kinds
         for T in (idx_lens if k == "indexer" else full_mask_lens if k.startswith("full_mask") else lens)
     ]
     load = os.getloadavg()[0]
@@ -312,31 +319,32 @@ def main(argv):
         "cpus": os.cpu_count(),
         "load": load,
         "argv": " ".join(os.sys.argv[1:]),
-        "B": _BATCH.value,
-        "N": _HEADS.value,
-        "H": _HEAD_DIM.value,
-        "window": _WINDOW.value,
-        "csa_ratio": _CSA_RATIO.value,
-        "topk": _TOPK.value,
-        "hca_ratio": _HCA_RATIO.value,
-        "NI": _INDEX_HEADS.value,
-        "HI": _INDEX_HEAD_DIM.value,
-        "dtype": _DTYPE.value,
-        "impl": _IMPL.value or "default",
+        "B": FLAGS.batch,
+        "N": FLAGS.heads,
+        "H": FLAGS.head_dim,
+        "window": FLAGS.window,
+        "csa_ratio": FLAGS.csa_ratio,
+        "topk": FLAGS.topk,
+        "hca_ratio": FLAGS.hca_ratio,
+        "NI": FLAGS.index_heads,
+        "HI": FLAGS.index_head_dim,
+        "dtype": FLAGS.dtype,
+        "impl": FLAGS.impl or "default",
     }
-    if _JSON.value:
+    if FLAGS.json:
         print(json.dumps(rows, indent=1))
     else:
         for r in rows:
             t = f"{r['seconds']:.3f} s" if r["seconds"] else f"skipped ({r['skipped']})"
             print(f"{r['kind']:>14} T={r['seq_len']:>7}: {t:>24}  peak {r['peak_bytes'] / 2**20:9.0f} MiB")
         print("\n".join(ratios))
-    if _LOG.value:
-        os.makedirs(os.path.dirname(_LOG.value) or ".", exist_ok=True)
-        with open(_LOG.value, "a", encoding="utf-8") as f:  # one append: never rewrites other entries
+    if FLAGS.log:
+        os.makedirs(os.path.dirname(FLAGS.log) or ".", exist_ok=True)
+        with open(FLAGS.log, "a", encoding="utf-8") as f:  # one append: never rewrites other entries
             f.write(_markdown(rows, ratios, meta))
-        print(f"appended to {_LOG.value}")
+        print(f"appended to {FLAGS.log}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

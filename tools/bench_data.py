@@ -21,14 +21,21 @@ from absl import app, flags
 
 from deepseek_v4 import data
 
-_DATA_DIRS = flags.DEFINE_list("data_dirs", None, "Prepared directories; default: the embedded corpus (train).")
-_CACHE_DIR = flags.DEFINE_string("cache_dir", "~/.cache/deepseek_v4_jax", "Where the embedded corpus is prepared.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 1024, "Row length T.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
-_NUM_WORKERS = flags.DEFINE_list("num_workers", ["0"], "Loader worker counts to measure.")
-_SECONDS = flags.DEFINE_float("seconds", 5.0, "Measuring time per throughput case (after warmup).")
-_PRESET = flags.DEFINE_string("preset", "nano", "Config preset whose train step is timed.")
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 5, "Timed train steps (after one compile step).")
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    flags.DEFINE_list("data_dirs", None, "Prepared directories; default: the embedded corpus (train).")
+    flags.DEFINE_string("cache_dir", "~/.cache/deepseek_v4_jax", "Where the embedded corpus is prepared.")
+    flags.DEFINE_integer("seq_len", 1024, "Row length T.")
+    flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
+    flags.DEFINE_list("num_workers", ["0"], "Loader worker counts to measure.")
+    flags.DEFINE_float("seconds", 5.0, "Measuring time per throughput case (after warmup).")
+    flags.DEFINE_string("preset", "nano", "Config preset whose train step is timed.")
+    flags.DEFINE_integer("train_steps", 5, "Timed train steps (after one compile step).")
 
 
 def _grain_reference(dirs: list[str], seq_len: int, batch_size: int, num_epochs: int | None) -> Iterator[dict]:
@@ -120,13 +127,13 @@ def _train_step_tokens_per_s(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    seq_len, batch_size = _SEQ_LEN.value, _BATCH_SIZE.value
+    seq_len, batch_size = FLAGS.seq_len, FLAGS.batch_size
     try:
-        dirs = _DATA_DIRS.value or [data.default_corpus(os.path.expanduser(_CACHE_DIR.value), "train")]
+        dirs = FLAGS.data_dirs or [data.default_corpus(os.path.expanduser(FLAGS.cache_dir), "train")]
         data.open_dataset(dirs[0])
     except ValueError as e:
         raise SystemExit(f"bench_data: error: {e}") from None
-    workers = [int(w) for w in _NUM_WORKERS.value]
+    workers = [int(w) for w in FLAGS.num_workers]
     print(f"data: {', '.join(dirs)}; seq_len {seq_len}, batch {batch_size}, packing bins {data.PACKING_BINS}")
 
     def ours(num_workers: int = 0, num_epochs: int | None = None) -> Iterator[dict]:
@@ -142,24 +149,24 @@ def main(argv: list[str]) -> None:
         f"grain BestFitPack {ref_eff:.4%} (padding x{(1 - eff) / max(1 - ref_eff, 1e-12):.2f} of grain's)"
     )
 
-    ref_rate, ref_used, _ = _throughput(lambda: _grain_reference(dirs, seq_len, batch_size, None), _SECONDS.value)
+    ref_rate, ref_used, _ = _throughput(lambda: _grain_reference(dirs, seq_len, batch_size, None), FLAGS.seconds)
     print(f"loader throughput, grain BestFitPack reference: {ref_rate:,.0f} positions/s ({ref_used:,.0f} tokens/s)")
     rates = {}
     for w in workers:
-        rate, used, first = _throughput(lambda w=w: ours(num_workers=w), _SECONDS.value)
+        rate, used, first = _throughput(lambda w=w: ours(num_workers=w), FLAGS.seconds)
         rates[w] = used
         print(
             f"loader throughput, ours, {w} workers: {rate:,.0f} positions/s ({used:,.0f} tokens/s, "
             f"x{rate / ref_rate:.2f} of the reference; first batch after {first:.2f} s)"
         )
 
-    train_rate, why = _train_step_tokens_per_s(_PRESET.value, seq_len, batch_size, _TRAIN_STEPS.value, ours())
+    train_rate, why = _train_step_tokens_per_s(FLAGS.preset, seq_len, batch_size, FLAGS.train_steps, ours())
     if train_rate is None:
-        print(f"train step ({_PRESET.value}): unavailable ({why})")
+        print(f"train step ({FLAGS.preset}): unavailable ({why})")
     else:
         best = max(rates.values())
         print(
-            f"train step ({_PRESET.value}, batch {batch_size}x{seq_len}): {train_rate:,.0f} tokens/s; "
+            f"train step ({FLAGS.preset}, batch {batch_size}x{seq_len}): {train_rate:,.0f} tokens/s; "
             f"loader headroom x{best / train_rate:.1f}"
         )
     print(
@@ -169,4 +176,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -28,15 +28,23 @@ from deepseek_v4 import quant
 from pallas_kernels.expert_matmul import BlockSizes, expert_matmul
 from tools import roofline
 
-_JSON = flags.DEFINE_bool("json", False, "print the results as JSON")
-_BACKWARD = flags.DEFINE_bool("backward", False, "also time forward + backward (VJP w.r.t. tokens)")
-_ITERS = flags.DEFINE_integer("iters", 5, "timed calls per case (median reported)")
-_TOKENS = flags.DEFINE_integer("tokens", 256, "tokens routed (rows M = tokens * topk)")
-_TOPK = flags.DEFINE_integer("topk", 6, "experts per token")
-_D = flags.DEFINE_integer("d", 512, "hidden size K (V4-Flash: 4096)")
-_F = flags.DEFINE_integer("f", 256, "expert hidden size N (V4-Flash: 2048)")
-_E = flags.DEFINE_integer("experts", 16, "experts E (V4-Flash: 256)")
-_LOG = flags.DEFINE_string("log", "experiments/LOG.md", "markdown log to append to ('' to skip)")
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    flags.DEFINE_bool("json", False, "print the results as JSON")
+    flags.DEFINE_bool("backward", False, "also time forward + backward (VJP w.r.t. tokens)")
+    flags.DEFINE_integer("iters", 5, "timed calls per case (median reported)")
+    flags.DEFINE_integer("tokens", 256, "tokens routed (rows M = tokens * topk)")
+    flags.DEFINE_integer("topk", 6, "experts per token")
+    flags.DEFINE_integer("d", 512, "hidden size K (V4-Flash: 4096)")
+    flags.DEFINE_integer("f", 256, "expert hidden size N (V4-Flash: 2048)")
+    flags.DEFINE_integer("experts", 16, "experts E (V4-Flash: 256)")
+    flags.DEFINE_string("log", "experiments/LOG.md", "markdown log to append to ('' to skip)")
+
 
 FORMATS = ("bf16", "fp8", "mxfp4")
 
@@ -108,13 +116,13 @@ def _markdown(results: list[dict], meta: dict) -> str:
 def main(argv):
     del argv
     platform = jax.default_backend()
-    m, k, n, e = _TOKENS.value * _TOPK.value, _D.value, _F.value, _E.value
+    m, k, n, e = FLAGS.tokens * FLAGS.topk, FLAGS.d, FLAGS.f, FLAGS.experts
     rng = np.random.default_rng(1)
     group_sizes = jnp.asarray(rng.multinomial(m, np.full(e, 1.0 / e)), jnp.int32)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     ct = jnp.asarray(rng.standard_normal((m, n)), jnp.bfloat16)
     impls = _impls(platform)
-    passes = ["fwd", "fwd+bwd"] if _BACKWARD.value else ["fwd"]
+    passes = ["fwd", "fwd+bwd"] if FLAGS.backward else ["fwd"]
     cases = [(f, p, i, interp) for f in FORMATS for p in passes for i, interp in impls]
     results, start, load = [], time.perf_counter(), os.getloadavg()[0]
     for idx, (fmt, pas, impl, interpret) in enumerate(cases):
@@ -129,7 +137,7 @@ def main(argv):
         else:
             fn = jax.jit(lambda x, w, s, gs, ct, call=call: jax.vjp(lambda x: call(x, w, s, gs), x)[1](ct))
             args = (x, w, s, group_sizes, ct)
-        first, steady, cpu = _time(fn, args, _ITERS.value)
+        first, steady, cpu = _time(fn, args, FLAGS.iters)
         ref = next((r for r in results if (r["weights"], r["pass"], r["impl"]) == (fmt, pas, "reference")),
                    {"ms": steady * 1e3, "cpu_ms": cpu * 1e3})
         results.append({"weights": fmt, "pass": pas, "impl": impl, "interpret": interpret, "ms": steady * 1e3,
@@ -141,21 +149,22 @@ def main(argv):
               f"{steady * 1e3:9.1f} ms (CPU {cpu * 1e3:8.1f} ms)  x{results[-1]['ratio']:.2f} vs reference   "
               f"elapsed {elapsed:.0f}s, ETA {elapsed / done * (len(cases) - done):.0f}s", flush=True)
     meta = {"date": datetime.date.today().isoformat(), "commit": _commit(), "platform": platform,
-            "cpus": os.cpu_count(), "load": load, "m": m, "k": k, "n": n, "e": e, "tokens": _TOKENS.value,
-            "topk": _TOPK.value, "iters": _ITERS.value}
+            "cpus": os.cpu_count(), "load": load, "m": m, "k": k, "n": n, "e": e, "tokens": FLAGS.tokens,
+            "topk": FLAGS.topk, "iters": FLAGS.iters}
     if platform == "cpu":
         print("NOTE: Pallas timings on CPU are the Pallas interpreter, not kernel speed.")
-    flash = roofline.grouped_matmul(_TOKENS.value * _TOPK.value, 4096, 2048, 256, "bf16")
+    flash = roofline.grouped_matmul(FLAGS.tokens * FLAGS.topk, 4096, 2048, 256, "bf16")
     print(f"(for scale: the same token count at full V4-Flash w1 shapes on an H200 is {flash.bound}-bound, "
           f">= {flash.seconds * 1e6:.0f} us for bf16 weights; see python -m tools.roofline)")
-    if _LOG.value:
-        os.makedirs(os.path.dirname(_LOG.value) or ".", exist_ok=True)
-        with open(_LOG.value, "a", encoding="utf-8") as f:  # one append: never rewrites other entries
+    if FLAGS.log:
+        os.makedirs(os.path.dirname(FLAGS.log) or ".", exist_ok=True)
+        with open(FLAGS.log, "a", encoding="utf-8") as f:  # one append: never rewrites other entries
             f.write(_markdown(results, meta))
-        print(f"appended to {_LOG.value}")
-    if _JSON.value:
+        print(f"appended to {FLAGS.log}")
+    if FLAGS.json:
         print(json.dumps({"meta": meta, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

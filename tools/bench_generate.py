@@ -26,20 +26,25 @@ from flax import nnx
 
 from deepseek_v4 import DeepseekV4, get_config, interop, inference
 
-flags.DEFINE_string("config", "tiny", "Config preset.")
-flags.DEFINE_integer("prompt_len", 64, "Prompt tokens of the decode benchmark.")
-flags.DEFINE_integer("new_tokens", 64, "New tokens of the decode benchmark.")
-flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes of the decode benchmark.")
-flags.DEFINE_list("prefill_lengths", ["64", "128", "256", "512", "1024"], "Prompt lengths of the prefill timing.")
-flags.DEFINE_integer("prefill_chunk", 256, "Our prefill chunk.")
-flags.DEFINE_integer("repeats", 2, "Timed repetitions (the best is kept).")
-flags.DEFINE_bool("torch", True, "Also run transformers.")
-flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads for transformers (0: torch's default).")
-flags.DEFINE_bool("json", False, "Also print the results as one JSON line.")
-flags.DEFINE_string("acceptance_workdir", None, "Instead of the speed benchmark: the MTP draft acceptance of this "
-                    "run's newest checkpoint on Shakespeare validation prompts (raw text).")
-flags.DEFINE_integer("acceptance_prompts", 8, "Prompts of the acceptance measurement.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    flags.DEFINE_string("config", "tiny", "Config preset.")
+    flags.DEFINE_integer("prompt_len", 64, "Prompt tokens of the decode benchmark.")
+    flags.DEFINE_integer("new_tokens", 64, "New tokens of the decode benchmark.")
+    flags.DEFINE_list("batch_sizes", ["1", "8"], "Batch sizes of the decode benchmark.")
+    flags.DEFINE_list("prefill_lengths", ["64", "128", "256", "512", "1024"], "Prompt lengths of the prefill timing.")
+    flags.DEFINE_integer("prefill_chunk", 256, "Our prefill chunk.")
+    flags.DEFINE_integer("repeats", 2, "Timed repetitions (the best is kept).")
+    flags.DEFINE_bool("torch", True, "Also run transformers.")
+    flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads for transformers (0: torch's default).")
+    flags.DEFINE_bool("json", False, "Also print the results as one JSON line.")
+    flags.DEFINE_string("acceptance_workdir", None, "Instead of the speed benchmark: the MTP draft acceptance of this "
+                        "run's newest checkpoint on Shakespeare validation prompts (raw text).")
+    flags.DEFINE_integer("acceptance_prompts", 8, "Prompts of the acceptance measurement.")
 
 
 def _best(fn, repeats):
@@ -209,4 +214,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

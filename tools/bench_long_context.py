@@ -49,24 +49,31 @@ from sharding import context as cp
 
 PHASES = ("sparse", "warmup", "baseline")
 
-_SEQ_LENS = flags.DEFINE_list("seq_lens", ["4096", "8192", "16384", "32768", "65536"], "sequence lengths T")
-_PHASES = flags.DEFINE_list("phases", list(PHASES), f"phases to time, from {','.join(PHASES)}")
-_STEPS = flags.DEFINE_integer("steps", 2, "timed train steps after the warm-up step (median reported)")
-_MAX_GIB = flags.DEFINE_float("max_gib", 16.0, "skip a run whose compiled peak exceeds this many GiB")
-_MODEL = flags.DEFINE_enum("model", "bench", ["bench", "tiny"], "bench: the model described above; tiny: the "
-                           "6-layer `tiny` preset (hidden 64, 3 CSA layers, top-8)")
-_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "report the compiled peak only (nothing is allocated)")
-_JSON = flags.DEFINE_bool("json", False, "print one JSON object per line")
-_PLOT = flags.DEFINE_string("plot", "", "write a PNG of seconds and memory against T here ('' = none)")
-_ROWS = flags.DEFINE_string("rows", "", "plot these JSON lines (an earlier --json output) instead of measuring")
-_CHILD = flags.DEFINE_string("child", "", "internal: 'phase:seq_len' measured in this process")
-_MESH = flags.DEFINE_string("mesh", "", "run on this mesh, e.g. context=8 ('' = one device, no mesh)")
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    flags.DEFINE_list("seq_lens", ["4096", "8192", "16384", "32768", "65536"], "sequence lengths T")
+    flags.DEFINE_list("phases", list(PHASES), f"phases to time, from {','.join(PHASES)}")
+    flags.DEFINE_integer("steps", 2, "timed train steps after the warm-up step (median reported)")
+    flags.DEFINE_float("max_gib", 16.0, "skip a run whose compiled peak exceeds this many GiB")
+    flags.DEFINE_enum("model", "bench", ["bench", "tiny"], "bench: the model described above; tiny: the "
+                      "6-layer `tiny` preset (hidden 64, 3 CSA layers, top-8)")
+    flags.DEFINE_bool("compile_only", False, "report the compiled peak only (nothing is allocated)")
+    flags.DEFINE_bool("json", False, "print one JSON object per line")
+    flags.DEFINE_string("plot", "", "write a PNG of seconds and memory against T here ('' = none)")
+    flags.DEFINE_string("rows", "", "plot these JSON lines (an earlier --json output) instead of measuring")
+    flags.DEFINE_string("child", "", "internal: 'phase:seq_len' measured in this process")
+    flags.DEFINE_string("mesh", "", "run on this mesh, e.g. context=8 ('' = one device, no mesh)")
 
 
 def bench_config():
     from deepseek_v4 import get_config
 
-    if _MODEL.value == "tiny":
+    if FLAGS.model == "tiny":
         return get_config("tiny", vocab_size=8192)
     return get_config(
         "tiny", hidden_size=128, hc_mult=2, num_hidden_layers=4, compress_ratios=(4, 128, 4, 128, 0), hca_ratio=128,
@@ -108,13 +115,13 @@ def _settings():
 
 def measure(phase: str, T: int) -> dict:
     """One (phase, length) in this process (on --mesh when given): the row to report."""
-    if not _MESH.value:
+    if not FLAGS.mesh:
         return _measure(phase, T, None)
     from sharding import mesh as mesh_lib
 
-    mesh = mesh_lib.make_mesh(_MESH.value)
+    mesh = mesh_lib.make_mesh(FLAGS.mesh)
     with jax.set_mesh(mesh):
-        return dict(_measure(phase, T, mesh), mesh=_MESH.value)
+        return dict(_measure(phase, T, mesh), mesh=FLAGS.mesh)
 
 
 def _measure(phase: str, T: int, mesh) -> dict:
@@ -142,9 +149,9 @@ def _measure(phase: str, T: int, mesh) -> dict:
     peak = int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
     row = {"seq_len": T, "phase": phase, "seconds": None, "peak_bytes": peak, "peak_rss_bytes": None,
            "activation_bytes": int(m.temp_size_in_bytes)}
-    if peak > _MAX_GIB.value * 2**30:
-        return dict(row, skipped=f"compiled peak {peak / 2**30:.1f} GiB > --max_gib={_MAX_GIB.value:g}")
-    if _COMPILE_ONLY.value:
+    if peak > FLAGS.max_gib * 2**30:
+        return dict(row, skipped=f"compiled peak {peak / 2**30:.1f} GiB > --max_gib={FLAGS.max_gib:g}")
+    if FLAGS.compile_only:
         return dict(row, skipped="--compile_only")
     _, state = train.init_state(build(), tx, 0, indexer_tx)
     if mesh is not None:
@@ -156,7 +163,7 @@ def _measure(phase: str, T: int, mesh) -> dict:
     state, metrics = compiled(state, data)  # the first call: not timed
     jax.block_until_ready(metrics)
     times = []
-    for _ in range(_STEPS.value):
+    for _ in range(FLAGS.steps):
         t0 = time.perf_counter()
         state, metrics = compiled(state, data)
         jax.block_until_ready(metrics)
@@ -166,12 +173,12 @@ def _measure(phase: str, T: int, mesh) -> dict:
 
 
 def _run_child(phase: str, T: int) -> dict:
-    cmd = [sys.executable, "-m", "tools.bench_long_context", f"--child={phase}:{T}", f"--max_gib={_MAX_GIB.value}",
-           f"--steps={_STEPS.value}", f"--model={_MODEL.value}", f"--compile_only={_COMPILE_ONLY.value}",
-           f"--mesh={_MESH.value}"]
+    cmd = [sys.executable, "-m", "tools.bench_long_context", f"--child={phase}:{T}", f"--max_gib={FLAGS.max_gib}",
+           f"--steps={FLAGS.steps}", f"--model={FLAGS.model}", f"--compile_only={FLAGS.compile_only}",
+           f"--mesh={FLAGS.mesh}"]
     env = dict(os.environ)
-    if _MESH.value and jax.default_backend() == "cpu":  # fake CPU devices for the mesh, set before the child starts
-        devices = int(np.prod([int(p.partition("=")[2]) for p in _MESH.value.split(",")]))
+    if FLAGS.mesh and jax.default_backend() == "cpu":  # fake CPU devices for the mesh, set before the child starts
+        devices = int(np.prod([int(p.partition("=")[2]) for p in FLAGS.mesh.split(",")]))
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
@@ -235,30 +242,30 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv):
     del argv
-    if _ROWS.value:
-        with open(_ROWS.value, encoding="utf-8") as f:
+    if FLAGS.rows:
+        with open(FLAGS.rows, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.startswith("{")]
         print("\n".join(scaling(rows)))
-        if _PLOT.value:
-            plot(rows, _PLOT.value)
+        if FLAGS.plot:
+            plot(rows, FLAGS.plot)
         return
-    if _CHILD.value:
-        phase, T = _CHILD.value.split(":")
+    if FLAGS.child:
+        phase, T = FLAGS.child.split(":")
         print(json.dumps(measure(phase, int(T))), flush=True)
         return
-    bad = [p for p in _PHASES.value if p not in PHASES]
+    bad = [p for p in FLAGS.phases if p not in PHASES]
     if bad:
         raise SystemExit(f"unknown --phases {bad}; choose from {', '.join(PHASES)}")
     try:
-        lens = [int(v) for v in _SEQ_LENS.value]
+        lens = [int(v) for v in FLAGS.seq_lens]
     except ValueError as e:
         raise SystemExit(f"--seq_lens must be integers: {e}") from None
     rows = []
-    for phase in _PHASES.value:
+    for phase in FLAGS.phases:
         for T in lens:
             row = _run_child(phase, T)
             rows.append(row)
-            if _JSON.value:
+            if FLAGS.json:
                 print(json.dumps(row), flush=True)
             else:
                 gib = lambda b: f"{b / 2**30:6.2f} GiB" if b else "     -    "  # noqa: E731
@@ -266,12 +273,13 @@ def main(argv):
                 print(f"{phase:>8} T={T:>6}: {what}  compiled peak {gib(row['peak_bytes'])}  "
                       f"activations {gib(row.get('activation_bytes'))}  resident peak {gib(row['peak_rss_bytes'])}",
                       flush=True)
-    if not _JSON.value:
+    if not FLAGS.json:
         print("\n".join(scaling(rows)))
-    if _PLOT.value:
-        plot(rows, _PLOT.value)
+    if FLAGS.plot:
+        plot(rows, FLAGS.plot)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    define_flags()
     app.run(main)

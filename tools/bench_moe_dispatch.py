@@ -24,15 +24,22 @@ from absl import app, flags
 from sharding import expert_parallel
 from sharding import mesh as mesh_lib
 
-_MESH = flags.DEFINE_string("mesh", None, "mesh spec, e.g. expert=4 or data=2,expert=4; '' = no mesh "
-                            "(default: every device on 'expert')")
-_TOKENS = flags.DEFINE_integer("tokens", 2048, "tokens routed")
-_D = flags.DEFINE_integer("d", 512, "hidden size")
-_F = flags.DEFINE_integer("f", 512, "expert hidden size")
-_E = flags.DEFINE_integer("experts", 32, "routed experts")
-_K = flags.DEFINE_integer("topk", 4, "experts per token")
-_ITERS = flags.DEFINE_integer("iters", 3, "timed calls per case (median reported)")
-_JSON = flags.DEFINE_bool("json", False, "print the results as JSON")
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    flags.DEFINE_string("mesh", None, "mesh spec, e.g. expert=4 or data=2,expert=4; '' = no mesh "
+                        "(default: every device on 'expert')")
+    flags.DEFINE_integer("tokens", 2048, "tokens routed")
+    flags.DEFINE_integer("d", 512, "hidden size")
+    flags.DEFINE_integer("f", 512, "expert hidden size")
+    flags.DEFINE_integer("experts", 32, "routed experts")
+    flags.DEFINE_integer("topk", 4, "experts per token")
+    flags.DEFINE_integer("iters", 3, "timed calls per case (median reported)")
+    flags.DEFINE_bool("json", False, "print the results as JSON")
 
 
 def inputs(t: int, d: int, f: int, e: int, k: int, dtype=jnp.float32):
@@ -78,10 +85,10 @@ def compare(mesh, t: int, d: int, f: int, e: int, k: int, iters: int, dtype=jnp.
 
 def main(argv):
     del argv
-    spec = _MESH.value if _MESH.value is not None else f"expert={jax.device_count()}"
+    spec = FLAGS.mesh if FLAGS.mesh is not None else f"expert={jax.device_count()}"
     mesh = mesh_lib.make_mesh(spec) if spec else None
-    res = compare(mesh, _TOKENS.value, _D.value, _F.value, _E.value, _K.value, _ITERS.value)
-    if _JSON.value:
+    res = compare(mesh, FLAGS.tokens, FLAGS.d, FLAGS.f, FLAGS.experts, FLAGS.topk, FLAGS.iters)
+    if FLAGS.json:
         print(json.dumps(res))
     else:
         print(f"mesh {res['mesh']}, {res['tokens']} tokens x top-{res['topk']} of {res['experts']} experts "
@@ -90,4 +97,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

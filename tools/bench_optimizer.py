@@ -34,13 +34,19 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "nano", "Config preset whose parameters are benchmarked.")
-flags.DEFINE_integer("steps", 10, "Timed optimizer steps per row (after 2 warm-up steps); 0 skips the timing.")
-flags.DEFINE_float("learning_rate", 3e-3, "Learning rate of every row.")
-flags.DEFINE_string("log", None, "Append the results as a dated section to this markdown file (experiments/LOG.md).")
-flags.DEFINE_integer("train_steps", 0, "If > 0: also train --config with Muon and with AdamW for this many steps.")
-flags.DEFINE_list("train_flags", ["--data=synthetic", "--batch_size=4", "--seq_len=64"],
-                  "Extra experiments.pretrain flags for --train_steps (same for both runs).")
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    flags.DEFINE_string("config", "nano", "Config preset whose parameters are benchmarked.")
+    flags.DEFINE_integer("steps", 10, "Timed optimizer steps per row (after 2 warm-up steps); 0 skips the timing.")
+    flags.DEFINE_float("learning_rate", 3e-3, "Learning rate of every row.")
+    flags.DEFINE_string("log", None,
+                        "Append the results as a dated section to this markdown file (experiments/LOG.md).")
+    flags.DEFINE_integer("train_steps", 0, "If > 0: also train --config with Muon and with AdamW for this many steps.")
+    flags.DEFINE_list("train_flags", ["--data=synthetic", "--batch_size=4", "--seq_len=64"],
+                      "Extra experiments.pretrain flags for --train_steps (same for both runs).")
 
 
 def _parameters(cfg, seed: int = 0):
@@ -206,4 +212,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

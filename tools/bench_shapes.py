@@ -1,4 +1,5 @@
-"""Benchmark shapes shared by `tools.bench_train` and `tools.profile_step`: `--shape` presets and the whole step.
+"""Benchmark shapes shared by `tools.bench_train` and `tools.profile_step`: `--shape` presets, the start of both
+programs (`step_shape_from_command_line`) and the timed whole train step (`bench_train_step`).
 
 A shape is a config preset plus field overrides plus a batch (rows x tokens). Explicit config flags and
 `--batch_size` / `--seq_len` override the shape; `--config` names the base preset when no `--shape` is given.
@@ -10,13 +11,18 @@ A shape is a config preset plus field overrides plus a batch (rows x tokens). Ex
 
 from __future__ import annotations
 
+import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
+from absl import logging as absl_logging
+from flax import nnx
 
+from deepseek_v4 import DeepseekV4
 from deepseek_v4 import config as config_lib
 from deepseek_v4 import train
 from experiments import flags as config_flags
@@ -72,6 +78,27 @@ def config_and_batch(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[confi
     return cfg, b, t, name
 
 
+def step_shape_from_command_line(argv: list[str], check: Callable[[], None] | None = None,
+                                 ) -> tuple[config_lib.Config, int, int, str]:
+    """The start of a step benchmark: (config, batch rows, tokens per row, a name) from the flags.
+
+    Positional arguments are refused, absl logs warnings only, and `check()` (the program's own flag checks) runs
+    after `config_and_batch`; a ValueError from either ends the program with a one-line error and exit status 2.
+    """
+    if len(argv) > 1:
+        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+        sys.exit(2)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        shape = config_and_batch()
+        if check is not None:
+            check()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return shape
+
+
 def random_batch(cfg: config_lib.Config, b: int, t: int, seed: int = 0) -> dict[str, np.ndarray]:
     """One unpacked batch of random tokens: tokens, targets (shifted), segment_ids (all 1), positions."""
     rng = np.random.default_rng(seed)
@@ -98,8 +125,10 @@ def time_calls(fn, warmup: int, steps: int) -> tuple[float, list[float]]:
     return float(np.median(times)), times
 
 
-def bench_train_step(model, cfg: config_lib.Config, batch, warmup: int, steps: int) -> dict:
-    """Our jitted train step (fwd + bwd + AdamW + clip) on `batch`: median seconds, times, first-call seconds."""
+def bench_train_step(cfg: config_lib.Config, batch, warmup: int, steps: int) -> dict:
+    """Our jitted train step (fwd + bwd + AdamW + clip) of a new model (seed 0) on `batch`, `warmup` calls (the
+    first compiles) then `steps` timed ones: median seconds, times, first-call seconds, first loss."""
+    model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
     s = bench_settings()
     tx = train.make_optimizer(s)
     graphdef, state = train.init_state(model, tx, seed=0)

@@ -27,22 +27,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from absl import logging as absl_logging
 from flax import nnx
 
 from deepseek_v4 import DeepseekV4, interop, metrics
 from tools import bench_shapes
 
-bench_shapes.define_flags()
-flags.DEFINE_integer("steps", 5, "Timed steps per side (after --warmup untimed ones).")
-flags.DEFINE_integer("warmup", 2, "Untimed steps per side (compilation, allocator warm-up).")
-flags.DEFINE_bool("mtp", False, "Keep the MTP module on our side (transformers has none).")
-flags.DEFINE_bool("torch", True, "Also run transformers (needs torch + transformers).")
-flags.DEFINE_integer("matmul_size", None, "Square size of the peak-FLOPs probe (default: 2048 CPU, 8192 GPU).")
-flags.DEFINE_bool("nolog", False, "Do not append to experiments/LOG.md.")
-flags.DEFINE_string("log_path", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                             "experiments", "LOG.md"), "Where results are appended.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    bench_shapes.define_flags()
+    flags.DEFINE_integer("steps", 5, "Timed steps per side (after --warmup untimed ones).")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps per side (compilation, allocator warm-up).")
+    flags.DEFINE_bool("mtp", False, "Keep the MTP module on our side (transformers has none).")
+    flags.DEFINE_bool("torch", True, "Also run transformers (needs torch + transformers).")
+    flags.DEFINE_integer("matmul_size", None, "Square size of the peak-FLOPs probe (default: 2048 CPU, 8192 GPU).")
+    flags.DEFINE_bool("nolog", False, "Do not append to experiments/LOG.md.")
+    flags.DEFINE_string("log_path", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                 "experiments", "LOG.md"), "Where results are appended.")
+
 
 LR = bench_shapes.LR
 
@@ -89,15 +94,7 @@ def _commit() -> str:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-        sys.exit(2)
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
-        cfg, b, t, shape_name = bench_shapes.config_and_batch()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cfg, b, t, shape_name = bench_shapes.step_shape_from_command_line(argv)
     tokens = b * t
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({jax.device_count()} device(s)); {shape_name}"
@@ -109,13 +106,12 @@ def main(argv: list[str]) -> None:
     flops_tok = metrics.train_flops_per_token(cfg, t)
     print(f"model FLOPs per token (train): {flops_tok / 1e6:.1f} M", flush=True)
 
-    model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
     batch = bench_shapes.random_batch(cfg, b, t)
     results = {}
-    ours = bench_shapes.bench_train_step(model, cfg, batch, FLAGS.warmup, FLAGS.steps)
+    ours = bench_shapes.bench_train_step(cfg, batch, FLAGS.warmup, FLAGS.steps)
     results["ours (JAX)"] = ours
     if FLAGS.torch:
-        # A fresh model with the same seed: our step donated (and so consumed) the first one's arrays.
+        # The same weights: a model of the same seed as bench_train_step's (whose step donated its arrays).
         results["transformers (torch)"] = bench_torch(DeepseekV4(cfg, rngs=nnx.Rngs(0)), batch, FLAGS.warmup,
                                                       FLAGS.steps)
     rows = []
@@ -151,4 +147,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -38,11 +38,19 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-_OUT = flags.DEFINE_string("out", None, "write the JSON result here (it is printed either way)")
-_TESTS = flags.DEFINE_enum("tests", "auto", ["auto", "yes", "no"], "run the kernel tests (auto: not on CPU)")
-_SIZE = flags.DEFINE_enum("size", "auto", ["auto", "small", "full"], "shapes (auto: full on GPU/TPU, small on CPU)")
-_ITERS = flags.DEFINE_integer("iters", None, "timed calls per case (default: 5 full, 1 small)")
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", None, "timed train steps per precision (default: 3 full, 1 small)")
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    flags.DEFINE_string("out", None, "write the JSON result here (it is printed either way)")
+    flags.DEFINE_enum("tests", "auto", ["auto", "yes", "no"], "run the kernel tests (auto: not on CPU)")
+    flags.DEFINE_enum("size", "auto", ["auto", "small", "full"], "shapes (auto: full on GPU/TPU, small on CPU)")
+    flags.DEFINE_integer("iters", None, "timed calls per case (default: 5 full, 1 small)")
+    flags.DEFINE_integer("train_steps", None, "timed train steps per precision (default: 3 full, 1 small)")
+
 
 TEST_PATHS = ("tests/pallas_kernels", "tests/deepseek_v4/test_fp8_gemm.py")
 
@@ -262,9 +270,7 @@ def speedups(rows: list[dict]) -> dict[str, float]:
 
 def train_steps(small: bool, steps: int) -> list[dict]:
     """Train-step time, tokens/s and MFU in bf16 and with quant=fp8."""
-    from flax import nnx
-
-    from deepseek_v4 import DeepseekV4, get_config, metrics
+    from deepseek_v4 import get_config, metrics
     from tools import bench_shapes
 
     base = get_config("tiny", **SMALL_TRAIN_MODEL) if small else get_config("nano", **TRAIN_MODEL)
@@ -274,8 +280,7 @@ def train_steps(small: bool, steps: int) -> list[dict]:
     for quant in ("none", "fp8"):
         cfg = base.replace(quant=quant, dtype="bfloat16")
         try:
-            model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
-            r = bench_shapes.bench_train_step(model, cfg, bench_shapes.random_batch(cfg, b, t), 1, steps)
+            r = bench_shapes.bench_train_step(cfg, bench_shapes.random_batch(cfg, b, t), 1, steps)
             tps = b * t / r["median_s"]
             flops_tok = metrics.train_flops_per_token(cfg, t)
             active = sum(metrics.active_matmul_params(cfg).values())
@@ -347,12 +352,12 @@ def run(size: str = "auto", tests: str = "auto", iters: int | None = None, train
 
 def main(argv):
     del argv
-    result = run(_SIZE.value, _TESTS.value, _ITERS.value, _TRAIN_STEPS.value)
+    result = run(FLAGS.size, FLAGS.tests, FLAGS.iters, FLAGS.train_steps)
     text = json.dumps(result, indent=1, default=float)
     print(text)
-    if _OUT.value:
-        os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-        with open(_OUT.value, "w", encoding="utf-8") as f:
+    if FLAGS.out:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+        with open(FLAGS.out, "w", encoding="utf-8") as f:
             f.write(text + "\n")
     errors = [r["case"] for r in result["kernels"] if "error" in r] + [
         r["quant"] for r in result["train_step"] if "error" in r]
@@ -365,4 +370,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -32,16 +32,21 @@ from experiments.run import RunSettings
 from sharding import mesh as mesh_lib
 
 FLAGS = flags.FLAGS
-config_flags.define_config_flags(default_preset="flash")
-config_flags.define_settings_flags(RunSettings, names=("mesh", "batch_size", "seq_len"),
-                                   defaults={"batch_size": None, "seq_len": 4096})
-config_flags.define_settings_flags(train.TrainSettings, names=("optimizer", "loss_chunk", "loss_impl"))
-flags.adopt_module_key_flags(config_flags)  # --help lists them
-flags.DEFINE_integer("devices", None, "Device count (needed when --mesh has a -1; default: the mesh's product).")
-flags.DEFINE_float("capacity_factor", None, "MoE capacity factor (unset: dropless).")
-flags.DEFINE_bool("recommend", False, "Find the fewest chips of each kind and a mesh for --config.")
-flags.DEFINE_bool("long_context_table", False, "Print the README's table: flash and pro at 4K to 1M tokens per "
-                  "sequence on H200 and TPU v5p (chips, mesh, per-device bytes, activation share).")
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    config_flags.define_config_flags(default_preset="flash")
+    config_flags.define_settings_flags(RunSettings, names=("mesh", "batch_size", "seq_len"),
+                                       defaults={"batch_size": None, "seq_len": 4096})
+    config_flags.define_settings_flags(train.TrainSettings, names=("optimizer", "loss_chunk", "loss_impl"))
+    flags.adopt_module_key_flags(config_flags)  # --help lists them
+    flags.DEFINE_integer("devices", None, "Device count (needed when --mesh has a -1; default: the mesh's product).")
+    flags.DEFINE_float("capacity_factor", None, "MoE capacity factor (unset: dropless).")
+    flags.DEFINE_bool("recommend", False, "Find the fewest chips of each kind and a mesh for --config.")
+    flags.DEFINE_bool("long_context_table", False, "Print the README's table: flash and pro at 4K to 1M tokens per "
+                      "sequence on H200 and TPU v5p (chips, mesh, per-device bytes, activation share).")
 
 
 def main(argv):
@@ -97,4 +102,5 @@ def _product(spec: str) -> int:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -30,7 +30,7 @@ from deepseek_v4.config import Config
 FLAGS = flags.FLAGS
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
     # Defined only when run as a program, so importing model_stats() never claims global flag names.
     flags.DEFINE_string("config", "flash", "Preset name (flash, pro, tiny, nano).")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -283,5 +283,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _define_flags()
+    define_flags()
     app.run(main)

@@ -16,9 +16,14 @@ import math
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", "flash", "Config preset: flash, pro, tiny, nano.")
-flags.DEFINE_enum("optimizer", "muon", ["muon", "adamw"], "muon: the V4 split; adamw: everything on AdamW.")
-flags.DEFINE_bool("summary", False, "Print only the totals per route.")
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    flags.DEFINE_string("config", "flash", "Config preset: flash, pro, tiny, nano.")
+    flags.DEFINE_enum("optimizer", "muon", ["muon", "adamw"], "muon: the V4 split; adamw: everything on AdamW.")
+    flags.DEFINE_bool("summary", False, "Print only the totals per route.")
 
 
 def ns_flops(matrices: tuple[int, int, int], steps: int) -> int:
@@ -81,4 +86,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -22,11 +22,16 @@ from deepseek_v4 import memory, metrics, recipes
 from deepseek_v4.config import get_config
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("recipe", "flash", f"Recipe ({', '.join(recipes.RECIPES)}).")
-flags.DEFINE_integer("chips", 1024, "Chips of the pod.")
-flags.DEFINE_string("chip", "v5p", f"Chip kind ({', '.join(c.key for c in memory.CHIPS)}).")
-flags.DEFINE_float("mfu", 0.4, "Assumed model FLOPs utilisation.")
-flags.DEFINE_string("optimizer", "muon", "muon or adamw (the optimizer state's size).")
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    flags.DEFINE_string("recipe", "flash", f"Recipe ({', '.join(recipes.RECIPES)}).")
+    flags.DEFINE_integer("chips", 1024, "Chips of the pod.")
+    flags.DEFINE_string("chip", "v5p", f"Chip kind ({', '.join(c.key for c in memory.CHIPS)}).")
+    flags.DEFINE_float("mfu", 0.4, "Assumed model FLOPs utilisation.")
+    flags.DEFINE_string("optimizer", "muon", "muon or adamw (the optimizer state's size).")
 
 
 def _tokens(n: float) -> str:
@@ -100,4 +105,5 @@ def main(argv):
             print(f"  note, {r['stage']}: {r['note']}")
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -17,13 +17,20 @@ from absl import app, flags
 
 from deepseek_v4.corpus import prepare
 
-_INPUT = flags.DEFINE_list("input", None, "Input files or directories, comma-separated.")
-_OUTPUT = flags.DEFINE_string("output", None, "Output directory (created if needed).")
-_FORMAT = flags.DEFINE_enum("format", None, list(prepare.FORMATS), "Input format; default: from each extension.")
-_TEXT_FIELD = flags.DEFINE_string("text_field", "text", "jsonl key / parquet column holding the text.")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", 8, "At most this many ArrayRecord shards.", lower_bound=1)
-_WORKERS = flags.DEFINE_integer("workers", 1, "Tokenizer processes (1 = in this process).", lower_bound=1)
-flags.mark_flags_as_required(["input", "output"])
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    flags.DEFINE_list("input", None, "Input files or directories, comma-separated.")
+    flags.DEFINE_string("output", None, "Output directory (created if needed).")
+    flags.DEFINE_enum("format", None, list(prepare.FORMATS), "Input format; default: from each extension.")
+    flags.DEFINE_string("text_field", "text", "jsonl key / parquet column holding the text.")
+    flags.DEFINE_integer("num_shards", 8, "At most this many ArrayRecord shards.", lower_bound=1)
+    flags.DEFINE_integer("workers", 1, "Tokenizer processes (1 = in this process).", lower_bound=1)
+    flags.mark_flags_as_required(["input", "output"])
 
 
 def summary(manifest: dict, output: str) -> str:
@@ -45,19 +52,20 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         manifest = prepare.prepare(
-            _INPUT.value,
-            _OUTPUT.value,
-            fmt=_FORMAT.value,
-            text_field=_TEXT_FIELD.value,
-            num_shards=_NUM_SHARDS.value,
-            workers=_WORKERS.value,
+            FLAGS.input,
+            FLAGS.output,
+            fmt=FLAGS.format,
+            text_field=FLAGS.text_field,
+            num_shards=FLAGS.num_shards,
+            workers=FLAGS.workers,
         )
     except (ValueError, OSError) as e:
         sys.exit(f"prepare_data: error: {e}")
     except KeyboardInterrupt:
         sys.exit("prepare_data: interrupted; the output directory keeps its previous manifest (if any)")
-    print(summary(manifest, _OUTPUT.value))
+    print(summary(manifest, FLAGS.output))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from absl import logging as absl_logging
 from flax import nnx
 
 from deepseek_v4 import DeepseekV4, attention, loss, metrics, mhc, moe, train
@@ -29,10 +28,16 @@ from deepseek_v4 import layers as layers_lib
 from sharding import expert_parallel
 from tools import bench_shapes
 
-bench_shapes.define_flags()
-flags.DEFINE_integer("calls", 3, "Timed calls per component (median).")
-flags.DEFINE_integer("steps", 3, "Timed whole train steps (median), after one warm-up; 0 skips the whole step.")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    bench_shapes.define_flags()
+    flags.DEFINE_integer("calls", 3, "Timed calls per component (median).")
+    flags.DEFINE_integer("steps", 3, "Timed whole train steps (median), after one warm-up; 0 skips the whole step.")
+
 
 Row = collections.namedtuple("Row", "name count fwd_s fwd_bwd_s flops")
 
@@ -210,18 +215,13 @@ def table(rows: list[Row], step_s: float | None) -> str:
     return "\n".join(out)
 
 
+def _check_flags() -> None:
+    if FLAGS.calls < 1 or FLAGS.steps < 0:
+        raise ValueError(f"--calls must be >= 1 and --steps >= 0, got {FLAGS.calls} and {FLAGS.steps}")
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-        sys.exit(2)
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
-        cfg, b, t, name = bench_shapes.config_and_batch()
-        if FLAGS.calls < 1 or FLAGS.steps < 0:
-            raise ValueError(f"--calls must be >= 1 and --steps >= 0, got {FLAGS.calls} and {FLAGS.steps}")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cfg, b, t, name = bench_shapes.step_shape_from_command_line(argv, check=_check_flags)
     device = jax.devices()[0]
     print(f"device: {device.device_kind}; {name} without MTP; batch {b} x {t}; moe_impl={cfg.moe_impl}, "
           f"remat_policy={cfg.remat_policy}", flush=True)
@@ -232,7 +232,7 @@ def main(argv: list[str]) -> None:
     step_s = None
     if FLAGS.steps:
         batch = bench_shapes.random_batch(cfg, b, t)
-        step = bench_shapes.bench_train_step(DeepseekV4(cfg, rngs=nnx.Rngs(0)), cfg, batch, 1, FLAGS.steps)
+        step = bench_shapes.bench_train_step(cfg, batch, 1, FLAGS.steps)
         step_s = step["median_s"]
         print(f"  whole train step: {step_s * 1e3:.0f} ms (compile + first {step['compile_s']:.1f} s)", flush=True)
     print(table(rows, step_s))
@@ -244,4 +244,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -91,24 +91,31 @@ def table(rows: list[tuple[str, Roofline]]) -> str:
     return "\n".join(lines)
 
 
-_M = flags.DEFINE_integer("m", None, "rows (tokens x top-k); default: a V4-Flash sweep")
-_K = flags.DEFINE_integer("k", 4096, "contraction size (V4-Flash w1: hidden 4096)")
-_N = flags.DEFINE_integer("n", 2048, "output size (V4-Flash w1: expert hidden 2048)")
-_E = flags.DEFINE_integer("e", 256, "experts")
-_WEIGHTS = flags.DEFINE_enum("weights", None, list(WEIGHT_BYTES), "weight format; default: all")
-_HW = flags.DEFINE_enum("hardware", "h200", list(HARDWARE), "hardware entry")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program (absl flags are
+    process-global, and other programs and the tests import this module)."""
+    flags.DEFINE_integer("m", None, "rows (tokens x top-k); default: a V4-Flash sweep")
+    flags.DEFINE_integer("k", 4096, "contraction size (V4-Flash w1: hidden 4096)")
+    flags.DEFINE_integer("n", 2048, "output size (V4-Flash w1: expert hidden 2048)")
+    flags.DEFINE_integer("e", 256, "experts")
+    flags.DEFINE_enum("weights", None, list(WEIGHT_BYTES), "weight format; default: all")
+    flags.DEFINE_enum("hardware", "h200", list(HARDWARE), "hardware entry")
 
 
 def main(argv):
     del argv
-    ms = [_M.value] if _M.value else [t * 6 for t in (256, 2048, 8192, 32768)]
-    formats = [_WEIGHTS.value] if _WEIGHTS.value else ["bf16", "fp8", "mxfp4"]
-    rows = [(f"M={m} ({m / _E.value:.0f}/expert) {f}", grouped_matmul(m, _K.value, _N.value, _E.value, f,
-                                                                     hardware=_HW.value))
+    ms = [FLAGS.m] if FLAGS.m else [t * 6 for t in (256, 2048, 8192, 32768)]
+    formats = [FLAGS.weights] if FLAGS.weights else ["bf16", "fp8", "mxfp4"]
+    rows = [(f"M={m} ({m / FLAGS.e:.0f}/expert) {f}", grouped_matmul(m, FLAGS.k, FLAGS.n, FLAGS.e, f,
+                                                                    hardware=FLAGS.hardware))
             for m in ms for f in formats]
-    print(f"grouped matmul K={_K.value} N={_N.value} E={_E.value} on {HARDWARE[_HW.value].name}")
+    print(f"grouped matmul K={FLAGS.k} N={FLAGS.n} E={FLAGS.e} on {HARDWARE[FLAGS.hardware].name}")
     print(table(rows))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,8 +1,8 @@
 """Context parallelism: the layout, the halo exchange, and one-device equivalence of logits and train steps.
 
-The model is the cut-down `tiny` of test_train_equivalence (hash-routed sliding layer, scanned (CSA 4, HCA 16) x 2,
-MTP) on rows of 256 tokens: on context=8 every rank holds two 16-token chunks (one HCA slot, one window each).
-Packed documents end on chunk (and rank) boundaries and off them, and one row ends in padding.
+The model is the cut-down `tiny` of `tests.sharding.equivalence` (hash-routed sliding layer, scanned (CSA 4,
+HCA 16) x 2, MTP) on rows of 256 tokens: on context=8 every rank holds two 16-token chunks (one HCA slot, one
+window each). Packed documents end on chunk (and rank) boundaries and off them, and one row ends in padding.
 """
 
 import jax
@@ -12,12 +12,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from deepseek_v4 import DeepseekV4, get_config, train
+from deepseek_v4 import DeepseekV4
 from sharding import context as cp
 from sharding import mesh as mesh_lib
-from sharding import rules
 from tests.conftest import TOLERANCES
-from tests.sharding.test_train_equivalence import SMALL, host_state, leaves
+from tests.sharding.equivalence import SMALL, assert_same_steps, run, small_config, small_model
 
 B, T, STEPS = 2, 256, 3
 MESHES = ["context=8", "data=2,context=4", "context=2,expert=4", "context=2,fsdp=2,tensor=2"]
@@ -63,7 +62,7 @@ def test_bad_length_is_one_line_error_before_compiling():
     with pytest.raises(ValueError, match="context=8 needs a sequence length that is a multiple of 256") as e:
         cp.check_length(384, 8, 16, 16)
     assert "\n" not in str(e.value)
-    model = nnx.eval_shape(lambda: DeepseekV4(get_config("tiny", **SMALL), rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: DeepseekV4(small_config(), rngs=nnx.Rngs(0)))
     with jax.set_mesh(mesh_lib.make_mesh("context=8")):
         with pytest.raises(ValueError, match="multiple of 256"):
             model.context_size(384)
@@ -91,19 +90,12 @@ def test_previous_chunk_tails():
 # ---- equivalence with one device (slow: compiles) -------------------------------------------------------------
 
 
-def small_config():
-    return get_config("tiny", **SMALL)
-
-
 @pytest.mark.slow  # one forward compile per mesh
 def test_logits_match_single_device():
     """Forward logits on context=8 for 512 tokens (not a multiple of 128 x 8), documents crossing ranks."""
-    cfg = small_config()
     rows = packed_rows()
     tokens, seg, pos = (np.concatenate([rows[k], rows[k]], axis=1) for k in ("tokens", "segment_ids", "positions"))
-    model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
-    state = jax.tree.map(jnp.asarray, host_state(state, seed=1))
+    graphdef, state = small_model(seed=1)
     forward = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a))
     want = np.asarray(forward(state, tokens, seg, pos))
     with jax.set_mesh(mesh_lib.make_mesh("context=8")):
@@ -115,11 +107,8 @@ def test_logits_match_single_device():
 @pytest.mark.slow  # one forward compile per mesh
 def test_warmup_indexer_objective_matches_single_device():
     """The dense phase's indexer KL and recall, hidden and MTP states, on context=8 (outputs in the layout)."""
-    cfg = small_config()
     rows = packed_rows()
-    model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model)
-    state = jax.tree.map(jnp.asarray, host_state(state, seed=2))
+    graphdef, state = small_model(seed=2)
 
     @jax.jit
     def forward(st, tokens, seg, pos):
@@ -137,46 +126,15 @@ def test_warmup_indexer_objective_matches_single_device():
     np.testing.assert_allclose(got[2:], want[2:], rtol=tol, atol=tol)
 
 
-def run(mesh) -> tuple[list[dict], dict, dict]:
-    """Per-step metrics, and the initial and final parameters (host numpy, by path); sparse phase, indexer on."""
-    cfg = small_config()
-    s = train.TrainSettings(steps=STEPS, optimizer="adamw", schedule="constant", warmup_steps=0, learning_rate=0.1,
-                            adam_eps=1.0)  # eps 1: see test_train_equivalence.run
-    with jax.set_mesh(mesh):
-        plan = train.plan_state(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0)), s, mesh)
-        params, extras = host_state(plan.abstract.params), host_state(plan.abstract.extras)
-        initial = leaves(params)
-        state = train.TrainState(step=np.int32(0), params=params, extras=extras, opt_state=plan.tx.init(params),
-                                 rng=np.zeros((2,), np.uint32), skipped=np.int32(0))
-        state = jax.device_put(state, plan.shardings)
-        step = train.make_train_step(plan.graphdef, cfg, plan.tx, s, phase="sparse")
-        bs = rules.named_sharding(("batch", "seq"), mesh, shape=(B, T))
-        out = []
-        for _ in range(STEPS):
-            state, m = step(state, jax.device_put(packed_rows(), bs))
-            out.append(jax.device_get({k: m[k] for k in METRICS}))
-        final = leaves(state.params)
-    return out, initial, final
-
-
 @pytest.fixture(scope="module")
 def single():
-    return run(mesh_lib.make_mesh("data=1", devices=jax.devices()[:1]))
+    return run(mesh_lib.make_mesh("data=1", devices=jax.devices()[:1]), [packed_rows()] * STEPS, METRICS)
 
 
 @pytest.mark.slow  # one train-step compile per mesh
 @pytest.mark.parametrize("spec", MESHES)
 def test_three_train_steps_match_single_device(spec, single):
-    want_metrics, initial, want_params = single
-    got_metrics, _, got_params = run(mesh_lib.make_mesh(spec))
-    tol = TOLERANCES["sharded_vs_single_f32"]
-    for i, (w, g) in enumerate(zip(want_metrics, got_metrics)):
-        for k in w:
-            np.testing.assert_allclose(g[k], w[k], rtol=tol, atol=tol, err_msg=f"step {i + 1} {k}")
-    assert want_metrics[-1]["loss"] < want_metrics[0]["loss"]
+    """Sparse phase, indexer on."""
+    assert_same_steps(single, run(mesh_lib.make_mesh(spec), [packed_rows()] * STEPS, METRICS))
+    want_metrics = single[0]
     assert want_metrics[0]["indexer_loss"] > 0 and want_metrics[0]["mtp_loss"] > 0
-    assert got_params.keys() == want_params.keys()
-    for name, w in want_params.items():
-        np.testing.assert_allclose(got_params[name], w, rtol=tol, atol=tol, err_msg=name)
-    moved = sum(np.abs(want_params[k] - initial[k]).max() > 100 * tol for k in want_params)
-    assert moved > len(want_params) // 2

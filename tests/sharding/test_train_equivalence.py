@@ -1,38 +1,27 @@
 """Three train steps on each 8-device mesh give the same losses, gradient norms and parameters as on one device.
 
-The model is `tiny` cut to the parts that sharding touches, so that seven train-step compiles fit the default
-suite: a hash-routed sliding-window layer (unrolled prefix), a scanned (CSA, HCA) unit repeated twice, the MTP
-layer, 8 experts top-2, and a 512-token vocabulary (the head and embedding are sharded like the real one).
-AdamW keeps the update in float32, so only summation order differs (Muon's bfloat16 Newton-Schulz has its own
-sharded-vs-single test in the optimizer's tests). On meshes with an expert axis the MoE runs expert-parallel
-(all-to-all, dropless) while the one-device run uses the dense reference MoE.
+The model is the cut-down `tiny` of `tests.sharding.equivalence`, small enough that seven train-step compiles fit
+the default suite. Muon's bfloat16 Newton-Schulz has its own sharded-vs-single test in the optimizer's tests. On
+meshes with an expert axis the MoE runs expert-parallel (all-to-all, dropless) while the one-device run uses the
+dense reference MoE.
 """
 
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from deepseek_v4 import DeepseekV4, get_config, train
-from deepseek_v4.params import path_str
 from sharding import mesh as mesh_lib
-from sharding import rules
-from tests.conftest import TOLERANCES
+from tests.sharding.equivalence import SMALL, assert_same_steps, run
 
 B, T, STEPS = 8, 32, 3
 MESHES = ["data=8", "fsdp=8", "expert=8", "data=2,expert=4", "data=2,fsdp=2,expert=2", "fsdp=4,tensor=2"]
-# Prefix: layer 0 (sliding window, hash-routed); scanned unit (CSA ratio 4, HCA ratio 16) x 2; MTP (sliding).
-SMALL = dict(num_hidden_layers=5, compress_ratios=(0, 4, 16, 4, 16, 0), num_hash_layers=1, vocab_size=512)
+METRICS = ("loss", "mtp_loss", "grad_norm", "balance_loss")
 
 
-def small_config():
-    return get_config("tiny", **SMALL)
-
-
-def batches(vocab: int) -> list[dict]:
+def batches() -> list[dict]:
     """The same batch every step (so the loss must fall): two documents per row, one padded row."""
     rng = np.random.default_rng(3)
-    tokens = rng.integers(2, vocab, size=(B, T + 1)).astype(np.int32)
+    tokens = rng.integers(2, SMALL["vocab_size"], size=(B, T + 1)).astype(np.int32)
     seg = np.ones((B, T), np.int32)
     seg[:, 19:] = 2  # the document boundary is not aligned to the compression ratios
     seg[1, 28:] = 0  # padding
@@ -42,75 +31,12 @@ def batches(vocab: int) -> list[dict]:
     return [batch] * STEPS
 
 
-def host_state(abstract_state, seed: int = 0):
-    """Deterministic, well-scaled values for every variable of an abstract model state (numpy, no compile)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, var):
-        v = var.get_value()
-        name = path_str(path)
-        if np.issubdtype(v.dtype, np.integer):  # hash-routing table: K distinct experts per token id
-            rows, k = v.shape
-            experts = np.argsort(rng.random((rows, get_config("tiny").n_routed_experts)), axis=1)[:, :k]
-            return var.replace(experts.astype(v.dtype))
-        if name.endswith("scale"):
-            x = 1.0 + 0.1 * rng.standard_normal(v.shape)
-        else:
-            x = 0.05 * rng.standard_normal(v.shape)
-        return var.replace(x.astype(v.dtype))
-
-    return jax.tree_util.tree_map_with_path(fill, abstract_state, is_leaf=rules.is_variable)
-
-
-def leaves(tree) -> dict[str, np.ndarray]:
-    return {path_str(p): np.array(jax.device_get(v.get_value()), copy=True)  # a copy: donation reuses buffers
-            for p, v in jax.tree_util.tree_leaves_with_path(tree, is_leaf=rules.is_variable)}
-
-
-def run(mesh) -> tuple[list[dict], dict, dict]:
-    """Per-step metrics, and the initial and final parameters (host numpy, by path)."""
-    cfg = small_config()
-    # eps = 1 makes AdamW momentum SGD here (sqrt(v) << 1 for these gradients), so parameter differences are lr x
-    # gradient differences and can be held to float tolerance. With V4's eps 1e-20, Adam's normalisation turns the
-    # rounding noise of near-zero gradient entries (e.g. the first layer's mHC mixing acts on R identical copies of
-    # the embedding; Sinkhorn ignores row/column shifts of its logits) into +-lr steps whose sign depends on
-    # summation order: observed 0.06 apart after 3 steps with losses equal to 1e-7 (5.9e-4 apart with eps 1e-8).
-    s = train.TrainSettings(steps=STEPS, optimizer="adamw", schedule="constant", warmup_steps=0, learning_rate=0.1,
-                            adam_eps=1.0)
-    with jax.set_mesh(mesh):
-        plan = train.plan_state(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0)), s, mesh)
-        params, extras = host_state(plan.abstract.params), host_state(plan.abstract.extras)
-        initial = leaves(params)
-        state = train.TrainState(step=np.int32(0), params=params, extras=extras, opt_state=plan.tx.init(params),
-                                 rng=np.zeros((2,), np.uint32), skipped=np.int32(0))
-        state = jax.device_put(state, plan.shardings)
-        step = train.make_train_step(plan.graphdef, cfg, plan.tx, s, phase="sparse")
-        bs = rules.named_sharding(("batch", "seq"), mesh, shape=(B, T))
-        out = []
-        for batch in batches(cfg.vocab_size):
-            state, m = step(state, jax.device_put(batch, bs))
-            out.append(jax.device_get({k: m[k] for k in ("loss", "mtp_loss", "grad_norm", "balance_loss")}))
-        final = leaves(state.params)
-    return out, initial, final
-
-
 @pytest.fixture(scope="module")
 def single():
-    return run(mesh_lib.make_mesh("data=1", devices=jax.devices()[:1]))
+    return run(mesh_lib.make_mesh("data=1", devices=jax.devices()[:1]), batches(), METRICS)
 
 
 @pytest.mark.slow  # one train-step compile per mesh: about 30 CPU-seconds each
 @pytest.mark.parametrize("spec", MESHES)
 def test_three_train_steps_match_single_device(spec, single):
-    want_metrics, initial, want_params = single
-    got_metrics, _, got_params = run(mesh_lib.make_mesh(spec))
-    tol = TOLERANCES["sharded_vs_single_f32"]
-    for i, (w, g) in enumerate(zip(want_metrics, got_metrics)):
-        for k in w:
-            np.testing.assert_allclose(g[k], w[k], rtol=tol, atol=tol, err_msg=f"step {i + 1} {k}")
-    assert want_metrics[-1]["loss"] < want_metrics[0]["loss"]
-    assert got_params.keys() == want_params.keys()
-    for name, w in want_params.items():
-        np.testing.assert_allclose(got_params[name], w, rtol=tol, atol=tol, err_msg=name)
-    moved = sum(np.abs(want_params[k] - initial[k]).max() > 100 * tol for k in want_params)
-    assert moved > len(want_params) // 2  # compared after real updates, not at the initial values
+    assert_same_steps(single, run(mesh_lib.make_mesh(spec), batches(), METRICS))

@@ -1,23 +1,41 @@
-"""The entry-point modules that other code and the tests import in-process define no clashing absl flags.
+"""The entry-point modules define no absl flags at import, so any of them can be imported together in-process.
 
 absl flags are process-global: two modules that define the same flag at import cannot live in one process, and
 which test files share a pytest worker varies from run to run, so a clash would make the suite fail only sometimes.
+Every tool defines its flags in `define_flags()`, called only when it runs as the program.
 """
 
+import os
+import pathlib
 import subprocess
 import sys
 
-# Every tools / experiments module the tests (or the library) import in-process.
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+# Every tools module (found on disk, so a new tool is covered too) and every experiments module that the tests or
+# the library import in-process.
+TOOLS = tuple(sorted(f"tools.{p.stem}" for p in (REPO / "tools").glob("*.py") if p.stem != "__init__"))
 IMPORTED_IN_PROCESS = (
     "experiments.flags", "experiments.generate", "experiments.init_weights", "experiments.preflight",
-    "experiments.run", "experiments.spikes", "experiments.held_out", "tools.device_check", "tools.evaluate",
-    "tools.export_safetensors", "tools.import_safetensors", "tools.memory_plan", "tools.model_stats",
-    "tools.plot_metrics", "tools.make_chat_data", "tools.eval_tasks", "experiments.teachers",
+    "experiments.run", "experiments.spikes", "experiments.held_out", "experiments.teachers", *TOOLS,
 )
 
 
 def test_modules_imported_in_process_define_no_clashing_flags():
     code = "import importlib\nfor m in %r:\n    importlib.import_module(m)\n" % (IMPORTED_IN_PROCESS,)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={"JAX_PLATFORMS": "cpu", **__import__("os").environ})
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={"JAX_PLATFORMS": "cpu", **os.environ})
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_tools_define_no_flag_at_import():
+    # Flags of the libraries they import (absl's own, grain's, orbax's) are not theirs to avoid.
+    ours = ("tools", "experiments", "deepseek_v4", "sharding", "pallas_kernels")
+    code = ("import importlib\nfrom absl import flags\nbefore = set(flags.FLAGS)\nfor m in %r:\n"
+            "    importlib.import_module(m)\nfor name in sorted(set(flags.FLAGS) - before):\n"
+            "    print(name, flags.FLAGS.find_module_defining_flag(name))\n" % (TOOLS,))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={"JAX_PLATFORMS": "cpu", **os.environ})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    defined = [line.split() for line in proc.stdout.splitlines() if line.strip()]
+    assert defined and not [(n, m) for n, m in defined if m.split(".")[0] in ours + ("__main__",)], proc.stdout

@@ -1,0 +1,82 @@
+"""The shared shape of a training entry point's `main` (experiments.pretrain, experiments.sft, and the ones to come).
+
+An entry point defines its flags (`experiments.flags`), reads them in one place, sets up a `run.Run` and trains it.
+Each step of that has the same rules everywhere, and this module holds them:
+
+- `start(argv)`: positional arguments are a mistake; absl logs warnings only unless --verbosity is given (Orbax
+  logs every save at INFO).
+- `user_errors()`: a ValueError raised while reading the flags (or checking data) is the user's mistake: one line
+  `error: <message>` on stderr, exit status 2 (`fail`).
+- `workdir(opts, model_name)`: --workdir, or runs/<model name>, as an absolute path.
+- `train(setup, prepare)`: installs the SIGTERM / SIGINT handler before anything is built, calls `setup()` (a
+  `run.UserError` from it is a one-line error, exit 2), then trains with `run.train_and_report` and exits with its
+  status (0 done or stopped and saved, 1 too many non-finite steps, 2 a refused `prepare` or recipe stage).
+
+A new entry point's `main` reads:
+
+    def main(argv: list[str]) -> None:
+        entry.start(argv)
+        with entry.user_errors():  # the only place flags are read
+            cfg = flag_gen.config_from_flags()
+            settings = flag_gen.settings_from_flags(train.TrainSettings)
+            opts = flag_gen.settings_from_flags(run_lib.RunSettings)
+        workdir = entry.workdir(opts, "my_model")
+        entry.train(lambda: run_lib.setup(cfg, settings, opts, workdir=workdir, model_name="my_model",
+                                          data_source=my_data(opts)))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import NoReturn
+
+from absl import flags
+from absl import logging as absl_logging
+
+from experiments import run as run_lib
+
+
+def fail(msg: str) -> NoReturn:
+    """A user mistake: one line on stderr, exit status 2."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def start(argv: list[str]) -> None:
+    """The first line of `main`: refuse positional arguments; absl at WARNING unless --verbosity is given."""
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Around reading the flags: a ValueError inside ends the program as `fail(str(error))`."""
+    try:
+        yield
+    except ValueError as e:
+        fail(str(e))
+
+
+def workdir(opts: run_lib.RunSettings, model_name: str) -> str:
+    """The run directory: --workdir, or runs/<model_name> under the current directory; absolute, ~ expanded."""
+    return os.path.abspath(os.path.expanduser(opts.workdir or os.path.join("runs", model_name)))
+
+
+def train(setup: Callable[[], run_lib.Run], prepare: Callable[[run_lib.Run], None] | None = None) -> NoReturn:
+    """Set up the run and train it; exits with `run.train_and_report`'s status.
+
+    From the first line on, SIGTERM / SIGINT mean: take (at least) one step, save, exit 0. `setup()` builds the
+    `run.Run` (a `run.UserError` from it is a one-line error, exit 2); `prepare(run)` is passed on to
+    `run.train_and_report` (it runs once the run is known to be incomplete).
+    """
+    stop = run_lib.StopSignal()
+    try:
+        run = setup()
+    except run_lib.UserError as e:
+        fail(str(e))
+    sys.exit(run_lib.train_and_report(run, stop, prepare=prepare))
