@@ -170,6 +170,13 @@ class Checkpointer:
         self._async = async_save and not read_only
         self._read_only = read_only
         self._manager = self._open()
+        # A writer's manager starts removing the tmp directories of interrupted saves in a background thread and
+        # awaits it only at its first save; a run that stops before saving (a one-line error) would exit with that
+        # thread still running, and it fails at interpreter shutdown ("cannot schedule new futures"). Finish it
+        # here. (Orbax 0.12 has no public call for this; the attribute check keeps other versions working.)
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
 
     def _open(self) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(

@@ -204,3 +204,20 @@ def test_on_disk_names_of_a_train_state_are_fixed():
     assert len(got) == len(leaves)
     for path, _ in leaves:  # each level: DictKey -> key, GetAttrKey -> name, SequenceKey -> index
         assert "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path) in got
+
+
+def test_a_writer_finishes_the_tmp_cleanup_before_it_returns(tmp_path):
+    """A run that stops before its first save must not leave Orbax's cleanup thread running at exit."""
+    directory = tmp_path / "checkpoints"
+    leftover = directory / "7.orbax-checkpoint-tmp-1700000000"  # an interrupted save
+    (leftover / "state").mkdir(parents=True)
+    ckpt = ckpt_lib.Checkpointer(str(directory))
+    try:
+        assert not leftover.exists()  # removed before the constructor returned, not later in the background
+        assert ckpt.steps() == []
+    finally:
+        ckpt.close()
+    reader_leftover = directory / "8.orbax-checkpoint-tmp-1700000001"
+    reader_leftover.mkdir()
+    ckpt_lib.Checkpointer(str(directory), read_only=True).close()
+    assert reader_leftover.exists()  # a reader removes nothing
