@@ -308,8 +308,11 @@ def policy_log_probs(model: Any, micro: dict[str, jax.Array], *, sparse: bool, i
     if "kept_ids" not in micro:
         return token_log_probs(hidden, model.head[...], micro["targets"], chunk_size=chunk_size), out
     b, t = micro["targets"].shape
+    kept_valid = micro["kept_valid"].reshape(b * t, -1) > 0
+    # positions without a kept set (the prompt, padding: no loss) keep column 0, so that every softmax is finite
+    kept_valid = kept_valid | (~jnp.any(kept_valid, axis=-1, keepdims=True) & (jnp.arange(kept_valid.shape[1]) == 0))
     logp = kept_token_log_probs(hidden.reshape(b * t, -1), model.head[...], micro["targets"].reshape(-1),
-                                micro["kept_ids"].reshape(b * t, -1), micro["kept_valid"].reshape(b * t, -1) > 0)
+                                micro["kept_ids"].reshape(b * t, -1), kept_valid)
     return logp.reshape(b, t), out
 
 
@@ -333,7 +336,11 @@ def grpo_loss(model: Any, micro: dict[str, jax.Array], counts: dict[str, Any], *
     logp, out = policy_log_probs(model, micro, sparse=sparse, indexer_loss=s.indexer_weight > 0,
                                  temperature=temperature, chunk_size=s.loss_chunk)
     mask = jnp.where(micro["segment_ids"] != 0, micro["loss_weights"].astype(jnp.float32), 0.0)
-    old, ref, adv = micro["old_log_probs"], micro["ref_log_probs"], micro["advantages"]
+    # off the mask the terms are multiplied by 0: ratio 1 and KL 0 there keep them finite
+    on_policy = jax.lax.stop_gradient(logp)
+    old = jnp.where(mask > 0, micro["old_log_probs"], on_policy)
+    ref = jnp.where(mask > 0, micro["ref_log_probs"], on_policy)
+    adv = micro["advantages"]
     ratio = jnp.exp(logp - old)
     policy = clipped_policy_objective(logp, old, adv, eps_low=eps_low, eps_high=eps_high)
     if opsm_delta is not None:

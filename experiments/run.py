@@ -159,6 +159,8 @@ class Run:
     data_stage: int | None = None  # the stage the open data iterator reads for
     unfit: dict[int, str] = dataclasses.field(default_factory=dict)  # stage -> why its memory plan does not fit
     _steps: dict[tuple[int, str], Callable] = dataclasses.field(default_factory=dict)  # by (stage, CSA phase)
+    record_extras: Callable[[int], dict[str, Any]] | None = None  # host metrics joined to the record at a step
+    progress_keys: tuple[str, ...] = ()  # record keys the progress line shows too
 
     @property
     def complete(self) -> bool:
@@ -432,7 +434,7 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
     nan_steps = set(opts.debug_nan_at_steps)
     guard = spikes.SpikeGuard(run.spike_settings or spikes.SpikeSettings(), batches_read=run.start)
     bad, window = _BadSteps(opts.max_bad_steps), _Window()
-    progress = _Progress(run.start, steps, run.primary, opts.progress)
+    progress = _Progress(run.start, steps, run.primary, opts.progress, run.progress_keys)
     step, failed = run.start, False
     pending = None  # (step, metrics) of the last step whose `update_ok` has not been looked at yet
     try:
@@ -478,7 +480,8 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
                         held_out = run.evaluator(run.state, sparse=train.sparse_at(run.settings, step - 1))
                         held_out["eval_seconds"] = time.perf_counter() - t_eval
                         window.exclude(held_out["eval_seconds"])
-                    rec = {**summarise(run, window, step), **guard.record(), **held_out}
+                    rec = {**summarise(run, window, step), **guard.record(), **held_out,
+                           **(run.record_extras(step) if run.record_extras else {})}
                     if run.writer:
                         run.writer.write(step, rec)
                     progress.log(step, rec)
@@ -522,7 +525,14 @@ def summarise(run: Run, window: _Window, step: int) -> dict[str, Any]:
         flops = metrics.train_flops_per_token(run.cfg, run.opts.seq_len, sparse_attention=rec["sparse_attention"])
         rec["mfu"] = rec["tokens_per_s"] * flops / (run.peak_flops * run.mesh.size)
     rec["tokens_seen"] = run.schedule.tokens_at(step) if run.schedule else step * tokens_per_step
+    for key in sorted(set(last) - _STEP_KEYS):  # the loss's own metrics (train.LossFn), e.g. GRPO's KL
+        rec[key] = float(np.mean([m[key] for m in good]))
     return rec
+
+
+_STEP_KEYS = {"loss", "mtp_loss", "total_loss", "balance_loss", "indexer_loss", "indexer_recall", "grad_norm", "lr",
+              "mtp_weight", "tokens", "update_ok", "skipped", "expert_load_max_over_mean",
+              "hash_expert_load_max_over_mean", "dropped_tokens", "loss_spike"}
 
 
 def _fmt_time(seconds: float) -> str:
@@ -535,8 +545,8 @@ def _fmt_time(seconds: float) -> str:
 class _Progress:
     """A tqdm bar on a terminal, otherwise one log line per record (both with rate and ETA)."""
 
-    def __init__(self, start: int, total: int, primary: bool, bar: bool | None):
-        self.primary, self.total, self.start = primary, total, start
+    def __init__(self, start: int, total: int, primary: bool, bar: bool | None, extra_keys: tuple[str, ...] = ()):
+        self.primary, self.total, self.start, self.extra_keys = primary, total, start, extra_keys
         self.t0 = time.perf_counter()
         self.bar = None
         if primary and (bar if bar is not None else sys.stderr.isatty()):
@@ -558,6 +568,7 @@ class _Progress:
         line = (f"step {step}/{self.total} [{rec['phase']}] loss {rec['loss']:.4f} mtp {rec['mtp_loss']:.4f} "
                 f"indexer {rec['indexer_loss']:.4f} grad_norm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} {speed} "
                 f"eta {_fmt_time(eta)}")
+        line += "".join(f" {k} {rec[k]:.4g}" for k in self.extra_keys if k in rec)
         if "eval_loss" in rec:
             line += f" | eval loss {rec['eval_loss']:.4f}" + (f" bpb {rec['eval_bits_per_byte']:.3f}"
                                                               if "eval_bits_per_byte" in rec else "")
