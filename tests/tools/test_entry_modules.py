@@ -10,7 +10,8 @@ import sys
 # Every tools / experiments module the tests (or the library) import in-process.
 IMPORTED_IN_PROCESS = (
     "experiments.flags", "experiments.generate", "experiments.init_weights", "experiments.preflight",
-    "experiments.run", "experiments.spikes", "experiments.held_out", "tools.device_check", "tools.evaluate",
+    "experiments.run", "experiments.spikes", "experiments.held_out", "experiments.grpo", "tools.device_check",
+    "tools.evaluate",
     "tools.export_safetensors", "tools.import_safetensors", "tools.memory_plan", "tools.model_stats",
     "tools.plot_metrics", "tools.make_chat_data",
 )
