@@ -26,7 +26,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
 
 from deepseek_v4 import chat, post_training_losses, rollout, verifiable_tasks
 from deepseek_v4.tokenizer import get_tokenizer
@@ -256,8 +258,6 @@ class RolloutSource:
 def make_reference_fn(graphdef: Any, params: Any, extras: Any, g: GRPOSettings, chunk_size: int = 1024):
     """batch -> the reference model's log-probs [B, T] of the targets (its own routing; the rollout's sampling
     mask and temperature, as the policy's). `params` / `extras` are the frozen initial weights."""
-    import jax
-    from flax import nnx
 
     @jax.jit
     def fn(params, extras, batch):

@@ -234,7 +234,8 @@ class DeepseekV4(nnx.Module):
         x = sharding.constrain(x, STREAM_AXES)
         auxes = []
         for i, block in enumerate(self.prefix):
-            x, aux = call_block(block, x, ctx, cfg.remat_policy == "full", None if expert_ids is None else expert_ids[i])
+            ids = None if expert_ids is None else expert_ids[i]
+            x, aux = call_block(block, x, ctx, cfg.remat_policy == "full", ids)
             auxes.append(jax.tree.map(lambda a: a[None], aux))
         if self.repeats:
             graphdef, state = nnx.split(self.stack)

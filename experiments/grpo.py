@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +105,7 @@ def reference_weights(run: run_lib.Run, loader) -> tuple[object, object]:
 
 def setup_run(cfg: Config, settings: train.TrainSettings, opts: run_lib.RunSettings, g: grpo.GRPOSettings, *,
               workdir: str, model_name: str = "grpo", reward_fn: grpo.RewardFn = grpo.default_reward
-              ) -> tuple[run_lib.Run, callable]:
+              ) -> tuple[run_lib.Run, Callable[[run_lib.Run], None]]:
     """`run_lib.setup` for GRPO: the rollout source as the data, the GRPO loss in the shared step, the weights of
     --init / --hf_dir. Returns the run and the `prepare` hook of `run_lib.train_and_report` (attaches the live
     policy and the reference). `opts.batch_size` must be prompts_per_step * group_size.
