@@ -270,3 +270,21 @@ def make_reference_fn(graphdef: Any, params: Any, extras: Any, g: GRPOSettings, 
         return np.asarray(fn(params, extras, batch))
 
     return reference
+
+
+def task_reward(model: Any, g: GRPOSettings, *, problems: int, samples: int = 1, seed: int = 0,
+                reward_fn: RewardFn = default_reward) -> float:
+    """Mean reward of `model` on `problems` problems of `g.task` (drawn from `seed`, not from a training step's
+    generator), `samples` completions each with g's sampling settings: the before / after measure of a run."""
+    rng = np.random.default_rng([seed, 1 << 30])
+    drawn = [verifiable_tasks.make_problem(g.task, rng) for _ in range(problems)]
+    encoded = [chat.token_ids(verifiable_tasks.prompt_messages(p), g.mode).tolist() for p in drawn]
+    prompts = [e for e in encoded for _ in range(samples)]
+    keys = np.stack([rollout.sequence_key(seed, 1 << 30, i, j) for i in range(problems) for j in range(samples)])
+    out = rollout.sample_rollouts(model, prompts, keys, max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                                  top_p=g.top_p, top_k=g.top_k)
+    tok = get_tokenizer()
+    scores = [verifiable_tasks.score_group(lambda text, p=p: reward_fn(p, text, g.mode),
+                                           [tok.decode(c) for c in out.completions[i * samples: (i + 1) * samples]])
+              for i, p in enumerate(drawn)]
+    return float(np.mean(np.concatenate([s.rewards for s in scores])))

@@ -300,10 +300,9 @@ def policy_log_probs(model: Any, micro: dict[str, jax.Array], *, sparse: bool, i
     (`token_log_probs`). With `expert_ids` [B, T, L, K] in `micro` ("keep routing") the main layers use those
     experts. Shapes: micro [B, T] -> [B, T] float32.
     """
-    replay = micro.get("expert_ids")
+    replay = {} if "expert_ids" not in micro else {"expert_ids": jnp.transpose(micro["expert_ids"], (2, 0, 1, 3))}
     out = model.forward_train(micro["tokens"], micro["segment_ids"], micro["positions"], sparse_attention=sparse,
-                              indexer_loss=indexer_loss,
-                              expert_ids=None if replay is None else jnp.transpose(replay, (2, 0, 1, 3)))
+                              indexer_loss=indexer_loss, **replay)
     hidden = out.hidden / temperature  # the logits are linear in the hidden state
     if "kept_ids" not in micro:
         return token_log_probs(hidden, model.head[...], micro["targets"], chunk_size=chunk_size), out
