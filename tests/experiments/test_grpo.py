@@ -20,8 +20,8 @@ from tests.conftest import CODEGEN_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = get_config("nano", num_hidden_layers=2, compress_ratios=(0, 0, 0), num_hash_layers=1)
-G = grpo.GRPOSettings(task="string", prompts_per_step=2, group_size=2, max_new_tokens=3, top_k=4, kl_weight=0.1,
-                      opsm_delta=0.5)
+G = grpo.GRPOSettings(task="string", prompts_per_step=2, group_size=4, max_new_tokens=3, top_k=4, kl_weight=0.1,
+                      opsm_delta=0.5)  # 8 rows: the test process's 8 CPU devices split them
 STEPS = 2
 FAILING = grpo.step_problems(G.task, G.prompts_per_step, 0, 0)[0].question  # its grader raises
 
@@ -68,7 +68,7 @@ def test_grpo_steps_record_rollout_metrics_and_count_failing_rewards(runs):
     for key in ("mean_reward", "reward_std", "completion_length", "kept_fraction", "kl", "clipped_fraction",
                 "skipped_groups", "skipped_samples"):
         assert all(np.isfinite(r[key]) for r in recs), key
-    assert recs[0]["skipped_groups"] == 1 and recs[0]["skipped_samples"] == 2  # the raising grader: counted
+    assert recs[0]["skipped_groups"] == 1 and recs[0]["skipped_samples"] == 4  # the raising grader: counted
     assert all(r["skipped_steps"] == 0 for r in recs)
     assert recs[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first step is on the reference weights
 
