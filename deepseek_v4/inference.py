@@ -60,10 +60,11 @@ def _context(tokens: jax.Array, n: jax.Array, valid: jax.Array) -> Context:
     return Context(tokens.astype(jnp.int32), seg, n[:, None] + rows[None, :])
 
 
-def trunk_chunk(model: DeepseekV4, cache: dict, tokens: jax.Array, valid: jax.Array):
+def trunk_chunk(model: DeepseekV4, cache: dict, tokens: jax.Array, valid: jax.Array, with_routing: bool = False):
     """The main model on a chunk at positions length .. length + S - 1 (rows >= valid are padding).
 
-    Shapes: tokens [B, S], valid [B] -> streams [B, S, R, D], hidden [B, S, D], cache (its length unchanged).
+    Shapes: tokens [B, S], valid [B] -> streams [B, S, R, D], hidden [B, S, D], cache (its length unchanged);
+    with `with_routing` also each main layer's experts [num_hidden_layers, B, S, K] int32 (routing replay).
     """
     cfg = model.cfg
     n = cache["length"]
@@ -73,28 +74,32 @@ def trunk_chunk(model: DeepseekV4, cache: dict, tokens: jax.Array, valid: jax.Ar
     x = sharding.constrain(x, STREAM_AXES)
 
     def run(block, x, c):
-        x, _, c = block.apply(x, ctx, lambda h: attend_cached(block.attn, h, ctx, n, valid, c))
-        return x, c
+        x, stats, c = block.apply(x, ctx, lambda h: attend_cached(block.attn, h, ctx, n, valid, c))
+        return x, c, stats.expert_ids
 
-    prefix = []
+    prefix, routing = [], []
     for block, c in zip(model.prefix, cache["prefix"]):
-        x, c = run(block, x, c)
+        x, c, ids = run(block, x, c)
         prefix.append(c)
+        routing.append(ids[None])
     stack = cache["stack"]
     if model.repeats:
         graphdef, state = nnx.split(model.stack)
 
         def body(x, xs):
             unit = nnx.merge(graphdef, xs[0])
-            out = []
+            out, ids = [], []
             for block, c in zip(unit.blocks, xs[1]):
-                x, c = run(block, x, c)
+                x, c, i = run(block, x, c)
                 out.append(c)
-            return sharding.constrain(x, STREAM_AXES), out
+                ids.append(i)
+            return sharding.constrain(x, STREAM_AXES), (out, jnp.stack(ids))
 
-        x, stack = jax.lax.scan(body, x, (state, stack))
+        x, (stack, stack_ids) = jax.lax.scan(body, x, (state, stack))  # stack_ids [repeats, unit, B, S, K]
+        routing.append(stack_ids.reshape((-1,) + stack_ids.shape[2:]))
     hidden = model.norm(model.hc_head(x))
-    return x, hidden, {**cache, "prefix": prefix, "stack": stack}
+    out = (x, hidden, {**cache, "prefix": prefix, "stack": stack})
+    return out + (jnp.concatenate(routing),) if with_routing else out
 
 
 def mtp_chunk(model: DeepseekV4, cache: dict, streams: jax.Array, next_tokens: jax.Array, n: jax.Array,
@@ -123,15 +128,12 @@ def _rows(a: jax.Array, rows: jax.Array) -> jax.Array:
 
 # ---- sampling ---------------------------------------------------------------------------------------------
 
-def sample(logits: jax.Array, key: jax.Array, *, greedy: bool, temperature: float, top_p: float,
-           top_k: int) -> jax.Array:
-    """Next tokens from float32 logits [B, V] -> [B] int32: argmax, or temperature, top-k then top-p sampling.
+def sampling_logits(logits: jax.Array, *, temperature: float, top_p: float, top_k: int) -> jax.Array:
+    """The logits `sample` draws from: divided by the temperature, -inf outside the top-k then top-p set.
 
     top_k 0 keeps every token; top_p keeps the smallest set of most likely tokens whose probability reaches it
-    (the most likely token always stays).
+    (the most likely token always stays). Shapes: [B, V] float32 -> [B, V].
     """
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
     if top_k:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
@@ -142,6 +144,15 @@ def sample(logits: jax.Array, key: jax.Array, *, greedy: bool, temperature: floa
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
         cutoff = jnp.min(jnp.where(before < top_p, ordered, jnp.inf), axis=-1, keepdims=True)
         logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def sample(logits: jax.Array, key: jax.Array, *, greedy: bool, temperature: float, top_p: float,
+           top_k: int) -> jax.Array:
+    """Next tokens from float32 logits [B, V] -> [B] int32: argmax, or a draw from `sampling_logits`."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = sampling_logits(logits, temperature=temperature, top_p=top_p, top_k=top_k)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 

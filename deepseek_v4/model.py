@@ -56,18 +56,20 @@ class Block(nnx.Module):
         self.attn = attention.Attention(cfg, ratio, rngs)
         self.ffn = moe.MoE(cfg, layer, hash_layer, rngs)
 
-    def __call__(self, x: jax.Array, ctx: attention.Context):
-        """Shapes: x [B, T, R, D] -> [B, T, R, D], (MoeStats, indexer_loss [], indexer_recall [])."""
-        x, stats, (idx_loss, idx_recall) = self.apply(x, ctx, lambda h: self._attend(h, ctx))
+    def __call__(self, x: jax.Array, ctx: attention.Context, expert_ids: jax.Array | None = None):
+        """Shapes: x [B, T, R, D] (expert_ids: routing replay [B, T, K]) -> [B, T, R, D], (MoeStats,
+        indexer_loss [], indexer_recall [])."""
+        x, stats, (idx_loss, idx_recall) = self.apply(x, ctx, lambda h: self._attend(h, ctx), expert_ids)
         return x, (stats, idx_loss, idx_recall)
 
     def _attend(self, h: jax.Array, ctx: attention.Context):
         y, idx_loss, idx_recall = self.attn(h, ctx)
         return y, (idx_loss, idx_recall)
 
-    def apply(self, x: jax.Array, ctx: attention.Context, attend):
+    def apply(self, x: jax.Array, ctx: attention.Context, attend, expert_ids: jax.Array | None = None):
         """The layer with its attention given: `attend(h [B, T, D]) -> (y [B, T, D], extra)` (the full forward
         calls `self.attn`; an inference cache calls the same sub-layer pieces on its stored state).
+        `expert_ids` [B, T, K] (optional) replays a routing: the MoE uses these experts (moe.py).
 
         Shapes: x [B, T, R, D] -> [B, T, R, D], MoeStats, extra.
         """
@@ -75,7 +77,8 @@ class Block(nnx.Module):
         y, extra = attend(self.attn_norm(mhc.collapse(x, pre)))
         x = mhc.update(x, comb, post, y)
         pre, post, comb = self.hc_ffn(x)
-        y, stats = self.ffn(self.ffn_norm(mhc.collapse(x, pre)).astype(x.dtype), ctx.tokens, ctx.segment_ids > 0)
+        y, stats = self.ffn(self.ffn_norm(mhc.collapse(x, pre)).astype(x.dtype), ctx.tokens, ctx.segment_ids > 0,
+                             expert_ids)
         x = mhc.update(x, comb, post, y)
         return x, stats, extra
 
@@ -86,20 +89,22 @@ class Unit(nnx.Module):
     def __init__(self, cfg: Config, ratios: tuple[int, ...], rngs: nnx.Rngs):
         self.blocks = nnx.List([Block(cfg, -1, r, False, rngs) for r in ratios])
 
-    def __call__(self, x: jax.Array, ctx: attention.Context):
+    def __call__(self, x: jax.Array, ctx: attention.Context, expert_ids: jax.Array | None = None):
+        """expert_ids (optional): routing replay per block [unit, B, T, K]."""
         auxes = []
-        for block in self.blocks:
-            x, aux = block(x, ctx)
+        for j, block in enumerate(self.blocks):
+            x, aux = block(x, ctx, None if expert_ids is None else expert_ids[j])
             auxes.append(aux)
         return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
 
 
-def call_block(block: "Block", x: jax.Array, ctx: attention.Context, remat: bool):
-    """`block(x, ctx)`, recomputed in the backward pass (only x is kept) when `remat` is set."""
+def call_block(block: "Block", x: jax.Array, ctx: attention.Context, remat: bool,
+               expert_ids: jax.Array | None = None):
+    """`block(x, ctx, expert_ids)`, recomputed in the backward pass (only x is kept) when `remat` is set."""
     if not remat:
-        return block(x, ctx)
+        return block(x, ctx, expert_ids)
     graphdef, state = nnx.split(block)
-    return jax.checkpoint(lambda st, y: nnx.merge(graphdef, st)(y, ctx), prevent_cse=False)(state, x)
+    return jax.checkpoint(lambda st, y: nnx.merge(graphdef, st)(y, ctx, expert_ids), prevent_cse=False)(state, x)
 
 
 class MTP(nnx.Module):
@@ -142,12 +147,13 @@ class TrainOutputs:
     dropped_tokens: jax.Array  # [] (token, slot) pairs dropped by expert capacity over all layers (0 if dropless)
     indexer_loss: jax.Array  # [] mean over CSA layers of the indexer KL (zero unless requested)
     indexer_recall: jax.Array  # [] mean over CSA layers of the indexer's top-k recall of attention mass
+    expert_ids: jax.Array  # [num_hidden_layers, B, T, K] int32 each main layer's routing (context layout)
 
 
 jax.tree_util.register_dataclass(
     TrainOutputs,
     data_fields=["hidden", "mtp_hidden", "expert_counts", "hash_expert_counts", "balance_loss", "dropped_tokens",
-                 "indexer_loss", "indexer_recall"],
+                 "indexer_loss", "indexer_recall", "expert_ids"],
     meta_fields=[],
 )
 
@@ -218,26 +224,33 @@ class DeepseekV4(nnx.Module):
             cp.check_length(length, size, *context_parallel.model_granularity(self.cfg))
         return size
 
-    def _trunk(self, ctx: attention.Context):
+    def _trunk(self, ctx: attention.Context, expert_ids: jax.Array | None = None):
+        """expert_ids (optional): routing replay per main layer [num_hidden_layers, B, T, K] (context layout)."""
         cfg = self.cfg
         dt = layers.dtype_of(cfg.dtype)
         emb = jnp.take(self.embed[...], ctx.tokens, axis=0).astype(dt)  # [B, T, D]
         x = jnp.broadcast_to(emb[:, :, None, :], emb.shape[:2] + (cfg.hc_mult, cfg.hidden_size))  # [B, T, R, D]
         x = sharding.constrain(x, STREAM_AXES)
         auxes = []
-        for block in self.prefix:
-            x, aux = call_block(block, x, ctx, cfg.remat_policy == "full")
+        for i, block in enumerate(self.prefix):
+            ids = None if expert_ids is None else expert_ids[i]
+            x, aux = call_block(block, x, ctx, cfg.remat_policy == "full", ids)
             auxes.append(jax.tree.map(lambda a: a[None], aux))
         if self.repeats:
             graphdef, state = nnx.split(self.stack)
 
-            def body(x, layer_state):
-                x, aux = nnx.merge(graphdef, layer_state)(x, ctx)
+            def body(x, xs):
+                layer_state, ids = xs
+                x, aux = nnx.merge(graphdef, layer_state)(x, ctx, ids)
                 return sharding.constrain(x, STREAM_AXES), aux
 
             if cfg.remat_policy == "full":
                 body = jax.checkpoint(body, prevent_cse=False)
-            x, aux = jax.lax.scan(body, x, state)  # aux leaves: [L, unit, ...]
+            ids = None
+            if expert_ids is not None:  # [repeats, unit, B, T, K] in the scan's order
+                n = len(self.prefix)
+                ids = expert_ids[n:].reshape((self.repeats, len(self.unit_ratios)) + expert_ids.shape[1:])
+            x, aux = jax.lax.scan(body, x, (state, ids))  # aux leaves: [L, unit, ...]
             auxes.append(jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), aux))
         aux = jax.tree.map(lambda *a: jnp.concatenate(a), *auxes)  # leaves: [num_layers, ...]
         return x, emb, aux
@@ -252,16 +265,21 @@ class DeepseekV4(nnx.Module):
 
     def forward_train(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                       positions: jax.Array | None = None, *, sparse_attention: bool = True,
-                      indexer_loss: bool = False, dense_target_in_sparse_phase: bool = False) -> TrainOutputs:
+                      indexer_loss: bool = False, dense_target_in_sparse_phase: bool = False,
+                      expert_ids: jax.Array | None = None) -> TrainOutputs:
         """The training forward: hidden states for a chunked loss, MTP hidden states, routing and indexer stats.
 
         `sparse_attention` / `indexer_loss` select CSA's phase (attention.Context, docs/training.md);
-        `dense_target_in_sparse_phase` is the benchmark baseline's earlier [B, T, C] objective.
+        `dense_target_in_sparse_phase` is the benchmark baseline's earlier [B, T, C] objective. `expert_ids`
+        [num_hidden_layers, B, T, K] int32 (natural order) replays a routing in the main layers ("keep routing":
+        the experts a rollout chose, gate weights from the current router); MTP modules route freely.
         """
         cfg = self.cfg
         ctx = self._context(tokens, segment_ids, positions, sparse_attention, indexer_loss,
                             dense_target_in_sparse_phase)
-        x, emb, (stats, idx_loss, idx_recall) = self._trunk(ctx)
+        if expert_ids is not None:
+            expert_ids = cp.to_layout(jnp.asarray(expert_ids, jnp.int32), ctx.context_size, axis=2)
+        x, emb, (stats, idx_loss, idx_recall) = self._trunk(ctx, expert_ids)
         hidden = self.norm(self.hc_head(x))
         mtp_hidden, mtp_stats, mtp_loss, mtp_recall = [], [], [], []
         streams, next_emb = x, emb
@@ -293,6 +311,7 @@ class DeepseekV4(nnx.Module):
             dropped_tokens=jnp.sum(stats.dropped) + sum(jnp.sum(s.dropped) for s in mtp_stats),
             indexer_loss=jnp.sum(jnp.where(csa, idx_loss, 0.0)) / n_csa,
             indexer_recall=jnp.sum(jnp.where(csa, idx_recall, 0.0)) / n_csa,
+            expert_ids=stats.expert_ids,
         )
 
     # ---- non-gradient updates -------------------------------------------------------------------

@@ -4,6 +4,10 @@ See docs/model.md (mixture of experts). Selection uses `scores + router_bias` (t
 bias, learned layers only); the gating weights are the unbiased scores of the selected experts, normalised to
 sum to one and multiplied by `routed_scaling_factor`. Hash layers select a fixed set of experts per token id
 (`tid2eid`).
+
+Routing replay ("keep routing", docs/training.md): `MoE.__call__(..., expert_ids=...)` takes the experts to use
+instead of selecting them (e.g. the ones an RL rollout chose); the gating weights are still computed from the
+current router's scores of those experts, so the router keeps its gradient.
 """
 
 from __future__ import annotations
@@ -33,15 +37,20 @@ def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, limit: flo
 
 
 def route(x: jax.Array, gate: jax.Array, bias: jax.Array | None, hash_idx: jax.Array | None, top_k: int,
-          scaling: float):
+          scaling: float, expert_ids: jax.Array | None = None):
     """Router: scores, selected experts and their gating weights.
+
+    `expert_ids` (optional, [N, K]) replaces the selection (routing replay); the weights are the current scores of
+    those experts, normalised as usual.
 
     Shapes: x [N, D]; gate [D, E]; bias [E] (learned layers) or hash_idx [N, K] (hash layers)
       -> scores [N, E] f32, idx [N, K] int32, weights [N, K] f32 (sum to `scaling` per token).
     """
     logits = x.astype(jnp.float32) @ gate.astype(jnp.float32)  # [N, E]
     scores = jnp.sqrt(jax.nn.softplus(logits))
-    if hash_idx is not None:
+    if expert_ids is not None:
+        idx = expert_ids.astype(jnp.int32)
+    elif hash_idx is not None:
         idx = hash_idx.astype(jnp.int32)
     else:
         _, idx = jax.lax.top_k(scores + bias.astype(jnp.float32), top_k)
@@ -178,9 +187,10 @@ class MoeStats:
     expert_counts: jax.Array  # [E] routed (token, slot) pairs per expert, padding excluded
     balance_loss: jax.Array  # [] sequence-wise balance loss (V3 form), unweighted
     dropped: jax.Array  # [] (token, slot) pairs dropped by a capacity limit (0 on the dropless paths)
+    expert_ids: jax.Array  # [B, T, K] int32 the experts each token was routed to (what routing replay takes)
 
 
-jax.tree_util.register_dataclass(MoeStats, data_fields=["expert_counts", "balance_loss", "dropped"],
+jax.tree_util.register_dataclass(MoeStats, data_fields=["expert_counts", "balance_loss", "dropped", "expert_ids"],
                                  meta_fields=[])
 
 
@@ -245,8 +255,10 @@ class MoE(nnx.Module):
         if cfg.n_shared_experts:
             self.shared = SharedExpert(cfg, rngs)
 
-    def __call__(self, x: jax.Array, tokens: jax.Array, mask: jax.Array) -> tuple[jax.Array, MoeStats]:
-        """Shapes: x [B, T, D] (normed block input), tokens [B, T] int32, mask [B, T] bool -> [B, T, D], stats."""
+    def __call__(self, x: jax.Array, tokens: jax.Array, mask: jax.Array,
+                 expert_ids: jax.Array | None = None) -> tuple[jax.Array, MoeStats]:
+        """Shapes: x [B, T, D] (normed block input), tokens [B, T] int32, mask [B, T] bool, expert_ids (optional
+        routing replay) [B, T, K] int32 -> [B, T, D], stats."""
         cfg = self.cfg
         b, t, d = x.shape
         dt = layers.dtype_of(cfg.dtype)
@@ -254,8 +266,9 @@ class MoE(nnx.Module):
         with jax.named_scope("moe/route"):
             hash_idx = self.tid2eid[...][tokens.reshape(-1)] if self.hash_layer else None
             bias = None if self.hash_layer else self.router_bias[...]
+            replay = None if expert_ids is None else expert_ids.reshape(b * t, -1)
             scores, idx, weights = route(flat, self.gate[...], bias, hash_idx, cfg.num_experts_per_tok,
-                                         cfg.routed_scaling_factor)
+                                         cfg.routed_scaling_factor, replay)
         xq = layers.qact(flat.astype(dt), cfg)
         aq = None if cfg.quant == "none" else (lambda h: layers.qact(h, cfg))
         with jax.named_scope("moe/experts"):
@@ -272,4 +285,4 @@ class MoE(nnx.Module):
         fmask = mask.reshape(-1).astype(jnp.float32)
         counts = jnp.sum(jax.nn.one_hot(idx, e) * fmask[:, None, None], axis=(0, 1))
         bal = balance_loss(scores.reshape(b, t, e), idx.reshape(b, t, k), mask, e, k)
-        return y.reshape(b, t, d).astype(x.dtype), MoeStats(counts, bal, dropped)
+        return y.reshape(b, t, d).astype(x.dtype), MoeStats(counts, bal, dropped, idx.reshape(b, t, k))

@@ -291,9 +291,33 @@ def _per_sequence_mean(x: jax.Array, weights: jax.Array, segment_ids: jax.Array)
     return (sums / jnp.maximum(counts, 1.0))[ids].reshape(b, t)
 
 
+def policy_log_probs(model: Any, micro: dict[str, jax.Array], *, sparse: bool, indexer_loss: bool = False,
+                     temperature: float = 1.0, chunk_size: int = 1024) -> tuple[jax.Array, Any]:
+    """log pi of each target under the sampling distribution of the rollouts, and the forward's outputs.
+
+    The logits are divided by `temperature`; with `kept_ids` / `kept_valid` [B, T, K] in `micro` ("keep sampling
+    mask") the softmax runs over the kept ids only (`kept_token_log_probs`), else over the vocabulary
+    (`token_log_probs`). With `expert_ids` [B, T, L, K] in `micro` ("keep routing") the main layers use those
+    experts. Shapes: micro [B, T] -> [B, T] float32.
+    """
+    replay = {} if "expert_ids" not in micro else {"expert_ids": jnp.transpose(micro["expert_ids"], (2, 0, 1, 3))}
+    out = model.forward_train(micro["tokens"], micro["segment_ids"], micro["positions"], sparse_attention=sparse,
+                              indexer_loss=indexer_loss, **replay)
+    hidden = out.hidden / temperature  # the logits are linear in the hidden state
+    if "kept_ids" not in micro:
+        return token_log_probs(hidden, model.head[...], micro["targets"], chunk_size=chunk_size), out
+    b, t = micro["targets"].shape
+    kept_valid = micro["kept_valid"].reshape(b * t, -1) > 0
+    # positions without a kept set (the prompt, padding: no loss) keep column 0, so that every softmax is finite
+    kept_valid = kept_valid | (~jnp.any(kept_valid, axis=-1, keepdims=True) & (jnp.arange(kept_valid.shape[1]) == 0))
+    logp = kept_token_log_probs(hidden.reshape(b * t, -1), model.head[...], micro["targets"].reshape(-1),
+                                micro["kept_ids"].reshape(b * t, -1), kept_valid)
+    return logp.reshape(b, t), out
+
+
 def grpo_loss(model: Any, micro: dict[str, jax.Array], counts: dict[str, Any], *, s: Any, sparse: bool,
               mtp_weight: jax.Array, kl_weight: float, eps_low: float = 0.2, eps_high: float = 0.2,
-              opsm_delta: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+              opsm_delta: float | None = None, temperature: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The GRPO objective as a `train.LossFn` (bind the keywords with functools.partial): packed rollouts in the
     batch format, one sequence per segment, plus per-token float32 fields:
 
@@ -302,15 +326,20 @@ def grpo_loss(model: Any, micro: dict[str, jax.Array], counts: dict[str, Any], *
       old_log_probs  log pi_old of each target (the sampling engine's)
       ref_log_probs  log pi_ref of each target (the reference model's)
 
+    and optionally the rollout's sampling mask (`kept_ids`, `kept_valid`) and routing (`expert_ids`), used as
+    `policy_log_probs` says; `temperature` is the sampler's.
     The per-token loss (`grpo_token_loss`, OPSM per (row, segment)) is averaged over the completion tokens of the
     whole batch (token mean: microbatches add up); balance and indexer terms as in pretraining, no MTP term.
     """
     del mtp_weight
-    out = model.forward_train(micro["tokens"], micro["segment_ids"], micro["positions"], sparse_attention=sparse,
-                              indexer_loss=s.indexer_weight > 0)
+    logp, out = policy_log_probs(model, micro, sparse=sparse, indexer_loss=s.indexer_weight > 0,
+                                 temperature=temperature, chunk_size=s.loss_chunk)
     mask = jnp.where(micro["segment_ids"] != 0, micro["loss_weights"].astype(jnp.float32), 0.0)
-    logp = token_log_probs(out.hidden, model.head[...], micro["targets"], chunk_size=s.loss_chunk)
-    old, ref, adv = micro["old_log_probs"], micro["ref_log_probs"], micro["advantages"]
+    # off the mask the terms are multiplied by 0: ratio 1 and KL 0 there keep them finite
+    on_policy = jax.lax.stop_gradient(logp)
+    old = jnp.where(mask > 0, micro["old_log_probs"], on_policy)
+    ref = jnp.where(mask > 0, micro["ref_log_probs"], on_policy)
+    adv = micro["advantages"]
     ratio = jnp.exp(logp - old)
     policy = clipped_policy_objective(logp, old, adv, eps_low=eps_low, eps_high=eps_high)
     if opsm_delta is not None:
@@ -332,7 +361,7 @@ def grpo_loss(model: Any, micro: dict[str, jax.Array], counts: dict[str, Any], *
 
 
 def make_grpo_loss(kl_weight: float, *, eps_low: float = 0.2, eps_high: float = 0.2,
-                   opsm_delta: float | None = None):
+                   opsm_delta: float | None = None, temperature: float = 1.0):
     """`grpo_loss` with its hyper-parameters bound: pass it as `train.make_train_step(..., loss_fn=...)`."""
     return functools.partial(grpo_loss, kl_weight=kl_weight, eps_low=eps_low, eps_high=eps_high,
-                             opsm_delta=opsm_delta)
+                             opsm_delta=opsm_delta, temperature=temperature)

@@ -160,6 +160,8 @@ class Run:
     data_stage: int | None = None  # the stage the open data iterator reads for
     unfit: dict[int, str] = dataclasses.field(default_factory=dict)  # stage -> why its memory plan does not fit
     _steps: dict[tuple[int, str], Callable] = dataclasses.field(default_factory=dict)  # by (stage, CSA phase)
+    record_extras: Callable[[int], dict[str, Any]] | None = None  # host metrics joined to the record at a step
+    progress_keys: tuple[str, ...] = ()  # record keys the progress line shows too
 
     @property
     def complete(self) -> bool:
@@ -440,7 +442,7 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
     nan_steps = set(opts.debug_nan_at_steps)
     guard = spikes.SpikeGuard(run.spike_settings or spikes.SpikeSettings(), batches_read=run.start)
     bad, window = _BadSteps(opts.max_bad_steps), _Window()
-    progress = _Progress(run.start, steps, run.primary, opts.progress)
+    progress = _Progress(run.start, steps, run.primary, opts.progress, run.progress_keys)
     step, failed = run.start, False
     pending = None  # (step, metrics) of the last step whose `update_ok` has not been looked at yet
     try:
@@ -486,7 +488,8 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
                         held_out = run.evaluator(run.state, sparse=train.sparse_at(run.settings, step - 1))
                         held_out["eval_seconds"] = time.perf_counter() - t_eval
                         window.exclude(held_out["eval_seconds"])
-                    rec = {**summarise(run, window, step), **guard.record(), **held_out}
+                    rec = {**summarise(run, window, step), **guard.record(), **held_out,
+                           **(run.record_extras(step) if run.record_extras else {})}
                     if run.writer:
                         run.writer.write(step, rec)
                     progress.log(step, rec)
@@ -553,8 +556,8 @@ def _fmt_time(seconds: float) -> str:
 class _Progress:
     """A tqdm bar on a terminal, otherwise one log line per record (both with rate and ETA)."""
 
-    def __init__(self, start: int, total: int, primary: bool, bar: bool | None):
-        self.primary, self.total, self.start = primary, total, start
+    def __init__(self, start: int, total: int, primary: bool, bar: bool | None, extra_keys: tuple[str, ...] = ()):
+        self.primary, self.total, self.start, self.extra_keys = primary, total, start, extra_keys
         self.t0 = time.perf_counter()
         self.bar = None
         if primary and (bar if bar is not None else sys.stderr.isatty()):
@@ -576,6 +579,7 @@ class _Progress:
         line = (f"step {step}/{self.total} [{rec['phase']}] loss {rec['loss']:.4f} mtp {rec['mtp_loss']:.4f} "
                 f"indexer {rec['indexer_loss']:.4f} grad_norm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} {speed} "
                 f"eta {_fmt_time(eta)}")
+        line += "".join(f" {k} {rec[k]:.4g}" for k in self.extra_keys if k in rec)
         if "eval_loss" in rec:
             line += f" | eval loss {rec['eval_loss']:.4f}" + (f" bpb {rec['eval_bits_per_byte']:.3f}"
                                                               if "eval_bits_per_byte" in rec else "")

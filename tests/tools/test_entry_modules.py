@@ -17,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 TOOLS = tuple(sorted(f"tools.{p.stem}" for p in (REPO / "tools").glob("*.py") if p.stem != "__init__"))
 IMPORTED_IN_PROCESS = (
     "experiments.flags", "experiments.generate", "experiments.init_weights", "experiments.preflight",
-    "experiments.run", "experiments.spikes", "experiments.held_out", "experiments.teachers", *TOOLS,
+    "experiments.run", "experiments.spikes", "experiments.held_out", "experiments.teachers", "experiments.grpo", *TOOLS,
 )
 
 
