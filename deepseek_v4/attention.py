@@ -5,7 +5,9 @@ docs/model.md, "Attention". The heavy math (window + compressed attention, the l
 indexer queries and keys), the indexer's KL objective and the output projection. The pieces are functions
 (`entry_slots`, `compress` = `pool` of `compressor_features`, `Attention.queries` / `key_value` /
 `compressed_entries` / `rotate_entries` / `indexer_queries` / `indexer_keys` / `dense_core` / `output`) so that
-the inference cache (deepseek_v4/kv_cache.py) reuses them.
+the inference cache (deepseek_v4/kv_cache.py) reuses them. `Attention.__call__` is the layer's one dispatch;
+the steps that look along the sequence come from `WholeSequence` (whole rows per device) or, under context
+parallelism, `context_parallel.SplitSequence` (docs/sharding.md).
 
 Packed sequences (docs/packing.md): windows never cross a document, and each document is compressed from its
 own first token: its entry j pools its tokens [j*m, (j+1)*m) (CSA: plus the previous window of the same
