@@ -9,8 +9,8 @@ along the sequence runs per chunk inside `shard_map` (docs/sharding.md, "Context
     on one device (per-document windows come from the natural-order segment ids, docs/packing.md);
   - compressed entries and the indexer's keys: each rank pools its chunks' slots, then all-gathers them over
     `context` into the natural slot order; a query sees them through the usual admissibility rule (entry_end <=
-    row, same document) with rows shifted to the chunk's frame, so the gathered set padded with not-yet-visible
-    entries is the rank's visible set; CSA's top-k picks from the whole gathered set (global entry indices).
+    its sequence position, same document), so the gathered set padded with not-yet-visible entries is the
+    rank's visible set; CSA's top-k picks from the whole gathered set (global entry indices).
 A chunk's frame is [halo rows; chunk rows]: the kernels run on it and the halo rows' outputs are dropped. The
 window is local to the frame; entries keep their sequence positions (entry_end), and the kernels get the
 frame's first position as `query_offset` (docs/kernels.md), so every kernel (reference or Pallas) runs here.
