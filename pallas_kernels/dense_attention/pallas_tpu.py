@@ -325,7 +325,8 @@ def _forward(q, kv, entries, entry_keys, offset, sink, segment_ids, ratio, windo
         cost_estimate=_cost(g, e, q.dtype.itemsize, backward=False),
         interpret=interpret,
         name="dense_fwd_tpu",
-    )(a["off"], a["q_rows"], a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"], a["eseg"], sink_rows(sink, g.block_q))
+    )(a["off"], a["q_rows"], a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"], a["eseg"],
+      sink_rows(sink, g.block_q))
     return o_rows.reshape(B, g.Tp, N, H)[:, :T], (a, entries, o_rows, lse, sink)
 
 

@@ -26,7 +26,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.attention_base.common import NEG_INF, query_offset_array, candidate_entries, dot_nt, entry_block_mask
+from pallas_kernels.attention_base.common import (
+    NEG_INF,
+    candidate_entries,
+    dot_nt,
+    entry_block_mask,
+    query_offset_array,
+)
 from pallas_kernels.attention_base.window_gpu import check_pow2
 from pallas_kernels.lightning_indexer.common import chunked_topk, indexer_layout, score_cost
 

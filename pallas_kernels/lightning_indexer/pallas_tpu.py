@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.attention_base.common import NEG_INF, query_offset_array, dot_nt, entry_block_mask
+from pallas_kernels.attention_base.common import NEG_INF, dot_nt, entry_block_mask, query_offset_array
 from pallas_kernels.lightning_indexer.common import chunked_topk, indexer_layout, score_cost
 
 
