@@ -5,7 +5,9 @@ docs/model.md, "Attention". The heavy math (window + compressed attention, the l
 indexer queries and keys), the indexer's KL objective and the output projection. The pieces are functions
 (`entry_slots`, `compress` = `pool` of `compressor_features`, `Attention.queries` / `key_value` /
 `compressed_entries` / `rotate_entries` / `indexer_queries` / `indexer_keys` / `dense_core` / `output`) so that
-the inference cache (deepseek_v4/kv_cache.py) reuses them.
+the inference cache (deepseek_v4/kv_cache.py) reuses them. `Attention.__call__` is the layer's one dispatch;
+the steps that look along the sequence come from `WholeSequence` (whole rows per device) or, under context
+parallelism, `context_parallel.SplitSequence` (docs/sharding.md).
 
 Packed sequences (docs/packing.md): windows never cross a document, and each document is compressed from its
 own first token: its entry j pools its tokens [j*m, (j+1)*m) (CSA: plus the previous window of the same
@@ -345,12 +347,13 @@ class Attention(nnx.Module):
     # ------------------------------------------------------------------ the layer
 
     def __call__(self, x: jax.Array, ctx: Context) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Shapes: x [B, T, D] (normed) -> out [B, T, D], indexer_loss [], indexer_recall []."""
-        if ctx.context_size > 1:
-            from deepseek_v4 import context_parallel  # imports this module
+        """Shapes: x [B, T, D] (normed) -> out [B, T, D], indexer_loss [], indexer_recall [].
 
-            return context_parallel.attention_layer(self, x, ctx)
+        The one dispatch of the layer, for whole rows and for rows split over `context` alike: the steps that
+        look along the sequence come from `sequence_steps(ctx)`.
+        """
         cfg = self.cfg
+        steps = self.sequence_steps(ctx)
         x = x.astype(layers.dtype_of(cfg.dtype))
         cos, sin = self.rope_tables(ctx.positions)
         seg = ctx.segment_ids
@@ -360,49 +363,49 @@ class Attention(nnx.Module):
         zero = jnp.zeros((), jnp.float32)
         loss, recall = zero, zero
         if self.kind == "sliding":
-            o = self.dense_core(q, kv, None, None, seg)
+            o = steps.dense_core(q, kv, None, None, seg)
         else:
             with jax.named_scope("attn/compress"):
-                slots = entry_slots(seg, self.ratio)
-                entries = self.compressed_entries(x, slots, ctx.positions)
+                slots, entries = steps.compressed_entries(x)
             if self.kind == "hca":
-                o = self.dense_core(q, kv, entries, slots, seg)
+                o = steps.dense_core(q, kv, entries, slots, seg)
             else:
-                o, loss, recall = self._csa(x, c_q, q, kv, entries, slots, cos, sin, ctx)
+                o, loss, recall = self._csa(steps, x, c_q, q, kv, entries, slots, cos, sin, ctx)
         with jax.named_scope("attn/out"):
             out = self.output(o, cos, sin)
         return out, loss, recall
 
-    def _csa(self, x, c_q, q, kv, entries, slots: EntrySlots, cos, sin, ctx: Context):
+    def sequence_steps(self, ctx: Context):
+        """`WholeSequence` (every device holds whole rows), or `context_parallel.SplitSequence` (rows split over
+        `context`, ctx.context_size > 1): the same methods, so `__call__` is one dispatch for both."""
+        if ctx.context_size > 1:
+            from deepseek_v4 import context_parallel  # imports this module
+
+            return context_parallel.SplitSequence(self, ctx)
+        return WholeSequence(self, ctx)
+
+    def _csa(self, steps, x, c_q, q, kv, entries, slots: EntrySlots, cos, sin, ctx: Context):
+        """CSA's phases (docs/training.md): dense, dense with the indexer's KL, sparse (top-k), sparse with KL."""
         cfg = self.cfg
         seg = ctx.segment_ids
-        sink = self.attn_sink[...]
-        with jax.named_scope("attn/indexer"):
-            q_idx, k_idx, w_idx = self.indexer_inputs(x, c_q, slots, ctx.positions, cos, sin)
         zero = jnp.zeros((), jnp.float32)
         if not (ctx.sparse_attention or ctx.indexer_loss):
-            return self.dense_core(q, kv, entries, slots, seg), zero, zero
-
-        def select(q_idx, k_idx, w_idx, entry_seg, entry_end, seg):
-            return lightning_indexer(q_idx, k_idx, w_idx, entry_seg, seg, ratio=self.ratio, topk=cfg.index_topk,
-                                     entry_end=entry_end, **kernel_options(cfg))
-
-        args = tuple(jax.lax.stop_gradient(a) for a in (q_idx, k_idx, w_idx)) + (slots.segment, slots.end, seg)
-        topk_shape = q_idx.shape[:2] + (min(cfg.index_topk, k_idx.shape[1]),)
-        # Under jax.checkpoint, JAX's partial evaluation for the gradient cannot hoist the top-k's per-block
-        # admissibility masks out of the layer scan as one stacked [T, C] residual (they depend only on the row's
-        # layout); nothing is recomputed, the top-k has no gradient.
-        topk = jax.checkpoint(lambda *a: per_shard(select, a, INDEXER_ARG_AXES, SELECTED_AXES, topk_shape))(*args)
+            return steps.dense_core(q, kv, entries, slots, seg), zero, zero
+        if ctx.dense_target_in_sparse_phase and ctx.context_size > 1:
+            raise ValueError("dense_target_in_sparse_phase (the benchmark's quadratic baseline) does not run under "
+                             "context parallelism")
+        with jax.named_scope("attn/indexer"):
+            q_idx, k_idx, w_idx = steps.indexer_inputs(x, c_q, slots, cos, sin)
+        topk = steps.select(q_idx, k_idx, w_idx, slots, seg)
         if not ctx.sparse_attention:  # dense attention, the indexer trained on the dense distribution
-            o = self.dense_core(q, kv, entries, slots, seg)
-            loss, recall = dense_indexer_kl(q, kv, entries, slots, sink, seg, q_idx, k_idx, w_idx, topk,
-                                            ratio=self.ratio, window=cfg.sliding_window)
+            o = steps.dense_core(q, kv, entries, slots, seg)
+            loss, recall = steps.dense_indexer_kl(q, kv, entries, slots, seg, q_idx, k_idx, w_idx, topk)
             return o, loss, recall
-        kernel = functools.partial(sparse_attention, window=cfg.sliding_window, **kernel_options(cfg))
-        o = per_shard(kernel, (q, kv, entries, topk, sink, seg), SPARSE_ARG_AXES, Q_AXES, q.shape)
+        o = steps.sparse_core(q, kv, entries, topk, seg)
         if not ctx.indexer_loss:
             return o, zero, zero
         if ctx.dense_target_in_sparse_phase:
+            sink = self.attn_sink[...]
             _, mass = dense_attention_and_entry_mass(q, kv, entries, slots.segment, sink, seg, ratio=self.ratio,
                                                      window=cfg.sliding_window, entry_end=slots.end)
             scores = indexer_scores(q_idx, k_idx, w_idx, slots.segment, seg, ratio=self.ratio, entry_end=slots.end)
@@ -410,12 +413,63 @@ class Attention(nnx.Module):
             picked = jnp.sum(jnp.take_along_axis(target, jnp.maximum(topk, 0), -1) * (topk >= 0), -1)
             n = jnp.maximum(jnp.sum(has), 1)
             return o, jnp.sum(jnp.where(has, kl, 0.0)) / n, jnp.sum(jnp.where(has, picked, 0.0)) / n
-        # The KL's inputs, [B, T, K], in pure JAX on the global arrays: XLA partitions them (the mass sums over
-        # every head, so it must not run per head shard).
-        mass = selected_entry_mass(q, kv, entries, topk, sink, seg, window=cfg.sliding_window)
-        scores = selected_indexer_scores(q_idx, k_idx, w_idx, topk)
+        mass, scores = steps.selected_mass_and_scores(q, kv, entries, topk, seg, q_idx, k_idx, w_idx)
         loss, recall = selected_set_kl(mass, scores, topk)
         return o, loss, recall
+
+
+class WholeSequence:
+    """The steps of an attention layer that look along the sequence, when every device holds whole rows.
+
+    Each step runs its kernel per shard (`per_shard`: batch split, query heads over `tensor`).
+    `context_parallel.SplitSequence` has the same methods for rows split over `context`.
+    """
+
+    def __init__(self, layer: Attention, ctx: Context):
+        self.layer, self.ctx, self.cfg = layer, ctx, layer.cfg
+
+    def compressed_entries(self, x: jax.Array) -> tuple[EntrySlots, jax.Array]:
+        """Slots [B, C] and rotated entries [B, C, H] (x's dtype) of x [B, T, D]."""
+        slots = entry_slots(self.ctx.segment_ids, self.layer.ratio)
+        return slots, self.layer.compressed_entries(x, slots, self.ctx.positions)
+
+    def indexer_inputs(self, x, c_q, slots: EntrySlots, cos, sin):
+        return self.layer.indexer_inputs(x, c_q, slots, self.ctx.positions, cos, sin)
+
+    def dense_core(self, q, kv, entries, slots: EntrySlots | None, segment_ids) -> jax.Array:
+        return self.layer.dense_core(q, kv, entries, slots, segment_ids)
+
+    def select(self, q_idx, k_idx, w_idx, slots: EntrySlots, segment_ids) -> jax.Array:
+        """The lightning indexer's top-k [B, T, K] (no gradient)."""
+        cfg, ratio = self.cfg, self.layer.ratio
+
+        def select(q_idx, k_idx, w_idx, entry_seg, entry_end, seg):
+            return lightning_indexer(q_idx, k_idx, w_idx, entry_seg, seg, ratio=ratio, topk=cfg.index_topk,
+                                     entry_end=entry_end, **kernel_options(cfg))
+
+        args = tuple(jax.lax.stop_gradient(a) for a in (q_idx, k_idx, w_idx)) + (slots.segment, slots.end,
+                                                                                 segment_ids)
+        topk_shape = q_idx.shape[:2] + (min(cfg.index_topk, k_idx.shape[1]),)
+        # Under jax.checkpoint, JAX's partial evaluation for the gradient cannot hoist the top-k's per-block
+        # admissibility masks out of the layer scan as one stacked [T, C] residual (they depend only on the row's
+        # layout); nothing is recomputed, the top-k has no gradient.
+        return jax.checkpoint(lambda *a: per_shard(select, a, INDEXER_ARG_AXES, SELECTED_AXES, topk_shape))(*args)
+
+    def dense_indexer_kl(self, q, kv, entries, slots: EntrySlots, segment_ids, q_idx, k_idx, w_idx, topk):
+        return dense_indexer_kl(q, kv, entries, slots, self.layer.attn_sink[...], segment_ids, q_idx, k_idx, w_idx,
+                                topk, ratio=self.layer.ratio, window=self.cfg.sliding_window)
+
+    def sparse_core(self, q, kv, entries, topk, segment_ids) -> jax.Array:
+        kernel = functools.partial(sparse_attention, window=self.cfg.sliding_window, **kernel_options(self.cfg))
+        args = (q, kv, entries, topk, self.layer.attn_sink[...], segment_ids)
+        return per_shard(kernel, args, SPARSE_ARG_AXES, Q_AXES, q.shape)
+
+    def selected_mass_and_scores(self, q, kv, entries, topk, segment_ids, q_idx, k_idx, w_idx):
+        """The selected-set KL's inputs, [B, T, K], in pure JAX on the global arrays: XLA partitions them (the
+        mass sums over every head, so it must not run per head shard)."""
+        mass = selected_entry_mass(q, kv, entries, topk, self.layer.attn_sink[...], segment_ids,
+                                   window=self.cfg.sliding_window)
+        return mass, selected_indexer_scores(q_idx, k_idx, w_idx, topk)
 
 
 def _kl_terms(mass, scores, valid):

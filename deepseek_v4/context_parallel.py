@@ -9,11 +9,13 @@ along the sequence runs per chunk inside `shard_map` (docs/sharding.md, "Context
     on one device (per-document windows come from the natural-order segment ids, docs/packing.md);
   - compressed entries and the indexer's keys: each rank pools its chunks' slots, then all-gathers them over
     `context` into the natural slot order; a query sees them through the usual admissibility rule (entry_end <=
-    row, same document) with rows shifted to the chunk's frame, so the gathered set padded with not-yet-visible
-    entries is the rank's visible set; CSA's top-k picks from the whole gathered set (global entry indices).
-A chunk's frame is [halo rows; chunk rows]: the kernels run on it and the halo rows' outputs are dropped.
-Kernels that skip entry slots by row (the Pallas dense attention and lightning indexer assume entry_end >=
-slot * ratio) run their reference path here; window-only and sparse attention keep the chosen kernel.
+    its sequence position, same document), so the gathered set padded with not-yet-visible entries is the
+    rank's visible set; CSA's top-k picks from the whole gathered set (global entry indices).
+A chunk's frame is [halo rows; chunk rows]: the kernels run on it and the halo rows' outputs are dropped. The
+window is local to the frame; entries keep their sequence positions (entry_end), and the kernels get the
+frame's first position as `query_offset` (docs/kernels.md), so every kernel (reference or Pallas) runs here.
+`SplitSequence` holds these steps under the method names of `attention.WholeSequence`: `Attention.__call__`
+is the one dispatch for both.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_v4 import attention as attn
-from deepseek_v4 import layers, quant, rope
+from deepseek_v4 import quant, rope
 from pallas_kernels.dense_attention import dense_attention, entry_mass_by_query_block
 from pallas_kernels.lightning_indexer import block_scores, lightning_indexer, selected_indexer_scores
 from pallas_kernels.sparse_attention import selected_entry_mass, sparse_attention
@@ -34,6 +36,9 @@ HALO_SEGMENT = -3  # segment id of the rows before the sequence's first chunk: m
 LAYOUT_ENTRY_AXES = ("batch", "seq", "head_dim")  # entries in layout slot order: split over context like tokens
 NATURAL_SLOT_AXES = ("batch", "kv_seq")  # slot metadata in natural order: whole on every context rank
 TOKEN_HEADS_WHOLE = ("batch", "seq", None, "head_dim")  # queries with every head (sums over heads)
+# The sparse steps' arguments (q, kv, segment ids, top-k, entries, sink).
+SPARSE_AXES = (attn.Q_AXES, ("batch", "seq", "head_dim"), attn.TOKEN_AXES, attn.SELECTED_AXES, LAYOUT_ENTRY_AXES,
+               ("heads",))
 
 
 def model_granularity(cfg) -> tuple[int, int]:
@@ -116,162 +121,143 @@ def _window_kernel(size, halo, kernel, q, kv, seg, *rest):
     return _both_chunks([kernel(fq, fk, fs, *rest) for (fk, fs, fq), _ in frames], halo)
 
 
-def dense_core(layer, q, kv, entries, slots, segment_ids, size: int) -> jax.Array:
-    """Window + every admissible entry (entries None: sliding layers), per chunk. Shapes: -> [B, T, N, H]."""
-    cfg = layer.cfg
-    window, halo = cfg.sliding_window, cfg.sliding_window
-    options = dict(attn._KERNEL_OPTIONS)
-    sink = layer.attn_sink[...]
-    if entries is None:
-        def kernel(fq, fk, fs, sink):
-            b = fq.shape[0]
-            none = jnp.zeros((b, 0), jnp.int32)
-            return dense_attention(fq, fk, jnp.zeros((b, 0, cfg.head_dim), fq.dtype), none, sink, fs,
-                                   ratio=cfg.csa_ratio, window=window, entry_end=none, **options)
+class SplitSequence:
+    """The steps of an attention layer that look along the sequence, with rows split over `context` (layout
+    order): the methods of `attention.WholeSequence`, each per chunk frame inside `shard_map`."""
 
-        body = functools.partial(_window_kernel, size, halo, kernel)
-        return attn.per_shard(body, (q, kv, segment_ids, sink), (attn.Q_AXES, ("batch", "seq", "head_dim"),
-                                                                  attn.TOKEN_AXES, ("heads",)), attn.Q_AXES, q.shape)
-    options["impl"] = "reference"  # the Pallas kernels skip slots by row: see the module docstring
+    def __init__(self, layer, ctx):
+        self.layer, self.ctx, self.cfg, self.size = layer, ctx, layer.cfg, ctx.context_size
+        self.options = attn.kernel_options(layer.cfg)
 
-    def body(q, kv, seg, entries, entry_seg, entry_end, sink):
-        frames, tc = _frames(size, halo, (kv, seg), ((0, q),))
-        entries = cp.natural_chunks(entries, size)
-        outs = [dense_attention(fq, fk, entries, entry_seg, sink, fs, ratio=layer.ratio, window=window,
-                                entry_end=entry_end - (g * tc - halo), **options) for (fk, fs, fq), g in frames]
-        return _both_chunks(outs, halo)
+    def compressed_entries(self, x: jax.Array) -> tuple[attn.EntrySlots, jax.Array]:
+        """Slots [B, C] (natural order) and rotated entries [B, C, H] (layout slot order, x's dtype)."""
+        layer, ctx = self.layer, self.ctx
+        slots = attn.entry_slots(ctx.natural_segment_ids, layer.ratio)
+        entries = compressed_entries(layer.compressor, x, slots, ctx.natural_positions, layer.rope_tables,
+                                     self.size)
+        return slots, entries.astype(x.dtype)
 
-    args = (q, kv, segment_ids, entries, slots.segment, slots.end, sink)
-    axes = (attn.Q_AXES, ("batch", "seq", "head_dim"), attn.TOKEN_AXES, LAYOUT_ENTRY_AXES, NATURAL_SLOT_AXES,
-            NATURAL_SLOT_AXES, ("heads",))
-    return attn.per_shard(body, args, axes, attn.Q_AXES, q.shape)
+    def indexer_inputs(self, x, c_q, slots, cos, sin):
+        """The lightning indexer's queries [B, T, NI, HI], keys [B, C, HI] (layout slot order), head weights."""
+        layer = self.layer
+        xi, cqi = jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q)
+        k_idx = compressed_entries(layer.indexer.compressor, xi, slots, self.ctx.natural_positions,
+                                   layer.rope_tables, self.size)
+        q_idx, w_idx = layer.indexer_queries(xi, cqi, cos, sin)  # the queries' FP4 QAT happens there
+        if self.cfg.quant == "fp4":  # the keys' as in `Attention.indexer_keys` (the release stores them in MXFP4)
+            k_idx = quant.fake_quant_mxfp4(k_idx)
+        return q_idx, k_idx, w_idx
 
+    def dense_core(self, q, kv, entries, slots, segment_ids) -> jax.Array:
+        """Window + every admissible entry (entries None: sliding layers), per chunk. Shapes: -> [B, T, N, H]."""
+        cfg, size, layer = self.cfg, self.size, self.layer
+        window = halo = cfg.sliding_window
+        options = self.options
+        sink = layer.attn_sink[...]
+        if entries is None:
+            def kernel(fq, fk, fs, sink):
+                b = fq.shape[0]
+                none = jnp.zeros((b, 0), jnp.int32)
+                return dense_attention(fq, fk, jnp.zeros((b, 0, cfg.head_dim), fq.dtype), none, sink, fs,
+                                       ratio=cfg.csa_ratio, window=window, entry_end=none, **options)
 
-def indexer_inputs(layer, x, c_q, slots, natural_positions, cos, sin, size: int):
-    """The lightning indexer's queries [B, T, NI, HI], keys [B, C, HI] (layout slot order), head weights."""
-    cfg, idx = layer.cfg, layer.indexer
-    xi, cqi = jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q)
-    k_idx = compressed_entries(idx.compressor, xi, slots, natural_positions, layer.rope_tables, size)
-    q_idx, w_idx = layer.indexer_queries(xi, cqi, cos, sin)  # the queries' FP4 QAT happens there
-    if cfg.quant == "fp4":  # the keys' as in `Attention.indexer_keys` (the release stores them in MXFP4)
-        k_idx = quant.fake_quant_mxfp4(k_idx)
-    return q_idx, k_idx, w_idx
+            body = functools.partial(_window_kernel, size, halo, kernel)
+            return attn.per_shard(body, (q, kv, segment_ids, sink),
+                                  (attn.Q_AXES, ("batch", "seq", "head_dim"), attn.TOKEN_AXES, ("heads",)),
+                                  attn.Q_AXES, q.shape)
 
+        def body(q, kv, seg, entries, entry_seg, entry_end, sink):
+            frames, tc = _frames(size, halo, (kv, seg), ((0, q),))
+            entries = cp.natural_chunks(entries, size)
+            outs = [dense_attention(fq, fk, entries, entry_seg, sink, fs, ratio=layer.ratio, window=window,
+                                    entry_end=entry_end, query_offset=g * tc - halo, **options)
+                    for (fk, fs, fq), g in frames]
+            return _both_chunks(outs, halo)
 
-def csa(layer, x, c_q, q, kv, entries, slots, cos, sin, ctx, size: int):
-    """CSA under context parallelism: top-k from the gathered entries, sparse attention, the indexer's KL."""
-    cfg = layer.cfg
-    seg, sink, window, halo = ctx.segment_ids, layer.attn_sink[...], cfg.sliding_window, cfg.sliding_window
-    zero = jnp.zeros((), jnp.float32)
-    if not (ctx.sparse_attention or ctx.indexer_loss):
-        return dense_core(layer, q, kv, entries, slots, seg, size), zero, zero
-    if ctx.dense_target_in_sparse_phase:
-        raise ValueError("dense_target_in_sparse_phase (the benchmark's quadratic baseline) does not run under "
-                         "context parallelism")
-    q_idx, k_idx, w_idx = indexer_inputs(layer, x, c_q, slots, ctx.natural_positions, cos, sin, size)
-    k = min(cfg.index_topk, slots.end.shape[1])
-    reference = dict(attn._KERNEL_OPTIONS, impl="reference")  # slot skipping by row: see the module docstring
+        args = (q, kv, segment_ids, entries, slots.segment, slots.end, sink)
+        axes = (attn.Q_AXES, ("batch", "seq", "head_dim"), attn.TOKEN_AXES, LAYOUT_ENTRY_AXES, NATURAL_SLOT_AXES,
+                NATURAL_SLOT_AXES, ("heads",))
+        return attn.per_shard(body, args, axes, attn.Q_AXES, q.shape)
 
-    def select(q_idx, w_idx, seg, k_idx, entry_seg, entry_end):
-        frames, tc = _frames(size, 0, (), ((0, q_idx), (0, w_idx), (HALO_SEGMENT, seg)))
-        k_idx = cp.natural_chunks(k_idx, size)
-        return _both_chunks([lightning_indexer(fq, k_idx, fw, entry_seg, fs, ratio=layer.ratio, topk=cfg.index_topk,
-                                               entry_end=entry_end - g * tc, **reference)
-                             for (fq, fw, fs), g in frames], 0)
+    def select(self, q_idx, k_idx, w_idx, slots, segment_ids) -> jax.Array:
+        """The lightning indexer's top-k [B, T, K] per chunk (global entry indices; no gradient)."""
+        cfg, size, ratio, options = self.cfg, self.size, self.layer.ratio, self.options
+        k = min(cfg.index_topk, slots.end.shape[1])
 
-    args = tuple(jax.lax.stop_gradient(a) for a in (q_idx, w_idx)) + (seg, jax.lax.stop_gradient(k_idx),
-                                                                       slots.segment, slots.end)
-    axes = (attn.TOKEN_AXES + (None, None), attn.TOKEN_AXES + (None,), attn.TOKEN_AXES, LAYOUT_ENTRY_AXES,
-            NATURAL_SLOT_AXES, NATURAL_SLOT_AXES)
-    topk = jax.checkpoint(lambda *a: attn.per_shard(select, a, axes, attn.SELECTED_AXES, q.shape[:2] + (k,)))(*args)
-    if not ctx.sparse_attention:  # dense attention, the indexer trained on the dense distribution
-        o = dense_core(layer, q, kv, entries, slots, seg, size)
-        loss, recall = dense_indexer_kl(layer, q, kv, entries, slots, sink, seg, q_idx, k_idx, w_idx, topk, size)
-        return o, loss, recall
+        def select(q_idx, w_idx, seg, k_idx, entry_seg, entry_end):
+            frames, tc = _frames(size, 0, (), ((0, q_idx), (0, w_idx), (HALO_SEGMENT, seg)))
+            k_idx = cp.natural_chunks(k_idx, size)
+            return _both_chunks([lightning_indexer(fq, k_idx, fw, entry_seg, fs, ratio=ratio, topk=cfg.index_topk,
+                                                   entry_end=entry_end, query_offset=g * tc, **options)
+                                 for (fq, fw, fs), g in frames], 0)
 
-    def attend(fn, q, kv, seg, topk, entries, sink):
-        frames, _ = _frames(size, halo, (kv, seg), ((0, q), (-1, topk)))
+        args = tuple(jax.lax.stop_gradient(a) for a in (q_idx, w_idx)) + (
+            segment_ids, jax.lax.stop_gradient(k_idx), slots.segment, slots.end)
+        axes = (attn.TOKEN_AXES + (None, None), attn.TOKEN_AXES + (None,), attn.TOKEN_AXES, LAYOUT_ENTRY_AXES,
+                NATURAL_SLOT_AXES, NATURAL_SLOT_AXES)
+        shape = q_idx.shape[:2] + (k,)
+        return jax.checkpoint(lambda *a: attn.per_shard(select, a, axes, attn.SELECTED_AXES, shape))(*args)
+
+    def _attend(self, fn, q, kv, seg, topk, entries, sink):
+        """shard_map body: `fn` (sparse attention or its selected mass) per chunk frame."""
+        size, window = self.size, self.cfg.sliding_window
+        frames, _ = _frames(size, window, (kv, seg), ((0, q), (-1, topk)))
         entries = cp.natural_chunks(entries, size)
         return _both_chunks([fn(fq, fk, entries, ft, sink, fs, window=window) for (fk, fs, fq, ft), _ in frames],
-                            halo)
+                            window)
 
-    kernel = functools.partial(sparse_attention, **attn._KERNEL_OPTIONS)
-    args = (q, kv, seg, topk, entries, sink)
-    axes = (attn.Q_AXES, ("batch", "seq", "head_dim"), attn.TOKEN_AXES, attn.SELECTED_AXES, LAYOUT_ENTRY_AXES,
-            ("heads",))
-    o = attn.per_shard(functools.partial(attend, kernel), args, axes, attn.Q_AXES, q.shape)
-    if not ctx.indexer_loss:
-        return o, zero, zero
-    # The KL's inputs, [B, T, K]: every head on each shard (the mass sums over heads).
-    mass_axes = (TOKEN_HEADS_WHOLE,) + axes[1:5] + ((None,),)
-    mass = attn.per_shard(functools.partial(attend, selected_entry_mass), args, mass_axes, attn.SELECTED_AXES,
-                          topk.shape)
+    def sparse_core(self, q, kv, entries, topk, segment_ids) -> jax.Array:
+        kernel = functools.partial(sparse_attention, **self.options)
+        return attn.per_shard(functools.partial(self._attend, kernel), self._sparse_args(q, kv, entries, topk,
+                                                                                         segment_ids),
+                              SPARSE_AXES, attn.Q_AXES, q.shape)
 
-    def scores_body(q_idx, w_idx, topk, k_idx):
-        return selected_indexer_scores(q_idx, cp.natural_chunks(k_idx, size), w_idx, topk)
+    def _sparse_args(self, q, kv, entries, topk, segment_ids):
+        return (q, kv, segment_ids, topk, entries, self.layer.attn_sink[...])
 
-    scores = attn.per_shard(scores_body, (q_idx, w_idx, topk, k_idx),
-                            (attn.TOKEN_AXES + (None, None), attn.TOKEN_AXES + (None,), attn.SELECTED_AXES,
-                             LAYOUT_ENTRY_AXES), attn.SELECTED_AXES, topk.shape)
-    loss, recall = attn.selected_set_kl(mass, scores, topk)
-    return o, loss, recall
+    def selected_mass_and_scores(self, q, kv, entries, topk, segment_ids, q_idx, k_idx, w_idx):
+        """The selected-set KL's inputs, [B, T, K]: every head on each shard (the mass sums over heads)."""
+        size = self.size
+        mass_axes = (TOKEN_HEADS_WHOLE,) + SPARSE_AXES[1:5] + ((None,),)
+        mass = attn.per_shard(functools.partial(self._attend, selected_entry_mass),
+                              self._sparse_args(q, kv, entries, topk, segment_ids), mass_axes, attn.SELECTED_AXES,
+                              topk.shape)
 
+        def scores_body(q_idx, w_idx, topk, k_idx):
+            return selected_indexer_scores(q_idx, cp.natural_chunks(k_idx, size), w_idx, topk)
 
-def dense_indexer_kl(layer, q, kv, entries, slots, sink, segment_ids, q_idx, k_idx, w_idx, topk, size: int):
-    """The warm-up's indexer objective (attention.dense_indexer_kl) per chunk frame: per-query KL, recall and
-    whether the query has target mass come out of the shard_map, and their means are taken over the whole batch."""
-    window = halo = layer.cfg.sliding_window
-    q, kv, entries, sink = (jax.lax.stop_gradient(a) for a in (q, kv, entries, sink))
+        scores = attn.per_shard(scores_body, (q_idx, w_idx, topk, k_idx),
+                                (attn.TOKEN_AXES + (None, None), attn.TOKEN_AXES + (None,), attn.SELECTED_AXES,
+                                 LAYOUT_ENTRY_AXES), attn.SELECTED_AXES, topk.shape)
+        return mass, scores
 
-    def body(q, kv, seg, topk, q_idx, w_idx, entries, k_idx, entry_seg, entry_end, sink):
-        frames, tc = _frames(size, halo, (kv, seg), ((0, q), (-1, topk), (0, q_idx), (0, w_idx)))
-        entries, k_idx = cp.natural_chunks(entries, size), cp.natural_chunks(k_idx, size)
-        outs = []
-        for (fk, fs, fq, ft, fqi, fw), g in frames:
-            end = entry_end - (g * tc - halo)
+    def dense_indexer_kl(self, q, kv, entries, slots, segment_ids, q_idx, k_idx, w_idx, topk):
+        """The warm-up's indexer objective (attention.dense_indexer_kl) per chunk frame: per-query KL, recall and
+        whether the query has target mass come out of the shard_map; their means are over the whole batch."""
+        size, ratio = self.size, self.layer.ratio
+        window = halo = self.cfg.sliding_window
+        q, kv, entries, sink = (jax.lax.stop_gradient(a) for a in (q, kv, entries, self.layer.attn_sink[...]))
 
-            def block_fn(mass, q_pos, q_seg, q_idx_b, w_idx_b, topk_b, end=end):
-                scores = block_scores(q_idx_b, w_idx_b, q_pos, q_seg, k_idx, entry_seg, end)
+        def body(q, kv, seg, topk, q_idx, w_idx, entries, k_idx, entry_seg, entry_end, sink):
+            frames, tc = _frames(size, halo, (kv, seg), ((0, q), (-1, topk), (0, q_idx), (0, w_idx)))
+            entries, k_idx = cp.natural_chunks(entries, size), cp.natural_chunks(k_idx, size)
+
+            def block_fn(mass, q_pos, q_seg, q_idx_b, w_idx_b, topk_b):  # q_pos: sequence positions
+                scores = block_scores(q_idx_b, w_idx_b, q_pos, q_seg, k_idx, entry_seg, entry_end)
                 kl, target, has = attn._kl_terms(mass, scores, jnp.isfinite(scores))
                 picked = jnp.sum(jnp.take_along_axis(target, jnp.maximum(topk_b, 0), axis=-1) * (topk_b >= 0), -1)
                 return kl, picked, has
 
-            outs.append(entry_mass_by_query_block(fq, fk, entries, entry_seg, sink, fs, ratio=layer.ratio,
-                                                  window=window, entry_end=end, block_fn=block_fn,
-                                                  block_args=(fqi, fw, ft)))
-        return _both_chunks(outs, halo)
+            outs = [entry_mass_by_query_block(fq, fk, entries, entry_seg, sink, fs, ratio=ratio, window=window,
+                                              entry_end=entry_end, query_offset=g * tc - halo, block_fn=block_fn,
+                                              block_args=(fqi, fw, ft))
+                    for (fk, fs, fq, ft, fqi, fw), g in frames]
+            return _both_chunks(outs, halo)
 
-    args = (q, kv, segment_ids, topk, q_idx, w_idx, entries, k_idx, slots.segment, slots.end, sink)
-    axes = (TOKEN_HEADS_WHOLE, ("batch", "seq", "head_dim"), attn.TOKEN_AXES, attn.SELECTED_AXES,
-            attn.TOKEN_AXES + (None, None), attn.TOKEN_AXES + (None,), LAYOUT_ENTRY_AXES, LAYOUT_ENTRY_AXES,
-            NATURAL_SLOT_AXES, NATURAL_SLOT_AXES, (None,))
-    kl, picked, has = attn.per_shard(body, args, axes, [attn.TOKEN_AXES] * 3, [segment_ids.shape] * 3)
-    n = jnp.maximum(jnp.sum(has), 1)
-    return jnp.sum(jnp.where(has, kl, 0.0)) / n, jnp.sum(jnp.where(has, picked, 0.0)) / n
-
-
-def attention_layer(layer, x: jax.Array, ctx) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`layer(x, ctx)` with the sequence split over `context` (layout order). Same outputs as on one device."""
-    cfg, size = layer.cfg, ctx.context_size
-    x = x.astype(layers.dtype_of(cfg.dtype))
-    cos, sin = layer.rope_tables(ctx.positions)
-    seg = ctx.segment_ids
-    with jax.named_scope("attn/qkv"):
-        c_q, q = layer.queries(x, cos, sin)
-        kv = layer.key_value(x, cos, sin)
-    zero = jnp.zeros((), jnp.float32)
-    loss, recall = zero, zero
-    if layer.kind == "sliding":
-        o = dense_core(layer, q, kv, None, None, seg, size)
-    else:
-        with jax.named_scope("attn/compress"):
-            slots = attn.entry_slots(ctx.natural_segment_ids, layer.ratio)
-            entries = compressed_entries(layer.compressor, x, slots, ctx.natural_positions, layer.rope_tables,
-                                         size).astype(x.dtype)
-        if layer.kind == "hca":
-            o = dense_core(layer, q, kv, entries, slots, seg, size)
-        else:
-            o, loss, recall = csa(layer, x, c_q, q, kv, entries, slots, cos, sin, ctx, size)
-    with jax.named_scope("attn/out"):
-        out = layer.output(o, cos, sin)
-    return out, loss, recall
+        args = (q, kv, segment_ids, topk, q_idx, w_idx, entries, k_idx, slots.segment, slots.end, sink)
+        axes = (TOKEN_HEADS_WHOLE, ("batch", "seq", "head_dim"), attn.TOKEN_AXES, attn.SELECTED_AXES,
+                attn.TOKEN_AXES + (None, None), attn.TOKEN_AXES + (None,), LAYOUT_ENTRY_AXES, LAYOUT_ENTRY_AXES,
+                NATURAL_SLOT_AXES, NATURAL_SLOT_AXES, (None,))
+        kl, picked, has = attn.per_shard(body, args, axes, [attn.TOKEN_AXES] * 3, [segment_ids.shape] * 3)
+        n = jnp.maximum(jnp.sum(has), 1)
+        return jnp.sum(jnp.where(has, kl, 0.0)) / n, jnp.sum(jnp.where(has, picked, 0.0)) / n

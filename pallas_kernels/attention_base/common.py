@@ -11,7 +11,10 @@ Masking rules (docs/kernels.md; packed rows are masked per document, docs/packin
   entry_end[c] is the row of the last token the entry pools (default (c + 1) * m - 1, windows aligned to
   the row), entry_segment[c] its document (-1 = an empty slot, never visible). Contract: entry_end[c] >=
   c * m, so entry blocks past t // m are skipped without looking at them.
-Positions are local: t and j index the arrays the kernel is given.
+Window positions are local (t and j index the arrays the kernel is given); entry admissibility compares
+entry_end with the query's absolute position t + query_offset (`query_offset`, default 0: a caller that passes
+a chunk of a longer sequence, e.g. under context parallelism, gives the position of its first row, and entry_end
+in the same absolute frame).
 """
 
 from __future__ import annotations
@@ -119,6 +122,14 @@ def pad_entry_keys(keys: jax.Array, length: int) -> jax.Array:
     seg = pad_axis(keys[:, 0], 1, length, -1)
     end = pad_axis(keys[:, 1], 1, length, NEVER)
     return jnp.stack([seg, end], axis=1)
+
+
+def query_offset_array(query_offset) -> jax.Array:
+    """`query_offset` (a Python int or an integer scalar array, traced or not) as an int32 scalar; else ValueError."""
+    off = jnp.asarray(query_offset)
+    if off.ndim != 0 or not jnp.issubdtype(off.dtype, jnp.integer):
+        raise ValueError(f"query_offset must be an integer scalar, got {off.dtype}{off.shape}")
+    return off.astype(jnp.int32)
 
 
 def check_entry_end(entry_end, entry_segment) -> None:

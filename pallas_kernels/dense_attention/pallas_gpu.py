@@ -10,7 +10,8 @@
 """Dense attention: Pallas kernels in the Triton style (one program per query block, loops over keys).
 
 Rows (token t, head n) -> t * N + n. A forward/dq program loops over its window keys
-(`attention_base.window_gpu`) and then over the entry blocks up to its last admissible entry. The entry gradient has
+(`attention_base.window_gpu`) and then over the entry blocks up to its last admissible entry, found from the
+query offset (absolute position of row 0, a one-element input; docs/kernels.md). The entry gradient has
 one program per entry block looping over the queries from the first one that sees the block
 (deterministic, no atomics). Triton needs power-of-two tiles: N, H and the block sizes.
 """
@@ -39,6 +40,7 @@ from pallas_kernels.attention_base.common import (
     online_softmax_step,
     pad_axis,
     pad_entry_keys,
+    query_offset_array,
     round_up,
     row_positions,
     row_segments,
@@ -87,20 +89,23 @@ def _entry_keys(eseg_ref, b, e0, block_e):
     return eseg_ref[b, pl.ds(0, 1), cols], eseg_ref[b, pl.ds(1, 1), cols]
 
 
-def _entry_loop(g: WindowGeometry, b, t0, ratio, C, block_e, q, t, q_seg, ent_ref, eseg_ref, step, carry):
-    """Runs step(carry, s, mask, e) over the entry blocks admissible for tokens t0 .. t0 + block_q - 1."""
-    n_adm = jnp.minimum(candidate_entries(t0 + g.block_q - 1, ratio), C)
+def _entry_loop(g: WindowGeometry, b, t0, off, ratio, C, block_e, q, t, q_seg, ent_ref, eseg_ref, step, carry):
+    """Runs step(carry, s, mask, e) over the entry blocks admissible for rows t0 .. t0 + block_q - 1 (absolute
+    positions: row + off)."""
+    last_t = t0 + g.block_q - 1 + off
+    n_adm = jnp.where(last_t < 0, 0, jnp.minimum(candidate_entries(jnp.maximum(last_t, 0), ratio), C))
 
     def body(eb, c):
         e0 = eb * block_e
         e = ent_ref[b, pl.ds(e0, block_e), :]
-        mask = entry_block_mask(t, q_seg, *_entry_keys(eseg_ref, b, e0, block_e))
+        mask = entry_block_mask(t + off, q_seg, *_entry_keys(eseg_ref, b, e0, block_e))
         return step(c, dot_nt(q, e) * g.scale, mask, e)
 
     return lax.fori_loop(0, lax.div(n_adm + block_e - 1, block_e), body, carry)
 
 
 def _dense_fwd_kernel(
+    off_ref,
     q_ref,
     qpos_ref,
     qseg_ref,
@@ -124,13 +129,14 @@ def _dense_fwd_kernel(
     carry = (sink_ref[...], jnp.ones((R, 1), jnp.float32), jnp.zeros((R, g.H), jnp.float32))
     carry = window_fwd_loop(g, b, t0, q, t, q_seg, kv_ref, kseg_ref, carry)
     step = lambda c, s, mask, e: online_softmax_step(*c, s, mask, e)
-    m, l, acc = _entry_loop(g, b, t0, ratio, C, block_e, q, t, q_seg, ent_ref, eseg_ref, step, carry)
+    m, l, acc = _entry_loop(g, b, t0, off_ref[0], ratio, C, block_e, q, t, q_seg, ent_ref, eseg_ref, step, carry)
     rows = pl.ds(t0 * g.N, R)
     o_ref[b, rows, :] = (acc / l).astype(o_ref.dtype)
     lse_ref[b, rows, :] = m + jnp.log(l)
 
 
 def _dense_dq_kernel(
+    off_ref,
     q_ref,
     do_ref,
     lse_ref,
@@ -160,11 +166,12 @@ def _dense_dq_kernel(
         _, ds = softmax_grads(s, mask, lse, dot_nt(do, e), delta)
         return acc + g.scale * dot_nn(ds.astype(e.dtype), e)
 
-    dq = _entry_loop(g, b, t0, ratio, C, block_e, q, t, q_seg, ent_ref, eseg_ref, step, dq)
+    dq = _entry_loop(g, b, t0, off_ref[0], ratio, C, block_e, q, t, q_seg, ent_ref, eseg_ref, step, dq)
     dq_ref[b, rows, :] = dq.astype(dq_ref.dtype)
 
 
 def _dense_dent_kernel(
+    off_ref,
     ent_ref,
     eseg_ref,
     q_ref,
@@ -184,13 +191,14 @@ def _dense_dent_kernel(
     e0 = eb * block_e
     e = ent_ref[b, pl.ds(e0, block_e), :]
     e_seg, e_end = _entry_keys(eseg_ref, b, e0, block_e)
-    first_t = e0 * ratio  # entry_end[c] >= c * ratio
+    off = off_ref[0]
+    first_t = jnp.maximum(e0 * ratio - off, 0)  # entry_end[c] >= c * ratio: no earlier row sees the block
     n = lax.div(jnp.maximum(g.Tp - first_t, 0) + bq - 1, bq)
 
     def body(jj, acc):
         rows = pl.ds((first_t + jj * bq) * g.N, bq * g.N)
         q, do = q_ref[b, rows, :], do_ref[b, rows, :]
-        mask = entry_block_mask(qpos_ref[rows, :], qseg_ref[b, rows, :], e_seg, e_end)
+        mask = entry_block_mask(qpos_ref[rows, :] + off, qseg_ref[b, rows, :], e_seg, e_end)
         p, ds = softmax_grads(dot_nt(q, e) * g.scale, mask, lse_ref[b, rows, :], dot_nt(do, e), delta_ref[b, rows, :])
         return acc + g.scale * dot_tn(ds.astype(q.dtype), q) + dot_tn(p.astype(do.dtype), do)
 
@@ -230,10 +238,11 @@ def _layout(q, kv, entries, entry_keys, segment_ids, window, bs):
     return g, Ta, a
 
 
-def _forward(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs: BlockSizes, interpret):
+def _forward(q, kv, entries, entry_keys, offset, sink, segment_ids, ratio, window, bs: BlockSizes, interpret):
     B, T, N, H = q.shape
     C = entries.shape[1]
     g, Ta, a = _layout(q, kv, entries, entry_keys, segment_ids, window, bs)
+    a["off"] = offset.reshape(1)
     o_rows, lse = pl.pallas_call(
         functools.partial(_dense_fwd_kernel, g=g, ratio=ratio, C=C, block_e=bs.block_e),
         grid=(B, g.nq),
@@ -242,7 +251,8 @@ def _forward(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs: B
         cost_estimate=_cost(g, C, ratio, q.dtype.itemsize, backward=False),
         interpret=interpret,
         name="dense_fwd_gpu",
-    )(a["q_rows"], a["qpos"], a["qseg"], a["kv_p"], a["kseg"], sink_rows(sink, g.block_q), a["ent"], a["eseg"])
+    )(a["off"], a["q_rows"], a["qpos"], a["qseg"], a["kv_p"], a["kseg"], sink_rows(sink, g.block_q), a["ent"],
+      a["eseg"])
     valid = (jnp.arange(Ta * N) < g.Tp * N)[None, :, None]
     o_rows = jnp.where(valid, o_rows, 0)
     lse = jnp.where(valid, lse, 0.0)
@@ -265,7 +275,7 @@ def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
         cost_estimate=_cost(g, C, ratio, itemsize, backward=True),
         interpret=interpret,
         name="dense_dq_gpu",
-    )(a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"], a["eseg"])
+    )(a["off"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"], a["eseg"])
     dkv = window_dkv(
         g, bs, a["kv_p"], a["kseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], interpret=interpret
     )
@@ -277,23 +287,23 @@ def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
         cost_estimate=_cost(g, C, ratio, itemsize, backward=True),
         interpret=interpret,
         name="dense_dentries_gpu",
-    )(a["ent"], a["eseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"])
+    )(a["off"], a["ent"], a["eseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"])
     dq = dq_rows.reshape(B, Ta, N, H)[:, :T]
     return dq, dkv[:, :T], dent[:, :C], sink_grad(sink, lse, delta, N)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _dense(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs, interpret):
-    return _forward(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _dense(q, kv, entries, entry_keys, offset, sink, segment_ids, ratio, window, bs, interpret):
+    return _forward(q, kv, entries, entry_keys, offset, sink, segment_ids, ratio, window, bs, interpret)[0]
 
 
-def _dense_fwd(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs, interpret):
-    return _forward(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs, interpret)
+def _dense_fwd(q, kv, entries, entry_keys, offset, sink, segment_ids, ratio, window, bs, interpret):
+    return _forward(q, kv, entries, entry_keys, offset, sink, segment_ids, ratio, window, bs, interpret)
 
 
 def _dense_bwd(ratio, window, bs, interpret, res, d_out):
     dq, dkv, dent, dsink = _backward(ratio, window, bs, interpret, res, d_out)
-    return dq, dkv, dent, None, dsink, None
+    return dq, dkv, dent, None, None, dsink, None
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
@@ -310,6 +320,7 @@ def dense_attention(
     ratio: int,
     window: int = 128,
     entry_end: jax.Array | None = None,
+    query_offset: int | jax.Array = 0,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -317,9 +328,10 @@ def dense_attention(
 
     Shapes:
       q [B, T, N, H], kv [B, T, H], entries [B, C, H], entry_segment [B, C] int32, sink [N],
-      segment_ids [B, T] int32, entry_end [B, C] int32 -> [B, T, N, H].
+      segment_ids [B, T] int32, entry_end [B, C] int32, query_offset [] int32 -> [B, T, N, H].
     """
     # default: fits on chip at 64-128 heads of 512 (pallas_kernels/budgets.py)
     bs = block_sizes or budgets.attention_block_sizes(BlockSizes, "cuda", q.shape[2], q.shape[3])
     keys = entry_keys(entry_segment, entry_end, ratio)
-    return _dense(q, kv, entries, keys, sink, segment_ids, ratio, window, bs, interpret)
+    offset = query_offset_array(query_offset)
+    return _dense(q, kv, entries, keys, offset, sink, segment_ids, ratio, window, bs, interpret)

@@ -12,6 +12,8 @@
 Rows (token t, head n) -> t * N + n. Kernels:
 * forward and dq: grid (B, query blocks, window key blocks + entry blocks); entry blocks past the
   last admissible entry of a query block are skipped (their DMA index is clamped, so no copy);
+  the query offset (absolute position of row 0, docs/kernels.md) is a prefetched scalar that the index
+  maps and the entry masks read;
 * window dkv: `attention_base.window_tpu`;
 * entry gradient: grid (B, entry blocks, query blocks from the first query that sees the block).
 """
@@ -39,6 +41,7 @@ from pallas_kernels.attention_base.common import (
     entry_keys,
     pad_entry_keys,
     key_segments,
+    query_offset_array,
     online_softmax_step,
     pad_axis,
     round_up,
@@ -77,7 +80,10 @@ class BlockSizes:
 
 @dataclasses.dataclass(frozen=True)
 class EntryGeometry:
-    """Entry-block ranges: which entry blocks a query block needs, which query blocks an entry block feeds."""
+    """Entry-block ranges: which entry blocks a query block needs, which query blocks an entry block feeds.
+
+    `off` is the query offset: query row t has absolute position t + off, the frame of entry_end.
+    """
 
     C: int
     Cp: int
@@ -87,23 +93,25 @@ class EntryGeometry:
     block_q_de: int
     nq_de: int
 
-    def n_admissible(self, i):
+    def n_admissible(self, i, off):
         """Entries admissible for the last query of query block i (and so for some query of the block)."""
-        return jnp.minimum(candidate_entries((i + 1) * self.block_q - 1, self.ratio), self.C)
+        last_t = (i + 1) * self.block_q - 1 + off
+        return jnp.where(last_t < 0, 0, jnp.minimum(candidate_entries(jnp.maximum(last_t, 0), self.ratio), self.C))
 
-    def e_block(self, i, j_e):
-        last = lax.div(jnp.maximum(self.n_admissible(i) - 1, 0), self.block_e)
+    def e_block(self, i, j_e, off):
+        last = lax.div(jnp.maximum(self.n_admissible(i, off) - 1, 0), self.block_e)
         return jnp.clip(j_e, 0, last)
 
-    def first_q(self, eb):
+    def first_q(self, eb, off):
         """First query block (of block_q_de) that may see entry eb * block_e (entry_end[c] >= c * ratio)."""
-        return lax.div(eb * self.block_e * self.ratio, self.block_q_de)
+        return lax.div(jnp.maximum(eb * self.block_e * self.ratio - off, 0), self.block_q_de)
 
-    def q_block(self, eb, j):
-        return jnp.minimum(self.first_q(eb) + j, self.nq_de - 1)
+    def q_block(self, eb, j, off):
+        return jnp.minimum(self.first_q(eb, off) + j, self.nq_de - 1)
 
 
 def _dense_fwd_kernel(
+    off_ref,
     q_ref,
     qpos_ref,
     qseg_ref,
@@ -132,12 +140,13 @@ def _dense_fwd_kernel(
 
     window_fwd_step(g, i, j, q_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, m_sc, l_sc, acc_sc)
     eb = j - g.n_window_steps
+    off = off_ref[0]
 
-    @pl.when((eb >= 0) & (eb * e.block_e < e.n_admissible(i)))
+    @pl.when((eb >= 0) & (eb * e.block_e < e.n_admissible(i, off)))
     def _():
         ent = ent_ref[...]
         s = dot_nt(q_ref[...], ent) * g.scale
-        mask = entry_block_mask(qpos_ref[...], qseg_ref[...], eseg_ref[0:1, :], eseg_ref[1:2, :])
+        mask = entry_block_mask(qpos_ref[...] + off, qseg_ref[...], eseg_ref[0:1, :], eseg_ref[1:2, :])
         m, l, acc = online_softmax_step(m_sc[...], l_sc[...], acc_sc[...], s, mask, ent)
         m_sc[...] = m
         l_sc[...] = l
@@ -150,6 +159,7 @@ def _dense_fwd_kernel(
 
 
 def _dense_dq_kernel(
+    off_ref,
     q_ref,
     do_ref,
     lse_ref,
@@ -175,12 +185,13 @@ def _dense_dq_kernel(
 
     window_dq_step(g, i, j, q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, dq_sc)
     eb = j - g.n_window_steps
+    off = off_ref[0]
 
-    @pl.when((eb >= 0) & (eb * e.block_e < e.n_admissible(i)))
+    @pl.when((eb >= 0) & (eb * e.block_e < e.n_admissible(i, off)))
     def _():
         ent = ent_ref[...]
         s = dot_nt(q_ref[...], ent) * g.scale
-        mask = entry_block_mask(qpos_ref[...], qseg_ref[...], eseg_ref[0:1, :], eseg_ref[1:2, :])
+        mask = entry_block_mask(qpos_ref[...] + off, qseg_ref[...], eseg_ref[0:1, :], eseg_ref[1:2, :])
         _, ds = softmax_grads(s, mask, lse_ref[...], dot_nt(do_ref[...], ent), delta_ref[...])
         dq_sc[...] += g.scale * dot_nn(ds.astype(ent.dtype), ent)
 
@@ -190,6 +201,7 @@ def _dense_dq_kernel(
 
 
 def _dense_dent_kernel(
+    off_ref,
     ent_ref,
     eseg_ref,
     q_ref,
@@ -205,18 +217,19 @@ def _dense_dent_kernel(
     e: EntryGeometry,
 ):
     eb, j = pl.program_id(1), pl.program_id(2)
+    off = off_ref[0]
 
     @pl.when(j == 0)
     def _():
         acc_sc[...] = jnp.zeros_like(acc_sc)
 
-    @pl.when(e.first_q(eb) + j < e.nq_de)
+    @pl.when(e.first_q(eb, off) + j < e.nq_de)
     def _():
         ent = ent_ref[...]
         q = q_ref[...]
         do = do_ref[...]
         s = dot_nt(q, ent) * scale
-        mask = entry_block_mask(qpos_ref[...], qseg_ref[...], eseg_ref[0:1, :], eseg_ref[1:2, :])
+        mask = entry_block_mask(qpos_ref[...] + off, qseg_ref[...], eseg_ref[0:1, :], eseg_ref[1:2, :])
         p, ds = softmax_grads(s, mask, lse_ref[...], dot_nt(do, ent), delta_ref[...])
         acc_sc[...] += scale * dot_tn(ds.astype(q.dtype), q) + dot_tn(p.astype(do.dtype), do)
 
@@ -242,18 +255,19 @@ def _geometry(q_shape, C, ratio, window, bs: BlockSizes):
 
 
 def _specs(g: WindowGeometry, e: EntryGeometry, H: int):
+    """Block specs of the forward and dq grids; index maps get (b, i, j, offset ref) (one prefetched scalar)."""
     R = g.block_q * g.N
-    rows = lambda b, i, j: (b, i, 0)
-    eblk = lambda i, j: e.e_block(i, j - g.n_window_steps)
+    rows = lambda b, i, j, off: (b, i, 0)
+    eblk = lambda i, j, off: e.e_block(i, j - g.n_window_steps, off[0])
     return {
         "rows_h": pl.BlockSpec((None, R, H), rows),
         "rows_1": pl.BlockSpec((None, R, 1), rows),
-        "qpos": pl.BlockSpec((R, 1), lambda b, i, j: (i, 0)),
-        "kv": pl.BlockSpec((None, g.block_kv, H), lambda b, i, j: (b, g.kv_block(i, j), 0)),
-        "kseg": pl.BlockSpec((None, 1, g.block_kv), lambda b, i, j: (b, 0, g.kv_block(i, j))),
-        "ent": pl.BlockSpec((None, e.block_e, H), lambda b, i, j: (b, eblk(i, j), 0)),
-        "eseg": pl.BlockSpec((None, 2, e.block_e), lambda b, i, j: (b, 0, eblk(i, j))),
-        "sink": pl.BlockSpec((R, 1), lambda b, i, j: (0, 0)),
+        "qpos": pl.BlockSpec((R, 1), lambda b, i, j, off: (i, 0)),
+        "kv": pl.BlockSpec((None, g.block_kv, H), lambda b, i, j, off: (b, g.kv_block(i, j), 0)),
+        "kseg": pl.BlockSpec((None, 1, g.block_kv), lambda b, i, j, off: (b, 0, g.kv_block(i, j))),
+        "ent": pl.BlockSpec((None, e.block_e, H), lambda b, i, j, off: (b, eblk(i, j, off), 0)),
+        "eseg": pl.BlockSpec((None, 2, e.block_e), lambda b, i, j, off: (b, 0, eblk(i, j, off))),
+        "sink": pl.BlockSpec((R, 1), lambda b, i, j, off: (0, 0)),
     }
 
 
@@ -273,7 +287,7 @@ def _cost(g: WindowGeometry, e: EntryGeometry, itemsize: int, backward: bool) ->
     return pl.CostEstimate(flops=flops, transcendentals=trans, bytes_accessed=nbytes)
 
 
-def _forward(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs: BlockSizes, interpret):
+def _forward(q, kv, entries, entry_keys, offset, sink, segment_ids, ratio, window, bs: BlockSizes, interpret):
     B, T, N, H = q.shape
     g, e = _geometry(q.shape, entries.shape[1], ratio, window, bs)
     a = {
@@ -284,29 +298,35 @@ def _forward(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs: B
         "kseg": key_segments(segment_ids, g.Tp),
         "ent": pad_axis(entries, 1, e.Cp),
         "eseg": pad_entry_keys(entry_keys, e.Cp),
+        "off": offset.reshape(1),
     }
     n_steps = g.n_window_steps + e.Cp // e.block_e
     sp = _specs(g, e, H)
     R = g.block_q * N
     o_rows, lse = pl.pallas_call(
         functools.partial(_dense_fwd_kernel, g=g, e=e, n_steps=n_steps),
-        grid=(B, g.nq, n_steps),
-        in_specs=[sp["rows_h"], sp["qpos"], sp["rows_1"], sp["kv"], sp["kseg"], sp["ent"], sp["eseg"], sp["sink"]],
-        out_specs=[sp["rows_h"], sp["rows_1"]],
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(B, g.nq, n_steps),
+            in_specs=[sp["rows_h"], sp["qpos"], sp["rows_1"], sp["kv"], sp["kseg"], sp["ent"], sp["eseg"],
+                      sp["sink"]],
+            out_specs=[sp["rows_h"], sp["rows_1"]],
+            scratch_shapes=[
+                pltpu.VMEM((R, 1), jnp.float32),
+                pltpu.VMEM((R, 1), jnp.float32),
+                pltpu.VMEM((R, H), jnp.float32),
+            ],
+        ),
         out_shape=[
             jax.ShapeDtypeStruct(a["q_rows"].shape, q.dtype),
             jax.ShapeDtypeStruct((B, g.Tp * N, 1), jnp.float32),
-        ],
-        scratch_shapes=[
-            pltpu.VMEM((R, 1), jnp.float32),
-            pltpu.VMEM((R, 1), jnp.float32),
-            pltpu.VMEM((R, H), jnp.float32),
         ],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=_cost(g, e, q.dtype.itemsize, backward=False),
         interpret=interpret,
         name="dense_fwd_tpu",
-    )(a["q_rows"], a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"], a["eseg"], sink_rows(sink, g.block_q))
+    )(a["off"], a["q_rows"], a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"], a["eseg"],
+      sink_rows(sink, g.block_q))
     return o_rows.reshape(B, g.Tp, N, H)[:, :T], (a, entries, o_rows, lse, sink)
 
 
@@ -321,69 +341,75 @@ def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
     R = g.block_q * N
     dq_rows = pl.pallas_call(
         functools.partial(_dense_dq_kernel, g=g, e=e, n_steps=n_steps),
-        grid=(B, g.nq, n_steps),
-        in_specs=[
-            sp["rows_h"],
-            sp["rows_h"],
-            sp["rows_1"],
-            sp["rows_1"],
-            sp["qpos"],
-            sp["rows_1"],
-            sp["kv"],
-            sp["kseg"],
-            sp["ent"],
-            sp["eseg"],
-        ],
-        out_specs=sp["rows_h"],
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(B, g.nq, n_steps),
+            in_specs=[
+                sp["rows_h"],
+                sp["rows_h"],
+                sp["rows_1"],
+                sp["rows_1"],
+                sp["qpos"],
+                sp["rows_1"],
+                sp["kv"],
+                sp["kseg"],
+                sp["ent"],
+                sp["eseg"],
+            ],
+            out_specs=sp["rows_h"],
+            scratch_shapes=[pltpu.VMEM((R, H), jnp.float32)],
+        ),
         out_shape=jax.ShapeDtypeStruct(a["q_rows"].shape, a["q_rows"].dtype),
-        scratch_shapes=[pltpu.VMEM((R, H), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=_cost(g, e, o_rows.dtype.itemsize, backward=True),
         interpret=interpret,
         name="dense_dq_tpu",
-    )(a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"], a["eseg"])
+    )(a["off"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], a["kv_p"], a["kseg"], a["ent"], a["eseg"])
     dkv = window_dkv(
         g, a["kv_p"], a["kseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"], interpret=interpret
     )
     Rd = g.block_q_dkv * N
-    qmap = lambda b, eb, j: (b, e.q_block(eb, j), 0)
+    qmap = lambda b, eb, j, off: (b, e.q_block(eb, j, off[0]), 0)
     dent = pl.pallas_call(
         functools.partial(_dense_dent_kernel, scale=g.scale, e=e),
-        grid=(B, e.Cp // e.block_e, e.nq_de),
-        in_specs=[
-            pl.BlockSpec((None, e.block_e, H), lambda b, eb, j: (b, eb, 0)),
-            pl.BlockSpec((None, 2, e.block_e), lambda b, eb, j: (b, 0, eb)),
-            pl.BlockSpec((None, Rd, H), qmap),
-            pl.BlockSpec((None, Rd, H), qmap),
-            pl.BlockSpec((None, Rd, 1), qmap),
-            pl.BlockSpec((None, Rd, 1), qmap),
-            pl.BlockSpec((Rd, 1), lambda b, eb, j: (e.q_block(eb, j), 0)),
-            pl.BlockSpec((None, Rd, 1), qmap),
-        ],
-        out_specs=pl.BlockSpec((None, e.block_e, H), lambda b, eb, j: (b, eb, 0)),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(B, e.Cp // e.block_e, e.nq_de),
+            in_specs=[
+                pl.BlockSpec((None, e.block_e, H), lambda b, eb, j, off: (b, eb, 0)),
+                pl.BlockSpec((None, 2, e.block_e), lambda b, eb, j, off: (b, 0, eb)),
+                pl.BlockSpec((None, Rd, H), qmap),
+                pl.BlockSpec((None, Rd, H), qmap),
+                pl.BlockSpec((None, Rd, 1), qmap),
+                pl.BlockSpec((None, Rd, 1), qmap),
+                pl.BlockSpec((Rd, 1), lambda b, eb, j, off: (e.q_block(eb, j, off[0]), 0)),
+                pl.BlockSpec((None, Rd, 1), qmap),
+            ],
+            out_specs=pl.BlockSpec((None, e.block_e, H), lambda b, eb, j, off: (b, eb, 0)),
+            scratch_shapes=[pltpu.VMEM((e.block_e, H), jnp.float32)],
+        ),
         out_shape=jax.ShapeDtypeStruct(a["ent"].shape, entries.dtype),
-        scratch_shapes=[pltpu.VMEM((e.block_e, H), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=_cost(g, e, o_rows.dtype.itemsize, backward=True),
         interpret=interpret,
         name="dense_dentries_tpu",
-    )(a["ent"], a["eseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"])
+    )(a["off"], a["ent"], a["eseg"], a["q_rows"], do_rows, lse, delta, a["qpos"], a["qseg"])
     dq = dq_rows.reshape(B, g.Tp, N, H)[:, :T]
     return dq, dkv[:, :T], dent[:, : e.C], sink_grad(sink, lse, delta, N)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _dense(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs, interpret):
-    return _forward(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _dense(q, kv, entries, entry_keys, offset, sink, segment_ids, ratio, window, bs, interpret):
+    return _forward(q, kv, entries, entry_keys, offset, sink, segment_ids, ratio, window, bs, interpret)[0]
 
 
-def _dense_fwd(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs, interpret):
-    return _forward(q, kv, entries, entry_keys, sink, segment_ids, ratio, window, bs, interpret)
+def _dense_fwd(q, kv, entries, entry_keys, offset, sink, segment_ids, ratio, window, bs, interpret):
+    return _forward(q, kv, entries, entry_keys, offset, sink, segment_ids, ratio, window, bs, interpret)
 
 
 def _dense_bwd(ratio, window, bs, interpret, res, d_out):
     dq, dkv, dent, dsink = _backward(ratio, window, bs, interpret, res, d_out)
-    return dq, dkv, dent, None, dsink, None
+    return dq, dkv, dent, None, None, dsink, None
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
@@ -400,6 +426,7 @@ def dense_attention(
     ratio: int,
     window: int = 128,
     entry_end: jax.Array | None = None,
+    query_offset: int | jax.Array = 0,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -407,9 +434,10 @@ def dense_attention(
 
     Shapes:
       q [B, T, N, H], kv [B, T, H], entries [B, C, H], entry_segment [B, C] int32, sink [N],
-      segment_ids [B, T] int32, entry_end [B, C] int32 -> [B, T, N, H].
+      segment_ids [B, T] int32, entry_end [B, C] int32, query_offset [] int32 -> [B, T, N, H].
     """
     # default: fits on chip at 64-128 heads of 512 (pallas_kernels/budgets.py)
     bs = block_sizes or budgets.attention_block_sizes(BlockSizes, "tpu", q.shape[2], q.shape[3])
     keys = entry_keys(entry_segment, entry_end, ratio)
-    return _dense(q, kv, entries, keys, sink, segment_ids, ratio, window, bs, interpret)
+    offset = query_offset_array(query_offset)
+    return _dense(q, kv, entries, keys, offset, sink, segment_ids, ratio, window, bs, interpret)

@@ -2,7 +2,8 @@
 
 Each query attends, in one softmax with a per-head sink, to its sliding window of raw keys and to
 every admissible compressed entry: entry c is admissible for query t iff entry_end[c] <= t and
-entry_segment[c] == segment_ids[t] (entry_end defaults to (c + 1) * m - 1: windows aligned to the row).
+entry_segment[c] == segment_ids[t] (entry_end defaults to (c + 1) * m - 1: windows aligned to the row), with t
+the query's absolute position: its row plus `query_offset` (the window stays in rows).
 It serves HCA layers, CSA's
 dense phase (ratio 4, every admissible entry, no top-k) and sliding-window layers (C = 0), so any ratio
 works.
@@ -21,6 +22,7 @@ from pallas_kernels.attention_base.common import (
     PAD_SEGMENT,
     admissible_mask,
     pad_axis,
+    query_offset_array,
     reference_query_block,
     row_aligned_entry_end,
     sink_softmax,
@@ -31,7 +33,7 @@ from pallas_kernels.attention_base.common import (
 
 
 def _dense(q, kv, entries, entry_segment, sink, segment_ids, *, ratio: int, window: int, with_mass: bool,
-           entry_end=None, block_fn=None, block_args=()):
+           entry_end=None, query_offset=0, block_fn=None, block_args=()):
     B, T, N, H = q.shape
     scale = H**-0.5
     block = reference_query_block(window)
@@ -45,15 +47,17 @@ def _dense(q, kv, entries, entry_segment, sink, segment_ids, *, ratio: int, wind
     if entry_end is None:
         entry_end = row_aligned_entry_end(entry_segment, ratio)
     entry_segment, entry_end = entry_segment.astype(jnp.int32), entry_end.astype(jnp.int32)
+    offset = query_offset_array(query_offset)
 
     def probabilities(q_i, keys_i, kpos_i, kseg_i, qpos_i, qseg_i, tied=()):
-        qpos_i, qseg_i, e_seg, e_end = tie_to((qpos_i, qseg_i, entry_segment, entry_end), q_i, keys_i, *tied)
+        layout = (qpos_i, qseg_i, entry_segment, entry_end, offset)
+        qpos_i, qseg_i, e_seg, e_end, off = tie_to(layout, q_i, keys_i, *tied)
         z_win = jnp.einsum("bqnh,bkh->bqnk", q_i, keys_i, preferred_element_type=jnp.float32)
         z_ent = jnp.einsum("bqnh,bch->bqnc", q_i, entries, preferred_element_type=jnp.float32)
         mask = jnp.concatenate(
             [
                 window_mask(qpos_i, qseg_i, kpos_i, kseg_i, window),
-                admissible_mask(qpos_i, qseg_i, e_seg, e_end),
+                admissible_mask(qpos_i + off, qseg_i, e_seg, e_end),
             ],
             axis=-1,
         )
@@ -66,7 +70,7 @@ def _dense(q, kv, entries, entry_segment, sink, segment_ids, *, ratio: int, wind
 
         def reduce_block(xs_i):
             _, p_ent = probabilities(*xs_i[:6], tied=xs_i[6:])
-            return block_fn(jnp.sum(p_ent, axis=2), xs_i[4], xs_i[5], *xs_i[6:])
+            return block_fn(jnp.sum(p_ent, axis=2), xs_i[4] + offset, xs_i[5], *xs_i[6:])
 
         res = lax.map(jax.checkpoint(reduce_block), xs + args)
         return jax.tree.map(lambda r: r.swapaxes(0, 1).reshape(B, Tp, *r.shape[3:])[:, :T], res)
@@ -98,6 +102,7 @@ def dense_attention(
     ratio: int,
     window: int = 128,
     entry_end: jax.Array | None = None,
+    query_offset: int | jax.Array = 0,
 ) -> jax.Array:
     """Sliding-window attention plus dense attention to every admissible compressed entry.
 
@@ -110,7 +115,9 @@ def dense_attention(
       segment_ids: document ids (0 = padding, treated as one more segment).
       ratio: compression ratio m (tokens per entry).
       window: sliding-window length, counting the query itself.
-      entry_end: [B, C] row of the last token entry c pools (>= c * ratio); None = (c + 1) * ratio - 1.
+      entry_end: [B, C] position of the last token entry c pools (>= c * ratio); None = (c + 1) * ratio - 1.
+      query_offset: absolute position of query row 0 (int or int32 scalar, may be traced): entry c is
+        admissible for row t iff entry_end[c] <= t + query_offset (and same document).
 
     Returns:
       Attention output, dtype of q.
@@ -120,7 +127,7 @@ def dense_attention(
       segment_ids [B, T] int32 -> [B, T, N, H].
     """
     return _dense(q, kv, entries, entry_segment, sink, segment_ids, ratio=ratio, window=window, with_mass=False,
-                  entry_end=entry_end)
+                  entry_end=entry_end, query_offset=query_offset)
 
 
 def dense_attention_and_entry_mass(
@@ -134,6 +141,7 @@ def dense_attention_and_entry_mass(
     ratio: int,
     window: int = 128,
     entry_end: jax.Array | None = None,
+    query_offset: int | jax.Array = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """`dense_attention` plus the probability mass each query puts on each compressed entry.
 
@@ -146,7 +154,7 @@ def dense_attention_and_entry_mass(
       as `dense_attention`; returns (out [B, T, N, H], mass [B, T, C] float32).
     """
     return _dense(q, kv, entries, entry_segment, sink, segment_ids, ratio=ratio, window=window, with_mass=True,
-                  entry_end=entry_end)
+                  entry_end=entry_end, query_offset=query_offset)
 
 
 def entry_mass_by_query_block(
@@ -160,16 +168,18 @@ def entry_mass_by_query_block(
     ratio: int,
     window: int = 128,
     entry_end: jax.Array | None = None,
+    query_offset: int | jax.Array = 0,
     block_fn,
     block_args: tuple = (),
 ):
     """Reduces the head-summed entry mass one query block at a time: memory O(T * block), never [B, T, C].
 
     For each query block of max(window, 64) tokens calls
-    `block_fn(mass [B, Q, C], q_pos [Q], q_seg [B, Q], *args)` where `args` are the matching query blocks of
+    `block_fn(mass [B, Q, C], q_pos [Q], q_seg [B, Q], *args)` (q_pos absolute: row + query_offset) where `args`
+    are the matching query blocks of
     `block_args` (arrays [B, T, ...]); each block is rematerialised in the backward pass. The mass is the one
     of `dense_attention_and_entry_mass` (differentiable). Returns block_fn's outputs (each [B, Q, ...]),
     stacked back to [B, T, ...]. Used for the indexer's dense KL objective (docs/training.md).
     """
     return _dense(q, kv, entries, entry_segment, sink, segment_ids, ratio=ratio, window=window, with_mass=True,
-                  entry_end=entry_end, block_fn=block_fn, block_args=block_args)
+                  entry_end=entry_end, query_offset=query_offset, block_fn=block_fn, block_args=block_args)

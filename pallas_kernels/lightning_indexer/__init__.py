@@ -1,6 +1,7 @@
 """Lightning indexer: per query, the top-k admissible compressed entries of a CSA layer.
 
-`lightning_indexer(q_idx, k_idx, weights, entry_segment, segment_ids, *, ratio, topk, impl=None)`;
+`lightning_indexer(q_idx, k_idx, weights, entry_segment, segment_ids, *, ratio, topk, entry_end=None,
+query_offset=0, impl=None)`;
 `indexer_scores` (reference only, differentiable) returns the masked [B, T, C] scores for the
 indexer's KL loss on short sequences; `block_scores` the same for one block of queries (the dense KL by
 blocks); `selected_indexer_scores` (reference, differentiable) the scores of the selected entries only,
@@ -12,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.attention_base.common import check_entry_end
+from pallas_kernels.attention_base.common import check_entry_end, query_offset_array
 from pallas_kernels.dispatch import Impl, check_block_sizes, resolve_impl
 from pallas_kernels.lightning_indexer import pallas_gpu, pallas_tpu, reference
 from pallas_kernels.lightning_indexer.reference import block_scores, indexer_scores, selected_indexer_scores
@@ -44,6 +45,7 @@ def lightning_indexer(
     ratio: int,
     topk: int,
     entry_end: jax.Array | None = None,
+    query_offset: int | jax.Array = 0,
     impl: Impl = None,
     block_sizes: pallas_gpu.BlockSizes | pallas_tpu.BlockSizes | None = None,
     interpret: bool | None = None,
@@ -51,7 +53,8 @@ def lightning_indexer(
     """Top-k admissible compressed entries per query, best first; -1 where fewer exist.
 
     score[t, c] = sum_h weights[t, h] * NI**-0.5 * relu(q_idx[t, h] . k_idx[c]) * HI**-0.5 (float32);
-    entry c is admissible for query t iff entry_end[c] <= t and entry_segment[c] == segment_ids[t].
+    entry c is admissible for query row t iff entry_end[c] <= t + query_offset and entry_segment[c] ==
+    segment_ids[t].
     Runs on what it is given (per shard under a mesh; the score sums over indexer heads, so a shard must hold
     all NI heads). See docs/kernels.md.
 
@@ -63,7 +66,9 @@ def lightning_indexer(
       segment_ids: document ids (0 = padding).
       ratio: compression ratio m (tokens per entry).
       topk: entries kept per query; K = min(topk, C) (C = 0 gives K = 0).
-      entry_end: row of the last token entry c pools, >= c * ratio; None = (c + 1) * ratio - 1 (row-aligned).
+      entry_end: position of the last token entry c pools, >= c * ratio; None = (c + 1) * ratio - 1 (row-aligned).
+      query_offset: position of query row 0 (a Python int or an int32 scalar, may be traced or negative);
+        entry_end is in the same frame (under context parallelism: the whole sequence's).
       impl: "reference", "pallas", "pallas_gpu", "pallas_tpu", or None (Pallas on GPU/TPU, reference on CPU).
       block_sizes: tile sizes of the chosen kernel module (its own `BlockSizes` class).
       interpret: run the Pallas kernel in interpret mode (required for Pallas on CPU).
@@ -77,14 +82,15 @@ def lightning_indexer(
     """
     _check(q_idx, k_idx, weights, entry_segment, segment_ids, ratio, topk)
     check_entry_end(entry_end, entry_segment)
+    query_offset_array(query_offset)
     which, interp = resolve_impl(impl, interpret)
     if which == "reference":
         return reference.lightning_indexer(q_idx, k_idx, weights, entry_segment, segment_ids, ratio=ratio, topk=topk,
-                                           entry_end=entry_end)
+                                           entry_end=entry_end, query_offset=query_offset)
     module = pallas_gpu if which == "pallas_gpu" else pallas_tpu
     return module.lightning_indexer(
         q_idx, k_idx, weights, entry_segment, segment_ids, ratio=ratio, topk=topk, entry_end=entry_end,
-        block_sizes=check_block_sizes(module, block_sizes), interpret=interp,
+        query_offset=query_offset, block_sizes=check_block_sizes(module, block_sizes), interpret=interp,
     )
 
 

@@ -42,8 +42,12 @@ def indexer_layout(q_idx, k_idx, weights, entry_segment, entry_end, segment_ids,
     }
 
 
-def chunked_topk(score_chunk: Callable, a: dict, *, T: int, C: int, K: int, chunk_q: int) -> jax.Array:
-    """Runs `score_chunk(start, q, w, qseg, k, eseg) -> [B, chunk_q, Cp]` per chunk and keeps the top K.
+def chunked_topk(score_chunk: Callable, a: dict, *, T: int, C: int, K: int, chunk_q: int,
+                 query_offset: jax.Array) -> jax.Array:
+    """Runs `score_chunk(first, q, w, qseg, k, eseg) -> [B, chunk_q, Cp]` per chunk and keeps the top K.
+
+    `first` is the absolute position of the chunk's first query (its row plus `query_offset`, int32 scalar),
+    the frame of the entries' `entry_end`.
 
     Returns topk_idx [B, T, K] int32, best first, -1 where the score is -inf.
     """
@@ -53,7 +57,7 @@ def chunked_topk(score_chunk: Callable, a: dict, *, T: int, C: int, K: int, chun
         q = lax.dynamic_slice_in_dim(a["q"], start, chunk_q, axis=2)
         w = lax.dynamic_slice_in_dim(a["w"], start, chunk_q, axis=2)
         qseg = lax.dynamic_slice_in_dim(a["qseg"], start, chunk_q, axis=1)
-        scores = score_chunk(start, q, w, qseg, a["k"], a["eseg"])[..., :C]
+        scores = score_chunk(start + query_offset, q, w, qseg, a["k"], a["eseg"])[..., :C]
         values, idx = lax.top_k(scores, K)
         return jnp.where(values == NEG_INF, -1, idx).astype(jnp.int32)
 

@@ -26,7 +26,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.attention_base.common import NEG_INF, candidate_entries, dot_nt, entry_block_mask
+from pallas_kernels.attention_base.common import (
+    NEG_INF,
+    candidate_entries,
+    dot_nt,
+    entry_block_mask,
+    query_offset_array,
+)
 from pallas_kernels.attention_base.window_gpu import check_pow2
 from pallas_kernels.lightning_indexer.common import chunked_topk, indexer_layout, score_cost
 
@@ -51,7 +57,7 @@ class BlockSizes:
 
 
 def _score_kernel(
-    start_ref,
+    first_ref,
     q_ref,
     w_ref,
     qseg_ref,
@@ -67,11 +73,13 @@ def _score_kernel(
 ):
     b, i = pl.program_id(0), pl.program_id(1)
     local = i * block_q
-    t0 = start_ref[0] + local
+    t0 = first_ref[0] + local
     rows = pl.ds(local, block_q)
     t = t0 + jnp.arange(block_q, dtype=jnp.int32)[:, None]
     q_seg = qseg_ref[b, rows, :]
-    n_live = jnp.minimum(lax.div(candidate_entries(t0 + block_q - 1, ratio) + block_c - 1, block_c), n_blocks)
+    last_t = t0 + block_q - 1  # absolute position (first_ref: the chunk's first query, offset included)
+    n_adm = jnp.where(last_t < 0, 0, candidate_entries(jnp.maximum(last_t, 0), ratio))
+    n_live = jnp.minimum(lax.div(n_adm + block_c - 1, block_c), n_blocks)
 
     def scored(cb, carry):
         c0 = cb * block_c
@@ -94,7 +102,7 @@ def _score_kernel(
     lax.fori_loop(n_live, n_blocks, skipped, 0)
 
 
-def _score_chunk(start, q, w, qseg, k, eseg, *, ratio, bs: BlockSizes, interpret):
+def _score_chunk(first, q, w, qseg, k, eseg, *, ratio, bs: BlockSizes, interpret):
     B, NI, Tc, HI = q.shape
     Cp = k.shape[1]
     flops, nbytes = score_cost(B, Tc, Cp, NI, HI, q.dtype.itemsize)
@@ -108,7 +116,7 @@ def _score_chunk(start, q, w, qseg, k, eseg, *, ratio, bs: BlockSizes, interpret
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
         interpret=interpret,
         name="indexer_scores_gpu",
-    )(start[None], q, w, qseg, k, eseg)
+    )(first[None], q, w, qseg, k, eseg)
 
 
 def lightning_indexer(
@@ -121,6 +129,7 @@ def lightning_indexer(
     ratio: int,
     topk: int,
     entry_end: jax.Array | None = None,
+    query_offset: int | jax.Array = 0,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -142,4 +151,4 @@ def lightning_indexer(
     a = indexer_layout(q_idx, k_idx, weights, entry_segment, entry_end, segment_ids, ratio=ratio, chunk_q=bs.chunk_q,
                        block_c=bs.block_c)
     score = functools.partial(_score_chunk, ratio=ratio, bs=bs, interpret=interpret)
-    return chunked_topk(score, a, T=T, C=C, K=K, chunk_q=bs.chunk_q)
+    return chunked_topk(score, a, T=T, C=C, K=K, chunk_q=bs.chunk_q, query_offset=query_offset_array(query_offset))

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.attention_base.common import NEG_INF, dot_nt, entry_block_mask
+from pallas_kernels.attention_base.common import NEG_INF, dot_nt, entry_block_mask, query_offset_array
 from pallas_kernels.lightning_indexer.common import chunked_topk, indexer_layout, score_cost
 
 
@@ -46,10 +46,10 @@ class BlockSizes:
 
 
 def _score_kernel(
-    start_ref, q_ref, w_ref, qseg_ref, k_ref, eseg_ref, o_ref, *, ratio: int, block_q: int, block_c: int, n_heads: int
+    first_ref, q_ref, w_ref, qseg_ref, k_ref, eseg_ref, o_ref, *, ratio: int, block_q: int, block_c: int, n_heads: int
 ):
     i, c = pl.program_id(1), pl.program_id(2)
-    t0 = start_ref[0] + i * block_q
+    t0 = first_ref[0] + i * block_q  # absolute position: first_ref holds the chunk's first query, offset included
     any_admissible = c * block_c * ratio <= t0 + block_q - 1  # entry_end[c] >= c * ratio
 
     @pl.when(any_admissible)
@@ -69,7 +69,7 @@ def _score_kernel(
         o_ref[...] = jnp.full(o_ref.shape, NEG_INF, jnp.float32)
 
 
-def _score_chunk(start, q, w, qseg, k, eseg, *, ratio, bs: BlockSizes, interpret):
+def _score_chunk(first, q, w, qseg, k, eseg, *, ratio, bs: BlockSizes, interpret):
     B, NI, Tc, HI = q.shape
     Cp = k.shape[1]
     bq, bc = bs.block_q, bs.block_c
@@ -93,7 +93,7 @@ def _score_chunk(start, q, w, qseg, k, eseg, *, ratio, bs: BlockSizes, interpret
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0, bytes_accessed=nbytes),
         interpret=interpret,
         name="indexer_scores_tpu",
-    )(start[None], q, w, qseg, k, eseg)
+    )(first[None], q, w, qseg, k, eseg)
 
 
 def lightning_indexer(
@@ -106,6 +106,7 @@ def lightning_indexer(
     ratio: int,
     topk: int,
     entry_end: jax.Array | None = None,
+    query_offset: int | jax.Array = 0,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
 ) -> jax.Array:
@@ -126,4 +127,4 @@ def lightning_indexer(
     a = indexer_layout(q_idx, k_idx, weights, entry_segment, entry_end, segment_ids, ratio=ratio, chunk_q=bs.chunk_q,
                        block_c=bs.block_c)
     score = functools.partial(_score_chunk, ratio=ratio, bs=bs, interpret=interpret)
-    return chunked_topk(score, a, T=T, C=C, K=K, chunk_q=bs.chunk_q)
+    return chunked_topk(score, a, T=T, C=C, K=K, chunk_q=bs.chunk_q, query_offset=query_offset_array(query_offset))

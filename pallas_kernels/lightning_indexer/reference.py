@@ -1,8 +1,9 @@
 """Lightning indexer (CSA top-k selection), pure JAX: the specification of the Pallas kernels.
 
 score[t, c] = sum_h weights[t, h] * NI**-0.5 * relu(q_idx[t, h] . k_idx[c]) * HI**-0.5 (float32),
--inf where entry c is not admissible for query t (entry_end[c] <= t and
-entry_segment[c] == segment_ids[t]; entry_end defaults to (c + 1) * m - 1, windows aligned to the row).
+-inf where entry c is not admissible for query row t (entry_end[c] <= t + query_offset and
+entry_segment[c] == segment_ids[t]; entry_end defaults to (c + 1) * m - 1, windows aligned to the row;
+query_offset, default 0, is the absolute position of row 0).
 The top-k keeps K = min(topk, C) entries per query in
 descending score order (ties: lower index first); slots whose score is -inf become -1.
 
@@ -20,6 +21,7 @@ from pallas_kernels.attention_base.common import (
     PAD_SEGMENT,
     admissible_mask,
     pad_axis,
+    query_offset_array,
     row_aligned_entry_end,
     tie_to,
 )
@@ -36,14 +38,14 @@ def _block_scores(q_i, w_i, qpos_i, qseg_i, k_idx, entry_segment, entry_end):
     return jnp.where(admissible_mask(qpos_i, qseg_i, entry_segment, entry_end), scores, NEG_INF)
 
 
-def _blocks(q_idx, weights, segment_ids, block_q):
+def _blocks(q_idx, weights, segment_ids, block_q, query_offset=0):
     B, T, NI, HI = q_idx.shape
     nb = -(-T // block_q)
     Tp = nb * block_q
     q_b = pad_axis(q_idx, 1, Tp).reshape(B, nb, block_q, NI, HI).swapaxes(0, 1)
     w_b = pad_axis(weights, 1, Tp).reshape(B, nb, block_q, NI).swapaxes(0, 1)
     seg_b = pad_axis(segment_ids.astype(jnp.int32), 1, Tp, PAD_SEGMENT).reshape(B, nb, block_q).swapaxes(0, 1)
-    pos_b = jnp.arange(Tp).reshape(nb, block_q)
+    pos_b = jnp.arange(Tp, dtype=jnp.int32).reshape(nb, block_q) + query_offset_array(query_offset)
     return (q_b, w_b, pos_b, seg_b), Tp
 
 
@@ -56,6 +58,7 @@ def indexer_scores(
     *,
     ratio: int,
     entry_end: jax.Array | None = None,
+    query_offset: int | jax.Array = 0,
     block_q: int = DEFAULT_BLOCK_Q,
 ) -> jax.Array:
     """Masked index scores of every (query, entry) pair; differentiable (indexer KL training).
@@ -68,7 +71,7 @@ def indexer_scores(
       segment_ids [B, T] int32 -> [B, T, C] float32.
     """
     B, T = segment_ids.shape
-    xs, Tp = _blocks(q_idx, weights, segment_ids, block_q)
+    xs, Tp = _blocks(q_idx, weights, segment_ids, block_q, query_offset)
     entry_end = row_aligned_entry_end(entry_segment, ratio) if entry_end is None else entry_end.astype(jnp.int32)
     entry_segment = entry_segment.astype(jnp.int32)
 
@@ -89,6 +92,7 @@ def lightning_indexer(
     ratio: int,
     topk: int,
     entry_end: jax.Array | None = None,
+    query_offset: int | jax.Array = 0,
     block_q: int = DEFAULT_BLOCK_Q,
 ) -> jax.Array:
     """Top-k admissible compressed entries per query, best first; -1 where fewer exist.
@@ -101,7 +105,8 @@ def lightning_indexer(
       segment_ids: document ids (0 = padding).
       ratio: compression ratio m (tokens per entry).
       topk: entries kept per query; K = min(topk, C).
-      entry_end: row of the last token entry c pools (>= c * ratio); None = (c + 1) * ratio - 1.
+      entry_end: position of the last token entry c pools (>= c * ratio); None = (c + 1) * ratio - 1.
+      query_offset: absolute position of query row 0 (int or int32 scalar, may be traced).
       block_q: queries scored at once.
 
     Returns:
@@ -116,7 +121,7 @@ def lightning_indexer(
     K = min(topk, C)
     if K == 0:
         return jnp.zeros((B, T, 0), jnp.int32)
-    xs, Tp = _blocks(q_idx, weights, segment_ids, block_q)
+    xs, Tp = _blocks(q_idx, weights, segment_ids, block_q, query_offset)
     entry_end = row_aligned_entry_end(entry_segment, ratio) if entry_end is None else entry_end.astype(jnp.int32)
     entry_segment = entry_segment.astype(jnp.int32)
 

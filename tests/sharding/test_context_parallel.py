@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from deepseek_v4 import DeepseekV4
+from deepseek_v4 import DeepseekV4, attention
 from sharding import context as cp
 from sharding import mesh as mesh_lib
 from tests.conftest import TOLERANCES
@@ -138,3 +138,12 @@ def test_three_train_steps_match_single_device(spec, single):
     assert_same_steps(single, run(mesh_lib.make_mesh(spec), [packed_rows()] * STEPS, METRICS))
     want_metrics = single[0]
     assert want_metrics[0]["indexer_loss"] > 0 and want_metrics[0]["mtp_loss"] > 0
+
+
+@pytest.mark.slow  # one train-step compile with interpreted Pallas kernels
+def test_pallas_kernels_under_context_parallelism_match_single_device(single):
+    """The Pallas attention and indexer kernels (Mosaic style, interpreted on CPU) run per chunk frame with their
+    query offsets: three train steps on data=2,context=4 equal one device's (reference kernels)."""
+    with attention.kernel_implementation("pallas_tpu", interpret=True):
+        got = run(mesh_lib.make_mesh("data=2,context=4"), [packed_rows()] * STEPS, METRICS)
+    assert_same_steps(single, got)
