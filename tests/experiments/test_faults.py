@@ -26,14 +26,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from deepseek_v4.metrics import read_metrics
-from tests.conftest import CODEGEN_FLAGS
+from tests.conftest import CODEGEN_FLAGS, COMPILATION_CACHE
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = ["--config=tiny", "--vocab_size=1024", "--num_hidden_layers=2", "--compress_ratios=4,16,0",
         "--num_hash_layers=1", "--data=synthetic", "--batch_size=2", "--seq_len=32", "--schedule=constant",
         "--warmup_steps=2", "--learning_rate=1e-2", "--log_every=1", "--keep_checkpoints=3", "--progress=false",
         "--peak_flops=1e12", "--notensorboard", "--noplot", "--eval_every=0",
-        f"--compilation_cache={os.path.join(REPO, '.jax_cache')}"]
+        f"--compilation_cache={COMPILATION_CACHE}"]
 TOTAL = 12
 TIMEOUT = 900
 
