@@ -54,7 +54,19 @@ def _run(graphdef, state, tokens, seg, pos, targets, impl):
         return fn(params, tokens, seg, pos, targets)
 
 
-@pytest.mark.slow  # three forward+backward compiles per path: 80-100 s each on 2 cores
+def _alone_batch(tokens, pos, targets):
+    """Each packed document alone in a row of its own, from the row's first token (rows as long as the longest
+    document; a shorter document is followed by padding), and where each one sits in the packed batch."""
+    docs = [(b, start, n) for b, lengths in enumerate(LAYOUTS) for start, n in zip(np.cumsum((0,) + lengths), lengths)]
+    width = max(n for _, _, n in docs)
+    alone = [np.zeros((len(docs), width), np.int32) for _ in range(4)]
+    for row, (b, start, n) in enumerate(docs):
+        for dst, src in zip(alone, (tokens, None, pos, targets)):
+            dst[row, :n] = 1 if src is None else src[b, start:start + n]
+    return alone, docs
+
+
+@pytest.mark.slow  # two forward+backward compiles per path (packed rows, the documents alone): 30-60 s each
 @pytest.mark.parametrize("impl", ["reference", "pallas_gpu", "pallas_tpu"])
 def test_packed_documents_equal_the_documents_alone(tiny, impl):
     """Logits, loss and parameter gradients of each packed document equal those of the document run alone
@@ -62,18 +74,11 @@ def test_packed_documents_equal_the_documents_alone(tiny, impl):
     cfg, graphdef, state = tiny
     tokens, seg, pos, targets = _packed_batch(cfg.vocab_size)
     (loss, logits), grads = _run(graphdef, state, tokens, seg, pos, targets, impl)
-    want_loss, want_grads = 0.0, jax.tree.map(jnp.zeros_like, grads)
-    for b, lengths in enumerate(LAYOUTS):
-        start = 0
-        for n in lengths:
-            rows = slice(start, start + n)
-            one = lambda a: jnp.asarray(a[b:b + 1, rows])  # noqa: B023
-            (l_alone, lg_alone), g_alone = _run(graphdef, state, one(tokens), jnp.ones((1, n), jnp.int32),
-                                                one(pos), one(targets), impl)
-            np.testing.assert_allclose(np.asarray(logits[b:b + 1, rows]), np.asarray(lg_alone), atol=1e-5, rtol=0)
-            want_loss += l_alone
-            want_grads = jax.tree.map(jnp.add, want_grads, g_alone)
-            start += n
+    alone, docs = _alone_batch(tokens, pos, targets)
+    (want_loss, logits_alone), want_grads = _run(graphdef, state, *alone, impl)  # summed over the documents
+    for row, (b, start, n) in enumerate(docs):
+        np.testing.assert_allclose(np.asarray(logits[b, start:start + n]), np.asarray(logits_alone[row, :n]),
+                                   atol=1e-5, rtol=0)
     np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want_grads))
     err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)))
@@ -90,12 +95,17 @@ def test_entry_slots_follow_each_document():
     assert [bool(h) for h, s in zip(slots.has_previous[0], slots.segment[0]) if s >= 0] == [False, False, True]
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_and_indexer_loss(graphdef, state, tokens):
+    """One compile per length (the persistent cache keeps it) instead of one eager dispatch per operation."""
+    model = nnx.merge(graphdef, *state)
+    return model(tokens), model.forward_train(tokens, indexer_loss=True).indexer_loss
+
+
 @pytest.mark.parametrize("length", [1, 3, 15])
 def test_inputs_shorter_than_the_largest_ratio(tiny, length):
     cfg, graphdef, state = tiny
     tokens = jnp.arange(length, dtype=jnp.int32)[None] % cfg.vocab_size
-    model = nnx.merge(graphdef, *state)
-    out = model(tokens)
+    out, indexer_loss = _forward_and_indexer_loss(graphdef, state, tokens)
     assert out.shape == (1, length, cfg.vocab_size) and bool(jnp.all(jnp.isfinite(out)))
-    train = model.forward_train(tokens, indexer_loss=True)
-    assert bool(jnp.isfinite(train.indexer_loss))
+    assert bool(jnp.isfinite(indexer_loss))

@@ -7,7 +7,9 @@ compilation cache. One uninterrupted run is the reference every resumed run must
 the train-step smoke test (the loss falls).
 
 The runs start together in one module fixture, two at a time (each is mostly single-threaded tracing); the
-tests then check their outcomes.
+tests then check their outcomes. Those runs (eleven processes, a few CPU-minutes) are in the slow tier; the fast
+tier keeps the bad-flag checks of the command line, and tests/deepseek_v4/test_checkpoint.py covers saving,
+restoring and falling back past a damaged checkpoint in-process.
 """
 
 import glob
@@ -26,14 +28,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from deepseek_v4.metrics import read_metrics
-from tests.conftest import CODEGEN_FLAGS
+from tests.conftest import CODEGEN_FLAGS, COMPILATION_CACHE
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = ["--config=tiny", "--vocab_size=1024", "--num_hidden_layers=2", "--compress_ratios=4,16,0",
         "--num_hash_layers=1", "--data=synthetic", "--batch_size=2", "--seq_len=32", "--schedule=constant",
         "--warmup_steps=2", "--learning_rate=1e-2", "--log_every=1", "--keep_checkpoints=3", "--progress=false",
         "--peak_flops=1e12", "--notensorboard", "--noplot", "--eval_every=0",
-        f"--compilation_cache={os.path.join(REPO, '.jax_cache')}"]
+        f"--compilation_cache={COMPILATION_CACHE}"]
 TOTAL = 12
 TIMEOUT = 900
 
@@ -163,8 +165,6 @@ def runs(tmp_path_factory):
         "nan": pool.submit(run, root / "nan", f"--steps={TOTAL}", "--save_every=1", "--debug_nan_at_steps=2,4,5",
                            "--max_bad_steps=2", expect=1),
     }
-    for i, (flag, _) in enumerate(BAD_FLAGS):
-        jobs[f"bad{i}"] = pool.submit(run, root / f"bad{i}", flag, expect=2)
     first = root / "first"
 
     def after_first(fn):
@@ -190,6 +190,7 @@ def reference(runs):
 # ---- the tests -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the module's runs
 def test_reference_run_learns(runs, reference):
     assert all(np.isfinite(v) for v in reference.values())
     assert glob.glob(os.path.join(runs["root"], "reference", "tensorboard", "events.out.tfevents.*"))
@@ -198,6 +199,7 @@ def test_reference_run_learns(runs, reference):
     assert last < first - 0.05, (first, last)
 
 
+@pytest.mark.slow  # the module's runs
 def test_the_run_draws_its_curves(runs):
     p = runs["reference"].result()
     png = runs["root"] / "reference" / "metrics.png"
@@ -207,12 +209,14 @@ def test_the_run_draws_its_curves(runs):
     assert os.path.getsize(png) > 20_000  # several panels of curves, not an empty canvas
 
 
+@pytest.mark.slow  # the module's runs
 def test_first_run_keeps_three_checkpoints(runs):
     p = runs["first"].result()
     assert "starting from scratch" in p.stdout
     assert complete_steps(runs["root"] / "first") == [2, 3, 4]
 
 
+@pytest.mark.slow  # the module's runs
 def test_exact_resume_matches_an_uninterrupted_run(runs, reference):
     d, p = runs["resume"].result()
     assert "resuming from step 4" in p.stdout
@@ -222,6 +226,7 @@ def test_exact_resume_matches_an_uninterrupted_run(runs, reference):
         assert got[step] == reference[step], (step, got[step], reference[step])  # bit-identical
 
 
+@pytest.mark.slow  # the module's runs
 def test_corrupt_and_truncated_checkpoints_fall_back(runs, reference):
     d, p = runs["corrupt"].result()
     assert "checkpoint step 4 is unusable" in p.stderr and "checkpoint step 3 is unusable" in p.stderr
@@ -233,6 +238,7 @@ def test_corrupt_and_truncated_checkpoints_fall_back(runs, reference):
         assert got[step] == reference[step], (step, got[step], reference[step])
 
 
+@pytest.mark.slow  # the module's runs
 def test_kill_9_sigterm_sigint_then_resume(runs, reference):
     d, events = runs["lifecycle"].result()
     killed_at = events[0][-1]
@@ -251,6 +257,7 @@ def test_kill_9_sigterm_sigint_then_resume(runs, reference):
         assert got[step] == reference[step], (step, got[step], reference[step])
 
 
+@pytest.mark.slow  # the module's runs
 def test_nan_steps_are_skipped_then_the_run_stops(runs):
     p = runs["nan"].result()
     d = runs["root"] / "nan"
@@ -269,6 +276,7 @@ def test_nan_steps_are_skipped_then_the_run_stops(runs):
     mgr.close()
 
 
+@pytest.mark.slow  # the module's runs
 def test_different_architecture_is_a_one_line_error(runs):
     p = runs["mismatch"].result()
     lines = p.stderr.strip().splitlines()
@@ -279,8 +287,8 @@ def test_different_architecture_is_a_one_line_error(runs):
 
 
 @pytest.mark.parametrize("i", range(len(BAD_FLAGS)))
-def test_bad_flag_values_are_one_line_errors(runs, i):
-    p = runs[f"bad{i}"].result()
+def test_bad_flag_values_are_one_line_errors(tmp_path, i):
+    p = run(tmp_path / f"bad{i}", BAD_FLAGS[i][0], expect=2)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and BAD_FLAGS[i][1] in lines[0], p.stderr
-    assert not os.path.exists(runs["root"] / f"bad{i}")  # failed before touching anything
+    assert not os.path.exists(tmp_path / f"bad{i}")  # failed before touching anything

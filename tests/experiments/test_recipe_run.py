@@ -1,9 +1,11 @@
-"""`--recipe=nano` end to end (subprocesses, one CPU device): the run crosses every stage boundary by itself (a batch
-change, sequence-length changes, dense -> indexer warm-up -> sparse), compiles once per stage, saves the resolved
-schedule with its checkpoints, and a run resumed inside a stage or exactly at a boundary continues as the
+"""A recipe end to end (subprocesses, one CPU device): the run crosses every kind of stage boundary by itself (a
+batch change, a sequence-length change, dense -> indexer warm-up -> sparse), compiles once per stage, saves the
+resolved schedule with its checkpoints, and a run resumed inside a stage or exactly at a boundary continues as the
 uninterrupted run did, bit for bit.
 
-The model is cut down (tiny, 2 layers) so that the 6 compiles stay short; the recipe's stages are nano's.
+The runs use `stages`, a four-stage recipe of nine short steps (tests/experiments/stages_recipe_main.py: the real
+entry point with that recipe added), on a cut-down tiny model (2 layers, 1,024-row vocabulary) and synthetic
+data, so that the four compiles stay short. The bad-input tests run `python -m experiments.pretrain` itself.
 """
 
 import json
@@ -17,23 +19,25 @@ import pytest
 
 from deepseek_v4 import recipes
 from deepseek_v4.metrics import read_metrics
-from tests.conftest import CODEGEN_FLAGS
+from tests.conftest import CODEGEN_FLAGS, COMPILATION_CACHE
+from tests.experiments.stages_recipe_main import STAGES
 
-pytestmark = pytest.mark.slow  # 6 train-step compiles plus two resumed runs: minutes on 2 cores
+pytestmark = pytest.mark.slow  # 4 train-step compiles plus two resumed runs: about a minute on 2 cores
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-FLAGS = ["--recipe=nano", "--config=tiny", "--num_hidden_layers=2", "--compress_ratios=4,16,0", "--num_hash_layers=1",
-         "--save_every=4", "--keep_checkpoints=20", "--log_every=1", "--progress=false", "--peak_flops=1e12",
-         "--notensorboard", "--noplot", f"--compilation_cache={os.path.join(REPO, '.jax_cache')}"]
-SCHEDULE = recipes.resolve(recipes.NANO)
-INSIDE = 24  # a checkpoint inside stage "256" (steps 20-27)
-BOUNDARY = 8  # the last step of the ramp: its data state belongs to the ramp, the next step to stage "128"
+FLAGS = [f"--recipe={STAGES.name}", "--config=tiny", "--vocab_size=1024", "--num_hidden_layers=2",
+         "--compress_ratios=4,16,0", "--num_hash_layers=1", "--data=synthetic", "--eval_every=0", "--save_every=2",
+         "--keep_checkpoints=20", "--log_every=1", "--progress=false", "--peak_flops=1e12", "--notensorboard",
+         "--noplot", f"--compilation_cache={COMPILATION_CACHE}"]
+SCHEDULE = recipes.resolve(STAGES)
+INSIDE = 6  # a checkpoint inside stage "64" (steps 5-8)
+BOUNDARY = 2  # the last step of the ramp: its data state belongs to the ramp, the next step to stage "32"
 
 
 def _run(workdir):
     env = {**os.environ, "XLA_FLAGS": CODEGEN_FLAGS, "JAX_PLATFORMS": "cpu"}
-    p = subprocess.run([sys.executable, "-m", "experiments.pretrain", *FLAGS, f"--workdir={workdir}"], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=3600)
+    p = subprocess.run([sys.executable, "-m", "tests.experiments.stages_recipe_main", *FLAGS, f"--workdir={workdir}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     assert p.returncode == 0, f"STDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-3000:]}"
     return p.stdout
 
@@ -63,7 +67,7 @@ def _losses(workdir):
 
 def test_every_stage_runs_with_its_shapes_and_attention(runs):
     workdir, out = runs["ref"]
-    assert "recipe nano (preset tiny)" in out and "--config=tiny (recipe nano)" in out
+    assert f"recipe {STAGES.name} (preset tiny)" in out and f"--config=tiny (recipe {STAGES.preset})" in out
     crossings = [line for line in out.splitlines() if ": stage '" in line]
     assert len(crossings) == len(SCHEDULE.stages) - 1
     recs = {r["step"]: r for r in read_metrics(workdir)}
@@ -81,7 +85,7 @@ def test_the_schedule_is_saved_with_the_checkpoint(runs):
     step_dir = os.path.join(workdir, "checkpoints", str(SCHEDULE.steps), "meta")
     files = [os.path.join(step_dir, f) for f in os.listdir(step_dir)]
     meta = json.load(open(next(f for f in files if os.path.isfile(f))))
-    assert meta["recipe"]["recipe"] == "nano" and meta["recipe"]["settings"]["steps"] == SCHEDULE.steps
+    assert meta["recipe"]["recipe"] == STAGES.name and meta["recipe"]["settings"]["steps"] == SCHEDULE.steps
     assert [s["seq_len"] for s in meta["recipe"]["stages"]] == [s.seq_len for s in SCHEDULE.stages]
 
 

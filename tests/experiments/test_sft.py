@@ -19,13 +19,13 @@ from deepseek_v4 import checkpoint as ckpt_lib
 from deepseek_v4.metrics import read_metrics
 from experiments import init_weights
 from sharding import mesh as mesh_lib
-from tests.conftest import CODEGEN_FLAGS
+from tests.conftest import CODEGEN_FLAGS, COMPILATION_CACHE
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CFG = get_config("nano", num_hidden_layers=2, compress_ratios=(4, 32, 0), num_hash_layers=1)
 COMMON = ["--batch_size=2", "--seq_len=128", "--toy_examples=60", "--schedule=constant", "--warmup_steps=0",
           "--log_every=1", "--progress=false", "--peak_flops=1e12", "--notensorboard", "--noplot",
-          f"--compilation_cache={os.path.join(REPO, '.jax_cache')}"]
+          f"--compilation_cache={COMPILATION_CACHE}"]
 TIMEOUT = 900
 
 
