@@ -27,16 +27,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 
 from absl import app, flags
-from absl import logging as absl_logging
 from flax import nnx
 
 from deepseek_v4 import distillation, sft_data, train, verifiable_tasks
 from deepseek_v4.config import Config
 from experiments import flags as flag_gen
-from experiments import init_weights, teachers as teacher_lib
+from experiments import entry, init_weights, teachers as teacher_lib
 from experiments import run as run_lib
 
 FLAGS = flags.FLAGS
@@ -103,11 +101,6 @@ flag_gen.define_settings_flags(DistillSettings)
 flags.adopt_module_key_flags(flag_gen)
 
 
-def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def prompt_source(d: DistillSettings, seq_len: int):
     """The prompts --tasks / --modes or --data name; one-line ValueError if none fits --seq_len."""
     fits = seq_len - d.max_new_tokens + 1  # a row holds prompt + completion - 1 token pairs
@@ -122,12 +115,9 @@ def prompt_source(d: DistillSettings, seq_len: int):
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)
+    entry.start(argv)
     preset = FLAGS[flag_gen.CONFIG_FLAG].value
-    try:
+    with entry.user_errors():  # the only place flags are read
         d = flag_gen.settings_from_flags(DistillSettings)
         settings = flag_gen.settings_from_flags(train.TrainSettings)
         opts = run_lib.RunSettings(**flag_gen.settings_values(run_lib.RunSettings, names=_RUN_FIELDS))
@@ -136,23 +126,19 @@ def main(argv: list[str]) -> None:
         distillation.check_vocabularies(cfg.vocab_size, {t: teacher_lib.teacher_config(t, preset).vocab_size
                                                          for t in d.teacher_dirs})
         prompts = prompt_source(d, opts.seq_len)
-    except ValueError as e:
-        _fail(str(e))
     if isinstance(prompts, distillation.ChatPrompts):
         print(f"prompts: {len(prompts.prompts)} from {d.data}; {prompts.skipped.summary()}", flush=True)
     if not (d.init or d.hf_dir):
         print("no --init / --hf_dir: distilling into a new, untrained model", flush=True)
-    try:
+    with entry.user_errors():
         teachers = [teacher_lib.load_teacher(t, preset, sparse_attention=d.teacher_sparse_attention)
                     for t in d.teacher_dirs]
-    except ValueError as e:
-        _fail(str(e))
     for i, (t, w) in enumerate(zip(teachers, d.weights)):
         print(f"teacher {i}: {t.name} (weight {w:g}, hidden {t.cfg.hidden_size}, {t.cfg.num_hidden_layers} layers)",
               flush=True)
     source = d.init or d.hf_dir
     model_name = f"{os.path.basename(os.path.normpath(source)) if source else preset}_distilled"
-    workdir = os.path.abspath(os.path.expanduser(opts.workdir or os.path.join("runs", model_name)))
+    workdir = entry.workdir(opts, model_name)
     holder: dict[str, run_lib.Run] = {}
 
     def policy():  # the student as the train state holds it now (read before the step that donates it)
@@ -167,16 +153,16 @@ def main(argv: list[str]) -> None:
 
     make_step = functools.partial(distillation.make_distill_step, teacher_heads=[t.head for t in teachers],
                                   weights=d.weights, vocab_chunk=d.vocab_chunk)
-    stop = run_lib.StopSignal()
-    try:
-        run = run_lib.setup(cfg, settings, opts, workdir=workdir, model_name=model_name, data_source=data_source,
-                            make_step=make_step,
-                            initial_state=init_weights.weights_loader(init=d.init, hf_dir=d.hf_dir, cfg=cfg,
-                                                                      settings=settings, seed=opts.seed))
-    except run_lib.UserError as e:
-        _fail(str(e))
-    holder["run"] = run
-    sys.exit(run_lib.train_and_report(run, stop))
+
+    def setup() -> run_lib.Run:
+        holder["run"] = run_lib.setup(cfg, settings, opts, workdir=workdir, model_name=model_name,
+                                      data_source=data_source, make_step=make_step,
+                                      initial_state=init_weights.weights_loader(init=d.init, hf_dir=d.hf_dir,
+                                                                                cfg=cfg, settings=settings,
+                                                                                seed=opts.seed))
+        return holder["run"]
+
+    entry.train(setup)
 
 
 if __name__ == "__main__":

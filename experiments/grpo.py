@@ -28,13 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from absl import logging as absl_logging
 from flax import nnx
 
 from deepseek_v4 import DeepseekV4, grpo, train
 from deepseek_v4.config import Config
 from experiments import flags as flag_gen
-from experiments import init_weights
+from experiments import entry, init_weights
 from experiments import run as run_lib
 
 FLAGS = flags.FLAGS
@@ -54,12 +53,6 @@ def define_flags() -> None:
     flag_gen.define_settings_flags(run_lib.RunSettings, names=_RUN_FIELDS, defaults=_RUN_DEFAULTS)
     flag_gen.define_settings_flags(grpo.GRPOSettings)
     flags.adopt_module_key_flags(flag_gen)  # --help lists them
-
-
-def _fail(msg: str) -> None:
-    """A user mistake: one line on stderr, exit status 2."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 def attach_rollouts(run: run_lib.Run, g: grpo.GRPOSettings, source: grpo.RolloutSource,
@@ -137,11 +130,8 @@ def setup_run(cfg: Config, settings: train.TrainSettings, opts: run_lib.RunSetti
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS["verbosity"].present:  # Orbax logs every save at INFO
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    try:  # the only place flags are read
+    entry.start(argv)
+    with entry.user_errors():  # the only place flags are read
         g = flag_gen.settings_from_flags(grpo.GRPOSettings)
         settings = flag_gen.settings_from_flags(train.TrainSettings)
         opts = run_lib.RunSettings(**flag_gen.settings_values(run_lib.RunSettings, names=_RUN_FIELDS),
@@ -151,20 +141,19 @@ def main(argv: list[str]) -> None:
                              f"({g.max_new_tokens})")
         cfg: Config = init_weights.init_config(init=g.init, hf_dir=g.hf_dir, preset=FLAGS[flag_gen.CONFIG_FLAG].value,
                                                overrides=flag_gen.config_overrides())
-    except ValueError as e:
-        _fail(str(e))
     if not (g.init or g.hf_dir):
         print("no --init / --hf_dir: GRPO on a new, untrained model (rewards will stay near zero)", flush=True)
     source_dir = g.init or g.hf_dir
     base = os.path.basename(os.path.normpath(source_dir)) if source_dir else FLAGS[flag_gen.CONFIG_FLAG].value
     model_name = f"{base}_grpo"
-    workdir = os.path.abspath(os.path.expanduser(opts.workdir or os.path.join("runs", model_name)))
-    stop = run_lib.StopSignal()  # from here on SIGTERM / SIGINT mean: take (at least) one step, save, exit 0
-    try:
-        run, prepare = setup_run(cfg, settings, opts, g, workdir=workdir, model_name=model_name)
-    except run_lib.UserError as e:
-        _fail(str(e))
-    sys.exit(run_lib.train_and_report(run, stop, prepare))
+    workdir = entry.workdir(opts, model_name)
+    hooks: dict[str, Callable[[run_lib.Run], None]] = {}
+
+    def setup() -> run_lib.Run:
+        run, hooks["prepare"] = setup_run(cfg, settings, opts, g, workdir=workdir, model_name=model_name)
+        return run
+
+    entry.train(setup, prepare=lambda run: hooks["prepare"](run))
 
 
 if __name__ == "__main__":
