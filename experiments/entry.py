@@ -1,4 +1,4 @@
-"""The shared shape of a training entry point's `main` (experiments.pretrain, sft, grpo and distill, and the ones to come).
+"""The shared shape of a training entry point's `main` (experiments.pretrain, sft, grpo, distill and new ones).
 
 An entry point defines its flags (`experiments.flags`), reads them in one place, sets up a `run.Run` and trains it.
 Each step of that has the same rules everywhere, and this module holds them:
