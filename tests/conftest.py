@@ -45,3 +45,18 @@ TOLERANCES["fp8_gemm_vs_emulation_f32"] = 1e-5
 # transformers' float32 model on our bf16 export against our float32 model on the same bf16 weights (the export
 # issue's bound; both compute in float32, so the observed gap is at the float32 level).
 TOLERANCES["export_bf16_logits"] = 1e-3
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs_after_each_file():
+    """A worker runs many files one after another: without this, every compiled program and its constants stay in
+    memory until the worker ends (one worker reached 15 GiB of a 24 GiB machine). A file's shared compiled functions
+    live for the file; after it, JAX's in-memory caches are dropped (the persistent cache still serves recompiles)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
