@@ -7,6 +7,10 @@ goes alongside the two-process one. AdamW keeps the update in float32, so only t
 sums differs (Muon's bfloat16 Newton-Schulz turns such differences into bf16 roundings: its sharded-vs-single check
 is in the optimizer's tests). The synthetic global batch depends only on (seed, step); each process builds its
 own rows of it.
+
+The same comparison on `--mesh=context=8` (rows of 256 tokens: 2 x 8 chunks of 16, the HCA ratio) puts context
+parallelism across the two processes: each holds half of every sequence. Both form one row group
+(`sharding.host_data`): they load the same rows of the synthetic batch and each device takes its own tokens.
 """
 
 import json
@@ -18,9 +22,12 @@ import pytest
 from tests.sharding.launch import launch, run_single
 
 ARGS = ["--config=tiny", "--num_hidden_layers=2", "--compress_ratios=4,16,0", "--num_hash_layers=1",
-        "--vocab_size=512", "--optimizer=adamw", "--steps=3", "--batch_size=8", "--seq_len=64", "--mesh=data=2,expert=4", "--log_every=1",
+        "--vocab_size=512", "--optimizer=adamw", "--steps=3", "--batch_size=8", "--seq_len=64",
+        "--mesh=data=2,expert=4", "--log_every=1",
         "--save_every=1000", "--data=synthetic", "--compilation_cache=", "--progress=false", "--schedule=constant",
         "--warmup_steps=0", "--eval_every=0"]
+CONTEXT_ARGS = [a for a in ARGS if not a.startswith(("--mesh=", "--batch_size=", "--seq_len="))] + [
+    "--mesh=context=8", "--batch_size=2", "--seq_len=256"]
 KEYS = ("loss", "mtp_loss", "grad_norm", "balance_loss")
 
 
@@ -36,11 +43,12 @@ def check_ran(run) -> None:
 
 
 @pytest.mark.slow  # three processes each compile the init and the train step
-def test_pretrain_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("args", [ARGS, CONTEXT_ARGS], ids=["data=2,expert=4", "context=8"])
+def test_pretrain_two_processes_match_one(tmp_path, args):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     with ThreadPoolExecutor(max_workers=1) as pool:
-        single = pool.submit(run_single, "experiments.pretrain", ARGS + [f"--workdir={one}"], devices=8, timeout=1800)
-        for r in launch("experiments.pretrain", ARGS + [f"--workdir={two}"], 2, 4,
+        single = pool.submit(run_single, "experiments.pretrain", args + [f"--workdir={one}"], devices=8, timeout=1800)
+        for r in launch("experiments.pretrain", args + [f"--workdir={two}"], 2, 4,
                         coordinator_flag="coordinator_address", timeout=1800):
             check_ran(r)
         check_ran(single.result())
