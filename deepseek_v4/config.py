@@ -144,6 +144,12 @@ class Config:
         return _replace(self, overrides)
 
 
+def setting(default: Any, help_text: str, **metadata: Any) -> Any:
+    """A field of a settings dataclass whose default and description live in one place (the entry points generate
+    their flags from these fields: experiments/flags.py)."""
+    return dataclasses.field(default=default, metadata={"help": help_text, **metadata})
+
+
 def _fail(msg: str):
     raise ValueError(msg)
 

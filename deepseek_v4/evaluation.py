@@ -31,22 +31,19 @@ from flax import nnx
 
 from deepseek_v4 import data, train
 from deepseek_v4 import loss as loss_lib
+from deepseek_v4.config import setting
 
 FIRST_BUCKET = 1024  # positions [0, 1K) form the first bucket; each next bucket is 4x as long
 BUCKET_GROWTH = 4
-
-
-def _setting(default: Any, help_text: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help_text})
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
     """When and on what a run evaluates (the entry points generate `--eval_*` flags from these fields)."""
 
-    eval_every: int = _setting(10, "Steps between held-out evaluations (and at the last step); 0 disables.")
-    eval_batches: int = _setting(2, "Batches per evaluation (the same batches every time).")
-    eval_data: str = _setting("", "Held-out data: comma-separated directories written by tools.prepare_data "
+    eval_every: int = setting(10, "Steps between held-out evaluations (and at the last step); 0 disables.")
+    eval_batches: int = setting(2, "Batches per evaluation (the same batches every time).")
+    eval_data: str = setting("", "Held-out data: comma-separated directories written by tools.prepare_data "
                               "(default: the embedded corpus's validation split; with --data=synthetic, synthetic "
                               "rows of another seed).")
 

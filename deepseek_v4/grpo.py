@@ -32,40 +32,37 @@ from flax import nnx
 
 from deepseek_v4 import chat, post_training_losses, rollout, verifiable_tasks
 from deepseek_v4.tokenizer import get_tokenizer
+from deepseek_v4.config import setting
 
 # A reward function: (problem, completion text after the generation prompt (EOS included), mode) -> float.
 RewardFn = Callable[[verifiable_tasks.Problem, str, str], float]
-
-
-def _setting(default, help_text, **metadata):
-    return dataclasses.field(default=default, metadata={"help": help_text, **metadata})
 
 
 @dataclasses.dataclass(frozen=True)
 class GRPOSettings:
     """What GRPO adds to pretraining's flags (one flag per field, experiments/grpo.py)."""
 
-    init: str | None = _setting(None, "Run directory (pretrain / SFT / GRPO) to start from (its newest checkpoint).")
-    hf_dir: str | None = _setting(None, "Exported safetensors directory to start from (instead of --init).")
-    task: str = _setting("arithmetic", "Verifiable task of the prompts.", choices=verifiable_tasks.TASKS)
-    mode: str = _setting("non-think", "Chat mode of the prompts (reasoning effort).", choices=chat.MODES)
-    prompts_per_step: int = _setting(8, "Prompts per step (each one a group).")
-    group_size: int = _setting(4, "Completions sampled per prompt.")
-    max_new_tokens: int = _setting(32, "Completion budget in tokens.")
-    temperature: float = _setting(1.0, "Sampling temperature (the loss uses the same).")
-    top_p: float = _setting(1.0, "Nucleus sampling mass (1: off).")
-    top_k: int = _setting(0, "Top-k sampling (0: off); bounds the stored sampling mask.")
-    kl_weight: float = _setting(0.01, "Weight of the unbiased KL to the reference model.")
-    eps_low: float = _setting(0.2, "Clip range below 1 of the policy ratio.")
-    eps_high: float = _setting(0.2, "Clip range above 1 of the policy ratio.")
-    opsm_delta: float | None = _setting(None, "Off-policy sequence masking threshold on mean log(pi_old / pi) "
+    init: str | None = setting(None, "Run directory (pretrain / SFT / GRPO) to start from (its newest checkpoint).")
+    hf_dir: str | None = setting(None, "Exported safetensors directory to start from (instead of --init).")
+    task: str = setting("arithmetic", "Verifiable task of the prompts.", choices=verifiable_tasks.TASKS)
+    mode: str = setting("non-think", "Chat mode of the prompts (reasoning effort).", choices=chat.MODES)
+    prompts_per_step: int = setting(8, "Prompts per step (each one a group).")
+    group_size: int = setting(4, "Completions sampled per prompt.")
+    max_new_tokens: int = setting(32, "Completion budget in tokens.")
+    temperature: float = setting(1.0, "Sampling temperature (the loss uses the same).")
+    top_p: float = setting(1.0, "Nucleus sampling mass (1: off).")
+    top_k: int = setting(0, "Top-k sampling (0: off); bounds the stored sampling mask.")
+    kl_weight: float = setting(0.01, "Weight of the unbiased KL to the reference model.")
+    eps_low: float = setting(0.2, "Clip range below 1 of the policy ratio.")
+    eps_high: float = setting(0.2, "Clip range above 1 of the policy ratio.")
+    opsm_delta: float | None = setting(None, "Off-policy sequence masking threshold on mean log(pi_old / pi) "
                                         "(unset: off).")
-    scale_by_std: bool = _setting(False, "Divide advantages by the group's reward std (original GRPO).")
-    keep_routing: bool = _setting(True, "Train with the rollout's expert routing.")
-    keep_sampling_mask: bool = _setting(True, "Train on the sampler's top-k / top-p set (renormalised).")
-    length_penalty: tuple[float, ...] = _setting((0.0, 0.0, 0.0), "Length penalty coefficient per mode "
+    scale_by_std: bool = setting(False, "Divide advantages by the group's reward std (original GRPO).")
+    keep_routing: bool = setting(True, "Train with the rollout's expert routing.")
+    keep_sampling_mask: bool = setting(True, "Train on the sampler's top-k / top-p set (renormalised).")
+    length_penalty: tuple[float, ...] = setting((0.0, 0.0, 0.0), "Length penalty coefficient per mode "
                                                  "(non-think, think-high, think-max).")
-    length_budget: tuple[int, ...] | None = _setting(None, "Length (tokens) at which each mode's penalty is full "
+    length_budget: tuple[int, ...] | None = setting(None, "Length (tokens) at which each mode's penalty is full "
                                                      "(unset: --max_new_tokens for every mode).")
 
     def __post_init__(self):

@@ -44,18 +44,13 @@ from flax import nnx
 
 from deepseek_v4 import loss as loss_lib
 from deepseek_v4 import optim
-from deepseek_v4.config import Config
+from deepseek_v4.config import Config, setting
 from sharding import context as cp
 from deepseek_v4.csa_phases import (DENSE, INDEXER_PARAMS, PHASES, SPARSE, WARMUP,  # noqa: F401  (re-exported)
                                     check_settings_for_config, csa_phase, main_optimizer_count,
                                     make_indexer_warmup_optimizer, split_indexer, validate_indexer_warmup,
                                     with_indexer_warmup_state)
 from sharding import rules
-
-
-def _setting(default: Any, help_text: str, **metadata: Any) -> Any:
-    """A settings field whose default and description live here (the entry points generate flags from them)."""
-    return dataclasses.field(default=default, metadata={"help": help_text, **metadata})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,39 +60,39 @@ class TrainSettings:
     The defaults are those of the CPU `nano` run (`python -m experiments.pretrain` with no flags).
     """
 
-    steps: int = _setting(40, "Total optimizer steps of the run (a resumed run continues up to it).")
-    learning_rate: float = _setting(3e-3, "Peak learning rate.")
-    schedule: str = _setting("wsd", "LR schedule: wsd = warmup, constant, cosine decay over the last "
+    steps: int = setting(40, "Total optimizer steps of the run (a resumed run continues up to it).")
+    learning_rate: float = setting(3e-3, "Peak learning rate.")
+    schedule: str = setting("wsd", "LR schedule: wsd = warmup, constant, cosine decay over the last "
                              "decay_fraction of the run; cosine = warmup then cosine decay; constant = warmup then "
                              "constant.", choices=("wsd", "cosine", "constant"))
-    warmup_steps: int | None = _setting(None, "Linear warmup steps (unset / None: 10% of steps).")
-    decay_fraction: float = _setting(0.2, "wsd: fraction of steps spent decaying.")
-    final_lr_fraction: float = _setting(0.1, "The LR decays to learning_rate * final_lr_fraction.")
-    optimizer: str = _setting("muon", "muon: Muon for hidden and expert matrices, AdamW for embedding, head, norms, "
+    warmup_steps: int | None = setting(None, "Linear warmup steps (unset / None: 10% of steps).")
+    decay_fraction: float = setting(0.2, "wsd: fraction of steps spent decaying.")
+    final_lr_fraction: float = setting(0.1, "The LR decays to learning_rate * final_lr_fraction.")
+    optimizer: str = setting("muon", "muon: Muon for hidden and expert matrices, AdamW for embedding, head, norms, "
                               "mHC biases (V4); adamw: AdamW everywhere.", choices=("muon", "adamw"))
-    weight_decay: float = _setting(0.1, "Decoupled weight decay, applied to every trainable parameter.")
-    adam_b1: float = _setting(0.9, "AdamW beta1.")
-    adam_b2: float = _setting(0.95, "AdamW beta2.")
-    adam_eps: float = _setting(1e-20, "AdamW epsilon.")
-    clip_norm: float = _setting(1.0, "Global gradient-norm clip (0 disables).")
-    grad_accum: int = _setting(1, "Microbatches per step (the batch size must be divisible by it).")
-    mtp_weight: float = _setting(0.3, "MTP loss weight until the LR starts to decay.")
-    mtp_weight_after_decay: float = _setting(0.1, "MTP loss weight from the start of the LR decay.")
-    balance_weight: float = _setting(1e-4, "Sequence-wise balance loss weight.")
-    indexer_weight: float = _setting(1.0, "Weight of the lightning indexer's KL loss (0: no indexer training).")
-    bias_speed: float = _setting(1e-3, "Aux-loss-free balancing bias update speed (sign rule).")
-    sparse_attention_after: int = _setting(0, "First step of top-k sparse attention in CSA layers. Before it CSA "
+    weight_decay: float = setting(0.1, "Decoupled weight decay, applied to every trainable parameter.")
+    adam_b1: float = setting(0.9, "AdamW beta1.")
+    adam_b2: float = setting(0.95, "AdamW beta2.")
+    adam_eps: float = setting(1e-20, "AdamW epsilon.")
+    clip_norm: float = setting(1.0, "Global gradient-norm clip (0 disables).")
+    grad_accum: int = setting(1, "Microbatches per step (the batch size must be divisible by it).")
+    mtp_weight: float = setting(0.3, "MTP loss weight until the LR starts to decay.")
+    mtp_weight_after_decay: float = setting(0.1, "MTP loss weight from the start of the LR decay.")
+    balance_weight: float = setting(1e-4, "Sequence-wise balance loss weight.")
+    indexer_weight: float = setting(1.0, "Weight of the lightning indexer's KL loss (0: no indexer training).")
+    bias_speed: float = setting(1e-3, "Aux-loss-free balancing bias update speed (sign rule).")
+    sparse_attention_after: int = setting(0, "First step of top-k sparse attention in CSA layers. Before it CSA "
                                            "attends to every admissible compressed entry: dense training (everything "
                                            "trains, the indexer on the dense KL), whose last indexer_warmup_steps "
                                            "steps are the indexer warm-up (see csa_phase).")
-    indexer_warmup_steps: int = _setting(0, "Steps of the indexer warm-up, the last ones before "
+    indexer_warmup_steps: int = setting(0, "Steps of the indexer warm-up, the last ones before "
                                          "sparse_attention_after: dense CSA attention, only the lightning indexers "
                                          "train (dense KL, their own AdamW at indexer_warmup_lr); the other "
                                          "parameters, their optimizer state and the router biases stay unchanged.")
-    indexer_warmup_lr: float = _setting(1e-3, "Constant learning rate of the indexer warm-up's AdamW "
+    indexer_warmup_lr: float = setting(1e-3, "Constant learning rate of the indexer warm-up's AdamW "
                                         "(DeepSeek-V3.2: 1e-3).")
-    loss_chunk: int = _setting(loss_lib.DEFAULT_CHUNK, "Tokens per chunk of head logits in the cross entropy.")
-    loss_impl: str = _setting("remat", "Cross entropy gradients: fused = computed in the forward pass (3 head "
+    loss_chunk: int = setting(loss_lib.DEFAULT_CHUNK, "Tokens per chunk of head logits in the cross entropy.")
+    loss_impl: str = setting("remat", "Cross entropy gradients: fused = computed in the forward pass (3 head "
                               "matmuls per chunk, holds a head-sized gradient); remat = recomputed in the backward "
                               "(4 matmuls, less memory).", choices=loss_lib.IMPLS)
 

@@ -32,16 +32,12 @@ from absl import app, flags
 from flax import nnx
 
 from deepseek_v4 import distillation, sft_data, train, verifiable_tasks
-from deepseek_v4.config import Config
+from deepseek_v4.config import Config, setting
 from experiments import flags as flag_gen
 from experiments import entry, init_weights, teachers as teacher_lib
 from experiments import run as run_lib
 
 FLAGS = flags.FLAGS
-
-
-def _setting(default, help_text):
-    return dataclasses.field(default=default, metadata={"help": help_text})
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -52,21 +48,21 @@ def _names(text: str) -> tuple[str, ...]:
 class DistillSettings:
     """What distillation adds to pretraining's flags: the student's source, the teachers, the prompts, sampling."""
 
-    init: str | None = _setting(None, "Run directory to start the student from (its newest checkpoint).")
-    hf_dir: str | None = _setting(None, "Exported safetensors directory to start the student from.")
-    teachers: str = _setting("", "Comma-separated teachers: run directories or exported safetensors directories.")
-    weights: tuple[float, ...] | None = _setting(None, "One weight >= 0 per teacher (default: equal weights).")
-    tasks: str = _setting(",".join(verifiable_tasks.TASKS), "Comma-separated verifiable tasks the prompts are "
+    init: str | None = setting(None, "Run directory to start the student from (its newest checkpoint).")
+    hf_dir: str | None = setting(None, "Exported safetensors directory to start the student from.")
+    teachers: str = setting("", "Comma-separated teachers: run directories or exported safetensors directories.")
+    weights: tuple[float, ...] | None = setting(None, "One weight >= 0 per teacher (default: equal weights).")
+    tasks: str = setting(",".join(verifiable_tasks.TASKS), "Comma-separated verifiable tasks the prompts are "
                           "drawn from (unused with --data).")
-    modes: str = _setting("non-think", "Comma-separated chat modes of the task prompts.")
-    data: str = _setting("", "Comma-separated chat jsonl files to take the prompts from instead of --tasks.")
-    max_new_tokens: int = _setting(32, "Most tokens the student samples per prompt.")
-    temperature: float = _setting(1.0, "The student's sampling temperature.")
-    top_p: float = _setting(1.0, "The student's nucleus sampling mass.")
-    top_k: int = _setting(0, "Keep the k most likely tokens when sampling (0: all).")
-    vocab_chunk: int = _setting(distillation.DEFAULT_VOCAB_CHUNK, "Vocabulary columns of logits per chunk of "
+    modes: str = setting("non-think", "Comma-separated chat modes of the task prompts.")
+    data: str = setting("", "Comma-separated chat jsonl files to take the prompts from instead of --tasks.")
+    max_new_tokens: int = setting(32, "Most tokens the student samples per prompt.")
+    temperature: float = setting(1.0, "The student's sampling temperature.")
+    top_p: float = setting(1.0, "The student's nucleus sampling mass.")
+    top_k: int = setting(0, "Keep the k most likely tokens when sampling (0: all).")
+    vocab_chunk: int = setting(distillation.DEFAULT_VOCAB_CHUNK, "Vocabulary columns of logits per chunk of "
                                 "the KL.")
-    teacher_sparse_attention: bool = _setting(True, "Teachers score with top-k sparse CSA attention (as after "
+    teacher_sparse_attention: bool = setting(True, "Teachers score with top-k sparse CSA attention (as after "
                                               "pretraining's sparse phase); false: dense CSA attention.")
 
     def __post_init__(self):

@@ -31,16 +31,12 @@ from flax import nnx
 
 from deepseek_v4 import DeepseekV4, data, metrics, train
 from deepseek_v4 import checkpoint as ckpt_lib
-from deepseek_v4.config import Config
+from deepseek_v4.config import Config, setting
 from deepseek_v4.recipes import Schedule
 from experiments import preflight, spikes
 from sharding import host_data
 from sharding import mesh as mesh_lib
 from sharding import rules
-
-
-def _setting(default: Any, help_text: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help_text})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,33 +47,33 @@ class RunSettings:
     `nano` run.
     """
 
-    workdir: str | None = _setting(None, "Run directory (checkpoints, metrics). Default: runs/<config>.")
-    batch_size: int = _setting(8, "Global batch size in rows (sequences) per step.")
-    seq_len: int = _setting(128, "Tokens per row.")
-    seed: int = _setting(0, "Seed of the model init and the data order.")
-    mesh: str = _setting("", "Device mesh, e.g. data=2,expert=4 (default: data over all devices).")
-    save_every: int = _setting(50, "Steps between checkpoints (one is also written at the end).")
-    keep_checkpoints: int = _setting(3, "How many of the newest checkpoints to keep.")
-    log_every: int = _setting(5, "Steps between metric records.")
-    max_bad_steps: int = _setting(5, "Stop after this many consecutive steps with non-finite loss/gradients.")
-    peak_flops: float | None = _setting(None, "Peak FLOP/s per device for MFU (default: vendor table, measured on "
+    workdir: str | None = setting(None, "Run directory (checkpoints, metrics). Default: runs/<config>.")
+    batch_size: int = setting(8, "Global batch size in rows (sequences) per step.")
+    seq_len: int = setting(128, "Tokens per row.")
+    seed: int = setting(0, "Seed of the model init and the data order.")
+    mesh: str = setting("", "Device mesh, e.g. data=2,expert=4 (default: data over all devices).")
+    save_every: int = setting(50, "Steps between checkpoints (one is also written at the end).")
+    keep_checkpoints: int = setting(3, "How many of the newest checkpoints to keep.")
+    log_every: int = setting(5, "Steps between metric records.")
+    max_bad_steps: int = setting(5, "Stop after this many consecutive steps with non-finite loss/gradients.")
+    peak_flops: float | None = setting(None, "Peak FLOP/s per device for MFU (default: vendor table, measured on "
                                         "CPU).")
-    data: str = _setting("shakespeare", "'shakespeare' (the embedded corpus), 'synthetic' (a learnable token "
+    data: str = setting("shakespeare", "'shakespeare' (the embedded corpus), 'synthetic' (a learnable token "
                          "pattern, no tokenizer), or comma-separated directories written by tools.prepare_data.")
-    data_weights: tuple[float, ...] | None = _setting(None, "Token share per --data directory (default: by size).")
-    data_cache: str = _setting("~/.cache/deepseek_v4_jax", "Where the embedded corpus is prepared.")
-    data_workers: int = _setting(0, "grain prefetch processes (0: in-process).")
-    compilation_cache: str = _setting("~/.cache/deepseek_v4_jax/xla", "Persistent XLA compilation cache directory "
+    data_weights: tuple[float, ...] | None = setting(None, "Token share per --data directory (default: by size).")
+    data_cache: str = setting("~/.cache/deepseek_v4_jax", "Where the embedded corpus is prepared.")
+    data_workers: int = setting(0, "grain prefetch processes (0: in-process).")
+    compilation_cache: str = setting("~/.cache/deepseek_v4_jax/xla", "Persistent XLA compilation cache directory "
                                       "('' disables).")
-    plot: bool = _setting(True, "At the end of the run, draw <workdir>/metrics.png (tools.plot_metrics).")
-    tensorboard: bool = _setting(True, "Also write TensorBoard event files to <workdir>/tensorboard.")
-    progress: bool | None = _setting(None, "Progress bar (default: when stderr is a terminal; else log lines).")
-    coordinator_address: str | None = _setting(None, "Multi-process: host:port of process 0.")
-    num_processes: int | None = _setting(None, "Multi-process: number of processes.")
-    process_id: int | None = _setting(None, "Multi-process: this process's index.")
-    distributed_auto: bool = _setting(False, "Multi-process: read the cluster from the environment (TPU, SLURM, "
+    plot: bool = setting(True, "At the end of the run, draw <workdir>/metrics.png (tools.plot_metrics).")
+    tensorboard: bool = setting(True, "Also write TensorBoard event files to <workdir>/tensorboard.")
+    progress: bool | None = setting(None, "Progress bar (default: when stderr is a terminal; else log lines).")
+    coordinator_address: str | None = setting(None, "Multi-process: host:port of process 0.")
+    num_processes: int | None = setting(None, "Multi-process: number of processes.")
+    process_id: int | None = setting(None, "Multi-process: this process's index.")
+    distributed_auto: bool = setting(False, "Multi-process: read the cluster from the environment (TPU, SLURM, "
                                       "...).")
-    debug_nan_at_steps: tuple[int, ...] = _setting((), "Testing only: make the loss NaN at these steps (their "
+    debug_nan_at_steps: tuple[int, ...] = setting((), "Testing only: make the loss NaN at these steps (their "
                                                    "batches carry NaN loss weights).")
 
     def __post_init__(self):

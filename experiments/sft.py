@@ -26,7 +26,7 @@ import os
 from absl import app, flags
 
 from deepseek_v4 import sft_data, train, verifiable_tasks
-from deepseek_v4.config import Config
+from deepseek_v4.config import Config, setting
 from experiments import flags as flag_gen
 from experiments import entry, init_weights
 from experiments import run as run_lib
@@ -35,19 +35,15 @@ FLAGS = flags.FLAGS
 TOY = "toy"
 
 
-def _setting(default, help_text):
-    return dataclasses.field(default=default, metadata={"help": help_text})
-
-
 @dataclasses.dataclass(frozen=True)
 class SFTSettings:
     """What SFT adds to pretraining's flags: where the weights and the chat data come from."""
 
-    init: str | None = _setting(None, "Run directory of experiments.pretrain to start from (its newest checkpoint).")
-    hf_dir: str | None = _setting(None, "Exported safetensors directory to start from (instead of --init).")
-    data: str = _setting(TOY, "'toy' (the embedded seeded chat set) or comma-separated chat jsonl files.")
-    toy_examples: int = _setting(3000, "Dialogues in the toy chat set.")
-    include_reasoning: bool = _setting(True, "Train on the reasoning of assistant turns (think modes) too.")
+    init: str | None = setting(None, "Run directory of experiments.pretrain to start from (its newest checkpoint).")
+    hf_dir: str | None = setting(None, "Exported safetensors directory to start from (instead of --init).")
+    data: str = setting(TOY, "'toy' (the embedded seeded chat set) or comma-separated chat jsonl files.")
+    toy_examples: int = setting(3000, "Dialogues in the toy chat set.")
+    include_reasoning: bool = setting(True, "Train on the reasoning of assistant turns (think modes) too.")
 
     def __post_init__(self):
         if self.init and self.hf_dir:
