@@ -44,8 +44,8 @@ class EvalSettings:
     eval_every: int = setting(10, "Steps between held-out evaluations (and at the last step); 0 disables.")
     eval_batches: int = setting(2, "Batches per evaluation (the same batches every time).")
     eval_data: str = setting("", "Held-out data: comma-separated directories written by tools.prepare_data "
-                              "(default: the embedded corpus's validation split; with --data=synthetic, synthetic "
-                              "rows of another seed).")
+                             "(default: the embedded corpus's validation split; with --data=synthetic, synthetic "
+                             "rows of another seed).")
 
     def __post_init__(self):
         if self.eval_every < 0:

@@ -56,14 +56,14 @@ class GRPOSettings:
     eps_low: float = setting(0.2, "Clip range below 1 of the policy ratio.")
     eps_high: float = setting(0.2, "Clip range above 1 of the policy ratio.")
     opsm_delta: float | None = setting(None, "Off-policy sequence masking threshold on mean log(pi_old / pi) "
-                                        "(unset: off).")
+                                       "(unset: off).")
     scale_by_std: bool = setting(False, "Divide advantages by the group's reward std (original GRPO).")
     keep_routing: bool = setting(True, "Train with the rollout's expert routing.")
     keep_sampling_mask: bool = setting(True, "Train on the sampler's top-k / top-p set (renormalised).")
     length_penalty: tuple[float, ...] = setting((0.0, 0.0, 0.0), "Length penalty coefficient per mode "
-                                                 "(non-think, think-high, think-max).")
+                                                "(non-think, think-high, think-max).")
     length_budget: tuple[int, ...] | None = setting(None, "Length (tokens) at which each mode's penalty is full "
-                                                     "(unset: --max_new_tokens for every mode).")
+                                                    "(unset: --max_new_tokens for every mode).")
 
     def __post_init__(self):
         if self.init and self.hf_dir:

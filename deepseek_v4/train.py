@@ -63,13 +63,13 @@ class TrainSettings:
     steps: int = setting(40, "Total optimizer steps of the run (a resumed run continues up to it).")
     learning_rate: float = setting(3e-3, "Peak learning rate.")
     schedule: str = setting("wsd", "LR schedule: wsd = warmup, constant, cosine decay over the last "
-                             "decay_fraction of the run; cosine = warmup then cosine decay; constant = warmup then "
-                             "constant.", choices=("wsd", "cosine", "constant"))
+                            "decay_fraction of the run; cosine = warmup then cosine decay; constant = warmup then "
+                            "constant.", choices=("wsd", "cosine", "constant"))
     warmup_steps: int | None = setting(None, "Linear warmup steps (unset / None: 10% of steps).")
     decay_fraction: float = setting(0.2, "wsd: fraction of steps spent decaying.")
     final_lr_fraction: float = setting(0.1, "The LR decays to learning_rate * final_lr_fraction.")
     optimizer: str = setting("muon", "muon: Muon for hidden and expert matrices, AdamW for embedding, head, norms, "
-                              "mHC biases (V4); adamw: AdamW everywhere.", choices=("muon", "adamw"))
+                             "mHC biases (V4); adamw: AdamW everywhere.", choices=("muon", "adamw"))
     weight_decay: float = setting(0.1, "Decoupled weight decay, applied to every trainable parameter.")
     adam_b1: float = setting(0.9, "AdamW beta1.")
     adam_b2: float = setting(0.95, "AdamW beta2.")
@@ -82,19 +82,19 @@ class TrainSettings:
     indexer_weight: float = setting(1.0, "Weight of the lightning indexer's KL loss (0: no indexer training).")
     bias_speed: float = setting(1e-3, "Aux-loss-free balancing bias update speed (sign rule).")
     sparse_attention_after: int = setting(0, "First step of top-k sparse attention in CSA layers. Before it CSA "
-                                           "attends to every admissible compressed entry: dense training (everything "
-                                           "trains, the indexer on the dense KL), whose last indexer_warmup_steps "
-                                           "steps are the indexer warm-up (see csa_phase).")
+                                          "attends to every admissible compressed entry: dense training (everything "
+                                          "trains, the indexer on the dense KL), whose last indexer_warmup_steps "
+                                          "steps are the indexer warm-up (see csa_phase).")
     indexer_warmup_steps: int = setting(0, "Steps of the indexer warm-up, the last ones before "
-                                         "sparse_attention_after: dense CSA attention, only the lightning indexers "
-                                         "train (dense KL, their own AdamW at indexer_warmup_lr); the other "
-                                         "parameters, their optimizer state and the router biases stay unchanged.")
+                                        "sparse_attention_after: dense CSA attention, only the lightning indexers "
+                                        "train (dense KL, their own AdamW at indexer_warmup_lr); the other "
+                                        "parameters, their optimizer state and the router biases stay unchanged.")
     indexer_warmup_lr: float = setting(1e-3, "Constant learning rate of the indexer warm-up's AdamW "
-                                        "(DeepSeek-V3.2: 1e-3).")
+                                       "(DeepSeek-V3.2: 1e-3).")
     loss_chunk: int = setting(loss_lib.DEFAULT_CHUNK, "Tokens per chunk of head logits in the cross entropy.")
     loss_impl: str = setting("remat", "Cross entropy gradients: fused = computed in the forward pass (3 head "
-                              "matmuls per chunk, holds a head-sized gradient); remat = recomputed in the backward "
-                              "(4 matmuls, less memory).", choices=loss_lib.IMPLS)
+                             "matmuls per chunk, holds a head-sized gradient); remat = recomputed in the backward "
+                             "(4 matmuls, less memory).", choices=loss_lib.IMPLS)
 
     def __post_init__(self):
         if self.warmup_steps is None:  # the one place the default warmup is resolved

@@ -53,7 +53,7 @@ class DistillSettings:
     teachers: str = setting("", "Comma-separated teachers: run directories or exported safetensors directories.")
     weights: tuple[float, ...] | None = setting(None, "One weight >= 0 per teacher (default: equal weights).")
     tasks: str = setting(",".join(verifiable_tasks.TASKS), "Comma-separated verifiable tasks the prompts are "
-                          "drawn from (unused with --data).")
+                         "drawn from (unused with --data).")
     modes: str = setting("non-think", "Comma-separated chat modes of the task prompts.")
     data: str = setting("", "Comma-separated chat jsonl files to take the prompts from instead of --tasks.")
     max_new_tokens: int = setting(32, "Most tokens the student samples per prompt.")
@@ -61,9 +61,9 @@ class DistillSettings:
     top_p: float = setting(1.0, "The student's nucleus sampling mass.")
     top_k: int = setting(0, "Keep the k most likely tokens when sampling (0: all).")
     vocab_chunk: int = setting(distillation.DEFAULT_VOCAB_CHUNK, "Vocabulary columns of logits per chunk of "
-                                "the KL.")
+                               "the KL.")
     teacher_sparse_attention: bool = setting(True, "Teachers score with top-k sparse CSA attention (as after "
-                                              "pretraining's sparse phase); false: dense CSA attention.")
+                                             "pretraining's sparse phase); false: dense CSA attention.")
 
     def __post_init__(self):
         if self.init and self.hf_dir:

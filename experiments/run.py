@@ -57,14 +57,14 @@ class RunSettings:
     log_every: int = setting(5, "Steps between metric records.")
     max_bad_steps: int = setting(5, "Stop after this many consecutive steps with non-finite loss/gradients.")
     peak_flops: float | None = setting(None, "Peak FLOP/s per device for MFU (default: vendor table, measured on "
-                                        "CPU).")
+                                       "CPU).")
     data: str = setting("shakespeare", "'shakespeare' (the embedded corpus), 'synthetic' (a learnable token "
-                         "pattern, no tokenizer), or comma-separated directories written by tools.prepare_data.")
+                        "pattern, no tokenizer), or comma-separated directories written by tools.prepare_data.")
     data_weights: tuple[float, ...] | None = setting(None, "Token share per --data directory (default: by size).")
     data_cache: str = setting("~/.cache/deepseek_v4_jax", "Where the embedded corpus is prepared.")
     data_workers: int = setting(0, "grain prefetch processes (0: in-process).")
     compilation_cache: str = setting("~/.cache/deepseek_v4_jax/xla", "Persistent XLA compilation cache directory "
-                                      "('' disables).")
+                                     "('' disables).")
     plot: bool = setting(True, "At the end of the run, draw <workdir>/metrics.png (tools.plot_metrics).")
     tensorboard: bool = setting(True, "Also write TensorBoard event files to <workdir>/tensorboard.")
     progress: bool | None = setting(None, "Progress bar (default: when stderr is a terminal; else log lines).")
@@ -72,9 +72,9 @@ class RunSettings:
     num_processes: int | None = setting(None, "Multi-process: number of processes.")
     process_id: int | None = setting(None, "Multi-process: this process's index.")
     distributed_auto: bool = setting(False, "Multi-process: read the cluster from the environment (TPU, SLURM, "
-                                      "...).")
+                                     "...).")
     debug_nan_at_steps: tuple[int, ...] = setting((), "Testing only: make the loss NaN at these steps (their "
-                                                   "batches carry NaN loss weights).")
+                                                  "batches carry NaN loss weights).")
 
     def __post_init__(self):
         for name in ("batch_size", "seq_len", "save_every", "keep_checkpoints", "log_every", "max_bad_steps"):

@@ -39,13 +39,13 @@ class SpikeSettings:
     """Loss-spike detection and response (the entry points generate `--spike_*` flags from these fields)."""
 
     spike_response: str = setting("off", "What a loss spike does: off = nothing (not detected); skip = drop that "
-                                   "step's update; rollback = restore the newest checkpoint and skip the data from "
-                                   "it to the spike.", choices=("off", "skip", "rollback"))
+                                  "step's update; rollback = restore the newest checkpoint and skip the data from "
+                                  "it to the spike.", choices=("off", "skip", "rollback"))
     spike_factor: float = setting(2.0, "A step's loss is a spike above this factor x the running mean loss.")
     spike_window: int = setting(20, "Updated steps in the running mean.")
     spike_min_history: int = setting(10, "Updated steps seen before spikes are detected (after a start or resume).")
     debug_spike_at_batches: tuple[int, ...] = setting((), "Testing only: these batches (1-based, in the order the "
-                                                       f"run reads them) carry loss weights x {SPIKE_WEIGHT:g}.")
+                                                      f"run reads them) carry loss weights x {SPIKE_WEIGHT:g}.")
 
     def __post_init__(self):
         if self.spike_response not in ("off", "skip", "rollback"):
