@@ -1,12 +1,14 @@
 """Mosaic-TPU-style sliding-window pieces shared by the dense and sparse attention kernels.
 
-Grid steps of one window key block (forward and dq) and the key-major window dkv kernel. Rows (token t,
+Grid steps of one window key block (forward and dq), the bodies of the forward and dq kernels around them
+(carries, sink, final write), and the key-major window dkv kernel. Rows (token t,
 head n) -> t * N + n; see `common` for the layout and docs/kernels.md for the contract.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,55 @@ def window_dq_step(
         mask = window_block_mask(qpos_ref[...], k_pos, qseg_ref[...], kseg_ref[...], g.window)
         _, ds = softmax_grads(s, mask, lse_ref[...], dot_nt(do_ref[...], k), delta_ref[...])
         dq_sc[...] += g.scale * dot_nn(ds.astype(k.dtype), k)
+
+
+def fwd_kernel_body(
+    g: WindowGeometry, i, j, n_steps: int, sink_ref, q_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, o_ref, lse_ref,
+    m_sc, l_sc, acc_sc, entry_when, entry_step: Callable[[], None]
+) -> None:
+    """Grid step j of a forward kernel for query block i: the window key blocks, then the kernel's entry steps.
+
+    The carries (running max m, sum l, accumulator acc) start from the attention sink (m = sink, l = 1, acc = 0);
+    steps j < g.n_window_steps add a window key block (`window_fwd_step`); `entry_step()` adds the kernel's own
+    entries at the steps where `entry_when` holds (a later step); the last of the n_steps writes o and lse.
+    """
+
+    @pl.when(j == 0)
+    def _():
+        m_sc[...] = sink_ref[...]
+        l_sc[...] = jnp.ones_like(l_sc)
+        acc_sc[...] = jnp.zeros_like(acc_sc)
+
+    window_fwd_step(g, i, j, q_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, m_sc, l_sc, acc_sc)
+    pl.when(entry_when)(entry_step)
+
+    @pl.when(j == n_steps - 1)
+    def _():
+        o_ref[...] = (acc_sc[...] / l_sc[...]).astype(o_ref.dtype)
+        lse_ref[...] = m_sc[...] + jnp.log(l_sc[...])
+
+
+def dq_kernel_body(
+    g: WindowGeometry, i, j, n_steps: int, q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref,
+    dq_ref, dq_sc, entry_when, entry_step: Callable[[], None]
+) -> None:
+    """Grid step j of a dq kernel for query block i: the window key blocks, then the kernel's entry steps.
+
+    dq accumulates in dq_sc from zero: window key blocks at steps j < g.n_window_steps (`window_dq_step`), the
+    kernel's own entries through `entry_step()` at the steps where `entry_when` holds; the last of the n_steps
+    writes dq.
+    """
+
+    @pl.when(j == 0)
+    def _():
+        dq_sc[...] = jnp.zeros_like(dq_sc)
+
+    window_dq_step(g, i, j, q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, dq_sc)
+    pl.when(entry_when)(entry_step)
+
+    @pl.when(j == n_steps - 1)
+    def _():
+        dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
 
 
 def _window_dkv_kernel(kv_ref, kseg_ref, q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, dkv_ref, acc_sc, *, g):

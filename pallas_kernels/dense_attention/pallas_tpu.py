@@ -52,11 +52,7 @@ from pallas_kernels.attention_base.common import (
     softmax_grads,
     to_rows,
 )
-from pallas_kernels.attention_base.window_tpu import (
-    window_dkv,
-    window_dq_step,
-    window_fwd_step,
-)
+from pallas_kernels.attention_base.window_tpu import dq_kernel_body, fwd_kernel_body, window_dkv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,18 +128,10 @@ def _dense_fwd_kernel(
 ):
     i, j = pl.program_id(1), pl.program_id(2)
 
-    @pl.when(j == 0)
-    def _():
-        m_sc[...] = sink_ref[...]
-        l_sc[...] = jnp.ones_like(l_sc)
-        acc_sc[...] = jnp.zeros_like(acc_sc)
-
-    window_fwd_step(g, i, j, q_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, m_sc, l_sc, acc_sc)
     eb = j - g.n_window_steps
     off = off_ref[0]
 
-    @pl.when((eb >= 0) & (eb * e.block_e < e.n_admissible(i, off)))
-    def _():
+    def entry_step():
         ent = ent_ref[...]
         s = dot_nt(q_ref[...], ent) * g.scale
         mask = entry_block_mask(qpos_ref[...] + off, qseg_ref[...], eseg_ref[0:1, :], eseg_ref[1:2, :])
@@ -152,10 +140,8 @@ def _dense_fwd_kernel(
         l_sc[...] = l
         acc_sc[...] = acc
 
-    @pl.when(j == n_steps - 1)
-    def _():
-        o_ref[...] = (acc_sc[...] / l_sc[...]).astype(o_ref.dtype)
-        lse_ref[...] = m_sc[...] + jnp.log(l_sc[...])
+    fwd_kernel_body(g, i, j, n_steps, sink_ref, q_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, o_ref, lse_ref,
+                    m_sc, l_sc, acc_sc, (eb >= 0) & (eb * e.block_e < e.n_admissible(i, off)), entry_step)
 
 
 def _dense_dq_kernel(
@@ -179,25 +165,18 @@ def _dense_dq_kernel(
 ):
     i, j = pl.program_id(1), pl.program_id(2)
 
-    @pl.when(j == 0)
-    def _():
-        dq_sc[...] = jnp.zeros_like(dq_sc)
-
-    window_dq_step(g, i, j, q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, dq_sc)
     eb = j - g.n_window_steps
     off = off_ref[0]
 
-    @pl.when((eb >= 0) & (eb * e.block_e < e.n_admissible(i, off)))
-    def _():
+    def entry_step():
         ent = ent_ref[...]
         s = dot_nt(q_ref[...], ent) * g.scale
         mask = entry_block_mask(qpos_ref[...] + off, qseg_ref[...], eseg_ref[0:1, :], eseg_ref[1:2, :])
         _, ds = softmax_grads(s, mask, lse_ref[...], dot_nt(do_ref[...], ent), delta_ref[...])
         dq_sc[...] += g.scale * dot_nn(ds.astype(ent.dtype), ent)
 
-    @pl.when(j == n_steps - 1)
-    def _():
-        dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
+    dq_kernel_body(g, i, j, n_steps, q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref,
+                   dq_ref, dq_sc, (eb >= 0) & (eb * e.block_e < e.n_admissible(i, off)), entry_step)
 
 
 def _dense_dent_kernel(

@@ -50,7 +50,7 @@ from pallas_kernels.attention_base.common import (
     softmax_grads,
     to_rows,
 )
-from pallas_kernels.attention_base.window_tpu import window_dkv, window_dq_step, window_fwd_step
+from pallas_kernels.attention_base.window_tpu import dq_kernel_body, fwd_kernel_body, window_dkv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,16 +117,7 @@ def _sparse_fwd_kernel(
     b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     N = g.N
 
-    @pl.when(j == 0)
-    def _():
-        m_sc[...] = sink_ref[...]
-        l_sc[...] = jnp.ones_like(l_sc)
-        acc_sc[...] = jnp.zeros_like(acc_sc)
-
-    window_fwd_step(g, i, j, q_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, m_sc, l_sc, acc_sc)
-
-    @pl.when(j >= g.n_window_steps)
-    def _():
+    def entry_step():
         def one_query(r, carry):
             _gather_rows(ent_hbm, b, idx_smem, r, gbuf, sem, block_k)
             rows = pl.ds(r * N, N)
@@ -141,10 +132,8 @@ def _sparse_fwd_kernel(
 
         lax.fori_loop(0, g.block_q, one_query, 0)
 
-    @pl.when(j == n_steps - 1)
-    def _():
-        o_ref[...] = (acc_sc[...] / l_sc[...]).astype(o_ref.dtype)
-        lse_ref[...] = m_sc[...] + jnp.log(l_sc[...])
+    fwd_kernel_body(g, i, j, n_steps, sink_ref, q_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, o_ref, lse_ref,
+                    m_sc, l_sc, acc_sc, j >= g.n_window_steps, entry_step)
 
 
 def _sparse_dq_kernel(
@@ -176,14 +165,7 @@ def _sparse_dq_kernel(
     b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     N = g.N
 
-    @pl.when(j == 0)
-    def _():
-        dq_sc[...] = jnp.zeros_like(dq_sc)
-
-    window_dq_step(g, i, j, q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref, dq_sc)
-
-    @pl.when(j >= g.n_window_steps)
-    def _():
+    def entry_step():
         def one_query(r, carry):
             _gather_rows(ent_hbm, b, idx_smem, r, gbuf, sem, block_k)
             rows = pl.ds(r * N, N)
@@ -216,9 +198,8 @@ def _sparse_dq_kernel(
 
         lax.fori_loop(0, g.block_q, one_query, 0)
 
-    @pl.when(j == n_steps - 1)
-    def _():
-        dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
+    dq_kernel_body(g, i, j, n_steps, q_ref, do_ref, lse_ref, delta_ref, qpos_ref, qseg_ref, kv_ref, kseg_ref,
+                   dq_ref, dq_sc, j >= g.n_window_steps, entry_step)
 
 
 def _layout(q, kv, entries, topk_idx, segment_ids, window, bs):
