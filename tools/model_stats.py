@@ -26,6 +26,7 @@ from flax import nnx
 
 from deepseek_v4 import DeepseekV4, get_config
 from deepseek_v4.config import Config
+from sharding import paths
 
 FLAGS = flags.FLAGS
 
@@ -44,7 +45,7 @@ def param_counts(cfg: Config) -> dict[str, int]:
     params = nnx.state(abstract, nnx.Param)
     counts = {"embed": 0, "routed_experts": 0, "mtp": 0, "other": 0}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        keys = paths.path_keys(path)
         n = math.prod(leaf.shape)
         if keys[0] == "mtp":
             counts["mtp"] += n
