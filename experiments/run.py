@@ -4,7 +4,8 @@
 checkpoint or creates a fresh state, opens the data source and the metrics writer, and returns a `Run`. The `Run`
 owns what must be released (the Orbax checkpoint manager, waited for, and the metrics files): use it as a context
 manager, so they are closed on every exit path, errors and `sys.exit` included. `train_loop` takes steps until
-`steps`, a stop signal or too many non-finite steps, logging and saving as it goes.
+`steps`, a stop signal or too many non-finite steps, logging (the records and the progress line:
+`experiments.reporting`) and saving as it goes.
 
 Pretraining passes the packed-corpus data source and `train.make_train_step`; another phase (SFT, RL) passes its
 own data source (batches may carry per-token `loss_weights`), step builder (e.g. `make_train_step` with another
@@ -19,7 +20,6 @@ import functools
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +33,7 @@ from deepseek_v4 import DeepseekV4, data, metrics, train
 from deepseek_v4 import checkpoint as ckpt_lib
 from deepseek_v4.config import Config, setting
 from deepseek_v4.recipes import Schedule
-from experiments import preflight, spikes
+from experiments import preflight, reporting, spikes
 from sharding import host_data
 from sharding import mesh as mesh_lib
 from sharding import rules
@@ -403,32 +403,6 @@ class _BadSteps:
         return self.streak >= self.limit
 
 
-class _Window:
-    """The step metrics since the last record, and the wall time of the steps that did not compile."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.metrics: list[dict[str, Any]] = []
-        self.timed_steps, self.t0 = 0, time.perf_counter()
-
-    def add(self, m: dict[str, Any], compiled_now: bool) -> None:
-        self.metrics.append(m)
-        if compiled_now:  # keep compilation out of the throughput numbers
-            jax.block_until_ready(m)
-            self.timed_steps, self.t0 = 0, time.perf_counter()
-        else:
-            self.timed_steps += 1
-
-    def exclude(self, seconds: float) -> None:
-        self.t0 += seconds
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.t0
-
-
 def train_loop(run: Run, stop: StopSignal) -> Outcome:
     """Take steps from `run.start` to `run.settings.steps`; log every `log_every`, save every `save_every` and at
     the end. A stop signal ends it after the current step (saved). A non-finite step changes nothing and is
@@ -437,8 +411,8 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
     opts, steps = run.opts, run.settings.steps
     nan_steps = set(opts.debug_nan_at_steps)
     guard = spikes.SpikeGuard(run.spike_settings or spikes.SpikeSettings(), batches_read=run.start)
-    bad, window = _BadSteps(opts.max_bad_steps), _Window()
-    progress = _Progress(run.start, steps, run.primary, opts.progress, run.progress_keys)
+    bad, window = _BadSteps(opts.max_bad_steps), reporting.StepWindow()
+    progress = reporting.Progress(run.start, steps, run.primary, opts.progress, run.progress_keys)
     step, failed = run.start, False
     pending = None  # (step, metrics) of the last step whose `update_ok` has not been looked at yet
     try:
@@ -484,7 +458,7 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
                         held_out = run.evaluator(run.state, sparse=train.sparse_at(run.settings, step - 1))
                         held_out["eval_seconds"] = time.perf_counter() - t_eval
                         window.exclude(held_out["eval_seconds"])
-                    rec = {**summarise(run, window, step), **guard.record(), **held_out,
+                    rec = {**reporting.summarise(run, window, step), **guard.record(), **held_out,
                            **(run.record_extras(step) if run.record_extras else {})}
                     if run.writer:
                         run.writer.write(step, rec)
@@ -503,102 +477,6 @@ def train_loop(run: Run, stop: StopSignal) -> Outcome:
     finally:
         progress.close()
     return Outcome(step=step, bad_streak=bad.streak, failed=failed, stopped_by=stop.signal)
-
-
-def summarise(run: Run, window: _Window, step: int) -> dict[str, Any]:
-    """One metrics record from the steps since the last one (losses averaged over steps that updated)."""
-    host = jax.device_get(window.metrics)
-    good = [m for m in host if bool(m["update_ok"])] or host
-    rec: dict[str, Any] = {}
-    for key in ("loss", "mtp_loss", "total_loss", "balance_loss", "indexer_loss", "indexer_recall", "grad_norm"):
-        rec[key] = float(np.mean([m[key] for m in good]))
-    last = host[-1]
-    rec["lr"] = float(last["lr"])
-    rec["mtp_weight"] = float(last["mtp_weight"])
-    rec["skipped_steps"] = int(last["skipped"])
-    rec["dropped_tokens"] = float(np.sum([m["dropped_tokens"] for m in host]))
-    rec["expert_load_max_over_mean"] = np.max([m["expert_load_max_over_mean"] for m in host], axis=0).tolist()
-    rec["hash_expert_load_max_over_mean"] = np.max([m["hash_expert_load_max_over_mean"] for m in host],
-                                                   axis=0).tolist()
-    rec["phase"] = train.csa_phase(run.settings, step - 1)  # of the record's last step
-    rec["sparse_attention"] = rec["phase"] == train.SPARSE
-    tokens_per_step = run.opts.batch_size * run.opts.seq_len
-    rec["nonpad_fraction"] = float(np.sum([m["tokens"] for m in host]) / (tokens_per_step * len(host)))
-    if window.timed_steps:
-        rec["tokens_per_s"] = tokens_per_step * window.timed_steps / max(window.seconds, 1e-9)
-        flops = metrics.train_flops_per_token(run.cfg, run.opts.seq_len, sparse_attention=rec["sparse_attention"])
-        rec["mfu"] = rec["tokens_per_s"] * flops / (run.peak_flops * run.mesh.size)
-    rec["tokens_seen"] = run.schedule.tokens_at(step) if run.schedule else step * tokens_per_step
-    for key in sorted(set(last) - _STEP_METRICS):  # the loss's own scalars (e.g. distillation's KL per teacher)
-        if np.ndim(last[key]) == 0:
-            rec[key] = float(np.mean([m[key] for m in good]))
-    return rec
-
-
-# The metrics every train step returns (`train._step_metrics`); any other key is the loss function's own.
-_STEP_METRICS = frozenset({"loss", "mtp_loss", "total_loss", "balance_loss", "indexer_loss", "indexer_recall",
-                           "grad_norm", "lr", "mtp_weight", "tokens", "update_ok", "skipped",
-                           "expert_load_max_over_mean", "hash_expert_load_max_over_mean", "dropped_tokens",
-                           "loss_spike"})
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
-class _Progress:
-    """A tqdm bar on a terminal, otherwise one log line per record (both with rate and ETA)."""
-
-    def __init__(self, start: int, total: int, primary: bool, bar: bool | None, extra_keys: tuple[str, ...] = ()):
-        self.primary, self.total, self.start, self.extra_keys = primary, total, start, extra_keys
-        self.t0 = time.perf_counter()
-        self.bar = None
-        if primary and (bar if bar is not None else sys.stderr.isatty()):
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-    def advance(self, step: int) -> None:
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-
-    def log(self, step: int, rec: dict[str, Any]) -> None:
-        if not self.primary:
-            return
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / max(step - self.start, 1) * (self.total - step)
-        speed = (f"{rec['tokens_per_s']:.0f} tok/s mfu {100 * rec['mfu']:.2f}%" if "tokens_per_s" in rec
-                 else "compiling")
-        line = (f"step {step}/{self.total} [{rec['phase']}] loss {rec['loss']:.4f} mtp {rec['mtp_loss']:.4f} "
-                f"indexer {rec['indexer_loss']:.4f} grad_norm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} {speed} "
-                f"eta {_fmt_time(eta)}")
-        line += "".join(f" {k} {rec[k]:.4g}" for k in self.extra_keys if k in rec)
-        if "eval_loss" in rec:
-            line += f" | eval loss {rec['eval_loss']:.4f}" + (f" bpb {rec['eval_bits_per_byte']:.3f}"
-                                                              if "eval_bits_per_byte" in rec else "")
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{rec['loss']:.3f}")
-            self.bar.write(line)
-        else:
-            print(line, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def plot_curves(workdir: str) -> None:
-    """Draw <workdir>/metrics.png with tools.plot_metrics (its own process: matplotlib stays out of the trainer)."""
-    p = subprocess.run([sys.executable, "-m", "tools.plot_metrics", workdir], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if p.returncode == 0:
-        print(f"curves: {os.path.join(workdir, 'metrics.png')}", flush=True)
-    else:
-        lines = (p.stderr or p.stdout).strip().splitlines()
-        print(f"warning: could not draw the curves: {lines[-1] if lines else p.returncode}", flush=True)
 
 
 def train_and_report(run: Run, stop: StopSignal, prepare: Callable[[Run], None] | None = None) -> int:
@@ -637,5 +515,5 @@ def train_and_report(run: Run, stop: StopSignal, prepare: Callable[[Run], None] 
         print(f"{why} at step {outcome.step}; checkpoint {run.checkpointer.latest_step()} in {run.workdir}",
               flush=True)
         if run.opts.plot and outcome.stopped_by is None:
-            plot_curves(run.workdir)
+            reporting.plot_curves(run.workdir)
     return 0
