@@ -25,17 +25,16 @@ import functools
 import json
 import os
 import subprocess
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
 from pallas_kernels.dense_attention import dense_attention
 from pallas_kernels.lightning_indexer import lightning_indexer
 from pallas_kernels.sparse_attention import sparse_attention
+from tools import timing
 
 KINDS = ("sparse_fwd", "sparse_fwdbwd", "dense_fwd", "dense_fwdbwd", "full_mask_fwd", "full_mask_fwdbwd", "indexer")
 
@@ -226,14 +225,8 @@ def measure(kind: str, T: int) -> dict:
     row = {"impl": FLAGS.impl or "default", "kind": kind, "seq_len": T, "peak_bytes": peak}
     if kind.startswith("full_mask") and peak > limit:
         return dict(row, seconds=None, cpu_seconds=None, skipped=f"needs {peak / 2**30:.1f} GiB")
-    jax.block_until_ready(compiled(*args))  # warm-up
-    wall, cpu = [], []
-    for _ in range(FLAGS.repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(compiled(*args))
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return dict(row, seconds=float(np.median(wall)), cpu_seconds=float(np.median(cpu)))
+    times = timing.time_calls(lambda: compiled(*args), FLAGS.repeats)  # after one warm-up call
+    return dict(row, seconds=float(times.median_s), cpu_seconds=float(times.median_cpu_s))
 
 
 def _ratios(rows: list[dict]) -> list[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import statistics
 import subprocess
 import time
 
@@ -26,7 +25,7 @@ from absl import app, flags
 
 from deepseek_v4 import quant
 from pallas_kernels.expert_matmul import BlockSizes, expert_matmul
-from tools import roofline
+from tools import roofline, timing
 
 
 FLAGS = flags.FLAGS
@@ -67,23 +66,6 @@ def _weights(fmt: str, e: int, k: int, n: int):
         return jnp.asarray(q), jnp.asarray(s)
     p, s = quant.quantize_mxfp4(w, axis=-2)
     return jnp.asarray(p), jnp.asarray(s)
-
-
-def _time(fn, args, iters: int) -> tuple[float, float, float]:
-    """(compile + first call seconds, median steady wall seconds, median steady CPU seconds of this process).
-
-    On a shared machine the wall time includes waiting for other processes; the CPU time does not.
-    """
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    wall, cpu = [], []
-    for _ in range(iters):
-        t0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(fn(*args))
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return first, statistics.median(wall), statistics.median(cpu)
 
 
 def _commit() -> str:
@@ -137,7 +119,8 @@ def main(argv):
         else:
             fn = jax.jit(lambda x, w, s, gs, ct, call=call: jax.vjp(lambda x: call(x, w, s, gs), x)[1](ct))
             args = (x, w, s, group_sizes, ct)
-        first, steady, cpu = _time(fn, args, FLAGS.iters)
+        times = timing.time_calls(lambda: fn(*args), FLAGS.iters)  # first: compile + first call
+        first, steady, cpu = times.first_s, times.median_s, times.median_cpu_s
         ref = next((r for r in results if (r["weights"], r["pass"], r["impl"]) == (fmt, pas, "reference")),
                    {"ms": steady * 1e3, "cpu_ms": cpu * 1e3})
         results.append({"weights": fmt, "pass": pas, "impl": impl, "interpret": interpret, "ms": steady * 1e3,

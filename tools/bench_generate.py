@@ -25,6 +25,7 @@ from absl import app, flags
 from flax import nnx
 
 from deepseek_v4 import DeepseekV4, get_config, interop, inference
+from tools import timing
 
 FLAGS = flags.FLAGS
 
@@ -48,12 +49,8 @@ def define_flags() -> None:
 
 
 def _best(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """The fastest of `repeats` calls (no warm-up call: the first compiles, the later ones are the best)."""
+    return timing.time_calls(fn, repeats, warmup=0).best_s
 
 
 class Ours:

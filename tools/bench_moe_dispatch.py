@@ -13,8 +13,6 @@ ratio.
 from __future__ import annotations
 
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +21,7 @@ from absl import app, flags
 
 from sharding import expert_parallel
 from sharding import mesh as mesh_lib
+from tools import timing
 
 
 FLAGS = flags.FLAGS
@@ -62,23 +61,14 @@ def step_fn(mesh, local_ffn: str):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
-def time_call(fn, args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm up
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def compare(mesh, t: int, d: int, f: int, e: int, k: int, iters: int, dtype=jnp.float32) -> dict:
     """Median seconds per forward + backward of each local FFN, and grouped / padded."""
     x, idx, gate, w1, w3, w2 = inputs(t, d, f, e, k, dtype)
     out = {"tokens": t, "d": d, "f": f, "experts": e, "topk": k, "dtype": jnp.dtype(dtype).name,
            "mesh": None if mesh is None else dict(mesh.shape), "backend": jax.default_backend()}
     for local_ffn in ("padded", "grouped"):
-        out[f"{local_ffn}_s"] = time_call(step_fn(mesh, local_ffn), (x, gate, w1, w3, w2, idx), iters)
+        fn = step_fn(mesh, local_ffn)
+        out[f"{local_ffn}_s"] = timing.time_calls(lambda: fn(x, gate, w1, w3, w2, idx), iters).median_s
     out["grouped_over_padded"] = out["grouped_s"] / out["padded_s"]
     return out
 

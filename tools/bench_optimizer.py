@@ -109,6 +109,8 @@ def time_step(tx, params, grads, steps: int) -> tuple[float, float]:
     import jax
     import optax
 
+    from tools import timing
+
     def step(p, s, g):
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
@@ -117,15 +119,13 @@ def time_step(tx, params, grads, steps: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
     compile_s = time.perf_counter() - t0
-    p = jax.tree.map(lambda x: x.copy(), params)
-    times = []
-    for i in range(steps + 2):
-        t0 = time.perf_counter()
-        p, state = compiled(p, state, grads)
-        jax.block_until_ready((p, state))
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return compile_s, statistics.median(times)
+    carry = [jax.tree.map(lambda x: x.copy(), params), state]
+
+    def call():
+        carry[:] = compiled(*carry, grads)
+        return carry
+
+    return compile_s, timing.time_calls(call, steps, warmup=2).median_s
 
 
 def bench(config: str, steps: int, lr: float) -> list[str]:
