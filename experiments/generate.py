@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
-from deepseek_v4 import DeepseekV4, chat, export, inference, params
+from deepseek_v4 import DeepseekV4, chat, export, inference, params, safetensors_files
 from deepseek_v4.tokenizer import BOS_ID, get_tokenizer
 
 MODES = chat.MODES + ("raw",)
@@ -73,7 +73,7 @@ def load_safetensors(hf_dir: str, preset: str = "nano", **overrides: Any) -> tup
     if not os.path.isdir(hf_dir):
         raise ValueError(f"--hf_dir={hf_dir} is not a directory")
     cfg = read_config(hf_dir, preset, **overrides)
-    files = export.SafetensorsDir(hf_dir)
+    files = safetensors_files.SafetensorsDir(hf_dir)
     tensors = export.plan(cfg)
     export.check_files(files, tensors)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0))))

@@ -27,7 +27,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from tqdm import tqdm
 
-from deepseek_v4 import export, tokenizer
+from deepseek_v4 import export, safetensors_files, tokenizer
 
 FLAGS = flags.FLAGS
 
@@ -94,7 +94,7 @@ def export_run(workdir: str, out: str, fmt: str, *, step: int | None = None, ove
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the export is an ordinary, readable directory
     try:
-        writer = export.SafetensorsWriter(tmp, export.stored_tensors(tensors), max_shard_bytes)
+        writer = safetensors_files.SafetensorsWriter(tmp, export.stored_tensors(tensors), max_shard_bytes)
         bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc=f"export {fmt} step {step}",
                    disable=not progress, file=sys.stderr)
         for name, array in export.iter_tensors(reader, tensors, read_bytes):

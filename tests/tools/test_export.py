@@ -16,7 +16,7 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-from deepseek_v4 import DeepseekV4, export, get_config, interop, quant, tokenizer, train
+from deepseek_v4 import DeepseekV4, export, get_config, interop, quant, safetensors_files, tokenizer, train
 from deepseek_v4 import checkpoint as ckpt_lib
 from sharding import mesh as mesh_lib
 from sharding import rules
@@ -276,7 +276,7 @@ def test_import_loads_sharded_quantize_dequantize(source, exports):
     fmt = "fp4"
     mesh = mesh_lib.make_mesh(MESH)
     abstract, shardings = _pretrain_target(mesh)
-    files = export.SafetensorsDir(exports[fmt]["dir"])
+    files = safetensors_files.SafetensorsDir(exports[fmt]["dir"])
     tensors = export.plan(CFG)
     export.check_files(files, tensors)
     loaded = {"params": export.load_variables(files, tensors, abstract.params, shardings.params),
