@@ -42,15 +42,16 @@ def define_flags() -> None:
     flags.DEFINE_integer("batches", evaluation.EvalSettings.eval_batches, "Held-out batches.", lower_bound=1)
     flags.DEFINE_integer("batch_size", RunSettings.batch_size, "Rows per batch.", lower_bound=1)
     flags.DEFINE_integer("seq_len", RunSettings.seq_len, "Tokens per row.", lower_bound=1)
-    flags.DEFINE_integer("seed", 0, "The run's --seed (only for --data=synthetic).")
-    flags.DEFINE_string("mesh", "", "Device mesh, e.g. fsdp=8 (default: data over all devices).")
+    flags.DEFINE_integer("seed", RunSettings.seed, "The run's --seed (only for --data=synthetic).")
+    flags.DEFINE_string("mesh", RunSettings.mesh, "Device mesh, e.g. fsdp=8 (default: data over all devices).")
     flags.DEFINE_string("data_cache", RunSettings.data_cache, "Where the embedded corpus is prepared.")
     flags.DEFINE_bool("json", False, "Print one JSON object.")
     flags.mark_flag_as_required("workdir")
 
 
-def evaluate(workdir: str, *, step: int | None = None, data: str = "", batches: int = 2, batch_size: int = 8,
-             seq_len: int = 128, seed: int = 0, mesh: str = "",
+def evaluate(workdir: str, *, step: int | None = None, data: str = "",
+             batches: int = evaluation.EvalSettings.eval_batches, batch_size: int = RunSettings.batch_size,
+             seq_len: int = RunSettings.seq_len, seed: int = RunSettings.seed, mesh: str = RunSettings.mesh,
              data_cache: str = RunSettings.data_cache) -> tuple[int, dict[str, float]]:
     """(step, held-out metrics) of a checkpoint of `workdir`.
 
