@@ -31,7 +31,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import json
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
