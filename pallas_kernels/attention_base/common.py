@@ -185,6 +185,23 @@ def key_segments(segment_ids: jax.Array, length: int) -> jax.Array:
     return pad_axis(segment_ids.astype(jnp.int32), 1, length, PAD_SEGMENT)[:, None, :]
 
 
+def window_inputs(q: jax.Array, kv: jax.Array, segment_ids: jax.Array, length: int) -> dict[str, jax.Array]:
+    """The sliding-window inputs of a kernel, padded to `length` tokens, in the rows layout.
+
+    Shapes:
+      q [B, T, N, H], kv [B, T, H], segment_ids [B, T] -> q_rows [B, length * N, H], qpos [length * N, 1],
+      qseg [B, length * N, 1], kv_p [B, length, H], kseg [B, 1, length].
+    """
+    N = q.shape[2]
+    return {
+        "q_rows": to_rows(q, length),
+        "qpos": row_positions(length, N),
+        "qseg": row_segments(segment_ids, N, length),
+        "kv_p": pad_axis(kv, 1, length),
+        "kseg": key_segments(segment_ids, length),
+    }
+
+
 def sink_rows(sink: jax.Array, block_q: int) -> jax.Array:
     """[N] -> [block_q * N, 1] float32: the sink logit of each row of a query block."""
     return jnp.tile(sink.astype(jnp.float32), block_q)[:, None]

@@ -30,24 +30,22 @@ from pallas_kernels import budgets
 from pallas_kernels.attention_base.common import (
     WindowGeometry,
     attention_cost,
+    candidate_entries,
     dot_nn,
     dot_nt,
     dot_tn,
-    candidate_entries,
     entry_block_mask,
     entry_keys,
-    key_segments,
     online_softmax_step,
     pad_axis,
     pad_entry_keys,
     query_offset_array,
     round_up,
-    row_positions,
-    row_segments,
     sink_grad,
     sink_rows,
     softmax_grads,
     to_rows,
+    window_inputs,
 )
 from pallas_kernels.attention_base.window_gpu import (
     check_pow2,
@@ -227,11 +225,7 @@ def _layout(q, kv, entries, entry_keys, segment_ids, window, bs):
     check_pow2(block_e=bs.block_e)
     Cp = round_up(max(entries.shape[1], 1), bs.block_e)
     a = {
-        "q_rows": to_rows(q, Ta),
-        "qpos": row_positions(Ta, N),
-        "qseg": row_segments(segment_ids, N, Ta),
-        "kv_p": pad_axis(kv, 1, Ta),
-        "kseg": key_segments(segment_ids, Ta),
+        **window_inputs(q, kv, segment_ids, Ta),
         "ent": pad_axis(entries, 1, Cp),
         "eseg": pad_entry_keys(entry_keys, Cp),
     }

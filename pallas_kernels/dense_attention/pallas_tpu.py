@@ -33,24 +33,22 @@ from pallas_kernels import budgets
 from pallas_kernels.attention_base.common import (
     WindowGeometry,
     attention_cost,
+    candidate_entries,
     dot_nn,
     dot_nt,
     dot_tn,
-    candidate_entries,
     entry_block_mask,
     entry_keys,
-    pad_entry_keys,
-    key_segments,
-    query_offset_array,
     online_softmax_step,
     pad_axis,
+    pad_entry_keys,
+    query_offset_array,
     round_up,
-    row_positions,
-    row_segments,
     sink_grad,
     sink_rows,
     softmax_grads,
     to_rows,
+    window_inputs,
 )
 from pallas_kernels.attention_base.window_tpu import dq_kernel_body, fwd_kernel_body, window_dkv
 
@@ -270,11 +268,7 @@ def _forward(q, kv, entries, entry_keys, offset, sink, segment_ids, ratio, windo
     B, T, N, H = q.shape
     g, e = _geometry(q.shape, entries.shape[1], ratio, window, bs)
     a = {
-        "q_rows": to_rows(q, g.Tp),
-        "qpos": row_positions(g.Tp, N),
-        "qseg": row_segments(segment_ids, N, g.Tp),
-        "kv_p": pad_axis(kv, 1, g.Tp),
-        "kseg": key_segments(segment_ids, g.Tp),
+        **window_inputs(q, kv, segment_ids, g.Tp),
         "ent": pad_axis(entries, 1, e.Cp),
         "eseg": pad_entry_keys(entry_keys, e.Cp),
         "off": offset.reshape(1),

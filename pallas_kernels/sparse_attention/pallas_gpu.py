@@ -42,16 +42,14 @@ from pallas_kernels.attention_base.common import (
     dot_nn,
     dot_nt,
     dot_tn,
-    key_segments,
     online_softmax_step,
     pad_axis,
     round_up,
-    row_positions,
-    row_segments,
     sink_grad,
     sink_rows,
     softmax_grads,
     to_rows,
+    window_inputs,
 )
 from pallas_kernels.attention_base.window_gpu import (
     check_pow2,
@@ -185,11 +183,7 @@ def _layout(q, kv, entries, topk_idx, segment_ids, window, bs):
     if not entries.shape[1]:
         idx = jnp.full_like(idx, -1)
     a = {
-        "q_rows": to_rows(q, Ta),
-        "qpos": row_positions(Ta, N),
-        "qseg": row_segments(segment_ids, N, Ta),
-        "kv_p": pad_axis(kv, 1, Ta),
-        "kseg": key_segments(segment_ids, Ta),
+        **window_inputs(q, kv, segment_ids, Ta),
         "idx": idx.reshape(B, Ta * Kp),
         "ent": pad_axis(entries, 1, max(entries.shape[1], 1)),
     }

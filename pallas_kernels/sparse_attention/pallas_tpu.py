@@ -40,15 +40,13 @@ from pallas_kernels.attention_base.common import (
     dot_nn,
     dot_nt,
     dot_tn,
-    key_segments,
     online_softmax_step,
     pad_axis,
-    row_positions,
-    row_segments,
     sink_grad,
     sink_rows,
     softmax_grads,
     to_rows,
+    window_inputs,
 )
 from pallas_kernels.attention_base.window_tpu import dq_kernel_body, fwd_kernel_body, window_dkv
 
@@ -215,11 +213,7 @@ def _layout(q, kv, entries, topk_idx, segment_ids, window, bs):
     arrays = {
         "idx": idx,
         "ent": entries,
-        "q_rows": to_rows(q, g.Tp),
-        "qpos": row_positions(g.Tp, N),
-        "qseg": row_segments(segment_ids, N, g.Tp),
-        "kv_p": pad_axis(kv, 1, g.Tp),
-        "kseg": key_segments(segment_ids, g.Tp),
+        **window_inputs(q, kv, segment_ids, g.Tp),
     }
     return g, g.n_window_steps + n_chunks, arrays
 
