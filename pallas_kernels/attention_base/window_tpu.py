@@ -1,8 +1,8 @@
 """Mosaic-TPU-style sliding-window pieces shared by the dense and sparse attention kernels.
 
-Grid steps of one window key block (forward and dq), the bodies of the forward and dq kernels around them
-(carries, sink, final write), and the key-major window dkv kernel. Rows (token t,
-head n) -> t * N + n; see `common` for the layout and docs/kernels.md for the contract.
+The block specs of the row-layout inputs and window keys, grid steps of one window key block (forward and dq),
+the bodies of the forward and dq kernels around them (carries, sink, final write), and the key-major window dkv
+kernel. Rows (token t, head n) -> t * N + n; see `common` for the layout and docs/kernels.md for the contract.
 """
 
 from __future__ import annotations
@@ -42,6 +42,25 @@ def window_fwd_step(g: WindowGeometry, i, j, q_ref, qpos_ref, qseg_ref, kv_ref, 
         m_sc[...] = m
         l_sc[...] = l
         acc_sc[...] = acc
+
+
+def window_specs(g: WindowGeometry, H: int) -> dict[str, pl.BlockSpec]:
+    """Block specs of the row-layout inputs and window keys in a forward or dq grid (b, query block i, step j).
+
+    The index maps take any prefetched scalar refs after (b, i, j) and ignore them. "rows_h" / "rows_1": the
+    [block_q * N, H] / [block_q * N, 1] block of a row array; "qpos"; "kv" / "kseg": window key block
+    `g.kv_block(i, j)`; "sink": the sink rows (`common.sink_rows`).
+    """
+    R = g.block_q * g.N
+    rows = lambda b, i, j, *_: (b, i, 0)
+    return {
+        "rows_h": pl.BlockSpec((None, R, H), rows),
+        "rows_1": pl.BlockSpec((None, R, 1), rows),
+        "qpos": pl.BlockSpec((R, 1), lambda b, i, j, *_: (i, 0)),
+        "kv": pl.BlockSpec((None, g.block_kv, H), lambda b, i, j, *_: (b, g.kv_block(i, j), 0)),
+        "kseg": pl.BlockSpec((None, 1, g.block_kv), lambda b, i, j, *_: (b, 0, g.kv_block(i, j))),
+        "sink": pl.BlockSpec((R, 1), lambda b, i, j, *_: (0, 0)),
+    }
 
 
 def window_dq_step(

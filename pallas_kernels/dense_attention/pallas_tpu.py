@@ -50,7 +50,7 @@ from pallas_kernels.attention_base.common import (
     to_rows,
     window_inputs,
 )
-from pallas_kernels.attention_base.window_tpu import dq_kernel_body, fwd_kernel_body, window_dkv
+from pallas_kernels.attention_base.window_tpu import dq_kernel_body, fwd_kernel_body, window_dkv, window_specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,18 +233,11 @@ def _geometry(q_shape, C, ratio, window, bs: BlockSizes):
 
 def _specs(g: WindowGeometry, e: EntryGeometry, H: int):
     """Block specs of the forward and dq grids; index maps get (b, i, j, offset ref) (one prefetched scalar)."""
-    R = g.block_q * g.N
-    rows = lambda b, i, j, off: (b, i, 0)
     eblk = lambda i, j, off: e.e_block(i, j - g.n_window_steps, off[0])
     return {
-        "rows_h": pl.BlockSpec((None, R, H), rows),
-        "rows_1": pl.BlockSpec((None, R, 1), rows),
-        "qpos": pl.BlockSpec((R, 1), lambda b, i, j, off: (i, 0)),
-        "kv": pl.BlockSpec((None, g.block_kv, H), lambda b, i, j, off: (b, g.kv_block(i, j), 0)),
-        "kseg": pl.BlockSpec((None, 1, g.block_kv), lambda b, i, j, off: (b, 0, g.kv_block(i, j))),
+        **window_specs(g, H),
         "ent": pl.BlockSpec((None, e.block_e, H), lambda b, i, j, off: (b, eblk(i, j, off), 0)),
         "eseg": pl.BlockSpec((None, 2, e.block_e), lambda b, i, j, off: (b, 0, eblk(i, j, off))),
-        "sink": pl.BlockSpec((R, 1), lambda b, i, j, off: (0, 0)),
     }
 
 

@@ -48,7 +48,7 @@ from pallas_kernels.attention_base.common import (
     to_rows,
     window_inputs,
 )
-from pallas_kernels.attention_base.window_tpu import dq_kernel_body, fwd_kernel_body, window_dkv
+from pallas_kernels.attention_base.window_tpu import dq_kernel_body, fwd_kernel_body, window_dkv, window_specs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,18 +220,11 @@ def _layout(q, kv, entries, topk_idx, segment_ids, window, bs):
 
 def _specs(g: WindowGeometry, block_k: int, H: int):
     """BlockSpecs of the forward/dq grids (b, query block i, step j)."""
-    R = g.block_q * g.N
     chunk = lambda b, i, j: (b, i, jnp.maximum(j - g.n_window_steps, 0))
-    rows = lambda b, i, j: (b, i, 0)
     return {
+        **window_specs(g, H),
         "idx_smem": pl.BlockSpec((None, g.block_q, block_k), chunk, memory_space=pltpu.SMEM),
         "idx_vmem": pl.BlockSpec((None, g.block_q, block_k), chunk),
-        "rows_h": pl.BlockSpec((None, R, H), rows),
-        "rows_1": pl.BlockSpec((None, R, 1), rows),
-        "qpos": pl.BlockSpec((R, 1), lambda b, i, j: (i, 0)),
-        "kv": pl.BlockSpec((None, g.block_kv, H), lambda b, i, j: (b, g.kv_block(i, j), 0)),
-        "kseg": pl.BlockSpec((None, 1, g.block_kv), lambda b, i, j: (b, 0, g.kv_block(i, j))),
-        "sink": pl.BlockSpec((R, 1), lambda b, i, j: (0, 0)),
         "hbm": pl.BlockSpec(memory_space=pl.ANY),
     }
 
