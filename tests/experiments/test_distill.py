@@ -8,6 +8,7 @@ in-process test uses it with a 512-token vocabulary). The source checkpoints are
 as in tests/experiments/test_sft.py.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -41,20 +42,23 @@ def _distill(*args, expect=0):
     return p
 
 
-def _write_run(path: str, cfg, seed: int) -> None:
-    """A run directory holding one untrained checkpoint of `cfg` (AdamW state)."""
+def _write_runs(student: str, teacher: str, cfg) -> None:
+    """Two run directories, each holding one untrained checkpoint of `cfg` (AdamW state): the teacher's weights are
+    the student's negated (one state built and compiled, not two)."""
     settings = train.TrainSettings(optimizer="adamw")
     mesh = mesh_lib.make_mesh("data=1", jax.devices()[:1])
 
     def build():
-        return DeepseekV4(cfg, rngs=nnx.Rngs(seed))
+        return DeepseekV4(cfg, rngs=nnx.Rngs(1))
 
     with jax.set_mesh(mesh):
         plan = train.plan_state(build, settings, mesh)
-        _, state = train.create_state(build, plan.tx, seed, plan.shardings, graphdef=plan.graphdef)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
-    ckpt.save(1, state, config=cfg, meta={"settings": settings.to_dict()})
-    ckpt.close()
+        _, state = train.create_state(build, plan.tx, 1, plan.shardings, graphdef=plan.graphdef)
+    negated = dataclasses.replace(state, params=jax.tree.map(jnp.negative, state.params))
+    for path, s in ((student, state), (teacher, negated)):
+        ckpt = ckpt_lib.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
+        ckpt.save(1, s, config=cfg, meta={"settings": settings.to_dict()})
+        ckpt.close()
 
 
 class _RandomPrompts:
@@ -108,8 +112,7 @@ def test_student_kl_to_a_fixed_teacher_falls():
 def sources(tmp_path_factory):
     """(student run directory, teacher run directory): two untrained `CFG` checkpoints."""
     student, teacher = (str(tmp_path_factory.mktemp(name)) for name in ("student_src", "teacher_src"))
-    _write_run(student, CFG, 1)
-    _write_run(teacher, CFG, 2)
+    _write_runs(student, teacher, CFG)
     return student, teacher
 
 
