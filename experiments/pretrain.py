@@ -51,7 +51,6 @@ from experiments import run as run_lib
 FLAGS = flags.FLAGS
 
 
-
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program, so tests and tools can import this module)."""
     flag_gen.define_config_flags()

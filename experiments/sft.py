@@ -57,7 +57,6 @@ _RUN_FIELDS = [f.name for f in dataclasses.fields(run_lib.RunSettings)
                if f.name not in ("data", "data_weights", "data_cache", "data_workers")]
 
 
-
 def define_flags() -> None:
     """The command-line flags (defined only when run as a program, so tests and tools can import this module)."""
     flag_gen.define_config_flags()
