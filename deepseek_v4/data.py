@@ -48,6 +48,7 @@ import numpy as np
 
 from deepseek_v4.corpus import prepare
 from deepseek_v4.corpus.shakespeare import default_corpus  # noqa: F401  (part of this module's API)
+from deepseek_v4.iterator_state import settings_changes
 from sharding import host_data
 
 PACKING_BINS = 64  # open rows of the packer; see experiments/LOG.md for the efficiency it gives
@@ -293,10 +294,8 @@ class DataIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Continues from `state`. Raises ValueError if it was saved under different settings."""
-        saved = state.get("settings", {})
-        changed = [k for k in sorted(set(saved) | set(self.settings)) if saved.get(k) != self.settings.get(k)]
-        if changed:
-            detail = "; ".join(f"{k} was {saved.get(k)!r}, is {self.settings.get(k)!r}" for k in changed)
+        detail = settings_changes(state.get("settings", {}), self.settings)
+        if detail:
             raise ValueError(
                 f"cannot resume the data iterator under different settings ({detail}): the saved position "
                 "only means the same thing in the same pipeline. Restore with the saved settings, or start a "

@@ -43,6 +43,7 @@ from flax import nnx
 
 from deepseek_v4 import chat, inference, sft_data, train, verifiable_tasks
 from deepseek_v4 import post_training_losses as ptl
+from deepseek_v4.iterator_state import SettingsCheckedState
 from sharding import context as cp
 
 DEFAULT_VOCAB_CHUNK = 8192
@@ -254,10 +255,13 @@ def rollout_batch(student: Any, prompts: Sequence[Sequence[int]], *, seq_len: in
     return batch, new
 
 
-class RolloutIterator:
+class RolloutIterator(SettingsCheckedState):
     """The distillation data source: each batch is the student's rollouts on freshly drawn prompts plus every
     teacher's hidden states on them. Prompts and sampling are seeded by (seed, batch index, process), so the state
-    (JSON) is the batch index; restoring it continues the same sequence of prompts and sampling keys."""
+    (JSON) is the batch index; restoring it continues the same sequence of prompts and sampling keys (refused under
+    other prompts or settings: `iterator_state.SettingsCheckedState`)."""
+
+    resume_error = "cannot resume the distillation rollouts under different settings ({detail})"
 
     def __init__(self, policy: Callable[[], Any], prompts: TaskPrompts | ChatPrompts, teachers: Sequence[Teacher], *,
                  rows: int, seq_len: int, max_new_tokens: int, seed: int, temperature: float = 1.0,
@@ -285,14 +289,8 @@ class RolloutIterator:
         self.index += 1
         return batch
 
-    def get_state(self) -> dict[str, Any]:
-        return {"settings": self.settings, "index": self.index}
+    def position(self) -> dict[str, Any]:
+        return {"index": self.index}
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Continue from `state`. Raises ValueError if it was saved for other prompts or settings."""
-        saved = state.get("settings", {})
-        changed = [k for k in sorted(set(saved) | set(self.settings)) if saved.get(k) != self.settings.get(k)]
-        if changed:
-            detail = "; ".join(f"{k} was {saved.get(k)!r}, is {self.settings.get(k)!r}" for k in changed)
-            raise ValueError(f"cannot resume the distillation rollouts under different settings ({detail})")
+    def restore_position(self, state: dict[str, Any]) -> None:
         self.index = int(state["index"])

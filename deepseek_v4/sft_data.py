@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from deepseek_v4 import chat
+from deepseek_v4.iterator_state import SettingsCheckedState
 
 
 class BadExample(ValueError):
@@ -244,11 +245,13 @@ def _fingerprint(docs: Sequence[Document]) -> str:
     return h.hexdigest()[:16]
 
 
-class SFTIterator:
+class SFTIterator(SettingsCheckedState):
     """Endless batches of packed rows: each epoch visits every document once, in an order shuffled by
     (seed, epoch). Every process packs the same global batch and keeps its own `batch_size // process_count`
     rows. The state (JSON) is the position in the document order; it is checked against the data and settings on
-    restore."""
+    restore (`get_state` / `set_state`, `iterator_state.SettingsCheckedState`)."""
+
+    resume_error = "cannot resume the SFT data under different data or settings ({detail})"
 
     def __init__(self, docs: Sequence[Document], batch_size: int, seq_len: int, seed: int, process_index: int = 0,
                  process_count: int = 1):
@@ -292,15 +295,9 @@ class SFTIterator:
                 self.cursor += 1
         return {k: v[self.first_row:self.first_row + self.per_process] for k, v in batch.items()}
 
-    def get_state(self) -> dict[str, Any]:
-        return {"settings": self.settings, "epoch": self.epoch, "cursor": self.cursor}
+    def position(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "cursor": self.cursor}
 
-    def set_state(self, state: dict[str, Any]) -> None:
-        """Continue from `state`. Raises ValueError if it was saved for other data or settings."""
-        saved = state.get("settings", {})
-        changed = [k for k in sorted(set(saved) | set(self.settings)) if saved.get(k) != self.settings.get(k)]
-        if changed:
-            detail = "; ".join(f"{k} was {saved.get(k)!r}, is {self.settings.get(k)!r}" for k in changed)
-            raise ValueError(f"cannot resume the SFT data under different data or settings ({detail})")
+    def restore_position(self, state: dict[str, Any]) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._order = self._permutation(self.epoch)

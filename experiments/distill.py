@@ -12,9 +12,12 @@ tokens, computed in vocabulary chunks (`deepseek_v4.distillation`, docs/training
 --init / --hf_dir give the student (as for experiments.sft; neither: a new model). --teachers are run directories
 (their newest checkpoint, read only) or exported safetensors directories (tools.export_safetensors; the Config
 fields config.json cannot carry come from --config), each with the student's vocabulary. --weights: one weight
->= 0 per teacher (default: equal). Prompts come from the seeded verifiable --tasks in the chat --modes, or from
---data (chat jsonl files; each conversation up to its last assistant turn). --seq_len must hold the longest prompt
-plus --max_new_tokens.
+>= 0 per teacher (default: equal). Prompts come from the seeded verifiable --tasks in the chat --modes
+(--seq_len must hold the longest plus --max_new_tokens), or from --data: chat jsonl files in experiments.sft's
+format, `{"messages": [...], "mode": ...}` per line, where each conversation up to its last assistant turn is a
+prompt in its mode and the student samples that turn. Lines that do not parse, conversations the SFT checks reject
+and prompts longer than --seq_len - --max_new_tokens + 1 are skipped and counted (the count is printed at start);
+a file that cannot be read, files that hold nothing, or no usable prompt are a one-line error.
 
 Every other flag is pretraining's (`train.TrainSettings`, `experiments.run.RunSettings`, `Config` fields):
 checkpoints, resume (re-running with the same --workdir continues from its newest checkpoint and the same
@@ -89,12 +92,15 @@ class DistillSettings:
 _RUN_FIELDS = [f.name for f in dataclasses.fields(run_lib.RunSettings)
                if f.name not in ("data", "data_weights", "data_cache", "data_workers")]
 
-flag_gen.define_config_flags()
-flag_gen.define_settings_flags(train.TrainSettings, defaults={"learning_rate": 1e-4, "steps": 20,
-                                                              "schedule": "constant"})
-flag_gen.define_settings_flags(run_lib.RunSettings, names=_RUN_FIELDS, defaults={"seq_len": 128})
-flag_gen.define_settings_flags(DistillSettings)
-flags.adopt_module_key_flags(flag_gen)
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so tests and tools can import this module)."""
+    flag_gen.define_config_flags()
+    flag_gen.define_settings_flags(train.TrainSettings, defaults={"learning_rate": 1e-4, "steps": 20,
+                                                                  "schedule": "constant"})
+    flag_gen.define_settings_flags(run_lib.RunSettings, names=_RUN_FIELDS, defaults={"seq_len": 128})
+    flag_gen.define_settings_flags(DistillSettings)
+    flags.adopt_module_key_flags(flag_gen)  # --help lists them
 
 
 def prompt_source(d: DistillSettings, seq_len: int):
@@ -102,6 +108,8 @@ def prompt_source(d: DistillSettings, seq_len: int):
     fits = seq_len - d.max_new_tokens + 1  # a row holds prompt + completion - 1 token pairs
     if d.data:
         examples, skipped = sft_data.read_chat_jsonl(list(_names(d.data)))
+        if not examples and not skipped.total:
+            raise ValueError(f"--data={d.data} holds no conversation")
         return distillation.ChatPrompts(examples, fits, skipped)
     source = distillation.TaskPrompts(_names(d.tasks), _names(d.modes))
     if source.longest() > fits:
@@ -162,4 +170,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -16,17 +16,14 @@ Errors (no checkpoint, a checkpoint that does not match its config, an unknown m
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
-import jax
-import numpy as np
 from absl import app, flags
-from flax import nnx
 
-from deepseek_v4 import DeepseekV4, chat, export, inference, params, safetensors_files
+from deepseek_v4 import DeepseekV4, chat, inference
 from deepseek_v4.tokenizer import BOS_ID, get_tokenizer
+from experiments.init_weights import load_checkpoint, load_safetensors  # noqa: F401  (part of this module's API)
 
 MODES = chat.MODES + ("raw",)
 FLAGS = flags.FLAGS
@@ -48,38 +45,6 @@ def define_flags() -> None:
     flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_bool("speculative", False, "Self-speculative decoding with the MTP head (needs --greedy).")
-
-
-def load_checkpoint(workdir: str, step: int | None = None) -> tuple[DeepseekV4, str]:
-    """The model of a run directory's checkpoint (newest or `step`), read without writing anything."""
-    if not os.path.isdir(workdir):
-        raise ValueError(f"--workdir={workdir} is not a directory")
-    step, cfg, reader = export.open_checkpoint(workdir, step)
-    export.check_state(reader, export.plan(cfg), cfg)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0))))
-    loaded = []
-    for path, var in nnx.to_flat_state(abstract):
-        value = reader.read(params.path_str(path))
-        if np.issubdtype(value.dtype, np.floating) and not np.all(np.isfinite(value)):
-            raise ValueError(f"the checkpoint of step {step} holds NaN or inf in {params.path_str(path)}")
-        loaded.append((path, var.replace(jax.numpy.asarray(value, var.value.dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(loaded)), f"{workdir} step {step}"
-
-
-def load_safetensors(hf_dir: str, preset: str = "nano", **overrides: Any) -> tuple[DeepseekV4, str]:
-    """The model of a directory of safetensors (an export or the official weights), on the default device."""
-    from tools.import_safetensors import read_config
-
-    if not os.path.isdir(hf_dir):
-        raise ValueError(f"--hf_dir={hf_dir} is not a directory")
-    cfg = read_config(hf_dir, preset, **overrides)
-    files = safetensors_files.SafetensorsDir(hf_dir)
-    tensors = export.plan(cfg)
-    export.check_files(files, tensors)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0))))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, abstract)
-    return nnx.merge(graphdef, export.load_variables(files, tensors, abstract, shardings)), hf_dir
 
 
 def prompt_ids(text: str, mode: str) -> list[int]:

@@ -50,14 +50,18 @@ from experiments import run as run_lib
 
 FLAGS = flags.FLAGS
 
-flag_gen.define_config_flags()
-flag_gen.define_settings_flags(train.TrainSettings)
-flag_gen.define_settings_flags(run_lib.RunSettings)
-flag_gen.define_settings_flags(evaluation.EvalSettings)
-flag_gen.define_settings_flags(spikes.SpikeSettings)
-flags.adopt_module_key_flags(flag_gen)  # --help lists them
-flags.DEFINE_string("recipe", None, f"Training recipe ({', '.join(recipes.RECIPES)}): its stages set the steps, "
-                    "seq_len, batch and attention phase by tokens consumed; its model preset is the default --config.")
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so tests and tools can import this module)."""
+    flag_gen.define_config_flags()
+    flag_gen.define_settings_flags(train.TrainSettings)
+    flag_gen.define_settings_flags(run_lib.RunSettings)
+    flag_gen.define_settings_flags(evaluation.EvalSettings)
+    flag_gen.define_settings_flags(spikes.SpikeSettings)
+    flags.adopt_module_key_flags(flag_gen)  # --help lists them
+    flags.DEFINE_string("recipe", None, f"Training recipe ({', '.join(recipes.RECIPES)}): its stages set the steps, "
+                        "seq_len, batch and attention phase by tokens consumed; its model preset is the default "
+                        "--config.")
 
 
 def pretrain_data(cfg: Config, opts: run_lib.RunSettings) -> run_lib.DataSource:
@@ -127,4 +131,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -56,11 +56,14 @@ class SFTSettings:
 _RUN_FIELDS = [f.name for f in dataclasses.fields(run_lib.RunSettings)
                if f.name not in ("data", "data_weights", "data_cache", "data_workers")]
 
-flag_gen.define_config_flags()
-flag_gen.define_settings_flags(train.TrainSettings, defaults={"learning_rate": 1e-3})
-flag_gen.define_settings_flags(run_lib.RunSettings, names=_RUN_FIELDS, defaults={"seq_len": 256})
-flag_gen.define_settings_flags(SFTSettings)
-flags.adopt_module_key_flags(flag_gen)  # --help lists them
+
+def define_flags() -> None:
+    """The command-line flags (defined only when run as a program, so tests and tools can import this module)."""
+    flag_gen.define_config_flags()
+    flag_gen.define_settings_flags(train.TrainSettings, defaults={"learning_rate": 1e-3})
+    flag_gen.define_settings_flags(run_lib.RunSettings, names=_RUN_FIELDS, defaults={"seq_len": 256})
+    flag_gen.define_settings_flags(SFTSettings)
+    flags.adopt_module_key_flags(flag_gen)  # --help lists them
 
 
 def chat_documents(sft: SFTSettings, seq_len: int, seed: int) -> tuple[list[sft_data.Document], sft_data.Skipped]:
@@ -104,4 +107,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

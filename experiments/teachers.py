@@ -14,6 +14,7 @@ import os
 
 from deepseek_v4 import distillation, export
 from deepseek_v4.config import Config
+from experiments import init_weights
 
 
 def _is_run(directory: str) -> bool:
@@ -25,15 +26,13 @@ def teacher_config(directory: str, preset: str = "nano") -> Config:
     if _is_run(directory):
         return export.open_checkpoint(directory)[1]
     if os.path.isfile(os.path.join(directory, "config.json")):
-        from tools.import_safetensors import read_config
-
-        return read_config(directory, preset)
+        return init_weights.read_config(directory, preset)
     raise ValueError(f"teacher {directory} is neither a run directory (checkpoints/) nor an export (config.json)")
 
 
 def load_teacher(directory: str, preset: str = "nano", *, sparse_attention: bool = True) -> distillation.Teacher:
     """The teacher's weights on the default device, as a `distillation.Teacher` named by its directory."""
-    from experiments.generate import load_checkpoint, load_safetensors
-
-    model, _ = load_checkpoint(directory) if _is_run(directory) else load_safetensors(directory, preset)
+    run = _is_run(directory)
+    model, _ = init_weights.load_model(init=directory if run else None, hf_dir=None if run else directory,
+                                       preset=preset)
     return distillation.Teacher(directory, model, sparse_attention=sparse_attention)

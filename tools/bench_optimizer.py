@@ -165,7 +165,7 @@ def _final_losses(workdir: str) -> tuple[int, float, float]:
 
 def compare_training(config: str, train_steps: int, lr: float, extra: list[str]) -> list[str]:
     """Train `config` with Muon and with AdamW (same flags, steps and LR); the final training losses."""
-    if importlib.util.find_spec("experiments.pretrain") is None:  # not imported here: its flags would clash
+    if importlib.util.find_spec("experiments.pretrain") is None:  # it runs as a subprocess, one per optimizer
         raise SystemExit("error: --train_steps needs experiments.pretrain, which does not exist")
     lines = ["", f"Training comparison: config={config}, {train_steps} steps, lr {lr}, flags {' '.join(extra)}", "",
              "| optimizer | final step | final loss | mean loss, last 10% of steps | wall s |",

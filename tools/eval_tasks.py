@@ -76,17 +76,14 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:  # Orbax logs every read at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
-    from experiments.generate import load_checkpoint, load_safetensors
+    from experiments.init_weights import load_model
 
     try:
         if (FLAGS.init is None) == (FLAGS.hf_dir is None):
             raise ValueError("give exactly one of --init and --hf_dir")
         if FLAGS.task not in verifiable_tasks.TASKS:
             raise ValueError(f"unknown task {FLAGS.task!r}; choose one of {', '.join(verifiable_tasks.TASKS)}")
-        if FLAGS.init is not None:
-            model, source = load_checkpoint(FLAGS.init, FLAGS.step)
-        else:
-            model, source = load_safetensors(FLAGS.hf_dir, FLAGS.config)
+        model, source = load_model(init=FLAGS.init, hf_dir=FLAGS.hf_dir, preset=FLAGS.config, step=FLAGS.step)
         result = evaluate(model, FLAGS.task, FLAGS.n, mode=FLAGS.mode, seed=FLAGS.seed,
                           max_new_tokens=FLAGS.max_new_tokens, batch=FLAGS.batch)
     except ValueError as e:

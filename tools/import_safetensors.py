@@ -29,12 +29,13 @@ from absl import logging as absl_logging
 from flax import nnx
 from tqdm import tqdm
 
-from deepseek_v4 import DeepseekV4, export, interop, train
+from deepseek_v4 import DeepseekV4, train
 from deepseek_v4 import checkpoint as ckpt_lib
 from deepseek_v4.config import PRESETS, Config
 from experiments import flags as config_flags
+from experiments import init_weights
+from experiments.init_weights import read_config
 from sharding import mesh as mesh_lib
-from sharding import rules
 
 FLAGS = flags.FLAGS
 
@@ -50,35 +51,6 @@ def define_flags() -> None:
     config_flags.define_config_flags()
     flags.DEFINE_bool("progress", True, "Show a progress bar.")
     flags.mark_flags_as_required(["hf_dir", "workdir"])
-
-
-def fields_not_in_hf_config(preset: str) -> dict[str, Any]:
-    """The fields of a preset that a config.json cannot carry (lost in a `config_to_hf` / `config_from_hf` trip)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown config preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    base = PRESETS[preset].to_dict()
-    trip = interop.config_from_hf(interop.config_to_hf(PRESETS[preset])).to_dict()
-    return {k: v for k, v in base.items() if trip[k] != v}
-
-
-def read_config(hf_dir: str, preset: str = "nano", **overrides: Any) -> Config:
-    """Our Config from `<hf_dir>/config.json`; fields it cannot carry come from `preset`, `overrides` win.
-
-    Raises:
-      ValueError: no such file, not JSON, a missing field, an unknown preset or an invalid value.
-    """
-    overrides = {**fields_not_in_hf_config(preset), **overrides}
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"no config.json in {hf_dir}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-        return interop.config_from_hf(d, **overrides)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    except KeyError as e:
-        raise ValueError(f"{path} lacks the field {e}") from None
 
 
 def _flag_value(v: Any) -> str:
@@ -118,29 +90,16 @@ def import_run(hf_dir: str, workdir: str, *, preset: str = "nano", mesh: str = "
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         raise ValueError(f"{ckpt_dir} is not empty; import into a new --workdir")
     cfg = read_config(hf_dir, preset, **config_overrides)
-    files = export.SafetensorsDir(hf_dir)
-    tensors = export.plan(cfg)
-    export.check_files(files, tensors)
     device_mesh = mesh_lib.make_mesh(mesh or None, devices)
     settings = train.TrainSettings(optimizer=optimizer)
     t0 = time.perf_counter()
     with jax.set_mesh(device_mesh):
-        def build():
-            return DeepseekV4(cfg, rngs=nnx.Rngs(seed))
-
-        abstract_params = nnx.state(nnx.eval_shape(build), nnx.Param)
-        specs = jax.tree.map(lambda s: s.spec, rules.param_shardings(abstract_params, device_mesh))
-        tx = train.make_optimizer(settings, mesh=device_mesh, partition_specs=specs)
-        graphdef, abstract = train.abstract_state(build, tx, seed)
-        shardings = train.state_shardings(abstract, device_mesh)
-        total = sum(p.size for p in jax.tree.leaves((abstract.params, abstract.extras)))
+        # The state a fresh pretraining run with these settings plans, so its structure is exactly what it restores.
+        plan = train.plan_state(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(seed)), settings, device_mesh)
+        total = sum(p.size for p in jax.tree.leaves((plan.abstract.params, plan.abstract.extras)))
         bar = tqdm(total=total, unit="param", unit_scale=True, desc="import", disable=not progress, file=sys.stderr)
-        params = export.load_variables(files, tensors, abstract.params, shardings.params, progress=bar.update)
-        extras = export.load_variables(files, tensors, abstract.extras, shardings.extras, progress=bar.update)
+        state = init_weights.load_from_hf(plan, hf_dir, cfg, seed, progress=bar.update)
         bar.close()
-        # The same constructor as a fresh run (train.init_state), so the structure is exactly what pretrain restores.
-        state = jax.jit(lambda p, e: train.init_state(nnx.merge(graphdef, p, e), tx, seed)[1],
-                        out_shardings=shardings)(params, extras)
     ckpt = ckpt_lib.Checkpointer(ckpt_dir, async_save=False)
     try:
         ckpt.save(0, state, config=cfg, meta={"imported_from": os.path.abspath(hf_dir), "mesh": dict(device_mesh.shape),

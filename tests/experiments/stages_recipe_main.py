@@ -23,7 +23,8 @@ STAGES = recipes.Recipe(
 )
 
 if __name__ == "__main__":
-    recipes.RECIPES[STAGES.name] = STAGES  # before the import below defines --recipe
-    from experiments import pretrain  # defines the flags; --recipe's help lists the recipe added above
+    recipes.RECIPES[STAGES.name] = STAGES  # before define_flags() defines --recipe
+    from experiments import pretrain
 
+    pretrain.define_flags()  # --recipe's help lists the recipe added above
     app.run(pretrain.main)

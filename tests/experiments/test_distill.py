@@ -1,11 +1,14 @@
 """On-policy distillation end to end: the student's KL to a fixed teacher falls; `python -m experiments.distill`
-runs from checkpoints, resumes, reports the KL per teacher, and its workdir exports and re-imports to the same
-weights; bad teachers and weights are one-line errors.
+runs from checkpoints on prompts of a --data file (unusable lines counted), resumes, reports the KL per teacher,
+and its workdir exports and re-imports to the same weights; bad teachers, weights and prompt files are one-line
+errors.
 
-The source checkpoints are written in-process (cut-down nano models with the full vocabulary, no training), as in
-tests/experiments/test_sft.py.
+One model structure for the whole file (`CFG`: two tiny layers, the full vocabulary, which chat prompts need; the
+in-process test uses it with a 512-token vocabulary). The source checkpoints are written in-process (no training),
+as in tests/experiments/test_sft.py.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -24,10 +27,10 @@ from sharding import mesh as mesh_lib
 from tests.conftest import CODEGEN_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CFG = get_config("nano", num_hidden_layers=2, compress_ratios=(4, 32, 0), num_hash_layers=1)
-COMMON = ["--batch_size=2", "--seq_len=64", "--max_new_tokens=8", "--tasks=arithmetic,string", "--optimizer=adamw",
-          "--schedule=constant", "--warmup_steps=0", "--log_every=1", "--progress=false", "--peak_flops=1e12",
-          "--notensorboard", "--noplot", f"--compilation_cache={os.path.join(REPO, '.jax_cache')}"]
+CFG = get_config("tiny", num_hidden_layers=2, compress_ratios=(4, 16, 0), num_hash_layers=1)
+COMMON = ["--batch_size=2", "--seq_len=64", "--max_new_tokens=8", "--optimizer=adamw", "--schedule=constant",
+          "--warmup_steps=0", "--log_every=1", "--progress=false", "--peak_flops=1e12", "--notensorboard", "--noplot",
+          f"--compilation_cache={os.path.join(REPO, '.jax_cache')}"]
 TIMEOUT = 900
 
 
@@ -39,20 +42,23 @@ def _distill(*args, expect=0):
     return p
 
 
-def _write_run(path: str, cfg, seed: int) -> None:
-    """A run directory holding one untrained checkpoint of `cfg` (AdamW state)."""
+def _write_runs(student: str, teacher: str, cfg) -> None:
+    """Two run directories, each holding one untrained checkpoint of `cfg` (AdamW state): the teacher's weights are
+    the student's negated (one state built and compiled, not two)."""
     settings = train.TrainSettings(optimizer="adamw")
     mesh = mesh_lib.make_mesh("data=1", jax.devices()[:1])
 
     def build():
-        return DeepseekV4(cfg, rngs=nnx.Rngs(seed))
+        return DeepseekV4(cfg, rngs=nnx.Rngs(1))
 
     with jax.set_mesh(mesh):
         plan = train.plan_state(build, settings, mesh)
-        _, state = train.create_state(build, plan.tx, seed, plan.shardings, graphdef=plan.graphdef)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
-    ckpt.save(1, state, config=cfg, meta={"settings": settings.to_dict()})
-    ckpt.close()
+        _, state = train.create_state(build, plan.tx, 1, plan.shardings, graphdef=plan.graphdef)
+    negated = dataclasses.replace(state, params=jax.tree.map(jnp.negative, state.params))
+    for path, s in ((student, state), (teacher, negated)):
+        ckpt = ckpt_lib.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
+        ckpt.save(1, s, config=cfg, meta={"settings": settings.to_dict()})
+        ckpt.close()
 
 
 class _RandomPrompts:
@@ -67,23 +73,25 @@ class _RandomPrompts:
         return [rng.integers(2, self.vocab, int(rng.integers(4, 9))).tolist() for _ in range(n)]
 
 
-@pytest.mark.slow  # compiles a tiny model's train step, prefill, decode and the teacher forward (~1-2 min)
+@pytest.mark.slow  # compiles a tiny model's train step, prefill, decode and the teacher forward (~40 s of CPU)
 def test_student_kl_to_a_fixed_teacher_falls():
-    cfg = get_config("tiny", vocab_size=512, num_hidden_layers=2, compress_ratios=(4, 16, 0), num_hash_layers=1)
+    cfg = CFG.replace(vocab_size=512)
     s = train.TrainSettings(optimizer="adamw", learning_rate=2e-3, steps=8, schedule="constant", warmup_steps=0)
     mesh = mesh_lib.make_mesh("data=1", jax.devices()[:1])
 
     def build():
         return DeepseekV4(cfg, rngs=nnx.Rngs(0))
 
-    # the teacher: the student's initial weights with the head negated and sharpened 4x (a consistent signal: the
-    # student has to turn its head around; Adam's noise on the trunk stays small next to it)
-    teacher = distillation.Teacher("fixed", build())
-    teacher.head = teacher.head * -4.0
     losses = []
     with jax.set_mesh(mesh):
         plan = train.plan_state(build, s, mesh)
         _, state = train.create_state(build, plan.tx, 0, plan.shardings, graphdef=plan.graphdef)
+        # the teacher: the student's initial weights (copied: the step donates the state) with the head negated and
+        # sharpened 4x (a consistent signal: the student has to turn its head around; Adam's noise on the trunk
+        # stays small next to it)
+        teacher = distillation.Teacher("fixed", nnx.merge(plan.graphdef, *jax.tree.map(jnp.copy, (state.params,
+                                                                                                   state.extras))))
+        teacher.head = teacher.head * -4.0
         holder = {"state": state}
         rollouts = distillation.RolloutIterator(
             lambda: nnx.merge(plan.graphdef, holder["state"].params, holder["state"].extras), _RandomPrompts(512),
@@ -102,37 +110,53 @@ def test_student_kl_to_a_fixed_teacher_falls():
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    """(student run directory, teacher run directory): two untrained cut-down nano checkpoints."""
+    """(student run directory, teacher run directory): two untrained `CFG` checkpoints."""
     student, teacher = (str(tmp_path_factory.mktemp(name)) for name in ("student_src", "teacher_src"))
-    _write_run(student, CFG, 1)
-    _write_run(teacher, CFG, 2)
+    _write_runs(student, teacher, CFG)
     return student, teacher
 
 
-@pytest.mark.slow  # two distillation runs (one train-step compile each), an export (~3-4 min on 2 cores)
-def test_distill_runs_resumes_and_exports_to_the_same_weights(sources, tmp_path):
-    from experiments.generate import load_checkpoint, load_safetensors
+def _chat(mode: str, user: str, assistant: str = "Answer: 1") -> str:
+    return json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+                       "mode": mode})
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    """A --data file: two usable prompts, one too long for --seq_len=64 with --max_new_tokens=8, one bad line."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    lines = [_chat("non-think", "What is 2 + 3?"), "not json", _chat("think-high", "Reverse the string abc."),
+             _chat("non-think", "count " * 80), ""]
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
+@pytest.mark.slow  # two distillation runs (one train-step compile each), an export (~1 min of CPU)
+def test_distill_runs_resumes_and_exports_to_the_same_weights(sources, prompts_file, tmp_path):
+    from experiments.init_weights import load_checkpoint, load_safetensors
     from tools.export_safetensors import export_run
 
     student, teacher = sources
     workdir = str(tmp_path / "distilled")
     args = [f"--init={student}", f"--teachers={teacher},{teacher}", "--weights=0.75,0.25", f"--workdir={workdir}",
-            *COMMON]
-    first = _distill(*args, "--steps=2")
+            f"--data={prompts_file}", *COMMON]
+    first = _distill(*args, "--steps=1")
     assert "starting from the given weights" in first.stdout and "teacher 1:" in first.stdout
-    second = _distill(*args, "--steps=3")
-    assert "resuming from step 2" in second.stdout and "done at step 3" in second.stdout
+    assert (f"prompts: 2 from {prompts_file}; skipped 2 example(s)" in first.stdout
+            and "prompt too long" in first.stdout and "not a JSON object" in first.stdout), first.stdout
+    second = _distill(*args, "--steps=2")
+    assert "resuming from step 1" in second.stdout and "done at step 2" in second.stdout
     records = read_metrics(workdir)
-    assert [r["step"] for r in records] == [1, 2, 3]
+    assert [r["step"] for r in records] == [1, 2]
     for r in records:  # the same teacher twice: the weighted sum of equal KLs
-        assert r["kl_teacher_0"] > 0
+        assert np.isfinite(r["loss"]) and r["kl_teacher_0"] > 0 and r["nonpad_fraction"] > 0
         np.testing.assert_allclose(r["kl_teacher_1"], r["kl_teacher_0"], rtol=1e-5)
         np.testing.assert_allclose(r["loss"], r["kl_teacher_0"], rtol=1e-5)
 
     out = str(tmp_path / "export")
     export_run(workdir, out, "bf16", progress=False)
     trained, _ = load_checkpoint(workdir)
-    exported, _ = load_safetensors(out, "nano")
+    exported, _ = load_safetensors(out, "tiny")
     assert exported.cfg == trained.cfg == CFG
     a, b = nnx.to_flat_state(nnx.state(trained)), nnx.to_flat_state(nnx.state(exported))
     assert [p for p, _ in a] == [p for p, _ in b]
@@ -151,3 +175,19 @@ def test_a_teacher_with_another_vocabulary_and_bad_weights_are_one_line_errors(t
     assert len(lines) == 1 and "a vocabulary of 1000 tokens" in lines[0], p.stderr
     p = _distill(f"--teachers={other},{other}", "--weights=1,-1", f"--workdir={tmp_path / 'w'}", *COMMON, expect=2)
     assert p.stderr.strip().splitlines() == ["error: --weights must be finite and >= 0, got 1.0,-1.0"], p.stderr
+
+
+def test_prompt_files_count_unusable_lines_and_refuse_nothing_usable(prompts_file, tmp_path):
+    from experiments.distill import DistillSettings, prompt_source
+
+    prompts = prompt_source(DistillSettings(teachers="t", data=prompts_file, max_new_tokens=8), seq_len=64)
+    assert len(prompts.prompts) == 2 and prompts.skipped.total == 2
+    assert set(prompts.skipped.counts) == {"not a JSON object", "prompt too long for --seq_len and --max_new_tokens"}
+    empty, bad = tmp_path / "empty.jsonl", tmp_path / "bad.jsonl"
+    empty.write_text("\n")
+    bad.write_text("not json\n" + _chat("non-think", "count " * 80) + "\n")
+    for data, message in [(str(tmp_path / "missing.jsonl"), "cannot read chat data"),
+                          (str(empty), "holds no conversation"), (str(bad), "no usable prompt: skipped 2 example")]:
+        with pytest.raises(ValueError, match=message) as e:
+            prompt_source(DistillSettings(teachers="t", data=data, max_new_tokens=8), seq_len=64)
+        assert "\n" not in str(e.value)

@@ -2,7 +2,8 @@
 
 absl flags are process-global: two modules that define the same flag at import cannot live in one process, and
 which test files share a pytest worker varies from run to run, so a clash would make the suite fail only sometimes.
-Every tool defines its flags in `define_flags()`, called only when it runs as the program.
+Every tool and every entry point (experiments.pretrain, sft, grpo, distill, generate) defines its flags in
+`define_flags()`, called only when it runs as the program.
 """
 
 import os
@@ -17,7 +18,8 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 TOOLS = tuple(sorted(f"tools.{p.stem}" for p in (REPO / "tools").glob("*.py") if p.stem != "__init__"))
 IMPORTED_IN_PROCESS = (
     "experiments.flags", "experiments.generate", "experiments.init_weights", "experiments.preflight",
-    "experiments.run", "experiments.spikes", "experiments.held_out", "experiments.teachers", "experiments.grpo", *TOOLS,
+    "experiments.run", "experiments.spikes", "experiments.held_out", "experiments.teachers", "experiments.grpo",
+    "experiments.pretrain", "experiments.sft", "experiments.distill", *TOOLS,
 )
 
 
@@ -28,12 +30,12 @@ def test_modules_imported_in_process_define_no_clashing_flags():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_tools_define_no_flag_at_import():
+def test_modules_define_no_flag_at_import():
     # Flags of the libraries they import (absl's own, grain's, orbax's) are not theirs to avoid.
     ours = ("tools", "experiments", "deepseek_v4", "sharding", "pallas_kernels")
     code = ("import importlib\nfrom absl import flags\nbefore = set(flags.FLAGS)\nfor m in %r:\n"
             "    importlib.import_module(m)\nfor name in sorted(set(flags.FLAGS) - before):\n"
-            "    print(name, flags.FLAGS.find_module_defining_flag(name))\n" % (TOOLS,))
+            "    print(name, flags.FLAGS.find_module_defining_flag(name))\n" % (IMPORTED_IN_PROCESS,))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
                           env={"JAX_PLATFORMS": "cpu", **os.environ})
     assert proc.returncode == 0, proc.stderr[-2000:]
