@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 
+from tests.sharding.launch import subprocess_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _run(args):
-    p = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+    p = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=900,
+                       env=subprocess_env(8, compilation_cache=True))
     assert p.returncode == 0, p.stderr[-2000:]
     return p.stdout
 

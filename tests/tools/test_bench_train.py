@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import CODEGEN_FLAGS
+from tests.sharding.launch import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.mark.slow  # compiles a train step and runs transformers: ~40 s
 def test_one_step_on_tiny():
     has_torch = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
-    env = dict(os.environ, XLA_FLAGS=CODEGEN_FLAGS, JAX_PLATFORMS="cpu")
+    env = subprocess_env(compilation_cache=True)
     cmd = [sys.executable, "-m", "tools.bench_train", "--config=tiny", "--vocab_size=512", "--batch_size=1",
            "--seq_len=32", "--steps=1", "--warmup=0", "--nolog", "--matmul_size=256", f"--torch={has_torch}"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)

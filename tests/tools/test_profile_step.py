@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import CODEGEN_FLAGS
+from tests.sharding.launch import subprocess_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ROWS = ("embedding", "mHC weights (incl. Sinkhorn)", "mHC collapse", "mHC update", "attention sliding",
@@ -16,7 +16,7 @@ ROWS = ("embedding", "mHC weights (incl. Sinkhorn)", "mHC collapse", "mHC update
 
 @pytest.mark.slow  # compiles every component forward and backward: ~40 s
 def test_table_has_every_row_with_positive_times():
-    env = dict(os.environ, XLA_FLAGS=CODEGEN_FLAGS, JAX_PLATFORMS="cpu")
+    env = subprocess_env(compilation_cache=True)
     cmd = [sys.executable, "-m", "tools.profile_step", "--config=tiny", "--vocab_size=512", "--batch_size=1",
            "--seq_len=32", "--calls=1", "--steps=1"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
