@@ -46,9 +46,10 @@ def launch(module: str, args: list[str], num_processes: int, local_devices: int,
            timeout: float = 900) -> list[subprocess.CompletedProcess]:
     """Run `python -m module args --<coordinator_flag>=localhost:PORT --num_processes=N --process_id=i` N times.
 
-    Each process sees `local_devices` CPU devices and compiles its own programs (no persistent compilation cache:
-    a cached executable is written by process 0 only and would be loaded by every process). Returns the completed
-    processes (stdout and stderr merged).
+    Each process sees `local_devices` CPU devices and compiles its own programs, without the persistent compilation
+    cache: JAX writes a multi-process job's executables from process 0 only, and on CPU only process 0 finds them
+    again (process 1 compiles anyway), so the cache would not shorten the job, and its processes would run
+    differently built executables. Returns the completed processes (stdout and stderr merged).
     """
     port = free_port()
     env = subprocess_env(local_devices)
