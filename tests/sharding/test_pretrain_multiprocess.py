@@ -43,7 +43,7 @@ def check_ran(run) -> None:
         raise RuntimeError(f"exit {run.returncode}:\n{run.stdout[-3000:]}")
 
 
-@pytest.mark.slow  # three processes each compile the init and the train step
+@pytest.mark.slow  # three processes run the init and the train step (the two-process job compiles them)
 @pytest.mark.parametrize("args", [ARGS, CONTEXT_ARGS], ids=["data=2,expert=4", "context=8"])
 def test_pretrain_two_processes_match_one(tmp_path, args):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
