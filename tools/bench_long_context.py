@@ -15,7 +15,8 @@ Phases (docs/training.md):
 
 The model: batch 1, hidden 128, 2 mHC streams, 4 layers (CSA, HCA, CSA, HCA; sliding-window MTP), window 128,
 CSA m=4 top-64, HCA m=128, 4 indexer heads of 32, vocabulary 8192, AdamW, random tokens, float32 (a
-sparse step holds about 0.33 MB per token on CPU). Every (phase, length) runs in its own process: it
+sparse step holds about 0.33 MB per token on CPU); `--model=small` keeps its first CSA and HCA layers only (a quick
+check that the program runs). Every (phase, length) runs in its own process: it
 compiles the step from abstract shapes and reads XLA's compiled peak (arguments + outputs + temporaries); if that
 estimate exceeds --max_gib the run is skipped before anything is allocated, and the output says so. Otherwise it
 allocates the model and optimizer state, runs one step to warm up and --steps timed steps, and reports the median
@@ -60,8 +61,9 @@ def define_flags() -> None:
     flags.DEFINE_list("phases", list(PHASES), f"phases to time, from {','.join(PHASES)}")
     flags.DEFINE_integer("steps", 2, "timed train steps after the warm-up step (median reported)")
     flags.DEFINE_float("max_gib", 16.0, "skip a run whose compiled peak exceeds this many GiB")
-    flags.DEFINE_enum("model", "bench", ["bench", "tiny"], "bench: the model described above; tiny: the "
-                      "6-layer `tiny` preset (hidden 64, 3 CSA layers, top-8)")
+    flags.DEFINE_enum("model", "bench", ["bench", "small", "tiny"], "bench: the model described above; small: its "
+                      "first CSA and HCA layers alone (a quick check that the program runs); tiny: the 6-layer `tiny` "
+                      "preset (hidden 64, 3 CSA layers, top-8)")
     flags.DEFINE_bool("compile_only", False, "report the compiled peak only (nothing is allocated)")
     flags.DEFINE_bool("json", False, "print one JSON object per line")
     flags.DEFINE_string("plot", "", "write a PNG of seconds and memory against T here ('' = none)")
@@ -75,8 +77,10 @@ def bench_config():
 
     if FLAGS.model == "tiny":
         return get_config("tiny", vocab_size=8192)
+    layers = dict(num_hidden_layers=2, compress_ratios=(4, 128, 0)) if FLAGS.model == "small" else dict(
+        num_hidden_layers=4, compress_ratios=(4, 128, 4, 128, 0))
     return get_config(
-        "tiny", hidden_size=128, hc_mult=2, num_hidden_layers=4, compress_ratios=(4, 128, 4, 128, 0), hca_ratio=128,
+        "tiny", hidden_size=128, hc_mult=2, **layers, hca_ratio=128,
         sliding_window=128, index_topk=64, index_n_heads=4, index_head_dim=32, head_dim=64, q_lora_rank=64,
         o_lora_rank=64, moe_intermediate_size=128, vocab_size=8192, num_hash_layers=1,
         original_max_position_embeddings=4096, max_position_embeddings=1 << 20,

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.conftest import COMPILATION_CACHE
 from tests.sharding.launch import launch, run_single
 
 ARGS = ["--config=tiny", "--num_hidden_layers=2", "--compress_ratios=4,16,0", "--num_hash_layers=1",
@@ -42,12 +43,15 @@ def check_ran(run) -> None:
         raise RuntimeError(f"exit {run.returncode}:\n{run.stdout[-3000:]}")
 
 
-@pytest.mark.slow  # three processes each compile the init and the train step
+@pytest.mark.slow  # three processes run the init and the train step (the two-process job compiles them)
 @pytest.mark.parametrize("args", [ARGS, CONTEXT_ARGS], ids=["data=2,expert=4", "context=8"])
 def test_pretrain_two_processes_match_one(tmp_path, args):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     with ThreadPoolExecutor(max_workers=1) as pool:
-        single = pool.submit(run_single, "experiments.pretrain", args + [f"--workdir={one}"], devices=8, timeout=1800)
+        # The one-process run uses the persistent compilation cache; the two-process job compiles (see `launch`).
+        single_args = [a for a in args if not a.startswith("--compilation_cache=")] + [
+            f"--compilation_cache={COMPILATION_CACHE}", f"--workdir={one}"]
+        single = pool.submit(run_single, "experiments.pretrain", single_args, devices=8, timeout=1800)
         for r in launch("experiments.pretrain", args + [f"--workdir={two}"], 2, 4,
                         coordinator_flag="coordinator_address", timeout=1800):
             check_ran(r)

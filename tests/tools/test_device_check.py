@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from tests.sharding.launch import ROOT, subprocess_env
 from tools import device_check
 
 
@@ -29,8 +30,8 @@ def test_speedups_and_rates_arithmetic():
 @pytest.mark.slow
 def test_small_run_writes_one_json(tmp_path):
     out = tmp_path / "check.json"
-    proc = subprocess.run([sys.executable, "-m", "tools.device_check", f"--out={out}"], capture_output=True,
-                          text=True, timeout=1500)
+    proc = subprocess.run([sys.executable, "-m", "tools.device_check", f"--out={out}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=1500, env=subprocess_env(8, compilation_cache=True))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["size"] == "small" and result["backend"] == "cpu"
