@@ -1,11 +1,14 @@
 """The indexer's two objectives (docs/training.md): the sparse phase's selected-set KL from [B, T, K] tensors and
 the warm-up's dense KL computed by query blocks, each against a brute-force computation from dense tensors."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from deepseek_v4 import attention
+from deepseek_v4 import DeepseekV4, attention, get_config
 from pallas_kernels.dense_attention import dense_attention_and_entry_mass
 from pallas_kernels.lightning_indexer import indexer_scores, lightning_indexer, selected_indexer_scores
 from pallas_kernels.sparse_attention import selected_entry_mass, sparse_attention_and_selected_mass
@@ -100,18 +103,19 @@ def test_dense_kl_by_query_blocks_equals_the_dense_formula():
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
 
 
+@functools.cache
+def _abstract_tiny():
+    """Tiny's (graphdef, params, rest) as shapes only: tracing needs no parameter values, so none are initialised."""
+    return nnx.split(nnx.eval_shape(lambda: DeepseekV4(get_config("tiny"), rngs=nnx.Rngs(0))), nnx.Param, ...)
+
+
 def _shapes_in_train_step(**kw):
     """Every intermediate shape of the jaxpr of a training step's gradient (tiny, T = 1600: CSA C = 400)."""
-    from flax import nnx
-
-    from deepseek_v4 import DeepseekV4, get_config
-
-    model = DeepseekV4(get_config("tiny"), rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = _abstract_tiny()
     tokens = jnp.zeros((1, 1600), jnp.int32)
 
-    def loss(p):
-        out = nnx.merge(graphdef, p, rest).forward_train(tokens, indexer_loss=True, **kw)
+    def loss(p, r):
+        out = nnx.merge(graphdef, p, r).forward_train(tokens, indexer_loss=True, **kw)
         return jnp.sum(out.hidden) + out.indexer_loss
 
     shapes = set()
@@ -131,7 +135,7 @@ def _shapes_in_train_step(**kw):
                         if hasattr(q, "eqns"):
                             walk(q)
 
-    walk(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    walk(jax.make_jaxpr(jax.grad(loss))(params, rest).jaxpr)
     return shapes
 
 

@@ -15,6 +15,11 @@ FP8_WEIGHTS = re.compile(r"\.(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_
 EXPERTS = re.compile(r"\.ffn\.experts\.\d+\.w[123]\.weight$")
 
 
+# Tiny cut to a hash-routed CSA layer, a learned-routed HCA layer (scanned) and the sliding-window MTP layer, which
+# has every quantised GEMM kind: each test compiles a third of tiny's six layers.
+SHORT = dict(num_hidden_layers=2, compress_ratios=(4, 16, 0), num_hash_layers=1)
+
+
 def _export_roundtrip(state_dict):
     """What an fp4 release holds, dequantised: MXFP4 routed experts, FP8 128x128 blocks for the other GEMMs."""
     out = {}
@@ -29,7 +34,7 @@ def _export_roundtrip(state_dict):
 
 
 def test_fp4_qat_forward_equals_the_dequantised_export_forward():
-    cfg = get_config("tiny", quant="fp4")
+    cfg = get_config("tiny", quant="fp4", **SHORT)
     model = DeepseekV4(cfg, rngs=nnx.Rngs(3))
     config_dict, state_dict = interop.to_hf(model)
     exported = _export_roundtrip(state_dict)
@@ -43,11 +48,6 @@ def test_fp4_qat_forward_equals_the_dequantised_export_forward():
     # The MTP module too (its e_proj / h_proj are FP8 in the export).
     mtp = jax.jit(lambda s: nnx.merge(graphdef, s).forward_train(tokens).mtp_hidden[0])
     np.testing.assert_array_equal(np.asarray(mtp(nnx.state(model))), np.asarray(mtp(nnx.state(reloaded))))
-
-
-# Gradient tests compile a backward pass per mode: tiny cut to a hash-routed CSA layer, a learned-routed HCA layer
-# (scanned) and MTP, which has every quantised GEMM kind.
-SHORT = dict(num_hidden_layers=2, compress_ratios=(4, 16, 0), num_hash_layers=1)
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,12 @@ SEQ = 45  # not a multiple of 4 or of the HCA ratio, longer than the tiny window
 
 def _randomize(model: DeepseekV4, seed: int) -> None:
     """Perturb every float parameter and the balancing biases so zero-initialised ones (sinks, ape, mHC biases,
-    router bias) take part in the comparison."""
+    router bias) take part in the comparison. In numpy: eagerly in JAX, each parameter shape compiled programs."""
     graphdef, state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    new = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-           for k, x in zip(keys, leaves)]
+    rng = np.random.default_rng(seed)
+    new = [jnp.asarray(np.asarray(x) + (0.1 * rng.standard_normal(x.shape)).astype(x.dtype))
+           if jnp.issubdtype(x.dtype, jnp.floating) else x for x in leaves]
     nnx.update(model, jax.tree.unflatten(treedef, new))
 
 
