@@ -106,16 +106,54 @@ def step_problems(task: str, count: int, seed: int, step: int) -> list[verifiabl
 
 @dataclasses.dataclass
 class StepStats:
-    """Host-side statistics of one step's rollouts (the metrics record averages them)."""
+    """Host-side statistics of one step's rollouts, kept as sums and counts so that the shares of several
+    processes add up exactly (`totals` / `from_totals`); the metrics record averages the steps' `record()`."""
 
-    mean_reward: float  # the task reward (before the length penalty) over samples that have one
-    reward_std: float
-    mean_length: float  # completion tokens per sample
-    kept_fraction: float  # samples that carry a loss: rewarded, in a group that was not skipped
-    signal_groups: float  # fraction of groups whose rewards differ (nonzero advantages)
+    reward_sum: float  # the task reward (before the length penalty) over samples that have one
+    reward_sq_sum: float
+    rewarded: int  # samples with a reward
+    length_sum: float  # completion tokens over the samples of groups whose prompt fits
+    sampled: int  # samples of groups whose prompt fits
+    kept: int  # samples that carry a loss: rewarded, in a group that was not skipped
+    rows: int  # samples (rows of the batch)
+    signal: int  # groups whose rewards differ (nonzero advantages), not skipped
+    groups: int
     skipped_groups: int
     skipped_samples: int
     errors: list[str]
+
+    _SUMS = ("reward_sum", "reward_sq_sum", "rewarded", "length_sum", "sampled", "kept", "rows", "signal", "groups",
+             "skipped_groups", "skipped_samples")
+
+    def totals(self) -> np.ndarray:
+        """The sums and counts as one float64 vector (what processes add up)."""
+        return np.asarray([getattr(self, k) for k in self._SUMS], np.float64)
+
+    @classmethod
+    def from_totals(cls, totals: np.ndarray) -> StepStats:
+        return cls(**{k: float(v) for k, v in zip(cls._SUMS, totals)}, errors=[])
+
+    @property
+    def mean_reward(self) -> float:
+        return self.reward_sum / self.rewarded if self.rewarded else 0.0
+
+    @property
+    def reward_std(self) -> float:
+        if not self.rewarded:
+            return 0.0
+        return float(np.sqrt(max(self.reward_sq_sum / self.rewarded - self.mean_reward ** 2, 0.0)))
+
+    @property
+    def mean_length(self) -> float:
+        return self.length_sum / self.sampled if self.sampled else 0.0
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept / self.rows if self.rows else 0.0
+
+    @property
+    def signal_groups(self) -> float:  # fraction of groups whose rewards differ
+        return self.signal / self.groups if self.groups else 0.0
 
     def record(self) -> dict[str, float]:
         return {"mean_reward": self.mean_reward, "reward_std": self.reward_std, "completion_length": self.mean_length,
@@ -180,11 +218,15 @@ def build_batch(g: GRPOSettings, seq_len: int, problems: list[verifiable_tasks.P
             at += 1
     has = valid & group_ok[:, None]
     stats = StepStats(
-        mean_reward=float(rewards[valid].mean()) if valid.any() else 0.0,
-        reward_std=float(rewards[valid].std()) if valid.any() else 0.0,
-        mean_length=float(lengths[fits].mean()) if fits.any() else 0.0,
-        kept_fraction=float(has.mean()),
-        signal_groups=float(np.mean(signal & group_ok)),
+        reward_sum=float(rewards[valid].sum(dtype=np.float64)),
+        reward_sq_sum=float((rewards[valid].astype(np.float64) ** 2).sum()),
+        rewarded=int(valid.sum()),
+        length_sum=float(lengths[fits].sum()),
+        sampled=int(fits.sum()) * size,
+        kept=int(has.sum()),
+        rows=rows,
+        signal=int(np.sum(signal & group_ok)),
+        groups=n_groups,
         skipped_groups=int(np.sum(~group_ok)),
         skipped_samples=int(np.sum(~valid[fits])),
         errors=errors)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_v4 import train
+from sharding import context as cp
 
 # ---- advantages and rewards ------------------------------------------------------------------------------------
 
@@ -291,28 +292,64 @@ def _per_sequence_mean(x: jax.Array, weights: jax.Array, segment_ids: jax.Array)
     return (sums / jnp.maximum(counts, 1.0))[ids].reshape(b, t)
 
 
+def masked_token_log_probs(hidden: jax.Array, head: jax.Array, targets: jax.Array, kept_ids: jax.Array,
+                           kept_valid: jax.Array, *, chunk_size: int = 1024) -> jax.Array:
+    """`kept_token_log_probs` for a kept set as wide as the vocabulary (top-p alone: K = V): the full softmax with
+    the tokens outside the set masked, one chunk of [C, V] logits at a time (rematerialised in the backward), so
+    that no [N, V, D] gather of head columns is built. Shapes as `kept_token_log_probs` -> [N] float32."""
+    n, d = hidden.shape
+    v = head.shape[1]
+    c = max(1, min(chunk_size, n))
+    pad = (-n) % c
+
+    def split(a):
+        return jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape((-1, c) + a.shape[1:])
+
+    @jax.checkpoint
+    def one(hc, tc, ic, vc):
+        logits = hc.astype(jnp.float32) @ head.astype(jnp.float32)  # [C, V]
+        rows = jnp.arange(c)[:, None]
+        allowed = jnp.zeros((c, v), bool).at[rows, ic].max(vc)
+        logits = jnp.where(allowed, logits, -jnp.inf)
+        hit = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+        return jnp.where(jnp.isfinite(hit), hit, 0.0) - jax.nn.logsumexp(logits, axis=-1)
+
+    out = jax.lax.map(lambda xs: one(*xs), (split(hidden), split(targets.astype(jnp.int32)), split(kept_ids),
+                                            split(kept_valid)))
+    return out.reshape(-1)[:n]
+
+
 def policy_log_probs(model: Any, micro: dict[str, jax.Array], *, sparse: bool, indexer_loss: bool = False,
                      temperature: float = 1.0, chunk_size: int = 1024) -> tuple[jax.Array, Any]:
     """log pi of each target under the sampling distribution of the rollouts, and the forward's outputs.
 
     The logits are divided by `temperature`; with `kept_ids` / `kept_valid` [B, T, K] in `micro` ("keep sampling
-    mask") the softmax runs over the kept ids only (`kept_token_log_probs`), else over the vocabulary
-    (`token_log_probs`). With `expert_ids` [B, T, L, K] in `micro` ("keep routing") the main layers use those
-    experts. Shapes: micro [B, T] -> [B, T] float32.
+    mask") the softmax runs over the kept ids only (`kept_token_log_probs`; `masked_token_log_probs` when K is
+    the vocabulary, top-p alone), else over the vocabulary (`token_log_probs`). With `expert_ids` [B, T, L, K]
+    in `micro` ("keep routing") the main layers use those experts. Under context parallelism the hidden states
+    come in the context layout: the targets and kept sets are laid out the same way (as pretraining's loss does)
+    and the log-probs are put back in natural order. Shapes: micro [B, T] -> [B, T] float32 (natural order).
     """
     replay = {} if "expert_ids" not in micro else {"expert_ids": jnp.transpose(micro["expert_ids"], (2, 0, 1, 3))}
     out = model.forward_train(micro["tokens"], micro["segment_ids"], micro["positions"], sparse_attention=sparse,
                               indexer_loss=indexer_loss, **replay)
+    size = model.context_size(micro["tokens"].shape[1])
     hidden = out.hidden / temperature  # the logits are linear in the hidden state
+    targets = cp.to_layout(micro["targets"], size)
+    head = model.head[...]
     if "kept_ids" not in micro:
-        return token_log_probs(hidden, model.head[...], micro["targets"], chunk_size=chunk_size), out
-    b, t = micro["targets"].shape
-    kept_valid = micro["kept_valid"].reshape(b * t, -1) > 0
+        return cp.from_layout(token_log_probs(hidden, head, targets, chunk_size=chunk_size), size), out
+    b, t = targets.shape
+    kept_ids = cp.to_layout(micro["kept_ids"], size).reshape(b * t, -1)
+    kept_valid = cp.to_layout(micro["kept_valid"], size).reshape(b * t, -1) > 0
     # positions without a kept set (the prompt, padding: no loss) keep column 0, so that every softmax is finite
     kept_valid = kept_valid | (~jnp.any(kept_valid, axis=-1, keepdims=True) & (jnp.arange(kept_valid.shape[1]) == 0))
-    logp = kept_token_log_probs(hidden.reshape(b * t, -1), model.head[...], micro["targets"].reshape(-1),
-                                micro["kept_ids"].reshape(b * t, -1), kept_valid)
-    return logp.reshape(b, t), out
+    args = (hidden.reshape(b * t, -1), head, targets.reshape(-1), kept_ids, kept_valid)
+    if kept_ids.shape[1] >= head.shape[1]:
+        logp = masked_token_log_probs(*args, chunk_size=chunk_size)
+    else:
+        logp = kept_token_log_probs(*args)
+    return cp.from_layout(logp.reshape(b, t), size), out
 
 
 def grpo_loss(model: Any, micro: dict[str, jax.Array], counts: dict[str, Any], *, s: Any, sparse: bool,

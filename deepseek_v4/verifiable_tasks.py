@@ -11,8 +11,14 @@ completion that does not parse in the chat format). The data is generated here f
 list, so it can be shipped and regenerated bit for bit (`tools/make_chat_data.py` writes it as jsonl).
 
 Tasks:
-  arithmetic  a + b, a - b (two-digit operands) and a * b (one-digit by two-digit), integer answers.
-  string      reverse a word, count a letter in a word, or sort a word's letters.
+  arithmetic   a + b, a - b (two-digit operands) and a * b (one-digit by two-digit), integer answers.
+  string       reverse a word, count a letter in a word, or sort a word's letters.
+  next_letter  the letter after a given one in the alphabet (a-y): 25 problems, a one-token answer.
+  larger       the larger of two different one-digit numbers: 90 problems, a one-token answer that is one of the
+               question's two numbers (copying either one scores half of them).
+
+The last two are small enough for a nano model to learn partly in a short SFT run, so that sampled groups of a
+briefly trained policy have differing rewards (the signal GRPO learns from); see experiments/LOG.md.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import numpy as np
 
 from deepseek_v4 import chat
 
-TASKS = ("arithmetic", "string")
+TASKS = ("arithmetic", "string", "next_letter", "larger")
 ANSWER_PREFIX = "Answer:"
 
 # Common English words of 3 to 8 letters: the vocabulary of the string puzzles.
@@ -83,7 +89,25 @@ def _string(rng: np.random.Generator) -> Problem:
                    f"The letters are {letters}. In order: {' '.join(answer)}.")
 
 
-_MAKERS: dict[str, Callable[[np.random.Generator], Problem]] = {"arithmetic": _arithmetic, "string": _string}
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _next_letter(rng: np.random.Generator) -> Problem:
+    i = int(rng.integers(len(ALPHABET) - 1))
+    letter, answer = ALPHABET[i], ALPHABET[i + 1]
+    return Problem("next_letter", f"What letter comes after '{letter}' in the alphabet?", answer,
+                   f"The alphabet goes {' '.join(ALPHABET[max(i - 2, 0): i + 3])}. After {letter} comes {answer}.")
+
+
+def _larger(rng: np.random.Generator) -> Problem:
+    a, b = (int(x) for x in rng.choice(10, size=2, replace=False))
+    answer = max(a, b)
+    return Problem("larger", f"Which is larger, {a} or {b}?", str(answer),
+                   f"{answer} > {min(a, b)}, so the larger is {answer}.")
+
+
+_MAKERS: dict[str, Callable[[np.random.Generator], Problem]] = {
+    "arithmetic": _arithmetic, "string": _string, "next_letter": _next_letter, "larger": _larger}
 
 
 def _check_task(task: str) -> None:

@@ -14,7 +14,8 @@ Every other flag is pretraining's (`train.TrainSettings`, `experiments.run.RunSe
 checkpoints, resume, metrics, mesh, fault handling. Resume: re-running with the same --workdir continues from its
 newest checkpoint; rollouts are not saved but regenerated from (--seed, step) with the restored weights, so the
 resumed run takes the same steps as an uninterrupted one. metrics.jsonl adds per record mean_reward, reward_std,
-completion_length, kept_fraction, signal_groups, skipped_groups / skipped_samples, kl, clipped_fraction.
+completion_length, kept_fraction, signal_groups, skipped_groups / skipped_samples, kl, clipped_fraction; the
+rollout statistics are over every process's prompts (their sums and counts are gathered at each record).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from jax.experimental import multihost_utils
 from flax import nnx
 
 from deepseek_v4 import DeepseekV4, grpo, train
@@ -74,7 +76,12 @@ def attach_rollouts(run: run_lib.Run, g: grpo.GRPOSettings, source: grpo.Rollout
                 if e not in reported and len(reported) < 20:
                     reported.add(e)
                     print(f"reward skipped: {e}", file=sys.stderr, flush=True)
-        recs = [s.record() for s in stats]
+        # each process holds the rollouts of its own prompts: add the sums of every process (all of them log at
+        # the same steps, so this collective is reached everywhere)
+        totals = np.stack([s.totals() for s in stats])
+        if jax.process_count() > 1:
+            totals = np.asarray(multihost_utils.process_allgather(totals)).sum(axis=0)
+        recs = [grpo.StepStats.from_totals(t).record() for t in totals]
         return {k: float(np.mean([r[k] for r in recs])) for k in recs[0]}
 
     run.record_extras = record

@@ -5,10 +5,11 @@ r"""Supervised fine-tuning on chat data: loss on the assistant tokens only, pack
 
 --init is a run directory of experiments.pretrain (its newest checkpoint), --hf_dir an exported safetensors
 directory (tools.export_safetensors); the weights and router biases are kept, the optimizer starts fresh. With
-neither, a new model is trained (a smoke test). --data is 'toy' (seeded arithmetic and string-puzzle dialogues in
-all three modes, `deepseek_v4.verifiable_tasks`; the same set `tools.make_chat_data` writes) or comma-separated
-jsonl files of `{"messages": [...], "mode": "non-think" | "think-high" | "think-max"}` (other keys ignored),
-encoded by `deepseek_v4.chat`. --include_reasoning decides whether the reasoning of assistant turns is trained on.
+neither, a new model is trained (a smoke test). --data is 'toy' (seeded dialogues of every verifiable task:
+arithmetic, string puzzles, next letter, larger number; in all three modes, `deepseek_v4.verifiable_tasks`;
+the same set `tools.make_chat_data` writes) or comma-separated jsonl files of `{"messages": [...], "mode":
+"non-think" | "think-high" | "think-max"}` (other keys ignored), encoded by `deepseek_v4.chat`.
+--include_reasoning decides whether the reasoning of assistant turns is trained on.
 Bad lines are skipped and counted (`deepseek_v4.sft_data`).
 
 Every other flag is pretraining's, with the same meaning (`train.TrainSettings`, `experiments.run.RunSettings`,

@@ -4,7 +4,10 @@ Draws --n problems of --task (`deepseek_v4.verifiable_tasks`) from --seed, asks 
 --mode, decodes greedily up to --max_new_tokens and scores the completion with `answer_reward` (1 when it parses
 in the chat format and its `Answer:` line equals the expected answer exactly). Prints one JSON object:
 
-  {"source": ..., "task": ..., "mode": ..., "n": ..., "correct": ..., "accuracy": ..., "parsed": ...}
+  {"source": ..., "task": ..., "mode": ..., "n": ..., "correct": ..., "accuracy": ..., "parsed": ...,
+   "standard_error": ...}
+
+`standard_error` is sqrt(accuracy * (1 - accuracy) / n), the binomial standard error of the accuracy.
 
 `parsed` is the fraction of completions that end properly (EOS) in the chat format. The default --seed (1000)
 differs from the training sets' (experiments.sft's toy set and tools.make_chat_data use seed 0), but the problem
@@ -18,6 +21,7 @@ stderr, exit status 1.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
@@ -89,7 +93,8 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-    print(json.dumps({"source": source, **result}), flush=True)
+    standard_error = math.sqrt(result["accuracy"] * (1.0 - result["accuracy"]) / result["n"])
+    print(json.dumps({"source": source, **result, "standard_error": standard_error}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
-"""Write the toy chat set: seeded arithmetic and string-puzzle dialogues with exact answers, in the three modes.
+"""Write the toy chat set: seeded dialogues of the verifiable tasks (arithmetic, string puzzles, next letter,
+larger number) with exact answers, in the three modes.
 
-    python -m tools.make_chat_data --output=chat.jsonl [--examples=2000] [--seed=0] [--tasks=arithmetic,string]
+    python -m tools.make_chat_data --output=chat.jsonl [--examples=2000] [--seed=0]
+        [--tasks=arithmetic,string,next_letter,larger]
         [--modes=non-think,think-high,think-max]
 
 One JSON object per line: {"messages": [...], "mode": ..., "task": ..., "answer": ...}, the format that

@@ -82,6 +82,25 @@ def test_without_a_cut_or_with_the_stabilisers_off_the_batch_has_no_mask_or_rout
     assert stats.mean_reward == 0.0 and stats.signal_groups == 0.0 and stats.skipped_groups == 0
 
 
+def test_step_stats_of_several_processes_add_up_to_the_stats_of_all_their_prompts():
+    """Each process scores its own prompts; adding their `totals` gives the statistics of the whole step."""
+    g = grpo.GRPOSettings(prompts_per_step=2, group_size=2, max_new_tokens=8, keep_routing=False)
+    problems = _problems()[:2]
+    prompts = [[11, 12, 13]] * 2 + [[21, 22]] * 2
+    completions = [_answer_tokens("Answer: 2"), _answer_tokens("Answer: 7"), _answer_tokens("Answer: 4"),
+                   _answer_tokens("Answer: 4") + [5]]
+    _, whole = grpo.build_batch(g, 24, problems, prompts, _fake_rollouts(completions, prompts), np.ones(2, bool),
+                                grpo.default_reward)
+    one = grpo.GRPOSettings(prompts_per_step=1, group_size=2, max_new_tokens=8, keep_routing=False)
+    shares = [grpo.build_batch(one, 24, problems[i:i + 1], prompts[2 * i:2 * i + 2],
+                               _fake_rollouts(completions[2 * i:2 * i + 2], prompts[2 * i:2 * i + 2]),
+                               np.ones(1, bool), grpo.default_reward)[1] for i in range(2)]
+    added = grpo.StepStats.from_totals(shares[0].totals() + shares[1].totals())
+    assert added.record() == pytest.approx(whole.record())
+    assert whole.mean_reward == 0.5 and whole.reward_std == pytest.approx(0.5)  # text after EOS: no parse
+    assert whole.signal_groups == 1.0 and whole.mean_length == pytest.approx(np.mean([len(c) for c in completions]))
+
+
 def test_all_groups_skipped_gives_an_empty_loss_not_an_error():
     g = grpo.GRPOSettings(prompts_per_step=2, group_size=2)
     batch, stats = grpo.build_batch(g, 8, _problems()[:2], [], None, np.array([False, False]), grpo.default_reward)

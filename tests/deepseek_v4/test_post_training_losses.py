@@ -137,6 +137,29 @@ def test_chunked_reverse_kl_equals_dense_values_and_gradients(vocab, chunk):
         np.testing.assert_array_equal(leaf, 0.0)
 
 
+def test_masked_full_softmax_equals_the_kept_set_path_when_the_set_is_the_vocabulary():
+    """Top-p alone stores K = V ids per token (most likely first, the nucleus valid): the masked full softmax gives
+    the gathered-columns path's values and gradients without gathering [N, V, D] head columns."""
+    rng = np.random.default_rng(2)
+    n, d, v = 5, 4, 13
+    hidden = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    head = jnp.asarray(rng.normal(size=(d, v)), jnp.float32)
+    kept = jnp.asarray(np.stack([rng.permutation(v) for _ in range(n)]), jnp.int32)
+    kept_valid = jnp.arange(v)[None, :] < jnp.array([[1], [3], [13], [7], [2]])
+    targets = kept[:, 0].at[2].set(kept[2, 9]).at[3].set(kept[3, 11])  # row 3: a target outside its set
+    args = (targets, kept, kept_valid)
+    want = jax.value_and_grad(lambda h, w: jnp.sum(ptl.kept_token_log_probs(h, w, *args)),
+                              argnums=(0, 1))(hidden, head)
+    for chunk in (2, 5):
+        got = jax.value_and_grad(lambda h, w: jnp.sum(ptl.masked_token_log_probs(h, w, *args, chunk_size=chunk)),
+                                 argnums=(0, 1))(hidden, head)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+        for g, w in zip(got[1], want[1]):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ptl.masked_token_log_probs(hidden, head, *args),
+                               ptl.kept_token_log_probs(hidden, head, *args), rtol=1e-5)
+
+
 def test_chunked_reverse_kl_is_zero_for_the_student_itself_and_checks_teachers():
     rng = np.random.default_rng(3)
     h = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)

@@ -178,3 +178,16 @@ def test_the_written_chat_set_reads_back_as_training_data(tmp_path):
     examples, skipped = sft_data.read_chat_jsonl([path])
     docs, skipped = sft_data.encode_examples(examples, 256, skipped=skipped)
     assert len(docs) == 6 and skipped.total == 0
+
+
+def test_next_letter_and_larger_are_exact_and_cover_their_small_problem_spaces():
+    rng = np.random.default_rng(0)
+    letters = [verifiable_tasks.make_problem("next_letter", rng) for _ in range(400)]
+    assert {p.question for p in letters} == {f"What letter comes after '{c}' in the alphabet?"
+                                             for c in "abcdefghijklmnopqrstuvwxy"}
+    assert all(p.answer == chr(ord(p.question.split("'")[1]) + 1) for p in letters)
+    larger = [verifiable_tasks.make_problem("larger", rng) for _ in range(1000)]
+    pairs = {tuple(int(x) for x in p.question[len("Which is larger, "):-1].split(" or ")) for p in larger}
+    assert len(pairs) == 90 and all(a != b for a, b in pairs)
+    assert all(p.answer == str(max(int(x) for x in p.question[len("Which is larger, "):-1].split(" or ")))
+               for p in larger)

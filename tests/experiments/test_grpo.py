@@ -6,6 +6,7 @@ its seeded initialisation; a reward with signal even for an untrained policy (th
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -32,14 +33,14 @@ def _reward(problem, text, mode):
     return float(len(text) % 3)
 
 
-def _grpo(workdir: str, steps: int):
+def _grpo(workdir: str, steps: int, save_every: int = 10):
     """Runs (or resumes) GRPO in `workdir` up to `steps`; returns the final params on the host."""
     s = train.TrainSettings(steps=steps, optimizer="adamw", learning_rate=1e-3, warmup_steps=0, schedule="constant",
                             mtp_weight=0.0, mtp_weight_after_decay=0.0, bias_speed=0.0)
     # fsdp=8: parameters and optimizer state split over the 8 fake CPU devices. The default (data=8) holds eight
     # replicas of the real-vocabulary embedding, head and their AdamW moments: 17.3 GiB peak vs 4.0 GiB.
     opts = run_lib.RunSettings(workdir=workdir, batch_size=G.prompts_per_step * G.group_size, seq_len=40,
-                               log_every=1, save_every=10, plot=False, tensorboard=False, progress=False,
+                               log_every=1, save_every=save_every, plot=False, tensorboard=False, progress=False,
                                mesh="fsdp=8",
                                compilation_cache=os.path.join(REPO, ".jax_cache"))
     run, prepare = grpo_exp.setup_run(CFG, s, opts, G, workdir=workdir, reward_fn=_reward)
@@ -54,16 +55,21 @@ def _records(workdir: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(uninterrupted: params, workdir; interrupted after step 1 and resumed: params, workdir)."""
+    """(uninterrupted: params, workdir; interrupted after step 1 and resumed: params, workdir).
+
+    The interrupted run is the uninterrupted one's directory as it was after step 1 (its checkpoint of step 2
+    removed; the resume moves the metrics records after step 1 aside): one GRPO run fewer than running the first
+    step again, with the same checkpoint of step 1 (the runs are deterministic)."""
     whole = str(tmp_path_factory.mktemp("whole"))
     split = str(tmp_path_factory.mktemp("split"))
-    a = _grpo(whole, STEPS)
-    _grpo(split, STEPS // 2)
+    a = _grpo(whole, STEPS, save_every=1)
+    shutil.copytree(whole, split, dirs_exist_ok=True)
+    shutil.rmtree(os.path.join(split, "checkpoints", str(STEPS)))
     b = _grpo(split, STEPS)
     return a, whole, b, split
 
 
-@pytest.mark.slow  # three GRPO runs of a two-layer nano model (rollout + train-step compiles): minutes on 2 cores
+@pytest.mark.slow  # two GRPO runs of a two-layer nano model (rollout + train-step compiles): minutes on 2 cores
 def test_grpo_steps_record_rollout_metrics_and_count_failing_rewards(runs):
     _, whole, _, _ = runs
     recs = _records(whole)
