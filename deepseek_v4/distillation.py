@@ -12,6 +12,8 @@ One step, per rollout batch:
   1. the student (the train state's current weights) samples one completion per prompt with the inference engine
      (`inference.generate`, the compressed KV cache), seeded by (seed, step, process);
   2. each row of the batch is prompt + completion; `loss_weights` is 1 on the targets the student sampled;
+     `teacher_mask` [B, T, n_teachers] is 1 where teacher i scores the row: every teacher scores every row, or,
+     routed by task (`teacher_tasks`), only the teacher of the row's task does;
   3. each teacher runs its training forward over the rows and keeps only its last hidden states [B, T, D_i]
      (never its logits), which travel in the batch as `teacher_hidden_<i>`;
   4. inside the shared train step (`train.train_step` with `distill_loss` as its `LossFn`), the student's forward
@@ -24,8 +26,9 @@ state (never checkpointed, never differentiated), a teacher may have another wid
 The price is one [B, T, D_i] float32 array per teacher in the batch, small next to the [B, T, V] logits it
 replaces. The teachers' heads [D_i, V] are arguments of the jitted step (not constants baked into it).
 
-The loss is sum_i w_i * KL_i, KL_i = mean over the sampled tokens of the whole batch of KL(p_student || p_i);
-there is no MTP term; the balance and indexer terms are pretraining's.
+The loss is sum over the batch's sampled tokens of sum_i w_i * mask_i * KL(p_student || p_i), divided by the
+number of sampled tokens of the whole batch (mask_i: `teacher_mask`; all ones without routing, where it is
+sum_i w_i * mean KL_i); there is no MTP term; the balance and indexer terms are pretraining's.
 """
 
 from __future__ import annotations
@@ -54,8 +57,11 @@ def teacher_hidden_key(i: int) -> str:
     return f"teacher_hidden_{i}"
 
 
+TEACHER_MASK = "teacher_mask"  # batch field [B, T, n_teachers]: 1 where teacher i scores the token's row
+
+
 def kl_metric(i: int) -> str:
-    """The step metric of teacher i's KL (its weight not applied)."""
+    """The step metric of teacher i's KL: its mean over the tokens teacher i scores (its weight not applied)."""
     return f"kl_teacher_{i}"
 
 
@@ -75,6 +81,39 @@ def check_weights(weights: Sequence[float], n_teachers: int) -> tuple[float, ...
     return weights
 
 
+def check_teacher_tasks(teacher_tasks: Sequence[str], n_teachers: int, tasks: Sequence[str]) -> tuple[str, ...]:
+    """The teachers' tasks (one per teacher, in the teachers' order) as a tuple; one-line ValueError for a count
+    mismatch, an unknown task or a task the prompts are not drawn from."""
+    teacher_tasks = tuple(teacher_tasks)
+    if len(teacher_tasks) != n_teachers:
+        raise ValueError(f"--teacher_tasks has {len(teacher_tasks)} task(s) for {n_teachers} teacher(s); give one "
+                         "per teacher")
+    for t in teacher_tasks:
+        if t not in verifiable_tasks.TASKS:
+            raise ValueError(f"unknown task {t!r} in --teacher_tasks; choose from {', '.join(verifiable_tasks.TASKS)}")
+        if t not in tasks:
+            raise ValueError(f"--teacher_tasks names {t!r}, which is not in --tasks={','.join(tasks)}")
+    return teacher_tasks
+
+
+def teacher_mask(row_tasks: Sequence[str], teacher_tasks: Sequence[str] | None, n_teachers: int,
+                 seq_len: int) -> np.ndarray:
+    """The `teacher_mask` field [rows, seq_len, n_teachers] float32: without routing (`teacher_tasks` None) all
+    ones; routed, 1 for teacher i on the rows whose task is teacher i's task."""
+    if teacher_tasks is None:
+        rows = np.ones((len(row_tasks), n_teachers), np.float32)
+    else:
+        rows = np.asarray([[float(task == t) for t in teacher_tasks] for task in row_tasks], np.float32)
+    return np.repeat(rows[:, None, :], seq_len, axis=1).reshape(len(row_tasks), seq_len, n_teachers)
+
+
+def teacher_token_counts(batch: dict[str, jax.Array]) -> jax.Array:
+    """Per teacher, the loss-carrying tokens of `batch` it scores, at least 1 [n_teachers] (the denominators of
+    the `kl_teacher_<i>` metrics)."""
+    scored = (train.token_weights(batch) != 0)[..., None] & (batch[TEACHER_MASK] > 0)
+    return jnp.maximum(jnp.sum(scored.astype(jnp.float32), axis=(0, 1)), 1.0)
+
+
 def check_vocabularies(student_vocab: int, teacher_vocabs: dict[str, int]) -> None:
     """One-line ValueError if a teacher's vocabulary is not the student's (the KL is over the same tokens)."""
     for name, vocab in teacher_vocabs.items():
@@ -88,12 +127,16 @@ def check_vocabularies(student_vocab: int, teacher_vocabs: dict[str, int]) -> No
 
 def distill_loss(model: Any, micro: dict[str, jax.Array], counts: dict[str, Any], *, s: Any, sparse: bool,
                  mtp_weight: jax.Array, teacher_heads: Sequence[jax.Array], weights: Sequence[float],
-                 vocab_chunk: int = DEFAULT_VOCAB_CHUNK) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The distillation objective as a `train.LossFn`: sum_i w_i KL(p_student || p_teacher_i) averaged over the
-    tokens of nonzero `loss_weights` of the whole batch (microbatches add up), plus the balance and indexer terms.
+                 vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+                 teacher_counts: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The distillation objective as a `train.LossFn`: the sum over the tokens of nonzero `loss_weights` of
+    sum_i w_i * teacher_mask_i * KL(p_student || p_teacher_i), divided by the whole batch's count of those tokens
+    (microbatches add up), plus the balance and indexer terms.
 
-    The microbatch carries `teacher_hidden_<i>` [b, T, D_i] per teacher; `teacher_heads[i]` is [D_i, V]. Each KL
-    is also reported as the metric `kl_teacher_<i>`.
+    The microbatch carries `teacher_hidden_<i>` [b, T, D_i] per teacher and `teacher_mask` [b, T, n_teachers];
+    `teacher_heads[i]` is [D_i, V]. Teacher i's mean KL over the tokens it scores is the metric `kl_teacher_<i>`;
+    `teacher_counts` [n_teachers] are the whole batch's counts of those tokens (`teacher_token_counts`; default:
+    this microbatch's, right without gradient accumulation).
     """
     del mtp_weight  # no MTP term in distillation
     tokens = micro["tokens"]
@@ -101,16 +144,20 @@ def distill_loss(model: Any, micro: dict[str, jax.Array], counts: dict[str, Any]
                               indexer_loss=s.indexer_weight > 0)
     size = model.context_size(tokens.shape[1])  # hidden states come in the context layout: the rest follows
     mask = cp.to_layout(train.token_weights(micro), size)
-    # chunked_reverse_kl averages over this microbatch's weight; rescale to the whole batch's token count
-    scale = jnp.maximum(jnp.sum(mask), 1.0) / counts["tokens"]
+    routed = cp.to_layout(micro[TEACHER_MASK], size)  # [b, T, n_teachers], 0 or 1
+    if teacher_counts is None:
+        teacher_counts = teacher_token_counts(micro)
     head = model.head[...]
     kls = {}
     loss = jnp.zeros((), jnp.float32)
     for i, (t_head, w) in enumerate(zip(teacher_heads, weights)):
         t_hidden = cp.to_layout(micro[teacher_hidden_key(i)], size)
-        kl = ptl.chunked_reverse_kl(out.hidden, head, [(t_hidden, t_head)], [1.0], mask, vocab_chunk=vocab_chunk)
-        kls[kl_metric(i)] = kl * scale
-        loss = loss + w * kls[kl_metric(i)]
+        scored = mask * routed[..., i]
+        # chunked_reverse_kl averages over the mask's weight: times that weight, the sum over the scored tokens
+        kl_sum = ptl.chunked_reverse_kl(out.hidden, head, [(t_hidden, t_head)], [1.0], scored,
+                                        vocab_chunk=vocab_chunk) * jnp.maximum(jnp.sum(scored), 1.0)
+        kls[kl_metric(i)] = kl_sum / teacher_counts[i]
+        loss = loss + w * kl_sum / counts["tokens"]
     a = s.grad_accum
     total = loss + (s.balance_weight * out.balance_loss + s.indexer_weight * out.indexer_loss) / a
     return total, {"loss": loss, "mtp_loss": jnp.zeros((), jnp.float32), **train.model_aux(out, a), **kls}
@@ -133,7 +180,8 @@ def make_distill_step(graphdef: nnx.GraphDef, cfg: Any, tx: Any, s: train.TrainS
         raise ValueError(f"need one weight per teacher, got {len(weights)} for {len(teacher_heads)}")
 
     def step(state, batch, heads, *loss_limit):
-        loss_fn = functools.partial(distill_loss, teacher_heads=heads, weights=weights, vocab_chunk=vocab_chunk)
+        loss_fn = functools.partial(distill_loss, teacher_heads=heads, weights=weights, vocab_chunk=vocab_chunk,
+                                    teacher_counts=teacher_token_counts(batch))
         return train.train_step(state, batch, *loss_limit, graphdef=graphdef, cfg=cfg, tx=tx, s=s, phase=phase,
                                 loss_fn=loss_fn)
 
@@ -187,12 +235,18 @@ class TaskPrompts:
         self.fingerprint = f"tasks={','.join(self.tasks)};modes={','.join(self.modes)}"
 
     def draw(self, n: int, rng: np.random.Generator) -> list[list[int]]:
-        out = []
+        return self.draw_with_tasks(n, rng)[0]
+
+    def draw_with_tasks(self, n: int, rng: np.random.Generator) -> tuple[list[list[int]], list[str]]:
+        """`n` prompts and the task of each (the same draws as `draw`)."""
+        prompts, tasks = [], []
         for _ in range(n):
-            problem = verifiable_tasks.make_problem(self.tasks[int(rng.integers(len(self.tasks)))], rng)
+            task = self.tasks[int(rng.integers(len(self.tasks)))]
+            problem = verifiable_tasks.make_problem(task, rng)
             mode = self.modes[int(rng.integers(len(self.modes)))]
-            out.append(chat.token_ids(verifiable_tasks.prompt_messages(problem), mode).tolist())
-        return out
+            prompts.append(chat.token_ids(verifiable_tasks.prompt_messages(problem), mode).tolist())
+            tasks.append(task)
+        return prompts, tasks
 
     def longest(self, samples: int = 256) -> int:
         """The longest prompt among `samples` draws (a check of --seq_len before the run starts)."""
@@ -257,23 +311,33 @@ def rollout_batch(student: Any, prompts: Sequence[Sequence[int]], *, seq_len: in
 
 class RolloutIterator(SettingsCheckedState):
     """The distillation data source: each batch is the student's rollouts on freshly drawn prompts plus every
-    teacher's hidden states on them. Prompts and sampling are seeded by (seed, batch index, process), so the state
-    (JSON) is the batch index; restoring it continues the same sequence of prompts and sampling keys (refused under
-    other prompts or settings: `iterator_state.SettingsCheckedState`)."""
+    teacher's hidden states on them and the `teacher_mask` of which teacher scores which row (`teacher_tasks`, one
+    task per teacher, routes each task prompt to its task's teacher; None: every teacher scores every row). Prompts
+    and sampling are seeded by (seed, batch index, process), so the state (JSON) is the batch index; restoring it
+    continues the same sequence of prompts and sampling keys (refused under other prompts or settings:
+    `iterator_state.SettingsCheckedState`)."""
 
     resume_error = "cannot resume the distillation rollouts under different settings ({detail})"
 
     def __init__(self, policy: Callable[[], Any], prompts: TaskPrompts | ChatPrompts, teachers: Sequence[Teacher], *,
                  rows: int, seq_len: int, max_new_tokens: int, seed: int, temperature: float = 1.0,
-                 top_p: float = 1.0, top_k: int = 0, process_index: int = 0, process_count: int = 1):
+                 top_p: float = 1.0, top_k: int = 0, process_index: int = 0, process_count: int = 1,
+                 teacher_tasks: Sequence[str] | None = None):
         if rows % process_count:
             raise ValueError(f"batch_size ({rows}) must be divisible by the process count ({process_count})")
+        if teacher_tasks is not None:
+            if not isinstance(prompts, TaskPrompts):
+                raise ValueError("--teacher_tasks routes task prompts (--tasks), not --data prompts")
+            teacher_tasks = check_teacher_tasks(teacher_tasks, len(teachers), prompts.tasks)
+        self.teacher_tasks = teacher_tasks
         self.policy, self.prompts, self.teachers = policy, prompts, list(teachers)
         self.rows, self.seq_len, self.max_new_tokens = rows // process_count, seq_len, max_new_tokens
         self.seed, self.process_index = seed, process_index
         self.sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
         self.settings = {"prompts": prompts.fingerprint, "batch_size": rows, "seq_len": seq_len, "seed": seed,
                          "max_new_tokens": max_new_tokens, "process_count": process_count, **self.sampling}
+        if teacher_tasks is not None:  # absent without routing: runs from before routing resume as they were
+            self.settings["teacher_tasks"] = ",".join(teacher_tasks)
         self.index = 0
 
     def __iter__(self) -> RolloutIterator:
@@ -281,11 +345,15 @@ class RolloutIterator(SettingsCheckedState):
 
     def __next__(self) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([self.seed, self.index, self.process_index])
-        prompts = self.prompts.draw(self.rows, rng)
+        if self.teacher_tasks is None:
+            prompts, tasks = self.prompts.draw(self.rows, rng), [""] * self.rows
+        else:
+            prompts, tasks = self.prompts.draw_with_tasks(self.rows, rng)
         batch, _ = rollout_batch(self.policy(), prompts, seq_len=self.seq_len, max_new_tokens=self.max_new_tokens,
                                  seed=int(rng.integers(2**31)), **self.sampling)
         for i, teacher in enumerate(self.teachers):
             batch[teacher_hidden_key(i)] = teacher.hidden(batch)
+        batch[TEACHER_MASK] = teacher_mask(tasks, self.teacher_tasks, len(self.teachers), self.seq_len)
         self.index += 1
         return batch
 

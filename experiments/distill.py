@@ -1,7 +1,7 @@
 r"""On-policy distillation of one or more teachers into a student (V4's consolidation of the specialists).
 
   python -m experiments.distill --init=runs/nano_sft --teachers=runs/spec_arith,runs/spec_string \
-      --weights=0.5,0.5 --tasks=arithmetic,string --workdir=runs/nano_student
+      --weights=0.5,0.5 --tasks=arithmetic,string --teacher_tasks=arithmetic,string --workdir=runs/nano_student
   python -m experiments.distill --hf_dir=export/student --teachers=export/a,export/b --data=chat.jsonl ...
 
 Each step the student (the run's current weights) samples one completion per prompt with the inference engine,
@@ -12,17 +12,20 @@ tokens, computed in vocabulary chunks (`deepseek_v4.distillation`, docs/training
 --init / --hf_dir give the student (as for experiments.sft; neither: a new model). --teachers are run directories
 (their newest checkpoint, read only) or exported safetensors directories (tools.export_safetensors; the Config
 fields config.json cannot carry come from --config), each with the student's vocabulary. --weights: one weight
->= 0 per teacher (default: equal). Prompts come from the seeded verifiable --tasks in the chat --modes
-(--seq_len must hold the longest plus --max_new_tokens), or from --data: chat jsonl files in experiments.sft's
-format, `{"messages": [...], "mode": ...}` per line, where each conversation up to its last assistant turn is a
-prompt in its mode and the student samples that turn. Lines that do not parse, conversations the SFT checks reject
-and prompts longer than --seq_len - --max_new_tokens + 1 are skipped and counted (the count is printed at start);
-a file that cannot be read, files that hold nothing, or no usable prompt are a one-line error.
+>= 0 per teacher (default: equal). --teacher_tasks=T1,T2 (one task per teacher, each in --tasks; not with
+--data) routes each task prompt to its task's teacher: a row is scored by that teacher alone, with its weight
+(V4's consolidation sorts the samples by teacher); without it every teacher scores every row. Prompts come from
+the seeded verifiable --tasks in the chat --modes (--seq_len must hold the longest plus --max_new_tokens), or from
+--data: chat jsonl files in experiments.sft's format, `{"messages": [...], "mode": ...}` per line, where each
+conversation up to its last assistant turn is a prompt in its mode and the student samples that turn. Lines that
+do not parse, conversations the SFT checks reject and prompts longer than --seq_len - --max_new_tokens + 1 are
+skipped and counted (the count is printed at start); a file that cannot be read, files that hold nothing, or no
+usable prompt are a one-line error.
 
 Every other flag is pretraining's (`train.TrainSettings`, `experiments.run.RunSettings`, `Config` fields):
 checkpoints, resume (re-running with the same --workdir continues from its newest checkpoint and the same
-sequence of prompts and sampling keys), metrics (`loss` = the weighted KL, `kl_teacher_<i>` per teacher), mesh,
-fault handling. `tokens` and `nonpad_fraction` count the sampled tokens.
+sequence of prompts and sampling keys), metrics (`loss` = the weighted KL, `kl_teacher_<i>` = teacher i's mean KL
+over the tokens it scores), mesh, fault handling. `tokens` and `nonpad_fraction` count the sampled tokens.
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class DistillSettings:
     tasks: str = setting(",".join(verifiable_tasks.TASKS), "Comma-separated verifiable tasks the prompts are "
                          "drawn from (unused with --data).")
     modes: str = setting("non-think", "Comma-separated chat modes of the task prompts.")
+    teacher_tasks: str = setting("", "Comma-separated tasks, one per teacher in --teachers order: each task prompt "
+                                 "is scored by its task's teacher only (weight w_i), not by every teacher. Task "
+                                 "prompts only.")
     data: str = setting("", "Comma-separated chat jsonl files to take the prompts from instead of --tasks.")
     max_new_tokens: int = setting(32, "Most tokens the student samples per prompt.")
     temperature: float = setting(1.0, "The student's sampling temperature.")
@@ -76,6 +82,10 @@ class DistillSettings:
             raise ValueError("give at least one teacher with --teachers=DIR1,DIR2")
         weights = self.weights if self.weights is not None else (1.0 / len(teachers),) * len(teachers)
         object.__setattr__(self, "weights", distillation.check_weights(weights, len(teachers)))
+        if self.teacher_tasks:
+            if self.data:
+                raise ValueError("--teacher_tasks routes task prompts (--tasks); it cannot be used with --data")
+            distillation.check_teacher_tasks(_names(self.teacher_tasks), len(teachers), _names(self.tasks))
         if self.max_new_tokens < 1:
             raise ValueError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
@@ -87,6 +97,11 @@ class DistillSettings:
     @property
     def teacher_dirs(self) -> tuple[str, ...]:
         return _names(self.teachers)
+
+    @property
+    def routing(self) -> tuple[str, ...] | None:
+        """The teachers' tasks, or None: every teacher scores every prompt."""
+        return _names(self.teacher_tasks) or None
 
 
 _RUN_FIELDS = [f.name for f in dataclasses.fields(run_lib.RunSettings)
@@ -138,8 +153,9 @@ def main(argv: list[str]) -> None:
         teachers = [teacher_lib.load_teacher(t, preset, sparse_attention=d.teacher_sparse_attention)
                     for t in d.teacher_dirs]
     for i, (t, w) in enumerate(zip(teachers, d.weights)):
-        print(f"teacher {i}: {t.name} (weight {w:g}, hidden {t.cfg.hidden_size}, {t.cfg.num_hidden_layers} layers)",
-              flush=True)
+        task = f", scores {d.routing[i]} prompts" if d.routing else ""
+        print(f"teacher {i}: {t.name} (weight {w:g}{task}, hidden {t.cfg.hidden_size}, {t.cfg.num_hidden_layers} "
+              "layers)", flush=True)
     source = d.init or d.hf_dir
     model_name = f"{os.path.basename(os.path.normpath(source)) if source else preset}_distilled"
     workdir = entry.workdir(opts, model_name)
@@ -153,7 +169,8 @@ def main(argv: list[str]) -> None:
         return distillation.RolloutIterator(policy, prompts, teachers, rows=opts.batch_size, seq_len=opts.seq_len,
                                             max_new_tokens=d.max_new_tokens, seed=opts.seed,
                                             temperature=d.temperature, top_p=d.top_p, top_k=d.top_k,
-                                            process_index=process_index, process_count=process_count)
+                                            process_index=process_index, process_count=process_count,
+                                            teacher_tasks=d.routing)
 
     make_step = functools.partial(distillation.make_distill_step, teacher_heads=[t.head for t in teachers],
                                   weights=d.weights, vocab_chunk=d.vocab_chunk)

@@ -33,6 +33,7 @@ def _distill_batch(seed=0):
     for i, d in enumerate(TEACHER_DIMS):
         batch[distillation.teacher_hidden_key(i)] = rng.normal(size=(b, t, d)).astype(np.float32)
         heads.append(jnp.asarray(rng.normal(size=(d, V)) * 0.5, jnp.float32))
+    batch[distillation.TEACHER_MASK] = distillation.teacher_mask([""] * b, None, len(TEACHER_DIMS), t)  # no routing
     return {k: jnp.asarray(v) for k, v in batch.items()}, heads
 
 
