@@ -191,3 +191,17 @@ def test_prompt_files_count_unusable_lines_and_refuse_nothing_usable(prompts_fil
         with pytest.raises(ValueError, match=message) as e:
             prompt_source(DistillSettings(teachers="t", data=data, max_new_tokens=8), seq_len=64)
         assert "\n" not in str(e.value)
+
+
+def test_teacher_tasks_route_task_prompts_and_bad_ones_are_one_line_errors(prompts_file):
+    from experiments.distill import DistillSettings
+
+    d = DistillSettings(teachers="a,b", tasks="next_letter,larger", teacher_tasks="larger,next_letter")
+    assert d.routing == ("larger", "next_letter") and DistillSettings(teachers="a,b").routing is None
+    for kw, message in [({"teacher_tasks": "larger"}, "--teacher_tasks has 1 task\\(s\\) for 2 teacher"),
+                        ({"teacher_tasks": "larger,poetry"}, "unknown task 'poetry'"),
+                        ({"teacher_tasks": "larger,string"}, "'string', which is not in --tasks"),
+                        ({"teacher_tasks": "next_letter,larger", "data": prompts_file}, "cannot be used with --data")]:
+        with pytest.raises(ValueError, match=message) as e:
+            DistillSettings(teachers="a,b", tasks="next_letter,larger", **kw)
+        assert "\n" not in str(e.value)
