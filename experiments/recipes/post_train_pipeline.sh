@@ -14,7 +14,8 @@
 #   3. specialists  per task: experiments.sft on that task's set, then experiments.grpo on that task
 #                   (SKIP_GRPO=1: the SFT run is the specialist)
 #   4. student      experiments.sft on the mixed set (the student's starting point), then experiments.distill
-#                   from both specialists, weights 0.5 / 0.5, prompts from both tasks
+#                   from both specialists, weights 0.5 / 0.5, prompts from both tasks, each prompt scored by its
+#                   own task's specialist (--teacher_tasks)
 #   5. evaluation   tools.eval_tasks for each model on each task (greedy, non-think, $EVAL_N problems): one JSON
 #                   line each (accuracy and its standard error), collected in $OUT/eval.jsonl
 #   6. export       tools.export_safetensors of the student (bf16)
@@ -85,7 +86,8 @@ done
 stage sft_mixed $PY -m experiments.sft --init="$OUT/pretrained" --data="$OUT/chat_mixed.jsonl" \
   --workdir="$OUT/sft_mixed" --steps="$SFT_MIXED_STEPS" "${SFT[@]}"
 stage distill $PY -m experiments.distill --init="$OUT/sft_mixed" --teachers="$(IFS=,; echo "${SPECIALISTS[*]}")" \
-  --weights=0.5,0.5 --tasks="$(IFS=,; echo "${TASKS[*]}")" --modes=non-think --max_new_tokens="$MAX_NEW" \
+  --weights=0.5,0.5 --tasks="$(IFS=,; echo "${TASKS[*]}")" --teacher_tasks="$(IFS=,; echo "${TASKS[*]}")" \
+  --modes=non-think --max_new_tokens="$MAX_NEW" \
   --optimizer=adamw --learning_rate=2e-4 --schedule=constant --warmup_steps=0 --batch_size="$DISTILL_BATCH" \
   --seq_len=32 --steps="$DISTILL_STEPS" --save_every=20 --log_every=1 --workdir="$OUT/student" "${QUIET[@]}"
 
