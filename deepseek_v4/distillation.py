@@ -2,8 +2,9 @@
 weighted full-vocabulary reverse KL on the sampled tokens (docs/training.md, "On-policy distillation").
 
     teachers = [Teacher("a", model_a), Teacher("b", model_b)]
-    rollouts = RolloutIterator(lambda: student, TaskPrompts(("arithmetic",), ("non-think",)), teachers,
-                               rows=8, seq_len=256, max_new_tokens=32, seed=0)
+    rollouts = RolloutIterator(lambda: student, TaskPrompts(("arithmetic", "string"), ("non-think",)), teachers,
+                               rows=8, seq_len=256, max_new_tokens=32, seed=0,
+                               teacher_tasks=("arithmetic", "string"))   # optional: each row to its task's teacher
     step = make_distill_step(graphdef, cfg, tx, s, phase="sparse", teacher_heads=[t.head for t in teachers],
                              weights=(0.5, 0.5))
     state, metrics = step(state, next(rollouts))        # metrics["kl_teacher_0"], metrics["kl_teacher_1"]
