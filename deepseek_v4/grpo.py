@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from deepseek_v4 import chat, post_training_losses, rollout, verifiable_tasks
 from deepseek_v4.tokenizer import get_tokenizer
@@ -159,6 +160,17 @@ class StepStats:
         return {"mean_reward": self.mean_reward, "reward_std": self.reward_std, "completion_length": self.mean_length,
                 "kept_fraction": self.kept_fraction, "signal_groups": self.signal_groups,
                 "skipped_groups": float(self.skipped_groups), "skipped_samples": float(self.skipped_samples)}
+
+
+def record_over_processes(stats: list[StepStats]) -> dict[str, float]:
+    """The metrics record of the logged steps `stats` over every process: each process holds the rollouts of its own
+    prompts, so their sums and counts are gathered and added before the ratios are formed (a collective: every
+    process calls it at the same steps). The record is the mean of the steps' records."""
+    totals = np.stack([s.totals() for s in stats])
+    if jax.process_count() > 1:
+        totals = np.asarray(multihost_utils.process_allgather(totals)).sum(axis=0)
+    recs = [StepStats.from_totals(t).record() for t in totals]
+    return {k: float(np.mean([r[k] for r in recs])) for k in recs[0]}
 
 
 def build_batch(g: GRPOSettings, seq_len: int, problems: list[verifiable_tasks.Problem], prompts: list[list[int]],

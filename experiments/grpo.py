@@ -27,9 +27,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
-from jax.experimental import multihost_utils
 from flax import nnx
 
 from deepseek_v4 import DeepseekV4, grpo, train
@@ -76,13 +74,7 @@ def attach_rollouts(run: run_lib.Run, g: grpo.GRPOSettings, source: grpo.Rollout
                 if e not in reported and len(reported) < 20:
                     reported.add(e)
                     print(f"reward skipped: {e}", file=sys.stderr, flush=True)
-        # each process holds the rollouts of its own prompts: add the sums of every process (all of them log at
-        # the same steps, so this collective is reached everywhere)
-        totals = np.stack([s.totals() for s in stats])
-        if jax.process_count() > 1:
-            totals = np.asarray(multihost_utils.process_allgather(totals)).sum(axis=0)
-        recs = [grpo.StepStats.from_totals(t).record() for t in totals]
-        return {k: float(np.mean([r[k] for r in recs])) for k in recs[0]}
+        return grpo.record_over_processes(stats)  # every process logs at the same steps: the collective is reached
 
     run.record_extras = record
     run.progress_keys = PROGRESS_KEYS
