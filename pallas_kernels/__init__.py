@@ -6,6 +6,7 @@
 * `lightning_indexer`: the top-k selection of `sparse_attention`.
 * `expert_matmul`: grouped low-precision matmul over experts.
 Shared: `attention_base` (masking rules, window loops), `formats` (FP8 / MXFP4), `dispatch` (`impl` rule),
-`testing`. Kernels import only JAX, numpy and ml_dtypes (never the model or its mesh layout rules) and see local
-shards only: the caller runs them under `shard_map`. Contracts: docs/kernels.md.
+`autodiff` (the custom-VJP wrapper of every differentiable kernel), `testing`. Kernels import only JAX, numpy
+and ml_dtypes (never the model or its mesh layout rules) and see local shards only: the caller runs them under
+`shard_map`. Contracts: docs/kernels.md.
 """

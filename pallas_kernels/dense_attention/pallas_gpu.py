@@ -56,6 +56,7 @@ from pallas_kernels.attention_base.window_gpu import (
     window_fwd_loop,
     window_geometry,
 )
+from pallas_kernels.autodiff import differentiable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,21 +287,8 @@ def _backward(ratio, window, bs: BlockSizes, interpret, res, d_out):
     return dq, dkv[:, :T], dent[:, :C], sink_grad(sink, lse, delta, N)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _dense(q, kv, entries, entry_keys, offset, sink, segment_ids, ratio, window, bs, interpret):
-    return _forward(q, kv, entries, entry_keys, offset, sink, segment_ids, ratio, window, bs, interpret)[0]
-
-
-def _dense_fwd(q, kv, entries, entry_keys, offset, sink, segment_ids, ratio, window, bs, interpret):
-    return _forward(q, kv, entries, entry_keys, offset, sink, segment_ids, ratio, window, bs, interpret)
-
-
-def _dense_bwd(ratio, window, bs, interpret, res, d_out):
-    dq, dkv, dent, dsink = _backward(ratio, window, bs, interpret, res, d_out)
-    return dq, dkv, dent, None, None, dsink, None
-
-
-_dense.defvjp(_dense_fwd, _dense_bwd)
+# Differentiable w.r.t. q, kv, entries and sink; ratio, window, block sizes and interpret are static.
+_dense = differentiable(_forward, _backward, n_static=4, grad_argnums=(0, 1, 2, 5))
 
 
 def dense_attention(

@@ -20,7 +20,6 @@ the FP8 Dgrad.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Literal, NamedTuple
 
@@ -31,6 +30,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels import formats
+from pallas_kernels.autodiff import differentiable
 
 Format = Literal["float", "fp8", "mxfp4"]
 
@@ -366,14 +366,10 @@ def make_vjp(gmm: Callable, tgmm: Callable) -> Callable:
     QAT trains through straight-through fake quantisation of float master weights instead (the float path has dW).
     """
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-    def core(x, w, s, group_sizes, d, out_dtype, interpret):
-        return gmm(x, w, s, group_sizes, d, False, out_dtype, interpret)
+    def forward(x, w, s, group_sizes, d, out_dtype, interpret):
+        return gmm(x, w, s, group_sizes, d, False, out_dtype, interpret), (x, w, s, group_sizes)
 
-    def fwd(x, w, s, group_sizes, d, out_dtype, interpret):
-        return core(x, w, s, group_sizes, d, out_dtype, interpret), (x, w, s, group_sizes)
-
-    def bwd(d, out_dtype, interpret, res, dy):
+    def backward(d, out_dtype, interpret, res, dy):
         x, w, s, group_sizes = res
         dx = gmm(dy, w, s, group_sizes, d, True, x.dtype, interpret)
         if d.fmt == "float":
@@ -385,8 +381,7 @@ def make_vjp(gmm: Callable, tgmm: Callable) -> Callable:
         ds = None if s is None else jnp.zeros_like(s)
         return dx, dw, ds, np.zeros(group_sizes.shape, jax.dtypes.float0)
 
-    core.defvjp(fwd, bwd)
-    return core
+    return differentiable(forward, backward, n_static=3)
 
 
 def run(core: Callable, lhs, rhs, group_sizes, rhs_scale, block_sizes: BlockSizes | None, out_dtype, interpret,

@@ -19,12 +19,11 @@ summation order; `fp8_backward_reference` spells the gradients out.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import formats
+from pallas_kernels.autodiff import differentiable
 from pallas_kernels.expert_matmul import expert_matmul
 
 WEIGHT_FORMATS = ("float", "fp8", "fp4")
@@ -51,25 +50,21 @@ def dequantized_weight(w: jax.Array, weight_format: str, dtype) -> jax.Array:
     return formats.mxfp4_round_trip(w, w.ndim - 2).astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _stored_matmul(lhs, w, group_sizes, weight_format, impl, interpret):
+def _stored_forward(lhs, w, group_sizes, weight_format, impl, interpret):
     rhs, rhs_scale = stored_weight(w, weight_format)
-    return expert_matmul(lhs, rhs, group_sizes, rhs_scale, impl=impl, interpret=interpret)
+    out = expert_matmul(lhs, rhs, group_sizes, rhs_scale, impl=impl, interpret=interpret)
+    return out, (lhs, w, group_sizes)
 
 
-def _stored_fwd(lhs, w, group_sizes, weight_format, impl, interpret):
-    return _stored_matmul(lhs, w, group_sizes, weight_format, impl, interpret), (lhs, w, group_sizes)
-
-
-def _stored_bwd(weight_format, impl, interpret, res, g):
+def _stored_backward(weight_format, impl, interpret, res, g):
     lhs, w, group_sizes = res
     w_dq = dequantized_weight(w, weight_format, lhs.dtype)
     _, pull = jax.vjp(lambda a, b: expert_matmul(a, b, group_sizes, impl=impl, interpret=interpret), lhs, w_dq)
     d_lhs, d_w = pull(g)
-    return d_lhs, d_w.astype(w.dtype), None
+    return d_lhs, d_w.astype(w.dtype)
 
 
-_stored_matmul.defvjp(_stored_fwd, _stored_bwd)
+_stored_matmul = differentiable(_stored_forward, _stored_backward, n_static=3, grad_argnums=(0, 1))
 
 
 def _fp8_tiles(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -82,19 +77,15 @@ def _fake_quant_rows(x: jax.Array) -> jax.Array:
     return formats.dequantize_act_fp8(*formats.quantize_act_fp8(x.T), dtype=x.dtype).T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fp8_matmul(lhs, w, group_sizes, impl, interpret):
+def _fp8_forward(lhs, w, group_sizes, impl, interpret):
     rhs, rhs_scale = formats.quantize_fp8_blocks(w)
     xq, xs = _fp8_tiles(lhs)
-    return expert_matmul(xq, rhs, group_sizes, rhs_scale, lhs_scale=xs, out_dtype=lhs.dtype, impl=impl,
-                         interpret=interpret)
+    out = expert_matmul(xq, rhs, group_sizes, rhs_scale, lhs_scale=xs, out_dtype=lhs.dtype, impl=impl,
+                        interpret=interpret)
+    return out, (lhs, w, group_sizes)
 
 
-def _fp8_fwd(lhs, w, group_sizes, impl, interpret):
-    return _fp8_matmul(lhs, w, group_sizes, impl, interpret), (lhs, w, group_sizes)
-
-
-def _fp8_bwd(impl, interpret, res, g):
+def _fp8_backward(impl, interpret, res, g):
     lhs, w, group_sizes = res
     rhs, rhs_scale = formats.quantize_fp8_blocks(w)
     gq, gs = _fp8_tiles(g)
@@ -104,10 +95,10 @@ def _fp8_bwd(impl, interpret, res, g):
     _, pull = jax.vjp(lambda b: expert_matmul(x_rows, b, group_sizes, impl=impl, interpret=interpret),
                       w.astype(lhs.dtype))
     (d_w,) = pull(g_rows)
-    return d_lhs, d_w.astype(w.dtype), None
+    return d_lhs, d_w.astype(w.dtype)
 
 
-_fp8_matmul.defvjp(_fp8_fwd, _fp8_bwd)
+_fp8_matmul = differentiable(_fp8_forward, _fp8_backward, n_static=2, grad_argnums=(0, 1))
 
 
 def fp8_backward_reference(lhs: jax.Array, w: jax.Array, group_sizes: jax.Array, dy: jax.Array):

@@ -49,6 +49,7 @@ from pallas_kernels.attention_base.common import (
     window_inputs,
 )
 from pallas_kernels.attention_base.window_tpu import dq_kernel_body, fwd_kernel_body, window_dkv, window_specs
+from pallas_kernels.autodiff import differentiable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -352,21 +353,8 @@ def _backward(window, bs: BlockSizes, interpret: bool, res, d_out):
     return dq, dkv[:, :T], dent, sink_grad(sink, lse, delta, N)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _sparse(q, kv, entries, topk_idx, sink, segment_ids, window, bs, interpret):
-    return _forward(q, kv, entries, topk_idx, sink, segment_ids, window, bs, interpret)[0]
-
-
-def _sparse_fwd(q, kv, entries, topk_idx, sink, segment_ids, window, bs, interpret):
-    return _forward(q, kv, entries, topk_idx, sink, segment_ids, window, bs, interpret)
-
-
-def _sparse_bwd(window, bs, interpret, res, d_out):
-    dq, dkv, dent, dsink = _backward(window, bs, interpret, res, d_out)
-    return dq, dkv, dent, None, dsink, None
-
-
-_sparse.defvjp(_sparse_fwd, _sparse_bwd)
+# Differentiable w.r.t. q, kv, entries and sink; window, block sizes and interpret are static.
+_sparse = differentiable(_forward, _backward, n_static=3, grad_argnums=(0, 1, 2, 4))
 
 
 def sparse_attention(
