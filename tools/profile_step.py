@@ -26,7 +26,7 @@ from flax import nnx
 from deepseek_v4 import DeepseekV4, attention, loss, metrics, mhc, moe, train
 from deepseek_v4 import layers as layers_lib
 from sharding import expert_parallel
-from tools import bench_shapes
+from tools import bench_shapes, timing
 
 FLAGS = flags.FLAGS
 
@@ -68,9 +68,8 @@ def time_component(fn, diff_args, const_args, calls: int) -> tuple[float, float,
     out = []
     for f in (fwd, fwd_bwd):
         compiled = jax.jit(f).lower(diff_args, const_args).compile()
-        jax.block_until_ready(compiled(diff_args, const_args))
-        median, _ = bench_shapes.time_calls(lambda: jax.block_until_ready(compiled(diff_args, const_args)), 0, calls)
-        out.append((median, _flops(compiled)))
+        times = timing.time_calls(lambda: compiled(diff_args, const_args), repeats=calls)  # after one untimed call
+        out.append((times.median_s, _flops(compiled)))
     return out[0][0], out[1][0], out[1][1]
 
 
@@ -189,11 +188,10 @@ def _optimizer_row(model: DeepseekV4, calls: int) -> Row:
 
     def call():
         box[:] = compiled(grads, *box)
-        jax.block_until_ready(box)
+        return box
 
-    call()
-    median, _ = bench_shapes.time_calls(call, 0, calls)
-    return Row("optimizer (AdamW + clip)", 1, 0.0, median, _flops(compiled))
+    times = timing.time_calls(call, repeats=calls)  # after one untimed call
+    return Row("optimizer (AdamW + clip)", 1, 0.0, times.median_s, _flops(compiled))
 
 
 def table(rows: list[Row], step_s: float | None) -> str:
