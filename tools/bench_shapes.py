@@ -42,13 +42,13 @@ SHAPES: dict[str, tuple[str, dict, int, int]] = {
 LR = 1e-4
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """`--shape`, `--batch_size`, `--seq_len` and the config flags (`--config` plus one per field)."""
-    config_flags.define_config_flags()
+    config_flags.define_config_flags(flag_values)
     flags.DEFINE_enum("shape", None, list(SHAPES), "Benchmark shape (config + batch); default: --config with "
-                      "batch 4 x 256. Explicit config and batch flags override it.")
-    flags.DEFINE_integer("batch_size", None, "Rows per step (default: the shape's, else 4).")
-    flags.DEFINE_integer("seq_len", None, "Tokens per row (default: the shape's, else 256).")
+                      "batch 4 x 256. Explicit config and batch flags override it.", flag_values=flag_values)
+    flags.DEFINE_integer("batch_size", None, "Rows per step (default: the shape's, else 4).", flag_values=flag_values)
+    flags.DEFINE_integer("seq_len", None, "Tokens per row (default: the shape's, else 256).", flag_values=flag_values)
 
 
 def config_and_batch(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[config_lib.Config, int, int, str]:

@@ -3,13 +3,15 @@
 The cut keeps one layer of each attention kind (sliding, CSA, HCA), a hash-routed and learned-routed MoE, and a
 scanned unit, so every row is there; fewer layers only shorten the whole train step's compile."""
 
-import pytest
 import os
 import re
 import subprocess
 import sys
 
-from tests.sharding.launch import subprocess_env
+import pytest
+from absl import flags
+
+from tools import bench_shapes, profile_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # tiny as 3 layers (sliding hash-routed; CSA, HCA scanned once), a 512-token vocabulary; MTP is dropped by the tool.
@@ -19,23 +21,33 @@ ROWS = ("embedding", "mHC weights (incl. Sinkhorn)", "mHC collapse", "mHC update
         "MoE shared expert", "head + loss", "optimizer (AdamW + clip)", "sum of rows", "measured whole train step")
 
 
+def step_shape(args) -> tuple:
+    """(config, batch rows, tokens per row, name) that the step benchmarks make of the command line `args`."""
+    flag_values = flags.FlagValues()
+    bench_shapes.define_flags(flag_values)
+    flag_values(["profile_step", *args])
+    return bench_shapes.config_and_batch(flag_values)
+
+
 @pytest.mark.slow  # compiles every component forward and backward: ~40 s
-def test_table_has_every_row_with_positive_times():
-    env = subprocess_env(compilation_cache=True)
-    cmd = [sys.executable, "-m", "tools.profile_step", "--config=tiny", *TINY_CUT, "--batch_size=1", "--seq_len=32",
-           "--calls=1", "--steps=1"]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| component")]
-    for name in ROWS:
-        row = next((ln for ln in lines if name in ln), None)
-        assert row is not None, f"no row {name!r} in\n{p.stdout}"
+def test_table_has_every_row_with_positive_times(capsys):
+    """In this process (the command line's parsing is the same `bench_shapes` code, and its refusals are tested
+    below); the whole train step is the program `tools.bench_train`'s test compiles, read back from the persistent
+    compilation cache when that test ran first."""
+    cfg, b, t, name = step_shape(["--config=tiny", *TINY_CUT, "--batch_size=1", "--seq_len=32"])
+    assert profile_step.profile(cfg, b, t, name, calls=1, steps=1)
+    out = capsys.readouterr().out
+    assert f"{name} without MTP; batch 1 x 32" in out, out
+    lines = [ln for ln in out.splitlines() if ln.startswith("| ") and not ln.startswith("| component")]
+    for row_name in ROWS:
+        row = next((ln for ln in lines if row_name in ln), None)
+        assert row is not None, f"no row {row_name!r} in\n{out}"
         cells = row.split("|")
-        if name in ("sum of rows", "measured whole train step"):
+        if row_name in ("sum of rows", "measured whole train step"):
             assert float(cells[7]) > 0, row  # total ms
         else:
             assert float(cells[4]) > 0, row  # fwd+bwd ms of one call
-    assert re.search(r"MFU \d+\.\d% of the measured peak", p.stdout), p.stdout
+    assert re.search(r"MFU \d+\.\d% of the measured peak", out), out
 
 
 def test_shape_and_config_together_are_refused():
