@@ -1,8 +1,17 @@
-"""tools.profile_step: on a cut-down tiny config the table has every component row with positive times.
+"""The two whole-step benchmarks built on tools.bench_shapes, on one cut-down tiny config and batch, so that the
+train step compiles once for both (the profile runs first, in this process; bench_train's run reads the compiled
+step back from the persistent compilation cache):
+
+- tools.profile_step: the table has every component row with positive times;
+- tools.bench_train: one step on each side (ours and, when installed, transformers) runs and reports.
+
+The persistent cache's key includes the process's device topology, so bench_train's process sees this process's 8
+CPU devices (its step runs on one of them either way).
 
 The cut keeps one layer of each attention kind (sliding, CSA, HCA), a hash-routed and learned-routed MoE, and a
-scanned unit, so every row is there; fewer layers only shorten the whole train step's compile."""
+scanned unit, so every profile row is there; fewer layers only shorten the whole train step's compile."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -11,6 +20,7 @@ import sys
 import pytest
 from absl import flags
 
+from tests.sharding.launch import subprocess_env
 from tools import bench_shapes, profile_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,10 +40,9 @@ def step_shape(args) -> tuple:
 
 
 @pytest.mark.slow  # compiles every component forward and backward: ~40 s
-def test_table_has_every_row_with_positive_times(capsys):
-    """In this process (the command line's parsing is the same `bench_shapes` code, and its refusals are tested
-    below); the whole train step is the program `tools.bench_train`'s test compiles, read back from the persistent
-    compilation cache when that test ran first."""
+def test_profile_step_table_has_every_row_with_positive_times(capsys):
+    """In this process: the command line's parsing is the same `bench_shapes` code (its refusal is tested below on
+    the command line)."""
     cfg, b, t, name = step_shape(["--config=tiny", *TINY_CUT, "--batch_size=1", "--seq_len=32"])
     assert profile_step.profile(cfg, b, t, name, calls=1, steps=1)
     out = capsys.readouterr().out
@@ -50,7 +59,23 @@ def test_table_has_every_row_with_positive_times(capsys):
     assert re.search(r"MFU \d+\.\d% of the measured peak", out), out
 
 
-def test_shape_and_config_together_are_refused():
+def test_profile_step_refuses_shape_and_config_together():
     cmd = [sys.executable, "-m", "tools.profile_step", "--shape=mid", "--config=tiny"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "give --shape or --config, not both" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.slow  # runs transformers (our compiled step comes from the cache): ~25 s
+def test_bench_train_one_step_on_tiny():
+    """tools.bench_train on the command line: one CI-sized step on each side (ours and, when installed,
+    transformers) runs and reports. Our step is the program the profile test above compiled: read back from the
+    persistent compilation cache."""
+    has_torch = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
+    env = subprocess_env(8, compilation_cache=True)  # the device count of this process: part of the cache key
+    cmd = [sys.executable, "-m", "tools.bench_train", "--config=tiny", *TINY_CUT, "--batch_size=1", "--seq_len=32",
+           "--steps=1", "--warmup=0", "--nolog", "--matmul_size=256", f"--torch={has_torch}"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "| ours (JAX) |" in p.stdout and "config tiny without MTP; batch 1 x 32" in p.stdout, p.stdout
+    if has_torch:
+        assert "| transformers (torch) |" in p.stdout and "ours / transformers tokens/s" in p.stdout, p.stdout
