@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Sequence
 
 import jax
 from absl import app, flags
@@ -52,7 +53,8 @@ def define_flags() -> None:
 def evaluate(workdir: str, *, step: int | None = None, data: str = "",
              batches: int = evaluation.EvalSettings.eval_batches, batch_size: int = RunSettings.batch_size,
              seq_len: int = RunSettings.seq_len, seed: int = RunSettings.seed, mesh: str = RunSettings.mesh,
-             data_cache: str = RunSettings.data_cache, devices=None) -> tuple[int, dict[str, float]]:
+             data_cache: str = RunSettings.data_cache,
+             devices: Sequence[jax.Device] | None = None) -> tuple[int, dict[str, float]]:
     """(step, held-out metrics) of a checkpoint of `workdir`, on `mesh` over `devices` (default: all devices).
 
     Raises:
