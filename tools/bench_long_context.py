@@ -37,7 +37,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +46,7 @@ from absl import app, flags
 from flax import nnx
 
 from sharding import context as cp
+from tools import timing
 
 PHASES = ("sparse", "warmup", "baseline")
 
@@ -164,16 +164,15 @@ def _measure(phase: str, T: int, mesh) -> dict:
     data = {k: rng.integers(0, cfg.vocab_size, (1, T)) for k in ("tokens", "targets")}
     data.update(segment_ids=np.ones((1, T)), positions=np.arange(T)[None])
     data = {k: jax.device_put(jnp.asarray(v, jnp.int32), batch_sharding) for k, v in data.items()}
-    state, metrics = compiled(state, data)  # the first call: not timed
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(FLAGS.steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, data)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
+    box = {"state": state}
+
+    def step():
+        box["state"], box["metrics"] = compiled(box["state"], data)
+        return box["metrics"]
+
+    times = timing.time_calls(step, repeats=FLAGS.steps)  # the first call: not timed
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return dict(row, seconds=float(np.median(times)), peak_rss_bytes=int(rss), loss=float(metrics["total_loss"]))
+    return dict(row, seconds=times.median_s, peak_rss_bytes=int(rss), loss=float(box["metrics"]["total_loss"]))
 
 
 def _run_child(phase: str, T: int) -> dict:
@@ -257,6 +256,8 @@ def main(argv):
         phase, T = FLAGS.child.split(":")
         print(json.dumps(measure(phase, int(T))), flush=True)
         return
+    if FLAGS.steps < 1:
+        raise SystemExit(f"--steps must be >= 1, got {FLAGS.steps}")
     bad = [p for p in FLAGS.phases if p not in PHASES]
     if bad:
         raise SystemExit(f"unknown --phases {bad}; choose from {', '.join(PHASES)}")

@@ -1,5 +1,6 @@
 """Benchmark shapes shared by `tools.bench_train` and `tools.profile_step`: `--shape` presets, the start of both
-programs (`step_shape_from_command_line`) and the timed whole train step (`bench_train_step`).
+programs (`step_shape_from_command_line`) and the timed whole train step (`bench_train_step`, timed by
+`timed_steps`, which `tools.bench_train` also uses for transformers' step).
 
 A shape is a config preset plus field overrides plus a batch (rows x tokens). Explicit config flags and
 `--batch_size` / `--seq_len` override the shape; `--config` names the base preset when no `--shape` is given.
@@ -12,7 +13,6 @@ A shape is a config preset plus field overrides plus a batch (rows x tokens). Ex
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 
 import jax
@@ -26,6 +26,7 @@ from deepseek_v4 import DeepseekV4
 from deepseek_v4 import config as config_lib
 from deepseek_v4 import train
 from experiments import flags as config_flags
+from tools import timing
 
 SHAPES: dict[str, tuple[str, dict, int, int]] = {
     "nano": ("nano", {}, 4, 256),
@@ -41,13 +42,13 @@ SHAPES: dict[str, tuple[str, dict, int, int]] = {
 LR = 1e-4
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """`--shape`, `--batch_size`, `--seq_len` and the config flags (`--config` plus one per field)."""
-    config_flags.define_config_flags()
+    config_flags.define_config_flags(flag_values)
     flags.DEFINE_enum("shape", None, list(SHAPES), "Benchmark shape (config + batch); default: --config with "
-                      "batch 4 x 256. Explicit config and batch flags override it.")
-    flags.DEFINE_integer("batch_size", None, "Rows per step (default: the shape's, else 4).")
-    flags.DEFINE_integer("seq_len", None, "Tokens per row (default: the shape's, else 256).")
+                      "batch 4 x 256. Explicit config and batch flags override it.", flag_values=flag_values)
+    flags.DEFINE_integer("batch_size", None, "Rows per step (default: the shape's, else 4).", flag_values=flag_values)
+    flags.DEFINE_integer("seq_len", None, "Tokens per row (default: the shape's, else 256).", flag_values=flag_values)
 
 
 def config_and_batch(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[config_lib.Config, int, int, str]:
@@ -113,18 +114,6 @@ def bench_settings() -> train.TrainSettings:
                                schedule="constant", weight_decay=0.0, clip_norm=1.0)
 
 
-def time_calls(fn, warmup: int, steps: int) -> tuple[float, list[float]]:
-    """Median wall time of `steps` calls of `fn` (which must wait for its result) after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), times
-
-
 def bench_train_step(cfg: config_lib.Config, batch, warmup: int, steps: int) -> dict:
     """Our jitted train step (fwd + bwd + AdamW + clip) of a new model (seed 0) on `batch`, `warmup` calls (the
     first compiles) then `steps` timed ones: median seconds, times, first-call seconds, first loss."""
@@ -140,8 +129,12 @@ def bench_train_step(cfg: config_lib.Config, batch, warmup: int, steps: int) -> 
         box["state"], m = fn(box["state"], batch)
         box["loss"].append(float(m["loss"]))  # float() waits for the step
 
-    t0 = time.perf_counter()
-    step()
-    compile_s = time.perf_counter() - t0
-    median, times = time_calls(step, max(warmup - 1, 0), steps)
-    return {"median_s": median, "times": times, "compile_s": compile_s, "first_loss": box["loss"][0]}
+    return timed_steps(step, warmup, steps) | {"first_loss": box["loss"][0]}
+
+
+def timed_steps(step: Callable[[], object], warmup: int, steps: int) -> dict:
+    """Time `step()`: its first call alone (compilation, when it compiles), `warmup - 1` more untimed calls, then
+    `steps` timed ones: {"median_s", "times" (each timed call), "compile_s" (the first call)}."""
+    first = timing.time_calls(step, repeats=1, warmup=0)
+    timed = timing.time_calls(step, repeats=steps, warmup=max(warmup - 1, 0))
+    return {"median_s": timed.median_s, "times": list(timed.wall_s), "compile_s": first.wall_s[0]}

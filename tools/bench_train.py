@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -77,12 +76,8 @@ def bench_torch(model, batch, warmup, steps):
         opt.zero_grad(set_to_none=True)
         losses.append(float(out.loss.detach()))
 
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    median, times = bench_shapes.time_calls(step, max(warmup - 1, 0), steps)
-    return {"median_s": median, "times": times, "compile_s": first, "first_loss": losses[0],
-            "threads": torch.get_num_threads()}
+    return bench_shapes.timed_steps(step, warmup, steps) | {"first_loss": losses[0],
+                                                            "threads": torch.get_num_threads()}
 
 
 def _commit() -> str:
@@ -93,8 +88,13 @@ def _commit() -> str:
         return "unknown"
 
 
+def _check_flags() -> None:
+    if FLAGS.steps < 1 or FLAGS.warmup < 0:
+        raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {FLAGS.steps} and {FLAGS.warmup}")
+
+
 def main(argv: list[str]) -> None:
-    cfg, b, t, shape_name = bench_shapes.step_shape_from_command_line(argv)
+    cfg, b, t, shape_name = bench_shapes.step_shape_from_command_line(argv, check=_check_flags)
     tokens = b * t
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({jax.device_count()} device(s)); {shape_name}"

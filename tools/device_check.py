@@ -26,17 +26,16 @@ import dataclasses
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
+
+from tools import timing
 
 
 FLAGS = flags.FLAGS
@@ -92,19 +91,6 @@ TRAIN_MODEL = dict(hidden_size=2048, num_hidden_layers=12, num_attention_heads=3
 # take ~28 CPU-seconds together (~41 with a sliding hash-routed layer in front).
 SMALL_TRAIN_MODEL = dict(num_hidden_layers=1, compress_ratios=(4,), num_nextn_predict_layers=0, num_hash_layers=0,
                          vocab_size=512)
-
-
-def _median_seconds(fn: Callable[[], object], iters: int) -> tuple[float, float]:
-    """(first call seconds incl. compilation, median of `iters` further calls)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
 
 
 def _hardware():
@@ -219,8 +205,8 @@ def _linear_case(s: Sizes, fp8: bool):
 def _run(name: str, make, compute: str, iters: int) -> dict:
     try:
         fn, flops, nbytes = make()
-        first, med = _median_seconds(fn, iters)
-        return {"case": name, "first_call_s": first, **_rates(med, flops, nbytes, compute)}
+        times = timing.time_calls(fn, repeats=iters)  # the first call (compilation included) untimed
+        return {"case": name, "first_call_s": times.first_s, **_rates(times.median_s, flops, nbytes, compute)}
     except Exception as e:  # noqa: BLE001  (record and go on)
         return {"case": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
                 "trace": traceback.format_exc(limit=3)[-1500:]}

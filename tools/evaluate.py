@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Sequence
 
 import jax
 from absl import app, flags
@@ -52,8 +53,9 @@ def define_flags() -> None:
 def evaluate(workdir: str, *, step: int | None = None, data: str = "",
              batches: int = evaluation.EvalSettings.eval_batches, batch_size: int = RunSettings.batch_size,
              seq_len: int = RunSettings.seq_len, seed: int = RunSettings.seed, mesh: str = RunSettings.mesh,
-             data_cache: str = RunSettings.data_cache) -> tuple[int, dict[str, float]]:
-    """(step, held-out metrics) of a checkpoint of `workdir`.
+             data_cache: str = RunSettings.data_cache,
+             devices: Sequence[jax.Device] | None = None) -> tuple[int, dict[str, float]]:
+    """(step, held-out metrics) of a checkpoint of `workdir`, on `mesh` over `devices` (default: all devices).
 
     Raises:
       ValueError: no checkpoint (or not that step), unreadable settings, data that cannot be read.
@@ -70,7 +72,7 @@ def evaluate(workdir: str, *, step: int | None = None, data: str = "",
         saved = ckpt.saved_meta(step).get("settings", {})
         known = {f.name for f in dataclasses.fields(train.TrainSettings)}
         settings = train.TrainSettings(**{k: v for k, v in saved.items() if k in known})
-        device_mesh = mesh_lib.make_mesh(mesh or None)
+        device_mesh = mesh_lib.make_mesh(mesh or None, devices)
         with jax.set_mesh(device_mesh):
             plan = train.plan_state(lambda: DeepseekV4(cfg, rngs=nnx.Rngs(0)), settings, device_mesh)
             state = ckpt.read(plan.target, step).state

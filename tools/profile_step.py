@@ -26,7 +26,7 @@ from flax import nnx
 from deepseek_v4 import DeepseekV4, attention, loss, metrics, mhc, moe, train
 from deepseek_v4 import layers as layers_lib
 from sharding import expert_parallel
-from tools import bench_shapes
+from tools import bench_shapes, timing
 
 FLAGS = flags.FLAGS
 
@@ -68,9 +68,8 @@ def time_component(fn, diff_args, const_args, calls: int) -> tuple[float, float,
     out = []
     for f in (fwd, fwd_bwd):
         compiled = jax.jit(f).lower(diff_args, const_args).compile()
-        jax.block_until_ready(compiled(diff_args, const_args))
-        median, _ = bench_shapes.time_calls(lambda: jax.block_until_ready(compiled(diff_args, const_args)), 0, calls)
-        out.append((median, _flops(compiled)))
+        times = timing.time_calls(lambda: compiled(diff_args, const_args), repeats=calls)  # after one untimed call
+        out.append((times.median_s, _flops(compiled)))
     return out[0][0], out[1][0], out[1][1]
 
 
@@ -189,11 +188,10 @@ def _optimizer_row(model: DeepseekV4, calls: int) -> Row:
 
     def call():
         box[:] = compiled(grads, *box)
-        jax.block_until_ready(box)
+        return box
 
-    call()
-    median, _ = bench_shapes.time_calls(call, 0, calls)
-    return Row("optimizer (AdamW + clip)", 1, 0.0, median, _flops(compiled))
+    times = timing.time_calls(call, repeats=calls)  # after one untimed call
+    return Row("optimizer (AdamW + clip)", 1, 0.0, times.median_s, _flops(compiled))
 
 
 def table(rows: list[Row], step_s: float | None) -> str:
@@ -220,26 +218,32 @@ def _check_flags() -> None:
         raise ValueError(f"--calls must be >= 1 and --steps >= 0, got {FLAGS.calls} and {FLAGS.steps}")
 
 
-def main(argv: list[str]) -> None:
-    cfg, b, t, name = bench_shapes.step_shape_from_command_line(argv, check=_check_flags)
+def profile(cfg, b: int, t: int, name: str, calls: int, steps: int) -> bool:
+    """Print the components table of `cfg` on a [b, t] batch (`calls` timed calls per component; `steps` timed
+    whole train steps, 0: none) and the MFU line; False if a row's time is not finite."""
     device = jax.devices()[0]
     print(f"device: {device.device_kind}; {name} without MTP; batch {b} x {t}; moe_impl={cfg.moe_impl}, "
           f"remat_policy={cfg.remat_policy}", flush=True)
     peak = metrics.measure_matmul_peak(jnp.float32, None, seconds=1.0)
     print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s", flush=True)
     model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
-    rows = components(model, cfg, b, t, FLAGS.calls)
+    rows = components(model, cfg, b, t, calls)
     step_s = None
-    if FLAGS.steps:
+    if steps:
         batch = bench_shapes.random_batch(cfg, b, t)
-        step = bench_shapes.bench_train_step(cfg, batch, 1, FLAGS.steps)
+        step = bench_shapes.bench_train_step(cfg, batch, 1, steps)
         step_s = step["median_s"]
         print(f"  whole train step: {step_s * 1e3:.0f} ms (compile + first {step['compile_s']:.1f} s)", flush=True)
     print(table(rows, step_s))
     model_flops = metrics.train_flops_per_token(cfg, t) * b * t
     print(f"model FLOPs per step (6 N + attention): {model_flops / 1e9:.1f} GFLOP"
           + (f"; MFU {100 * model_flops / step_s / peak:.1f}% of the measured peak" if step_s else ""))
-    if not np.isfinite(sum(r.fwd_bwd_s for r in rows)):
+    return bool(np.isfinite(sum(r.fwd_bwd_s for r in rows)))
+
+
+def main(argv: list[str]) -> None:
+    cfg, b, t, name = bench_shapes.step_shape_from_command_line(argv, check=_check_flags)
+    if not profile(cfg, b, t, name, FLAGS.calls, FLAGS.steps):
         sys.exit(1)
 
 

@@ -350,8 +350,10 @@ def test_cli_bad_input_is_one_line(tmp_path):
 
 @pytest.mark.slow  # compiles the tiny model's forward
 def test_tools_evaluate_scores_imported_weights(imported):
+    """On one device, like the round trips (an 8-device mesh would only make the compile dearer)."""
     from tools import evaluate
 
-    step, rec = evaluate.evaluate(imported[0], data="synthetic", batches=1, batch_size=8, seq_len=32)
+    step, rec = evaluate.evaluate(imported[0], data="synthetic", batches=1, batch_size=8, seq_len=32,
+                                  devices=ONE_DEVICE)
     assert step == 0 and np.isfinite(rec["eval_loss"]) and np.isfinite(rec["eval_mtp_loss"])
     assert rec["eval_tokens"] == 8 * 32
