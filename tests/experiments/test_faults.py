@@ -170,28 +170,34 @@ BAD_FLAGS = [
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     pool = ThreadPoolExecutor(max_workers=2)
-    jobs = {
-        "reference": pool.submit(run, root / "reference", f"--steps={TOTAL}", "--save_every=100", "--tensorboard",
-                                 "--plot"),
-        # Checkpoints at 2, 3 and 4 (--keep_checkpoints=3); the jobs that resume it work on copies.
-        "first": pool.submit(run, root / "first", "--steps=4", "--save_every=1"),
-        "nan": pool.submit(run, root / "nan", f"--steps={TOTAL}", "--save_every=1", "--debug_nan_at_steps=2,4,5",
-                           "--max_bad_steps=2", expect=1),
-    }
+    jobs = {}
+
+    def submit(name, fn, *args, after=None, **kwargs):
+        """Start `fn(*args, **kwargs)` once the job `after` has finished. The reference run goes first and alone:
+        with a cold compilation cache it compiles the state creation and the plain train step, which the other
+        runs then read from the cache; the spike runs and the NaN run each compile their own step program."""
+        def job():
+            if after is not None:
+                jobs[after].result()
+            return fn(*args, **kwargs)
+
+        jobs[name] = pool.submit(job)
+
+    submit("reference", run, root / "reference", f"--steps={TOTAL}", "--save_every=100", "--tensorboard", "--plot")
+    submit("nan", run, root / "nan", f"--steps={TOTAL}", "--save_every=1", "--debug_nan_at_steps=2,4,5",
+           "--max_bad_steps=2", expect=1, after="reference")
+    # Checkpoints at 2, 3 and 4 (--keep_checkpoints=3); the jobs that resume it work on copies.
+    submit("first", run, root / "first", "--steps=4", "--save_every=1", after="reference")
+    submit("skip", run, root / "skip", f"--steps={TOTAL}", "--save_every=100", "--log_every=4", "--eval_every=3",
+           "--spike_response=skip", "--debug_spike_at_batches=7", *SPIKES, after="reference")
+    submit("lifecycle", _lifecycle, root, after="reference")
     first = root / "first"
-
-    def after_first(fn):
-        return lambda: (jobs["first"].result(), fn(root, first))[1]
-
-    jobs["resume"] = pool.submit(after_first(_exact_resume))
-    jobs["corrupt"] = pool.submit(after_first(_corrupt))
-    jobs["mismatch"] = pool.submit(after_first(
-        lambda r, f: run(_copy(f, r / "mismatch"), "--hidden_size=32", "--sliding_window=8", expect=2)))
-    jobs["lifecycle"] = pool.submit(_lifecycle, root)
-    jobs["skip"] = pool.submit(run, root / "skip", f"--steps={TOTAL}", "--save_every=100", "--log_every=4",
-                               "--eval_every=3", "--spike_response=skip", "--debug_spike_at_batches=7", *SPIKES)
-    jobs["rollback"] = pool.submit(run, root / "rollback", f"--steps={TOTAL}", "--save_every=3",
-                                   "--spike_response=rollback", "--debug_spike_at_batches=8", *SPIKES)
+    submit("resume", _exact_resume, root, first, after="first")
+    submit("corrupt", _corrupt, root, first, after="first")
+    submit("mismatch", lambda: run(_copy(first, root / "mismatch"), "--hidden_size=32", "--sliding_window=8",
+                                   expect=2), after="first")
+    submit("rollback", run, root / "rollback", f"--steps={TOTAL}", "--save_every=3", "--spike_response=rollback",
+           "--debug_spike_at_batches=8", *SPIKES, after="skip")  # the spike step program: compiled by then
     yield {"root": root, **jobs}
     pool.shutdown(wait=True, cancel_futures=True)
 
