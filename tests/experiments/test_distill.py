@@ -3,12 +3,11 @@ runs from checkpoints on prompts of a --data file (unusable lines counted), resu
 and its workdir exports and re-imports to the same weights; bad teachers, weights and prompt files are one-line
 errors.
 
-One model structure for the whole file (`CFG`: two tiny layers, the full vocabulary, which chat prompts need; the
-in-process test uses it with a 512-token vocabulary). The source checkpoints are written in-process (no training),
-as in tests/experiments/test_sft.py.
+One model structure for the whole file (`CFG`, tests/experiments/post_training.py's: two tiny layers, the full
+vocabulary, which chat prompts need; the in-process test uses it with a 512-token vocabulary). The source
+checkpoints are written in-process (no training), as in tests/experiments/test_sft.py.
 """
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -20,17 +19,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepseek_v4 import DeepseekV4, distillation, get_config, interop, train
-from deepseek_v4 import checkpoint as ckpt_lib
+from deepseek_v4 import DeepseekV4, distillation, interop, train
 from deepseek_v4.metrics import read_metrics
 from sharding import mesh as mesh_lib
-from tests.conftest import CODEGEN_FLAGS
+from tests.conftest import CODEGEN_FLAGS, COMPILATION_CACHE
+from tests.experiments.post_training import CFG, write_untrained_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CFG = get_config("tiny", num_hidden_layers=2, compress_ratios=(4, 16, 0), num_hash_layers=1)
 COMMON = ["--batch_size=2", "--seq_len=64", "--max_new_tokens=8", "--optimizer=adamw", "--schedule=constant",
           "--warmup_steps=0", "--log_every=1", "--progress=false", "--peak_flops=1e12", "--notensorboard", "--noplot",
-          f"--compilation_cache={os.path.join(REPO, '.jax_cache')}"]
+          f"--compilation_cache={COMPILATION_CACHE}"]
 TIMEOUT = 900
 
 
@@ -40,25 +38,6 @@ def _distill(*args, expect=0):
                        text=True, timeout=TIMEOUT)
     assert p.returncode == expect, f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-3000:]}"
     return p
-
-
-def _write_runs(student: str, teacher: str, cfg) -> None:
-    """Two run directories, each holding one untrained checkpoint of `cfg` (AdamW state): the teacher's weights are
-    the student's negated (one state built and compiled, not two)."""
-    settings = train.TrainSettings(optimizer="adamw")
-    mesh = mesh_lib.make_mesh("data=1", jax.devices()[:1])
-
-    def build():
-        return DeepseekV4(cfg, rngs=nnx.Rngs(1))
-
-    with jax.set_mesh(mesh):
-        plan = train.plan_state(build, settings, mesh)
-        _, state = train.create_state(build, plan.tx, 1, plan.shardings, graphdef=plan.graphdef)
-    negated = dataclasses.replace(state, params=jax.tree.map(jnp.negative, state.params))
-    for path, s in ((student, state), (teacher, negated)):
-        ckpt = ckpt_lib.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
-        ckpt.save(1, s, config=cfg, meta={"settings": settings.to_dict()})
-        ckpt.close()
 
 
 class _RandomPrompts:
@@ -112,7 +91,7 @@ def test_student_kl_to_a_fixed_teacher_falls():
 def sources(tmp_path_factory):
     """(student run directory, teacher run directory): two untrained `CFG` checkpoints."""
     student, teacher = (str(tmp_path_factory.mktemp(name)) for name in ("student_src", "teacher_src"))
-    _write_runs(student, teacher, CFG)
+    write_untrained_runs(CFG, 1, student, negated_path=teacher)  # the teacher's weights: the student's negated
     return student, teacher
 
 

@@ -1,18 +1,30 @@
-"""Fault tolerance of the real entry point (`python -m experiments.pretrain`), each fault in a subprocess.
+"""Fault tolerance, loss spikes and held-out evaluation of the real entry point (`python -m experiments.pretrain`),
+each run in a subprocess.
 
 All runs use a cut-down tiny model (1,024-row vocabulary; a hash-routed CSA layer, a learned-routed HCA layer and
 the sliding-window MTP layer) with the default optimizer (Muon + AdamW) on synthetic data (2 x 32 tokens per
 step), one CPU device, a constant LR (so --steps does not change the trajectory) and the repository's persistent
 compilation cache. One uninterrupted run is the reference every resumed run must match bit for bit; it doubles as
-the train-step smoke test (the loss falls).
+the train-step smoke test (the loss falls) and as the spike runs' reference losses (no spike detection, no
+evaluation).
+
+Spikes are injected through the data: --debug_spike_at_batches multiplies one batch's loss weights by 1000, so its
+cross entropy is 1000x the running mean. Runs:
+  skip      --spike_response=skip, spike in batch 7, --log_every=4, --eval_every=3: the spike step is found one
+            step late (the host never waits for the device) and dropped; evaluations at 3, 6, 9, 12.
+  rollback  --spike_response=rollback, spike in batch 8, checkpoints every 3 steps: back to step 6, batches 7-8
+            skipped, steps 7-12 taken on batches 9-14.
+Then `tools.evaluate` scores the reference run's final checkpoint on the same held-out rows as the skip run.
 
 The runs start together in one module fixture, two at a time (each is mostly single-threaded tracing); the
-tests then check their outcomes. Those runs (eleven processes, a few CPU-minutes) are in the slow tier; the fast
+tests then check their outcomes. Those runs (thirteen processes, a few CPU-minutes) are in the slow tier; the fast
 tier keeps the bad-flag checks of the command line, and tests/deepseek_v4/test_checkpoint.py covers saving,
-restoring and falling back past a damaged checkpoint in-process.
+restoring and falling back past a damaged checkpoint in-process (tests/experiments/test_spike_guard.py the spike
+guard's bookkeeping).
 """
 
 import glob
+import json
 import os
 import random
 import shutil
@@ -38,6 +50,7 @@ BASE = ["--config=tiny", "--vocab_size=1024", "--num_hidden_layers=2", "--compre
         f"--compilation_cache={COMPILATION_CACHE}"]
 TOTAL = 12
 TIMEOUT = 900
+SPIKES = ["--spike_min_history=3", "--spike_factor=3"]
 
 
 def _env():
@@ -157,24 +170,34 @@ BAD_FLAGS = [
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     pool = ThreadPoolExecutor(max_workers=2)
-    jobs = {
-        "reference": pool.submit(run, root / "reference", f"--steps={TOTAL}", "--save_every=100", "--tensorboard",
-                                 "--plot"),
-        # Checkpoints at 2, 3 and 4 (--keep_checkpoints=3); the jobs that resume it work on copies.
-        "first": pool.submit(run, root / "first", "--steps=4", "--save_every=1"),
-        "nan": pool.submit(run, root / "nan", f"--steps={TOTAL}", "--save_every=1", "--debug_nan_at_steps=2,4,5",
-                           "--max_bad_steps=2", expect=1),
-    }
+    jobs = {}
+
+    def submit(name, fn, *args, after=None, **kwargs):
+        """Start `fn(*args, **kwargs)` once the job `after` has finished. The reference run goes first and alone:
+        with a cold compilation cache it compiles the state creation and the plain train step, which the other
+        runs then read from the cache; the spike runs and the NaN run each compile their own step program."""
+        def job():
+            if after is not None:
+                jobs[after].result()
+            return fn(*args, **kwargs)
+
+        jobs[name] = pool.submit(job)
+
+    submit("reference", run, root / "reference", f"--steps={TOTAL}", "--save_every=100", "--tensorboard", "--plot")
+    submit("nan", run, root / "nan", f"--steps={TOTAL}", "--save_every=1", "--debug_nan_at_steps=2,4,5",
+           "--max_bad_steps=2", expect=1, after="reference")
+    # Checkpoints at 2, 3 and 4 (--keep_checkpoints=3); the jobs that resume it work on copies.
+    submit("first", run, root / "first", "--steps=4", "--save_every=1", after="reference")
+    submit("skip", run, root / "skip", f"--steps={TOTAL}", "--save_every=100", "--log_every=4", "--eval_every=3",
+           "--spike_response=skip", "--debug_spike_at_batches=7", *SPIKES, after="reference")
+    submit("lifecycle", _lifecycle, root, after="reference")
     first = root / "first"
-
-    def after_first(fn):
-        return lambda: (jobs["first"].result(), fn(root, first))[1]
-
-    jobs["resume"] = pool.submit(after_first(_exact_resume))
-    jobs["corrupt"] = pool.submit(after_first(_corrupt))
-    jobs["mismatch"] = pool.submit(after_first(
-        lambda r, f: run(_copy(f, r / "mismatch"), "--hidden_size=32", "--sliding_window=8", expect=2)))
-    jobs["lifecycle"] = pool.submit(_lifecycle, root)
+    submit("resume", _exact_resume, root, first, after="first")
+    submit("corrupt", _corrupt, root, first, after="first")
+    submit("mismatch", lambda: run(_copy(first, root / "mismatch"), "--hidden_size=32", "--sliding_window=8",
+                                   expect=2), after="first")
+    submit("rollback", run, root / "rollback", f"--steps={TOTAL}", "--save_every=3", "--spike_response=rollback",
+           "--debug_spike_at_batches=8", *SPIKES, after="skip")  # the spike step program: compiled by then
     yield {"root": root, **jobs}
     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -292,3 +315,77 @@ def test_bad_flag_values_are_one_line_errors(tmp_path, i):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and BAD_FLAGS[i][1] in lines[0], p.stderr
     assert not os.path.exists(tmp_path / f"bad{i}")  # failed before touching anything
+
+
+# ---- loss spikes and held-out evaluation ---------------------------------------------------------------------
+
+
+def _records(d):
+    return {r["step"]: r for r in read_metrics(str(d))}
+
+
+@pytest.mark.slow  # the module's runs
+def test_skip_drops_the_spike_step_and_evaluation_leaves_the_data_alone(runs):
+    root, out = runs["root"], runs["skip"].result()
+    runs["reference"].result()
+    assert "step 7: loss spike (" in out.stderr and "update skipped (1 so far)" in out.stderr
+    assert "non-finite" not in out.stderr
+    plain, skip = _records(root / "reference"), _records(root / "skip")
+    assert sorted(skip) == [3, 4, 6, 8, 9, 12]  # log_every=4 plus the evaluation steps
+    # Before the spike the trajectories agree: evaluating (at 3 and 6) read no training batch, changed no state.
+    np.testing.assert_allclose(skip[3]["loss"], np.mean([plain[s]["loss"] for s in (1, 2, 3)]), rtol=1e-5)
+    np.testing.assert_allclose(skip[4]["loss"], plain[4]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(skip[6]["loss"], np.mean([plain[s]["loss"] for s in (5, 6)]), rtol=1e-5)
+    # Step 8's record averages the updated steps 7-8, i.e. step 8 only; the spike is counted from there on.
+    assert skip[6]["loss_spikes"] == 0 and skip[8]["loss_spikes"] == 1 and skip[12]["loss_spikes"] == 1
+    assert skip[8]["skipped_steps"] == 1 and skip[12]["spike_rollbacks"] == 0
+    assert skip[8]["loss"] < 2 * plain[8]["loss"]
+    # Held-out metrics at every evaluation step (synthetic rows of another seed): finite and falling.
+    evals = [skip[s]["eval_loss"] for s in (3, 6, 9, 12)]
+    assert all(np.isfinite(evals)) and evals[-1] < evals[0] - 0.05, evals
+    assert all("eval_mtp_loss" in skip[s] and "eval_loss_pos_0-1K" in skip[s] for s in (3, 6, 9, 12))
+    assert "eval_bits_per_byte" not in skip[3]  # synthetic rows stand for no text
+    assert "eval_loss" not in skip[4] and "eval_loss" not in plain[TOTAL]
+
+
+@pytest.mark.slow  # the module's runs
+def test_rollback_returns_to_the_checkpoint_and_skips_the_data_window(runs):
+    root, err = runs["root"], runs["rollback"].result().stderr
+    runs["reference"].result()
+    assert "step 8: loss spike (" in err
+    assert "step 8: rolled back to step 6, skipping 2 batch(es) of data (1 rollback(s) so far)" in err
+    plain, back = _records(root / "reference"), _records(root / "rollback")
+    assert sorted(back) == list(range(1, TOTAL + 1))  # one timeline: the steps after 6 were taken again
+    for s in range(1, 7):
+        np.testing.assert_allclose(back[s]["loss"], plain[s]["loss"], rtol=1e-5)
+    discarded = read_metrics(str(root / "rollback" / "metrics_discarded.jsonl"))
+    assert [r["step"] for r in discarded] == [7]  # the record written between the checkpoint and the spike
+    assert back[TOTAL]["spike_rollbacks"] == 1 and back[TOTAL]["loss_spikes"] == 1
+    assert back[7]["loss"] != discarded[0]["loss"]  # step 7 again, on batch 9
+    data_state = os.path.join(root, "rollback", "checkpoints", str(TOTAL), "data", "process_0-of-1.json")
+    with open(data_state) as f:
+        assert json.load(f)["index"] == TOTAL + 2  # 12 steps read 14 batches
+
+
+@pytest.mark.slow  # the module's runs, then two tools.evaluate subprocesses
+def test_tools_evaluate_scores_a_checkpoint(runs):
+    runs["reference"].result()
+    cmd = [sys.executable, "-m", "tools.evaluate", f"--workdir={runs['root'] / 'reference'}", "--data=synthetic",
+           "--batch_size=2", "--seq_len=32", "--json", f"--step={TOTAL}"]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = json.loads(p.stdout.strip().splitlines()[-1])
+    assert rec["step"] == TOTAL and np.isfinite(rec["eval_loss"]) and "eval_mtp_loss" in rec
+    assert rec["eval_tokens"] == 2 * 2 * 32  # --eval_batches default 2, no padding in synthetic rows
+    p = subprocess.run(cmd[:-1] + ["--step=5"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert p.returncode == 2 and p.stderr.startswith("error: no checkpoint step 5") and len(p.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow  # two entry-point start-ups
+def test_bad_spike_and_eval_flags_are_one_line_errors(tmp_path):
+    for flag, message in (("--spike_factor=0.5", "--spike_factor must be a number > 1"),
+                          ("--eval_batches=0", "--eval_batches must be >= 1")):
+        p = subprocess.run([*_cmd(tmp_path / "bad"), flag], cwd=REPO, env=_env(), capture_output=True, text=True,
+                           timeout=TIMEOUT)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and message in lines[0], p.stderr

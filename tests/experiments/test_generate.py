@@ -9,12 +9,13 @@ import sys
 import jax
 import pytest
 
-from deepseek_v4 import get_config
 from experiments import generate
+from tests.experiments import post_training
 from tests.tools.test_export import _official_weights, _write_source
 from tools import import_safetensors
 
-CFG = get_config("tiny", index_topk=16)  # the real vocabulary: prompts go through the real tokenizer
+# Two layers (CSA and HCA) and the MTP layer; the real vocabulary: prompts go through the real tokenizer.
+CFG = post_training.CFG.replace(index_topk=16)
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -86,5 +87,5 @@ def test_mismatched_checkpoint_is_one_error(official, tmp_path):
     for name in os.listdir(hf_dir):
         os.symlink(os.path.join(hf_dir, name), bad / name)
     with pytest.raises(ValueError, match="does not match|missing|shape"):
-        generate.load_safetensors(str(bad), "tiny", num_hidden_layers=5,
-                                  compress_ratios=CFG.compress_ratios[:4] + CFG.compress_ratios[5:])
+        generate.load_safetensors(str(bad), "tiny", num_hidden_layers=1,
+                                  compress_ratios=CFG.compress_ratios[:1] + CFG.compress_ratios[2:])

@@ -1,7 +1,8 @@
 """`experiments.grpo`: GRPO steps through the shared train step, resume mid-GRPO, counted reward failures, the CLI.
 
-A cut-down nano model (two layers, sliding-window attention, the real vocabulary: the prompts are chat tokens) from
-its seeded initialisation; a reward with signal even for an untrained policy (the completion's length mod 3).
+tests/experiments/post_training.py's two-layer tiny model with sliding-window attention only (the real vocabulary:
+the prompts are chat tokens) from its seeded initialisation; a reward with signal even for an untrained policy (the
+completion's length mod 3).
 """
 
 import json
@@ -14,13 +15,14 @@ import jax
 import numpy as np
 import pytest
 
-from deepseek_v4 import get_config, grpo, train
+from deepseek_v4 import grpo, train
 from experiments import grpo as grpo_exp
 from experiments import run as run_lib
 from tests.conftest import CODEGEN_FLAGS
+from tests.experiments import post_training
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CFG = get_config("nano", num_hidden_layers=2, compress_ratios=(0, 0, 0), num_hash_layers=1)
+CFG = post_training.CFG.replace(compress_ratios=(0, 0, 0))
 G = grpo.GRPOSettings(task="string", prompts_per_step=2, group_size=4, max_new_tokens=3, top_k=4, kl_weight=0.1,
                       opsm_delta=0.5)  # 8 rows: the test process's 8 CPU devices split them
 STEPS = 2
@@ -42,7 +44,7 @@ def _grpo(workdir: str, steps: int, save_every: int = 10):
     opts = run_lib.RunSettings(workdir=workdir, batch_size=G.prompts_per_step * G.group_size, seq_len=40,
                                log_every=1, save_every=save_every, plot=False, tensorboard=False, progress=False,
                                mesh="fsdp=8",
-                               compilation_cache=os.path.join(REPO, ".jax_cache"))
+                               compilation_cache="")  # keep the test session's cache settings (tests/conftest.py)
     run, prepare = grpo_exp.setup_run(CFG, s, opts, G, workdir=workdir, reward_fn=_reward)
     assert run_lib.train_and_report(run, run_lib.StopSignal(), prepare) == 0
     return jax.device_get(run.state.params)

@@ -1,7 +1,8 @@
 """`python -m experiments.sft`: starts from a pretraining checkpoint, trains on the toy chat set, resumes; bad data.
 
-The source checkpoint is written in-process (a cut-down nano model with the full vocabulary, AdamW state, no
-training) so that only the SFT runs compile a train step (Muon: the source's optimizer state is dropped).
+The source checkpoint is written in-process (tests/experiments/post_training.py's two-layer tiny model with the full
+vocabulary, AdamW state, no training) so that only the SFT runs compile a train step (Muon: the source's optimizer
+state is dropped).
 """
 
 import json
@@ -14,15 +15,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepseek_v4 import DeepseekV4, get_config, train
-from deepseek_v4 import checkpoint as ckpt_lib
+from deepseek_v4 import DeepseekV4, train
 from deepseek_v4.metrics import read_metrics
 from experiments import init_weights
 from sharding import mesh as mesh_lib
 from tests.conftest import CODEGEN_FLAGS, COMPILATION_CACHE
+from tests.experiments.post_training import CFG, write_untrained_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CFG = get_config("nano", num_hidden_layers=2, compress_ratios=(4, 32, 0), num_hash_layers=1)
 COMMON = ["--batch_size=2", "--seq_len=128", "--toy_examples=60", "--schedule=constant", "--warmup_steps=0",
           "--log_every=1", "--progress=false", "--peak_flops=1e12", "--notensorboard", "--noplot",
           f"--compilation_cache={COMPILATION_CACHE}"]
@@ -45,15 +45,7 @@ def _build():
 def source(tmp_path_factory):
     """A run directory holding one checkpoint of CFG written with AdamW; returns (path, its params)."""
     path = str(tmp_path_factory.mktemp("pretrained"))
-    settings = train.TrainSettings(optimizer="adamw")
-    mesh = mesh_lib.make_mesh("data=1", jax.devices()[:1])
-    with jax.set_mesh(mesh):
-        plan = train.plan_state(_build, settings, mesh)
-        _, state = train.create_state(_build, plan.tx, 1, plan.shardings, graphdef=plan.graphdef)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(path, "checkpoints"), async_save=False)
-    ckpt.save(7, state, config=CFG, meta={"settings": settings.to_dict()})
-    ckpt.close()
-    return path, jax.device_get(state.params)
+    return path, write_untrained_runs(CFG, 7, path)
 
 
 @pytest.mark.slow  # restores into another optimizer's layout: two state compiles (~40 s on 2 cores)
@@ -79,7 +71,7 @@ def test_hf_dir_init_loads_the_exported_weights(source, tmp_path):
     path, params = source
     out = str(tmp_path / "export")
     export_run(path, out, "bf16", progress=False)
-    cfg = init_weights.init_config(init=None, hf_dir=out, preset="nano", overrides={})
+    cfg = init_weights.init_config(init=None, hf_dir=out, preset="tiny", overrides={})
     assert cfg == CFG
     mesh = mesh_lib.make_mesh("data=1", jax.devices()[:1])
     settings = train.TrainSettings()
@@ -90,16 +82,16 @@ def test_hf_dir_init_loads_the_exported_weights(source, tmp_path):
         np.testing.assert_allclose(a, b, rtol=2**-8, atol=1e-6)  # bf16 storage: one rounding
 
 
-@pytest.mark.slow  # two SFT runs, one train-step compile each (~2-3 min on 2 cores)
+@pytest.mark.slow  # two SFT runs of one step each (the second compiles from the persistent cache): ~1 min on 2 cores
 def test_sft_runs_from_a_checkpoint_and_resumes(source, tmp_path):
     path, _ = source
     workdir = str(tmp_path / "sft")
-    first = _sft(f"--init={path}", f"--workdir={workdir}", "--steps=2", *COMMON)
+    first = _sft(f"--init={path}", f"--workdir={workdir}", "--steps=1", *COMMON)
     assert "starting from the given weights" in first.stdout and "chat data: 60 conversations" in first.stdout
-    second = _sft(f"--init={path}", f"--workdir={workdir}", "--steps=4", *COMMON)
-    assert "resuming from step 2" in second.stdout and "done at step 4" in second.stdout
+    second = _sft(f"--init={path}", f"--workdir={workdir}", "--steps=2", *COMMON)
+    assert "resuming from step 1" in second.stdout and "done at step 2" in second.stdout
     records = read_metrics(workdir)
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in records] == [1, 2]
     assert all(np.isfinite(r["loss"]) and 0 < r["nonpad_fraction"] < 1 for r in records)
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f) == CFG.to_dict()

@@ -1,4 +1,4 @@
-"""The spike guard's bookkeeping on its own (the entry-point behaviour is in test_spikes.py)."""
+"""The spike guard's bookkeeping on its own (the entry-point behaviour is in test_faults.py)."""
 
 import numpy as np
 import pytest
