@@ -45,8 +45,10 @@ def host_state(abstract_state, seed: int = 0):
 
 
 def small_model(seed: int):
-    """(graphdef, state) of the small model with `host_state`'s values of `seed` (device arrays)."""
-    graphdef, state = nnx.split(DeepseekV4(small_config(), rngs=nnx.Rngs(0)))
+    """(graphdef, state) of the small model with `host_state`'s values of `seed` (device arrays). The model is
+    built abstractly: building it eagerly would compile hundreds of one-operation programs for values that
+    `host_state` replaces."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: DeepseekV4(small_config(), rngs=nnx.Rngs(0))))
     return graphdef, jax.tree.map(jnp.asarray, host_state(state, seed=seed))
 
 

@@ -47,9 +47,12 @@ def launch(module: str, args: list[str], num_processes: int, local_devices: int,
     """Run `python -m module args --<coordinator_flag>=localhost:PORT --num_processes=N --process_id=i` N times.
 
     Each process sees `local_devices` CPU devices and compiles its own programs, without the persistent compilation
-    cache: JAX writes a multi-process job's executables from process 0 only, and on CPU only process 0 finds them
-    again (process 1 compiles anyway), so the cache would not shorten the job, and its processes would run
-    differently built executables. Returns the completed processes (stdout and stderr merged).
+    cache: JAX writes a multi-process job's executables from process 0 only, and on CPU a program's cache key
+    differs between the processes (it hashes the devices' topology, whose fingerprint each CPU process computes
+    differently), so process 1 never finds process 0's entries: the cache would not shorten the job, and its
+    processes would run differently built executables. For the same reason `jax_share_binary_between_hosts`
+    (process 0 compiles and sends the executable under its cache key) leaves process 1 waiting. Returns the
+    completed processes (stdout and stderr merged).
     """
     port = free_port()
     env = subprocess_env(local_devices)
