@@ -56,8 +56,7 @@ def test_logits_match_transformers(exported, index_topk):
     hf = _hf_model(config_dict, state_dict, path, index_topk)
     with torch.no_grad():
         ref = hf(input_ids=torch.from_numpy(tokens)).logits.numpy()
-    graphdef, state = nnx.split(ours)  # the weights as arguments, not as constants folded into the program
-    got = np.asarray(jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, jnp.asarray(tokens, jnp.int32)))
+    got = np.asarray(jax.jit(lambda t: ours(t))(jnp.asarray(tokens, jnp.int32)))
     err = np.abs(got - ref)
     print(f"index_topk={index_topk}: max abs {err.max():.3e}, mean abs {err.mean():.3e}")
     assert err.max() < TOLERANCES["parity_f32_logits"]
