@@ -57,11 +57,18 @@ def test_the_loss_in_the_train_step_equals_the_dense_reverse_kl(toy):
     s, tx, graphdef = toy
     batch, heads = _distill_batch()
     state = train.init_state(_Toy(nnx.Rngs(0)), tx, seed=0)[1]
-    ref_value, ref_grads = jax.value_and_grad(_reference)(state.params, state.extras, graphdef, batch, heads)
-    model = nnx.merge(graphdef, state.params, state.extras)
-    hidden = model.forward_train(batch["tokens"], batch["segment_ids"], batch["positions"]).hidden
-    per_teacher = [ptl.reference_reverse_kl(hidden, model.head[...], [(batch[distillation.teacher_hidden_key(i)], h)],
-                                            [1.0], train.token_weights(batch)) for i, h in enumerate(heads)]
+    # the references jitted: one compile each instead of one eager dispatch per operation
+    ref_value, ref_grads = jax.jit(jax.value_and_grad(_reference), static_argnums=2)(state.params, state.extras,
+                                                                                       graphdef, batch, heads)
+
+    @jax.jit
+    def teacher_kls(params, extras, batch, heads):
+        model = nnx.merge(graphdef, params, extras)
+        hidden = model.forward_train(batch["tokens"], batch["segment_ids"], batch["positions"]).hidden
+        return [ptl.reference_reverse_kl(hidden, model.head[...], [(batch[distillation.teacher_hidden_key(i)], h)],
+                                         [1.0], train.token_weights(batch)) for i, h in enumerate(heads)]
+
+    per_teacher = teacher_kls(state.params, state.extras, batch, heads)
 
     # gradients: the function the step differentiates, over two microbatches (they must add up to the batch's)
     counts = train._batch_counts(batch, 1)

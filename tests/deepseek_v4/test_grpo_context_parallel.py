@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from deepseek_v4 import DeepseekV4, train
 from deepseek_v4 import post_training_losses as ptl
-from deepseek_v4 import train
 from sharding import mesh as mesh_lib
 from tests.conftest import TOLERANCES
-from tests.sharding.equivalence import SMALL, small_model
+from tests.sharding.equivalence import SMALL, host_state, small_config
 from tests.sharding.test_context_parallel import packed_rows
 
 
@@ -33,7 +33,10 @@ def rollout_batch() -> dict[str, np.ndarray]:
 
 @pytest.mark.slow  # two loss-and-gradient compiles (one per mesh): ~25 s on a quiet machine, minutes when loaded
 def test_grpo_loss_on_a_context_mesh_equals_one_device():
-    graphdef, rest, params = nnx.split(nnx.merge(*small_model(seed=4)), nnx.Not(nnx.Param), nnx.Param)
+    # small_model(seed=4)'s values, filled into the abstract model (no eager initialisation to overwrite)
+    abstract = nnx.eval_shape(lambda: DeepseekV4(small_config(), rngs=nnx.Rngs(0)))
+    model = nnx.merge(nnx.graphdef(abstract), jax.tree.map(jnp.asarray, host_state(nnx.state(abstract), seed=4)))
+    graphdef, rest, params = nnx.split(model, nnx.Not(nnx.Param), nnx.Param)
     batch = rollout_batch()
     counts = {"tokens": jnp.float32(batch["loss_weights"].sum())}
     loss_fn = ptl.make_grpo_loss(0.1, opsm_delta=0.2)

@@ -17,6 +17,7 @@ from tests.pallas_kernels.attention_cases import brute_force_attention, sparse_m
 B, T, N, H, NI, HI, RATIO, WINDOW, TOPK = 2, 37, 3, 16, 2, 8, 4, 8, 3
 
 
+@functools.cache  # one problem for both tests (jax arrays are immutable)
 def _problem():
     rng = np.random.default_rng(7)
     seg = np.zeros((B, T), np.int32)
@@ -50,30 +51,38 @@ def _kl_brute(target_mass, scores, valid):
 
 def test_selected_set_kl_matches_brute_force_from_dense_tensors():
     seg, slots, a, i, topk = _problem()
-    out, mass = sparse_attention_and_selected_mass(a["q"], a["kv"], a["entries"], topk, a["sink"], jnp.asarray(seg),
-                                                   window=WINDOW)
-    scores = selected_indexer_scores(i["q_idx"], i["k_idx"], i["w_idx"], topk)
-    loss, recall = attention.selected_set_kl(mass, scores, topk)
+    segj = jnp.asarray(seg)
+
+    @jax.jit
+    def sparse_phase(a, i):  # one compile instead of one eager dispatch per operation
+        out, mass = sparse_attention_and_selected_mass(a["q"], a["kv"], a["entries"], topk, a["sink"], segj,
+                                                       window=WINDOW)
+        loss, recall = attention.selected_set_kl(mass, selected_indexer_scores(i["q_idx"], i["k_idx"], i["w_idx"],
+                                                                               topk), topk)
+        # The gradient reaches the indexer's inputs only through the selected scores.
+        g = jax.grad(lambda q: attention.selected_set_kl(
+            mass, selected_indexer_scores(q, i["k_idx"], i["w_idx"], topk), topk)[0])(i["q_idx"])
+        return out, mass, loss, recall, g
+
+    out, mass, loss, recall, g = sparse_phase(a, i)
     # Brute force: full [T, T + C] probabilities of the sparse attention and dense [T, C] indexer scores, gathered.
     C = slots.end.shape[1]
     mask = sparse_mask(seg, np.asarray(topk), WINDOW, C)
-    want_out, p = brute_force_attention(a["q"], a["kv"], a["entries"], a["sink"], mask)
+    want_out, p = jax.jit(brute_force_attention)(a["q"], a["kv"], a["entries"], a["sink"], mask)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), atol=1e-5)
     dense_mass = np.asarray(p[..., T:].sum(axis=2))  # [B, T, C]
-    dense_scores = np.asarray(indexer_scores(i["q_idx"], i["k_idx"], i["w_idx"], slots.segment, jnp.asarray(seg),
-                                             ratio=RATIO, entry_end=slots.end))
+    dense_scores = np.asarray(jax.jit(functools.partial(indexer_scores, ratio=RATIO))(
+        i["q_idx"], i["k_idx"], i["w_idx"], slots.segment, segj, entry_end=slots.end))
     sel = np.maximum(np.asarray(topk), 0)
     valid = np.asarray(topk) >= 0
     sel_mass = np.where(valid, np.take_along_axis(dense_mass, sel, -1), 0.0)
     np.testing.assert_allclose(np.asarray(mass), sel_mass, atol=1e-6)
-    alone = selected_entry_mass(a["q"], a["kv"], a["entries"], topk, a["sink"], jnp.asarray(seg), window=WINDOW)
+    alone = jax.jit(functools.partial(selected_entry_mass, window=WINDOW))(a["q"], a["kv"], a["entries"], topk,
+                                                                          a["sink"], segj)
     np.testing.assert_array_equal(np.asarray(alone), np.asarray(mass))  # the model's call: the same pass
     want = _kl_brute(sel_mass, np.take_along_axis(dense_scores, sel, -1), valid)
     np.testing.assert_allclose(float(loss), want, rtol=1e-5, atol=1e-6)
     assert 0.0 <= float(recall) <= 1.0 + 1e-6
-    # The gradient reaches the indexer's inputs only through the selected scores, and is finite.
-    g = jax.grad(lambda q: attention.selected_set_kl(mass, selected_indexer_scores(q, i["k_idx"], i["w_idx"], topk),
-                                                     topk)[0])(i["q_idx"])
     assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.max(jnp.abs(g))) > 0
 
 
@@ -94,11 +103,12 @@ def test_dense_kl_by_query_blocks_equals_the_dense_formula():
         n = jnp.maximum(jnp.sum(has), 1)
         return jnp.sum(jnp.where(has, kl, 0.0)) / n, jnp.sum(jnp.where(has, picked, 0.0)) / n
 
+    def value_and_grads(kl):  # one compile per formula instead of one eager dispatch per operation
+        return jax.jit(jax.value_and_grad(kl, argnums=(0, 1, 2), has_aux=True))
+
     args = (i["q_idx"], i["k_idx"], i["w_idx"])
-    (lb, rb), (ld, rd) = blocked(*args), dense(*args)
+    ((lb, rb), gb), ((ld, rd), gd) = value_and_grads(blocked)(*args), value_and_grads(dense)(*args)
     np.testing.assert_allclose([float(lb), float(rb)], [float(ld), float(rd)], rtol=1e-5, atol=1e-7)
-    gb = jax.grad(lambda *x: blocked(*x)[0], argnums=(0, 1, 2))(*args)
-    gd = jax.grad(lambda *x: dense(*x)[0], argnums=(0, 1, 2))(*args)
     for x, y in zip(gb, gd):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
 

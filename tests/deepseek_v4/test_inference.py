@@ -11,6 +11,9 @@ from deepseek_v4 import DeepseekV4, get_config, inference
 
 EXACT = 1e-4  # float32 decode against the full forward (only summation order differs)
 T = 48  # past CSA's top-k (8 entries from position 35 on), three HCA windows, three window wrap-arounds
+# The long prompt's rows and cache; generate() runs with the same cache size, its check on rows this long, so the
+# two slow tests share their decode step and full forward (a compile each).
+LONG = 320
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +67,11 @@ def test_decode_equals_full_forward(tiny):
 @pytest.mark.slow
 def test_long_prompt_decode_equals_full_forward(tiny):
     """A prompt of several hundred tokens (prefilled in chunks of 64), then decoding across more boundaries."""
-    cfg, model, state, _ = tiny
-    t = 320
-    tokens = _tokens(1, (2, t), cfg.vocab_size)
+    cfg, model, state, full = tiny
+    tokens = _tokens(1, (2, LONG), cfg.vocab_size)
     lengths = [300, 287]
-    graphdef = nnx.graphdef(model)
-    want = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, jnp.asarray(tokens)))
-    got = _decode_errors(model, state, tokens, lengths, 320, 64)
+    want = np.asarray(full(state, jnp.asarray(tokens)))
+    got = _decode_errors(model, state, tokens, lengths, LONG, 64)
     for row, n in enumerate(lengths):
         err = np.abs(got[row, n - 1:] - want[row, n - 1:]).max()
         assert err < EXACT, (n, err)
@@ -81,15 +82,16 @@ def test_generate_greedy_and_speculative(tiny):
     """generate() continues each prompt with the full forward's argmax; MTP speculation gives the same tokens."""
     cfg, model, state, full = tiny
     prompts = [list(_tokens(2, (11,), cfg.vocab_size)), list(_tokens(3, (4,), cfg.vocab_size))]
-    new = inference.generate(model, prompts, max_new_tokens=12, prefill_chunk=8)
+    new = inference.generate(model, prompts, max_new_tokens=12, prefill_chunk=8, max_len=LONG)
     assert [len(n) for n in new] == [12, 12]
-    rows = np.zeros((2, T), np.int32)
+    rows = np.zeros((2, LONG), np.int32)  # zeros after each sequence: causal, so its logits are unchanged
     for i, (p, n) in enumerate(zip(prompts, new)):
         rows[i, : len(p) + len(n)] = p + n
     want = np.asarray(full(state, jnp.asarray(rows))).argmax(-1)
     for i, (p, n) in enumerate(zip(prompts, new)):
         assert n == list(want[i, len(p) - 1: len(p) + len(n) - 1])
-    assert inference.generate(model, prompts, max_new_tokens=12, prefill_chunk=8, speculative=True) == new
+    assert inference.generate(model, prompts, max_new_tokens=12, prefill_chunk=8, speculative=True,
+                              max_len=LONG) == new
 
 
 def test_sample_rules():

@@ -17,9 +17,14 @@ LAYOUTS = ((13, 6, 23), (30, 9))
 T = 47
 
 
+# Tiny cut to a hash-routed CSA layer (ratio 4), a learned-routed HCA layer (ratio 16, scanned) and the sliding-window
+# MTP layer, with a 512-token vocabulary: every attention kind and block position, a third of tiny's compile.
+SHORT = dict(num_hidden_layers=2, compress_ratios=(4, 16, 0), num_hash_layers=1, vocab_size=512)
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = get_config("tiny")
+    cfg = get_config("tiny", **SHORT)
     model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return cfg, graphdef, (params, rest)

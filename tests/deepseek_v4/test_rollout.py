@@ -76,24 +76,33 @@ def test_route_with_replayed_experts_takes_them_and_weights_them_by_the_current_
     np.testing.assert_allclose(weights3, picked / picked.sum(-1, keepdims=True) * 1.5, rtol=1e-6)
 
 
-@pytest.mark.slow  # compiles the cached prefill / decode and two training forwards of the tiny model (~1-2 min)
+@pytest.mark.slow  # compiles the cached prefill / decode and one checking program per sequence length (~1 min)
 def test_rollout_routing_replays_to_the_free_forward_and_log_probs_match_it():
     cfg = get_config("tiny")
     model = DeepseekV4(cfg, rngs=nnx.Rngs(0))
     prompts = [[5, 17, 99, 4, 250, 7], [1000, 3, 8]]
     keys = np.stack([rollout.sequence_key(0, 0, p, 0) for p in range(2)])
     out = rollout.sample_rollouts(model, prompts, keys, max_new_tokens=5, temperature=0.8, top_k=7)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forwards(state, seq, captured):
+        """The free training forward, the one replaying `captured`, and the full forward's logits (one compile
+        per length instead of one eager dispatch per operation)."""
+        model = nnx.merge(graphdef, state)
+        free = model.forward_train(seq[:, :-1])
+        replayed = model.forward_train(seq[:, :-1], expert_ids=captured[:, None])
+        return free.expert_ids, free.hidden, replayed.hidden, model(seq)
+
     for i, prompt in enumerate(prompts):
         seq = prompt + out.completions[i]
-        tokens = jnp.asarray([seq[:-1]])
-        free = model.forward_train(tokens)
         captured = out.expert_ids[i]  # [L, T, K]
         assert captured.shape == (cfg.num_hidden_layers, len(seq) - 1, cfg.num_experts_per_tok)
-        np.testing.assert_array_equal(np.asarray(free.expert_ids)[:, 0], captured)
-        replayed = model.forward_train(tokens, expert_ids=captured[:, None])
-        np.testing.assert_array_equal(replayed.hidden, free.hidden)
+        free_ids, free_hidden, replayed_hidden, logits = forwards(state, jnp.asarray([seq]), captured)
+        np.testing.assert_array_equal(np.asarray(free_ids)[:, 0], captured)
+        np.testing.assert_array_equal(replayed_hidden, free_hidden)
         # the sampler's log-probs are those of the full forward's logits, processed as the sampler did
-        logits = model(jnp.asarray([seq]))[0, len(prompt) - 1: -1]
+        logits = logits[0, len(prompt) - 1: -1]
         processed = inference.sampling_logits(logits, temperature=0.8, top_p=1.0, top_k=7)
         lp = jnp.take_along_axis(jax.nn.log_softmax(processed, -1), jnp.asarray(out.completions[i])[:, None], -1)
         np.testing.assert_allclose(out.log_probs[i], lp[:, 0], atol=2e-4)

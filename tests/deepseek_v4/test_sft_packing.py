@@ -24,14 +24,16 @@ def test_packed_sft_loss_equals_each_conversation_alone():
         sft_data.place(alone, r, 0, 1, d)
     packed = {k: np.concatenate([v, np.zeros((len(docs) - rows, T), v.dtype)]) for k, v in packed.items()}
 
+    graphdef, state = nnx.split(model)
+
     @jax.jit
-    def weighted_nll(batch):
-        logits = model(batch["tokens"], batch["segment_ids"], batch["positions"])
+    def weighted_nll(state, batch):  # the weights as an argument, not as constants folded into the program
+        logits = nnx.merge(graphdef, state)(batch["tokens"], batch["segment_ids"], batch["positions"])
         logp = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
         return nll * batch["loss_weights"]
 
-    got, want = np.asarray(weighted_nll(packed)), np.asarray(weighted_nll(alone))
+    got, want = np.asarray(weighted_nll(state, packed)), np.asarray(weighted_nll(state, alone))
     per_doc = []
     for r in range(rows):
         for s in np.unique(packed["segment_ids"][r]):
