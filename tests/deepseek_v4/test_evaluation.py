@@ -1,7 +1,7 @@
 """Held-out evaluation: values against a direct computation, determinism, one compile, position buckets, bytes.
 
 The evaluator runs on the toy model of test_train.py (same interface as `DeepseekV4.forward_train`), so it
-compiles in seconds; the real model is evaluated by the entry-point tests (tests/experiments/test_spikes.py).
+compiles in seconds; the real model is evaluated by the entry-point tests (tests/experiments/test_faults.py).
 """
 
 import math
