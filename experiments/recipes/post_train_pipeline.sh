@@ -24,8 +24,8 @@
 # pass over a task's 4,000 dialogues) make each specialist nearly exact, and GRPO's groups still carry signal. The
 # student's SFT needs far more steps than a specialist's (300: at 140 it answered next_letter with a few letters
 # whatever the prompt), and on-policy distillation cannot make up for a start like that: reverse KL pulls the
-# student toward a token in proportion to the student's own probability of it. About 50-60 minutes of a quiet
-# 2-core machine, mostly the 440 SFT steps. Distillation decays its LR (cosine to 0.1x): at a constant 1e-3 the
+# student toward a token in proportion to the student's own probability of it. One measured run: 23.5 minutes on a
+# quiet 2-core machine with the compilation cache warm (about an hour on a loaded one), mostly the 440 SFT steps. Distillation decays its LR (cosine to 0.1x): at a constant 1e-3 the
 # KL to a teacher first fell, then rose again and the student lost next_letter problems it had solved. Measured accuracies and times: experiments/LOG.md, "post-train
 # pipeline". OUT chooses the directory, PYTHON the interpreter.
 set -euo pipefail
