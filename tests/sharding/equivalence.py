@@ -58,8 +58,8 @@ def leaves(tree) -> dict[str, np.ndarray]:
 
 
 def run(mesh, batches: list[dict], metrics: tuple[str, ...]) -> tuple[list[dict], dict, dict]:
-    """Train steps of the small model on `mesh`, one per batch (sparse phase): the `metrics` of each step, and the
-    initial and final parameters (host numpy, by path)."""
+    """Train steps of the small model on `mesh`, one per batch (sparse phase; every batch of one shape: the step
+    is compiled once): the `metrics` of each step, and the initial and final parameters (host numpy, by path)."""
     cfg = small_config()
     # eps = 1 makes AdamW momentum SGD here (sqrt(v) << 1 for these gradients), so parameter differences are lr x
     # gradient differences and can be held to float tolerance. With V4's eps 1e-20, Adam's normalisation turns the
