@@ -17,7 +17,8 @@ power of two 2**e with amax / 2**e <= qmax (448 for E4M3, 6 for E2M1), i.e. the 
 value saturates or overflows. e is computed exactly from the float32 bits (`frexp`), not through `log2`.
 An all-zero block gets e = 0 (scale 1). e is clipped to the UE8M0 range [-127, 127]; blocks with
 amax < 2**-118 (FP8) or 2**-125 (FP4) therefore lose precision, which no trained weight comes near.
-Values are rounded to nearest, ties to even (the float8/float4 casts of ml_dtypes and XLA).
+Values are rounded to nearest, ties to even: FP8 by the float8 casts of ml_dtypes and XLA, E2M1 by comparisons
+that give the bits of ml_dtypes' float4 cast (`_e2m1_round`).
 All math runs in float32: inputs of other float dtypes are cast first.
 
 Every function works on numpy arrays (the exporter) and on JAX arrays (training): the same code runs with
@@ -197,13 +198,37 @@ def dequantize_act_fp8(values: Array, scale: Array, dtype=np.float32) -> Array:
 # ---- MXFP4 weights, 1x32 blocks ----------------------------------------------------------------------------
 
 
-def _mxfp4_round(xp, w: Array, axis: int) -> tuple[Array, Array]:
-    """E2M1-rounded values (float4_e2m1fn, same shape as w, axis moved last) and the block exponents."""
+# Rounding |x| to the E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 (codes 0..7), ties to the even code: the midpoint
+# below an odd code rounds down (the code is reached only strictly above it), the midpoint below an even code rounds
+# up. Each entry: (midpoint, reached at the midpoint itself, magnitude step to this code).
+_E2M1_STEPS = ((0.25, False, 0.5), (0.75, True, 0.5), (1.25, False, 0.5), (1.75, True, 0.5),
+               (2.5, False, 1.0), (3.5, True, 1.0), (5.0, False, 2.0))
+
+
+def _e2m1_round(xp, x: Array) -> tuple[Array, Array]:
+    """Round float32 x (|x| <= 6) to E2M1, ties to even: (4-bit codes uint8, their float32 values), shapes of x.
+
+    Comparisons and sums only, the same bits as a float4_e2m1fn cast: XLA's own float32 -> float4 conversion is
+    not the same on every backend and emitter (experiments/LOG.md#test-time-7), this is.
+    """
+    a = xp.abs(x)
+    code = xp.zeros(x.shape, np.uint8)
+    mag = xp.zeros(x.shape, np.float32)
+    for mid, at_mid, step in _E2M1_STEPS:
+        up = (a >= mid) if at_mid else (a > mid)
+        code = code + up.astype(np.uint8)
+        mag = mag + xp.where(up, np.float32(step), np.float32(0))
+    neg = xp.signbit(x)
+    return code | (neg.astype(np.uint8) << 3), xp.where(neg, -mag, mag)
+
+
+def _mxfp4_round(xp, w: Array, axis: int) -> tuple[Array, Array, Array]:
+    """E2M1 codes (uint8) and values (float32) of w, same shape as w with `axis` moved last; the block exponents."""
     wl = xp.moveaxis(w.astype(np.float32), axis, -1)
     blocks = wl.reshape(*wl.shape[:-1], -1, FP4_BLOCK)  # [..., I] -> [..., I/32, 32]
     e = _pow2_exponent(xp, xp.abs(blocks).max(axis=-1), FP4_MAX)  # [..., I/32]
-    q = (blocks * _exp2(xp, -e)[..., None]).astype(ml_dtypes.float4_e2m1fn)
-    return q.reshape(wl.shape), e
+    codes, values = _e2m1_round(xp, blocks * _exp2(xp, -e)[..., None])
+    return codes.reshape(wl.shape), values.reshape(wl.shape), e
 
 
 def check_fp4_axis(w: Array, axis: int) -> int:
@@ -258,8 +283,7 @@ def quantize_mxfp4(w: Array, axis: int = -1) -> tuple[Array, Array]:
     check_floating(w, "weight")
     ax = check_fp4_axis(w, axis)
     xp = _xp(w)
-    q, e = _mxfp4_round(xp, w, ax)
-    codes = _bitcast(xp, q, np.uint8) if xp is np else jax.lax.bitcast_convert_type(q, jnp.uint4).astype(np.uint8)
+    codes, _, e = _mxfp4_round(xp, w, ax)
     return pack_fp4(xp.moveaxis(codes, -1, ax), axis=ax), xp.moveaxis(_e8m0_from_exponent(xp, e), -1, ax)
 
 
@@ -283,8 +307,8 @@ def dequantize_mxfp4(packed: Array, scale: Array, axis: int = -1, dtype=np.float
 def mxfp4_round_trip(w: Array, axis: int) -> Array:
     """dequantize_mxfp4(*quantize_mxfp4(w, axis), axis) without packing: float32, same shape as w."""
     xp = _xp(w)
-    q, e = _mxfp4_round(xp, w, axis)
-    deq = (q.astype(np.float32).reshape(*q.shape[:-1], -1, FP4_BLOCK) * _exp2(xp, e)[..., None]).reshape(q.shape)
+    _, q, e = _mxfp4_round(xp, w, axis)
+    deq = (q.reshape(*q.shape[:-1], -1, FP4_BLOCK) * _exp2(xp, e)[..., None]).reshape(q.shape)
     return xp.moveaxis(deq, -1, axis)
 
 

@@ -2,7 +2,6 @@
 layout; the targets, kept sets and per-token fields are natural order): the small model of
 tests/sharding/equivalence.py on context=8, 8 fake devices."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ from flax import nnx
 from deepseek_v4 import DeepseekV4, train
 from deepseek_v4 import post_training_losses as ptl
 from sharding import mesh as mesh_lib
-from tests.conftest import FAST_COMPILE_OPTIONS, TOLERANCES
+from tests.conftest import TOLERANCES
 from tests.sharding.equivalence import SMALL, host_state, small_config
 from tests.sharding.test_context_parallel import packed_rows
 
@@ -44,7 +43,7 @@ def test_grpo_loss_on_a_context_mesh_equals_one_device():
     loss_fn = ptl.make_grpo_loss(0.1, opsm_delta=0.2)
     s = train.TrainSettings(loss_chunk=128)
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILE_OPTIONS)  # see tests.conftest
+    @jax.jit
     def loss_and_grad(params, micro):
         def f(params):
             return loss_fn(nnx.merge(graphdef, rest, params), micro, counts, s=s, sparse=True,

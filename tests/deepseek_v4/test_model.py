@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from deepseek_v4 import DeepseekV4, get_config, mhc, moe
+from tests.conftest import TOLERANCES
 from tools.model_stats import model_stats
 
 T = 48  # three HCA windows of the tiny config (ratio 16), twelve CSA windows (ratio 4), three sliding windows
@@ -231,7 +232,9 @@ def test_grouped_experts_equal_dense_experts():
     gd = jax.jit(jax.grad(lambda *a: jnp.sum(both(*a)[0] ** 2), argnums=(0, 1, 3)))(x, w1, w3, w2)
     gg = jax.jit(jax.grad(lambda *a: jnp.sum(both(*a)[1] ** 2), argnums=(0, 1, 3)))(x, w1, w3, w2)
     for a, b in zip(gd, gg):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-4)  # grads reach ~600
+        scale = float(np.abs(np.asarray(a)).max())  # grads reach ~600
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5,
+                                   atol=TOLERANCES["reordered_f32_grads_of_scale"] * scale)
 
 
 def test_full_remat_gives_the_same_gradients_and_recomputes_every_block():

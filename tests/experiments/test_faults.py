@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from deepseek_v4.metrics import read_metrics
-from tests.conftest import COMPILATION_CACHE, SUBPROCESS_CODEGEN_FLAGS
+from tests.conftest import COMPILATION_CACHE, CODEGEN_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = ["--config=tiny", "--vocab_size=1024", "--num_hidden_layers=2", "--compress_ratios=4,16,0",
@@ -55,7 +55,7 @@ SPIKES = ["--spike_min_history=3", "--spike_factor=3"]
 
 def _env():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = SUBPROCESS_CODEGEN_FLAGS  # one CPU device (the test session itself fakes 8)
+    env["XLA_FLAGS"] = CODEGEN_FLAGS  # one CPU device (the test session itself fakes 8)
     env["JAX_PLATFORMS"] = "cpu"
     return env
 

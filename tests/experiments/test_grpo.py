@@ -18,7 +18,7 @@ import pytest
 from deepseek_v4 import grpo, train
 from experiments import grpo as grpo_exp
 from experiments import run as run_lib
-from tests.conftest import SUBPROCESS_CODEGEN_FLAGS
+from tests.conftest import CODEGEN_FLAGS
 from tests.experiments import post_training
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -94,7 +94,7 @@ def test_resumed_grpo_takes_the_same_steps(runs):
 
 @pytest.mark.slow  # a subprocess importing JAX and the entry point (~10-20 s)
 def test_cli_rejects_bad_settings_in_one_line():
-    env = dict(os.environ, XLA_FLAGS=SUBPROCESS_CODEGEN_FLAGS, JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=CODEGEN_FLAGS, JAX_PLATFORMS="cpu")
     p = subprocess.run([sys.executable, "-m", "experiments.grpo", "--task=arithmetic", "--group_size=0"], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.strip() == "error: --group_size must be >= 1, got 0"

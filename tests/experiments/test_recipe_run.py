@@ -19,7 +19,7 @@ import pytest
 
 from deepseek_v4 import recipes
 from deepseek_v4.metrics import read_metrics
-from tests.conftest import COMPILATION_CACHE, SUBPROCESS_CODEGEN_FLAGS
+from tests.conftest import COMPILATION_CACHE, CODEGEN_FLAGS
 from tests.experiments.stages_recipe_main import STAGES
 
 pytestmark = pytest.mark.slow  # 4 train-step compiles plus two resumed runs: about a minute on 2 cores
@@ -35,7 +35,7 @@ BOUNDARY = 2  # the last step of the ramp: its data state belongs to the ramp, t
 
 
 def _run(workdir):
-    env = {**os.environ, "XLA_FLAGS": SUBPROCESS_CODEGEN_FLAGS, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": CODEGEN_FLAGS, "JAX_PLATFORMS": "cpu"}
     p = subprocess.run([sys.executable, "-m", "tests.experiments.stages_recipe_main", *FLAGS, f"--workdir={workdir}"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     assert p.returncode == 0, f"STDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-3000:]}"
@@ -107,7 +107,7 @@ def test_a_resumed_run_continues_in_the_right_stage(runs, where, step):
     (["--recipe=flash"], "error: stage 'ramp 1/4': the memory plan needs "),  # refused before anything allocates
 ])
 def test_bad_input_is_one_line_before_any_compile(tmp_path, argv, message):
-    env = {**os.environ, "XLA_FLAGS": SUBPROCESS_CODEGEN_FLAGS, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": CODEGEN_FLAGS, "JAX_PLATFORMS": "cpu"}
     p = subprocess.run([sys.executable, "-m", "experiments.pretrain", *argv, f"--workdir={tmp_path}"], cwd=REPO,
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 2

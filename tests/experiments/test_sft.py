@@ -19,7 +19,7 @@ from deepseek_v4 import DeepseekV4, train
 from deepseek_v4.metrics import read_metrics
 from experiments import init_weights
 from sharding import mesh as mesh_lib
-from tests.conftest import COMPILATION_CACHE, SUBPROCESS_CODEGEN_FLAGS
+from tests.conftest import COMPILATION_CACHE, CODEGEN_FLAGS
 from tests.experiments.post_training import CFG, write_untrained_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -30,7 +30,7 @@ TIMEOUT = 900
 
 
 def _sft(*args, expect=0):
-    env = dict(os.environ, XLA_FLAGS=SUBPROCESS_CODEGEN_FLAGS, JAX_PLATFORMS="cpu")  # one CPU device
+    env = dict(os.environ, XLA_FLAGS=CODEGEN_FLAGS, JAX_PLATFORMS="cpu")  # one CPU device
     p = subprocess.run([sys.executable, "-m", "experiments.sft", *args], cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=TIMEOUT)
     assert p.returncode == expect, f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-3000:]}"

@@ -14,7 +14,7 @@ from flax import nnx
 from deepseek_v4 import DeepseekV4, get_config, train
 from deepseek_v4.params import path_str
 from sharding import rules
-from tests.conftest import FAST_COMPILE_OPTIONS, TOLERANCES
+from tests.conftest import TOLERANCES
 
 # Prefix: layer 0 (sliding window, hash-routed); scanned unit (CSA ratio 4, HCA ratio 16) x 2; MTP (sliding).
 SMALL = dict(num_hidden_layers=5, compress_ratios=(0, 4, 16, 4, 16, 0), num_hash_layers=1, vocab_size=512)
@@ -80,8 +80,8 @@ def run(mesh, batches: list[dict], metrics: tuple[str, ...]) -> tuple[list[dict]
         for batch in batches:
             bs = rules.named_sharding(("batch", "seq"), mesh, shape=batch["tokens"].shape)
             batch = jax.device_put(batch, bs)
-            if compiled is None:  # the faster compile of tests.conftest (float32, no FP4)
-                compiled = step.lower(state, batch).compile(FAST_COMPILE_OPTIONS)
+            if compiled is None:
+                compiled = step.lower(state, batch).compile()
             state, m = compiled(state, batch)
             out.append(jax.device_get({k: m[k] for k in metrics}))
         final = leaves(state.params)

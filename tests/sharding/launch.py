@@ -10,26 +10,23 @@ import sys
 
 import jax
 
-from tests.conftest import CODEGEN_FLAGS, SUBPROCESS_CODEGEN_FLAGS
+from tests.conftest import CODEGEN_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def subprocess_env(devices: int | None = None, *, compilation_cache: bool = False,
-                   session_codegen: bool = False) -> dict[str, str]:
+def subprocess_env(devices: int | None = None, *, compilation_cache: bool = False) -> dict[str, str]:
     """This environment for a `python -m` subprocess on CPU: `devices` fake CPU devices (None: JAX's one), the
-    subprocess codegen flags (tests.conftest), this checkout first on the path.
+    session's codegen flags (tests.conftest), this checkout first on the path.
 
     With `compilation_cache`, the subprocess also uses the test session's persistent compilation cache (its
     directory and thresholds, read from this process's JAX config) through JAX's environment variables, so a warm
     suite does not recompile what a program compiled before. Without it, a `JAX_COMPILATION_CACHE_DIR` of the
-    session's environment is removed: the subprocess compiles everything. With `session_codegen`, the subprocess
-    gets this session's codegen flags instead, so that it reads back a program this process compiled (the flags
-    are part of the cache key).
+    session's environment is removed: the subprocess compiles everything.
     """
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_COMPILATION_CACHE_DIR")}
-    codegen = CODEGEN_FLAGS if session_codegen else SUBPROCESS_CODEGEN_FLAGS
-    env["XLA_FLAGS"] = codegen if devices is None else f"--xla_force_host_platform_device_count={devices} {codegen}"
+    env["XLA_FLAGS"] = (CODEGEN_FLAGS if devices is None
+                        else f"--xla_force_host_platform_device_count={devices} {CODEGEN_FLAGS}")
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     if compilation_cache:

@@ -10,7 +10,6 @@ from flax import nnx
 from deepseek_v4 import DeepseekV4, get_config, train
 from sharding import mesh as mesh_lib
 from sharding import rules
-from tests.conftest import FAST_COMPILE_OPTIONS
 from tools import memory_plan
 
 
@@ -78,7 +77,7 @@ def check_plan_against_compiled(spec: str, batch: int, seq: int):
         data = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=bs)
                 for k in ("tokens", "targets", "segment_ids", "positions")}
         step = train.make_train_step(graphdef, cfg, tx, s, phase="sparse")
-        m = step.lower(state, data).compile(FAST_COMPILE_OPTIONS).memory_analysis()  # see tests.conftest
+        m = step.lower(state, data).compile().memory_analysis()
     compiled = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
     planned = memory_plan.plan(cfg, dict(mesh.shape), batch, seq, loss_chunk=s.loss_chunk,
                                  loss_impl=s.loss_impl).total

@@ -72,7 +72,7 @@ def test_bench_train_one_step_on_tiny():
     persistent compilation cache."""
     has_torch = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
     # This process's device count and codegen flags: both are part of the cache key.
-    env = subprocess_env(8, compilation_cache=True, session_codegen=True)
+    env = subprocess_env(8, compilation_cache=True)
     cmd = [sys.executable, "-m", "tools.bench_train", "--config=tiny", *TINY_CUT, "--batch_size=1", "--seq_len=32",
            "--steps=1", "--warmup=0", "--nolog", "--matmul_size=256", f"--torch={has_torch}"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
