@@ -123,6 +123,22 @@ def test_e2m1_table_matches_ml_dtypes():
     np.testing.assert_array_equal(_bits(quant.E2M1_VALUES), _bits(decoded))
 
 
+def test_e2m1_rounding_gives_the_bits_of_the_float4_cast(rng):
+    # Every midpoint between E2M1 magnitudes, the float32 values either side of it, every 4099th float32 in [0, 6],
+    # random values and subnormals, both signs; numpy and JAX (rounding is done by comparisons, not by a cast).
+    from pallas_kernels import formats
+    grid = np.array([0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3, 3.5, 4, 5, 6], np.float32)
+    sweep = np.arange(0, np.float32(6).view(np.uint32) + 1, 4099, dtype=np.uint32).view(np.float32)
+    x = np.concatenate([grid, np.nextafter(grid, np.float32(-1)), np.nextafter(grid, np.float32(7)), sweep,
+                        rng.uniform(0, 6, 10000).astype(np.float32), np.float32([1e-40, 1e-30])])
+    x = np.concatenate([x, -x])
+    want = x.astype(ml_dtypes.float4_e2m1fn)
+    for xp in (np, jnp):
+        codes, values = (np.asarray(a) for a in formats._e2m1_round(xp, xp.asarray(x)))
+        np.testing.assert_array_equal(codes, want.view(np.uint8))
+        np.testing.assert_array_equal(_bits(values), _bits(want.astype(np.float32)))
+
+
 def test_pack_low_nibble_is_even_index():
     codes = np.array([[1, 2, 15, 0, 7, 8]], np.uint8)
     packed = quant.pack_fp4(codes)
