@@ -40,6 +40,7 @@ replicated (context=8 on tiny, docs/sharding.md).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -116,12 +117,25 @@ def variables_of(*states: nnx.State) -> list[Variable]:
     return out
 
 
-def _shard_elements(var: Variable, mesh: AbstractMesh) -> int:
-    if var.logical_axes is None:
-        return math.prod(var.shape)
-    s = rules.spec(var.logical_axes, "param", shape=var.shape, mesh=mesh)
-    split = [math.prod(mesh.shape[a] for a in rules.axes_of(e)) for e in s] + [1] * (len(var.shape) - len(s))
-    return math.prod(n // k for n, k in zip(var.shape, split))
+def _shard_elements(var: Variable, sizes: tuple[tuple[str, int], ...]) -> int:
+    """Elements of one device's shard of `var` on a mesh of these (axis, size) pairs."""
+    return _shard_count(var.shape, var.logical_axes, sizes)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _shard_count(shape: tuple[int, ...], logical_axes: tuple | None, sizes: tuple[tuple[str, int], ...]) -> int:
+    # Cached: `recommend` plans thousands of meshes over the same few hundred (shape, axes) pairs.
+    if logical_axes is None:
+        return math.prod(shape)
+    mesh_sizes = dict(sizes)
+    s = rules.spec(logical_axes, "param", shape=shape, mesh=abstract_mesh(mesh_sizes))
+    split = [math.prod(mesh_sizes[a] for a in rules.axes_of(e)) for e in s] + [1] * (len(shape) - len(s))
+    return math.prod(n // k for n, k in zip(shape, split))
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _on_muon(path: str, shape: tuple[int, ...]) -> bool:
+    return optim.route_of(path, shape).route == optim.MUON
 
 
 def _block_of(path: str) -> str:
@@ -135,8 +149,8 @@ def state_bytes(variables: list[Variable], sizes: dict[str, int], optimizer: str
     """Per-device bytes of parameters (+ non-trainable variables), optimizer state, gradients, updates, and the
     FSDP working copy: the largest unit gathered at once (a block's weights, the embedding or the head) all-gathered
     over "fsdp", plus its unreduced gradient before the reduce-scatter."""
-    mesh = abstract_mesh(sizes)
-    no_fsdp = abstract_mesh({**sizes, "fsdp": 1})
+    mesh = tuple(sorted(sizes.items()))
+    no_fsdp = tuple(sorted({**sizes, "fsdp": 1}.items()))
     out = {"params": 0, "optimizer": 0, "gradients": 0, "updates": 0}
     gathered: dict[str, float] = {}
     for v in variables:
@@ -146,7 +160,7 @@ def state_bytes(variables: list[Variable], sizes: dict[str, int], optimizer: str
             continue
         out["gradients"] += n * v.dtype.itemsize
         out["updates"] += n * 4
-        muon = optimizer == "muon" and optim.route_of(v.path, v.shape).route == optim.MUON
+        muon = optimizer == "muon" and _on_muon(v.path, v.shape)
         out["optimizer"] += n * 4 if muon else 2 * n * v.dtype.itemsize
         if sizes["fsdp"] > 1:
             block = _block_of(v.path)
