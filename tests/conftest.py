@@ -12,6 +12,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
+from experiments.entry import tune_gc  # noqa: E402
+
+tune_gc()  # as the entry points do: tracing allocates millions of short-lived objects
+
 # The persistent compilation cache, shared by the test session and the entry points the tests start as subprocesses
 # (their --compilation_cache): the repository's .jax_cache, or JAX_COMPILATION_CACHE_DIR (an empty directory there
 # measures a cold run). Every compile is kept, whatever its time and size: building a tiny model eagerly compiles

@@ -29,6 +29,7 @@ from absl import app, flags
 from flax import nnx
 
 from deepseek_v4 import DeepseekV4, interop, metrics
+from experiments import entry
 from tools import bench_shapes
 
 FLAGS = flags.FLAGS
@@ -94,6 +95,7 @@ def _check_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
+    entry.tune_gc()  # compile-heavy: see experiments.entry
     cfg, b, t, shape_name = bench_shapes.step_shape_from_command_line(argv, check=_check_flags)
     tokens = b * t
     device = jax.devices()[0]

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
+from experiments import entry
 from tools import timing
 
 
@@ -339,6 +340,7 @@ def run(size: str = "auto", tests: str = "auto", iters: int | None = None, train
 
 def main(argv):
     del argv
+    entry.tune_gc()  # compile-heavy: see experiments.entry
     result = run(FLAGS.size, FLAGS.tests, FLAGS.iters, FLAGS.train_steps)
     text = json.dumps(result, indent=1, default=float)
     print(text)
