@@ -28,7 +28,8 @@ ARGS = ["--config=tiny", "--num_hidden_layers=1", "--compress_ratios=4,0", "--nu
         "--vocab_size=512", "--optimizer=adamw", "--steps=2", "--batch_size=8", "--seq_len=64",
         "--mesh=data=2,expert=4", "--log_every=1",
         "--save_every=1000", "--data=synthetic", "--compilation_cache=", "--progress=false", "--schedule=constant",
-        "--warmup_steps=0", "--eval_every=0", "--plot=false", "--tensorboard=false"]
+        "--warmup_steps=0", "--eval_every=0", "--plot=false", "--tensorboard=false",
+        "--peak_flops=1e12"]  # no matmul measurement in each of the three processes
 CONTEXT_ARGS = [a for a in ARGS if not a.startswith(("--mesh=", "--batch_size=", "--seq_len="))] + [
     "--mesh=context=8", "--batch_size=2", "--seq_len=256"]
 KEYS = ("loss", "mtp_loss", "grad_norm", "balance_loss")
