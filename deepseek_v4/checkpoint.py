@@ -39,7 +39,7 @@ _FINGERPRINT_RTOL = 1e-3
 # on the device: a dispatch per array and replica, and a small program per shape and sharding compiled at the first
 # save (on an 8-device CPU mesh of a one-layer model: 1,491 slices, 4 of a run's 21 CPU-seconds). For arrays of less
 # than 1 MiB per replica the split buys nothing measurable, so only larger ones are split (Orbax's own threshold;
-docs/checkpoints.md, Saving).
+# docs/checkpoints.md, Saving).
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
 
