@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 from grain import checkpoint as grain_checkpoint
 
 from deepseek_v4.config import Config
@@ -46,10 +47,16 @@ REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 def _split_only_large_replicated_arrays() -> None:
     """Registers Orbax's jax.Array handler with `REPLICA_PARALLEL_MIN_BYTES` (process-wide; idempotent)."""
     handler = ocp.type_handlers.get_type_handler(jax.Array)
-    if getattr(handler, "_min_slice_bytes_for_replica_parallel", None) != REPLICA_PARALLEL_MIN_BYTES:
+    if getattr(handler, "_min_slice_bytes_for_replica_parallel", None) == REPLICA_PARALLEL_MIN_BYTES:
+        return
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax warns on every override; this one is intended
+    try:
         ocp.type_handlers.register_type_handler(
             jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES),
             override=True)
+    finally:
+        absl_logging.set_verbosity(verbosity)
 
 
 class ConfigMismatchError(ValueError):
