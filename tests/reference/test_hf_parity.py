@@ -42,7 +42,7 @@ def exported(tmp_path_factory):
 def _hf_model(config_dict, state_dict, path, index_topk):
     d = dict(config_dict, index_topk=index_topk)
     (path / "config.json").write_text(json.dumps(d))
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in state_dict.items()}
     safetensors_torch.save_file(tensors, str(path / "model.safetensors"))
     hf = transformers.DeepseekV4ForCausalLM.from_pretrained(str(path), dtype=torch.float32)
     return hf.eval()
