@@ -208,9 +208,12 @@ _E2M1_STEPS = ((0.25, False, 0.5), (0.75, True, 0.5), (1.25, False, 0.5), (1.75,
 def _e2m1_round(xp, x: Array) -> tuple[Array, Array]:
     """Round float32 x (|x| <= 6) to E2M1, ties to even: (4-bit codes uint8, their float32 values), shapes of x.
 
-    Comparisons and sums only, the same bits as ml_dtypes' float4_e2m1fn cast on every backend (XLA's own
+    Numpy: ml_dtypes' float4_e2m1fn cast. JAX: comparisons and sums only, the same bits on every backend (XLA's own
     float32 -> float4 conversion is not: docs/checkpoints.md, MXFP4).
     """
+    if xp is np:  # the reference cast itself, 3-4x faster than the comparisons in numpy (the exporter's path)
+        q = x.astype(ml_dtypes.float4_e2m1fn)
+        return q.view(np.uint8), q.astype(np.float32)
     a = xp.abs(x)
     code = xp.zeros(x.shape, np.uint8)
     mag = xp.zeros(x.shape, np.float32)
