@@ -73,7 +73,8 @@ def main() -> None:
     parser.add_argument("--local_devices", type=int, required=True)
     parser.add_argument("--out", required=True)
     a = parser.parse_args()
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={a.local_devices}"
+    # The device count on top of the codegen flags `launch` passes (tests.conftest.CODEGEN_FLAGS).
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={a.local_devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
     import numpy as np
