@@ -117,14 +117,10 @@ def variables_of(*states: nnx.State) -> list[Variable]:
     return out
 
 
-def _shard_elements(var: Variable, sizes: tuple[tuple[str, int], ...]) -> int:
-    """Elements of one device's shard of `var` on a mesh of these (axis, size) pairs."""
-    return _shard_count(var.shape, var.logical_axes, sizes)
-
-
 @functools.lru_cache(maxsize=1 << 16)
-def _shard_count(shape: tuple[int, ...], logical_axes: tuple | None, sizes: tuple[tuple[str, int], ...]) -> int:
-    # Cached: `recommend` plans thousands of meshes over the same few hundred (shape, axes) pairs.
+def _shard_elements(shape: tuple[int, ...], logical_axes: tuple | None, sizes: tuple[tuple[str, int], ...]) -> int:
+    """Elements of one device's shard of an array on a mesh of these (axis, size) pairs. Cached: `recommend` plans
+    thousands of meshes over the same few hundred (shape, axes) pairs."""
     if logical_axes is None:
         return math.prod(shape)
     mesh_sizes = dict(sizes)
@@ -154,7 +150,7 @@ def state_bytes(variables: list[Variable], sizes: dict[str, int], optimizer: str
     out = {"params": 0, "optimizer": 0, "gradients": 0, "updates": 0}
     gathered: dict[str, float] = {}
     for v in variables:
-        n = _shard_elements(v, mesh)
+        n = _shard_elements(v.shape, v.logical_axes, mesh)
         out["params"] += n * v.dtype.itemsize
         if not v.trainable:
             continue
@@ -164,7 +160,7 @@ def state_bytes(variables: list[Variable], sizes: dict[str, int], optimizer: str
         out["optimizer"] += n * 4 if muon else 2 * n * v.dtype.itemsize
         if sizes["fsdp"] > 1:
             block = _block_of(v.path)
-            full = _shard_elements(v, no_fsdp) * v.dtype.itemsize / (scanned_repeats if block == "stack" else 1)
+            full = _shard_elements(v.shape, v.logical_axes, no_fsdp) * v.dtype.itemsize / (scanned_repeats if block == "stack" else 1)
             gathered[block] = gathered.get(block, 0.0) + full
     out["fsdp gathered"] = int(2 * max(gathered.values(), default=0.0))
     return out

@@ -17,8 +17,8 @@ power of two 2**e with amax / 2**e <= qmax (448 for E4M3, 6 for E2M1), i.e. the 
 value saturates or overflows. e is computed exactly from the float32 bits (`frexp`), not through `log2`.
 An all-zero block gets e = 0 (scale 1). e is clipped to the UE8M0 range [-127, 127]; blocks with
 amax < 2**-118 (FP8) or 2**-125 (FP4) therefore lose precision, which no trained weight comes near.
-Values are rounded to nearest, ties to even: FP8 by the float8 casts of ml_dtypes and XLA, E2M1 by comparisons
-that give the bits of ml_dtypes' float4 cast (`_e2m1_round`).
+Values are rounded to nearest, ties to even: FP8 by the float8 casts of ml_dtypes and XLA; E2M1 by ml_dtypes'
+float4 cast for numpy and, for JAX, by comparisons that give the same bits (`_e2m1_round`).
 All math runs in float32: inputs of other float dtypes are cast first.
 
 Every function works on numpy arrays (the exporter) and on JAX arrays (training): the same code runs with
@@ -214,15 +214,15 @@ def _e2m1_round(xp, x: Array) -> tuple[Array, Array]:
     if xp is np:  # the reference cast itself, 3-4x faster than the comparisons in numpy (the exporter's path)
         q = x.astype(ml_dtypes.float4_e2m1fn)
         return q.view(np.uint8), q.astype(np.float32)
-    a = xp.abs(x)
-    code = xp.zeros(x.shape, np.uint8)
-    mag = xp.zeros(x.shape, np.float32)
+    a = jnp.abs(x)
+    code = jnp.zeros(x.shape, jnp.uint8)
+    mag = jnp.zeros(x.shape, jnp.float32)
     for mid, at_mid, step in _E2M1_STEPS:
         up = (a >= mid) if at_mid else (a > mid)
-        code = code + up.astype(np.uint8)
-        mag = mag + xp.where(up, np.float32(step), np.float32(0))
-    neg = xp.signbit(x)
-    return code | (neg.astype(np.uint8) << 3), xp.where(neg, -mag, mag)
+        code = code + up.astype(jnp.uint8)
+        mag = mag + jnp.where(up, jnp.float32(step), jnp.float32(0))
+    neg = jnp.signbit(x)
+    return code | (neg.astype(jnp.uint8) << 3), jnp.where(neg, -mag, mag)
 
 
 def _mxfp4_round(xp, w: Array, axis: int) -> tuple[Array, Array, Array]:

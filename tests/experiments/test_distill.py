@@ -22,7 +22,7 @@ from flax import nnx
 from deepseek_v4 import DeepseekV4, distillation, interop, train
 from deepseek_v4.metrics import read_metrics
 from sharding import mesh as mesh_lib
-from tests.conftest import COMPILATION_CACHE, CODEGEN_FLAGS
+from tests.conftest import CODEGEN_FLAGS, COMPILATION_CACHE
 from tests.experiments.post_training import CFG, write_untrained_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from deepseek_v4.metrics import read_metrics
-from tests.conftest import COMPILATION_CACHE, CODEGEN_FLAGS
+from tests.conftest import CODEGEN_FLAGS, COMPILATION_CACHE
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = ["--config=tiny", "--vocab_size=1024", "--num_hidden_layers=2", "--compress_ratios=4,16,0",

@@ -43,7 +43,7 @@ def _grpo(workdir: str, steps: int, save_every: int = 10):
     # replicas of the real-vocabulary embedding, head and their AdamW moments: 17.3 GiB peak vs 4.0 GiB.
     opts = run_lib.RunSettings(workdir=workdir, batch_size=G.prompts_per_step * G.group_size, seq_len=40,
                                log_every=1, save_every=save_every, plot=False, tensorboard=False, progress=False,
-                               peak_flops=1e12,  # no matmul measurement (tests/deepseek_v4/test_train.py has one)
+                               peak_flops=1e12,  # no matmul measurement (tests/deepseek_v4/test_metrics.py has one)
                                mesh="fsdp=8",
                                compilation_cache="")  # keep the test session's cache settings (tests/conftest.py)
     run, prepare = grpo_exp.setup_run(CFG, s, opts, G, workdir=workdir, reward_fn=_reward)

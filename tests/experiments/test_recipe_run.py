@@ -19,7 +19,7 @@ import pytest
 
 from deepseek_v4 import recipes
 from deepseek_v4.metrics import read_metrics
-from tests.conftest import COMPILATION_CACHE, CODEGEN_FLAGS
+from tests.conftest import CODEGEN_FLAGS, COMPILATION_CACHE
 from tests.experiments.stages_recipe_main import STAGES
 
 pytestmark = pytest.mark.slow  # 4 train-step compiles plus two resumed runs: about a minute on 2 cores

@@ -19,7 +19,7 @@ from deepseek_v4 import DeepseekV4, train
 from deepseek_v4.metrics import read_metrics
 from experiments import init_weights
 from sharding import mesh as mesh_lib
-from tests.conftest import COMPILATION_CACHE, CODEGEN_FLAGS
+from tests.conftest import CODEGEN_FLAGS, COMPILATION_CACHE
 from tests.experiments.post_training import CFG, write_untrained_runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
